@@ -1,0 +1,279 @@
+"""Conversions between protobuf messages and the model: the only users of ``_proto`` are
+this module, the gRPC server and the gRPC client.
+
+Struct numbers are doubles on the wire; integral values are turned back into
+ints so that ``{"port": 443}`` round-trips as written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.errors import InvalidArgument
+from orchestrator.model import (
+    Connection,
+    ConnectionRef,
+    ConnectionState,
+    EmitRequest,
+    EmitResult,
+    FunctionStatus,
+    JSONObject,
+    LifecycleEvent,
+    Mark,
+    Outcome,
+    Record,
+)
+
+_MAX_SAFE_INT = 2**53
+
+EVENTS: dict[LifecycleEvent, pb.LifecycleEvent.ValueType] = {
+    LifecycleEvent.VALIDATE_CONNECTION: pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION,
+    LifecycleEvent.POST_CONNECTION_CREATION: pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION,
+    LifecycleEvent.PRE_CONNECTION_DELETION: pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION,
+}
+_EVENTS_BACK = {v: k for k, v in EVENTS.items()}
+
+STATES: dict[ConnectionState, pb.ConnectionState.ValueType] = {
+    ConnectionState.PENDING: pb.CONNECTION_STATE_PENDING,
+    ConnectionState.ACTIVE: pb.CONNECTION_STATE_ACTIVE,
+    ConnectionState.REJECTED: pb.CONNECTION_STATE_REJECTED,
+    ConnectionState.DELETING: pb.CONNECTION_STATE_DELETING,
+    ConnectionState.DELETED: pb.CONNECTION_STATE_DELETED,
+}
+_STATES_BACK = {v: k for k, v in STATES.items()}
+
+_STATUSES: dict[FunctionStatus, pb.FunctionStatus.ValueType] = {
+    FunctionStatus.SCHEDULED: pb.FUNCTION_STATUS_SCHEDULED,
+    FunctionStatus.RUNNING: pb.FUNCTION_STATUS_RUNNING,
+    FunctionStatus.SUCCEEDED: pb.FUNCTION_STATUS_SUCCEEDED,
+    FunctionStatus.FAILED: pb.FUNCTION_STATUS_FAILED,
+    FunctionStatus.GAVE_UP: pb.FUNCTION_STATUS_GAVE_UP,
+    FunctionStatus.CANCELLED: pb.FUNCTION_STATUS_CANCELLED,
+}
+_STATUSES_BACK = {v: k for k, v in _STATUSES.items()}
+
+
+# -- values ------------------------------------------------------------------
+
+
+def _from_value(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value, path)
+    if kind == "list_value":
+        return [_from_value(v, f"{path}[{i}]") for i, v in enumerate(value.list_value.values)]
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidArgument(f"{path} is {number}, which JSON cannot hold")
+        if number.is_integer() and abs(number) < _MAX_SAFE_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct, path: str = "struct") -> JSONObject:
+    """A Struct as a plain JSON object (integral numbers as ints)."""
+    return {key: _from_value(value, f"{path}.{key}") for key, value in struct.fields.items()}
+
+
+def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a Struct."""
+    struct = struct_pb2.Struct()
+    struct.update(data)
+    return struct
+
+
+def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """A timezone-aware datetime as a Timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def ref_from_proto(ref: pb.ConnectionRef, field: str = "connection") -> ConnectionRef:
+    """A validated ref; :class:`InvalidArgument` names the bad field."""
+    try:
+        return ConnectionRef.parse(ref.environment, ref.integration, ref.connection_id)
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc).replace("connection.", f"{field}.", 1)) from None
+
+
+def ref_to_proto(ref: ConnectionRef) -> pb.ConnectionRef:
+    """The wire form of a ref."""
+    return pb.ConnectionRef(environment=ref.environment, integration=ref.integration, connection_id=ref.connection_id)
+
+
+def event_from_proto(value: int) -> LifecycleEvent:
+    """The lifecycle event of an enum value; UNSPECIFIED and unknown values are refused."""
+    try:
+        return _EVENTS_BACK[value]  # type: ignore[index]  # an int off the wire, checked here
+    except KeyError:
+        names = ", ".join(pb.LifecycleEvent.Name(v) for v in EVENTS.values())
+        raise InvalidArgument(f"event must be one of {names}, not {value}") from None
+
+
+def state_from_proto(value: int) -> ConnectionState | None:
+    """A state filter: UNSPECIFIED means any."""
+    if value == pb.CONNECTION_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _STATES_BACK[value]  # type: ignore[index]  # an int off the wire, checked here
+    except KeyError:
+        raise InvalidArgument(f"state {value} is not a ConnectionState") from None
+
+
+def state_from_name(name: str) -> ConnectionState:
+    """A state from its enum name off the wire (``CONNECTION_STATE_ACTIVE``)."""
+    return _STATES_BACK[pb.ConnectionState.Value(name)]
+
+
+# -- messages ----------------------------------------------------------------
+
+
+def emit_request_from_proto(message: pb.EmitLifecycleEventRequest, *, traceparent: str = "") -> EmitRequest:
+    """A checked :class:`EmitRequest` (fields validated; limits are checked by the service)."""
+    if not message.HasField("connection"):
+        raise InvalidArgument("connection is required")
+    return EmitRequest(
+        ref=ref_from_proto(message.connection),
+        event=event_from_proto(message.event),
+        config=struct_to_dict(message.connection_config, "connection_config"),
+        credentials=dict(message.credentials),
+        payload=struct_to_dict(message.payload, "payload"),
+        idempotency_key=message.idempotency_key,
+        expected_version=message.expected_version if message.HasField("expected_version") else None,
+        wait=message.wait,
+        traceparent=traceparent,
+    )
+
+
+def emit_request_to_proto(request: EmitRequest) -> pb.EmitLifecycleEventRequest:
+    """The wire form of an emit (what the CLI sends)."""
+    message = pb.EmitLifecycleEventRequest(
+        connection=ref_to_proto(request.ref),
+        event=EVENTS[request.event],
+        connection_config=dict_to_struct(request.config),
+        credentials=dict(request.credentials),
+        payload=dict_to_struct(request.payload),
+        idempotency_key=request.idempotency_key,
+        wait=request.wait,
+    )
+    if request.expected_version is not None:
+        message.expected_version = request.expected_version
+    return message
+
+
+def outcome_to_proto(outcome: Outcome) -> pb.FunctionOutcome:
+    """The wire form of a function outcome."""
+    return pb.FunctionOutcome(
+        name=outcome.name,
+        status=_STATUSES[outcome.status],
+        attempts=outcome.attempts,
+        error=outcome.error,
+        duration_ms=outcome.duration_ms,
+    )
+
+
+def outcome_from_proto(message: pb.FunctionOutcome) -> Outcome:
+    """A function outcome off the wire."""
+    return Outcome(
+        name=message.name,
+        status=_STATUSES_BACK.get(message.status, FunctionStatus.SCHEDULED),
+        attempts=message.attempts,
+        error=message.error,
+        duration_ms=message.duration_ms,
+    )
+
+
+def emit_response_to_proto(result: EmitResult) -> pb.EmitLifecycleEventResponse:
+    """The wire form of an emit's result."""
+    return pb.EmitLifecycleEventResponse(
+        event_id=result.event_id,
+        position=result.position,
+        version=result.version,
+        state=STATES[result.state],
+        outcomes=[outcome_to_proto(o) for o in result.outcomes],
+        rejection_reason=result.rejection_reason,
+        deduplicated=result.deduplicated,
+    )
+
+
+def connection_to_proto(connection: Connection) -> pb.Connection:
+    """The wire form of a read-model row."""
+    return pb.Connection(
+        ref=ref_to_proto(connection.ref),
+        state=STATES[connection.state],
+        version=connection.version,
+        metadata=dict_to_struct(connection.metadata),
+        config=dict_to_struct(connection.config),
+        created_at=timestamp(connection.created_at),
+        updated_at=timestamp(connection.updated_at),
+        outcomes=[outcome_to_proto(o) for o in connection.outcomes],
+        last_event=connection.last_event,
+        last_position=connection.last_position,
+        rejection_reason=connection.rejection_reason,
+    )
+
+
+def connection_from_proto(message: pb.Connection) -> Connection:
+    """A read-model row off the wire (what ``orchestrator connections`` prints)."""
+    return Connection(
+        ref=ConnectionRef(message.ref.environment, message.ref.integration, message.ref.connection_id),
+        state=_STATES_BACK[message.state],
+        version=message.version,
+        created_at=message.created_at.ToDatetime(tzinfo=UTC),
+        updated_at=message.updated_at.ToDatetime(tzinfo=UTC),
+        last_event=message.last_event,
+        last_position=message.last_position,
+        lifecycle=Mark("", "", 0, 0),  # not on the wire
+        metadata=struct_to_dict(message.metadata, "metadata"),
+        config=struct_to_dict(message.config, "config"),
+        rejection_reason=message.rejection_reason,
+        outcomes=tuple(outcome_from_proto(o) for o in message.outcomes),
+    )
+
+
+def record_to_proto(record: Record) -> pb.EventRecord:
+    """The wire form of a log record."""
+    return pb.EventRecord(
+        position=record.position,
+        connection=ref_to_proto(record.ref),
+        stream=record.stream,
+        version=record.version,
+        event_id=record.event_id,
+        type=record.type,
+        data=dict_to_struct(record.data),
+        recorded_at=timestamp(record.recorded_at),
+        causation_id=record.causation_id,
+        traceparent=record.traceparent,
+        idempotency_key=record.idempotency_key,
+        schema_version=record.schema_version,
+    )
+
+
+def record_from_proto(message: pb.EventRecord) -> Record:
+    """A log record off the wire (what ``orchestrator events`` prints)."""
+    return Record(
+        position=message.position,
+        stream=message.stream,
+        version=message.version,
+        event_id=message.event_id,
+        type=message.type,
+        data=struct_to_dict(message.data, "data"),
+        recorded_at=message.recorded_at.ToDatetime(tzinfo=UTC),
+        causation_id=message.causation_id,
+        traceparent=message.traceparent,
+        idempotency_key=message.idempotency_key,
+        schema_version=message.schema_version,
+    )

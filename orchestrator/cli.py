@@ -1,0 +1,710 @@
+"""The ``orchestrator`` command.
+
+Every option can also be set with the ``ORCHESTRATOR_*`` variable shown in
+``--help`` or in the TOML file named by ``ORCHESTRATOR_CONFIG`` (or by
+``serve --config``); flags win over the environment, which wins over the file.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import codec, config
+from orchestrator import replay as replay_mod
+from orchestrator.client import Client, ClientError
+from orchestrator.errors import InvalidArgument, OrchestratorError
+from orchestrator.model import (
+    Connection,
+    ConnectionRef,
+    ConnectionState,
+    EmitRequest,
+    EmitResult,
+    LifecycleEvent,
+    Record,
+    check_connection_id,
+    check_name,
+)
+
+_VERSION = "0.1.0"
+_TOML_TABLES = {"integrations"}  # tables read by later features, not command options
+
+
+def _print_table(table: Table) -> None:
+    """Print aligned columns; when piped, never wrapped or truncated, and without trailing blanks."""
+    if sys.stdout.isatty():
+        Console(highlight=False).print(table)
+        return
+    console = Console(width=10_000, highlight=False, no_color=True, force_terminal=False)
+    with console.capture() as capture:
+        console.print(table)
+    click.echo("\n".join(line.rstrip() for line in capture.get().splitlines()))
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"orchestrator: error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns the errors people can act on into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (OrchestratorError, ClientError) as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+def _apply_toml(ctx: click.Context, path: Path, command: click.Command | None = None) -> None:
+    """Make the file's settings the defaults of every option they name."""
+    settings = config.load_toml(path)
+    options = _option_names(command or ctx.command)
+    unknown = sorted(k for k in settings if k not in options and k not in _TOML_TABLES)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}", param_hint="config file")
+    ctx.default_map = _defaults_for(command or ctx.command, settings)
+
+
+def _option_names(command: click.Command) -> set[str]:
+    names = {p.name for p in command.params if isinstance(p, click.Option) and p.name}
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            names |= _option_names(sub)
+    return names
+
+
+def _defaults_for(command: click.Command, settings: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        p.name: settings[p.name] for p in command.params if isinstance(p, click.Option) and p.name in settings
+    }
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            out[name] = _defaults_for(sub, settings)
+    return out
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(_VERSION, prog_name="orchestrator")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """The lifecycle orchestrator: runs event functions when connections are validated, created or deleted."""
+    path = _env("ORCHESTRATOR_CONFIG")
+    if path:
+        _apply_toml(ctx, Path(path))
+
+
+def _env(name: str) -> str:
+    import os
+
+    return os.environ.get(name, "")
+
+
+# -- shared options ----------------------------------------------------------------
+
+_address = click.option(
+    "--address",
+    envvar="ORCHESTRATOR_ADDRESS",
+    show_envvar=True,
+    default=config.DEFAULT_ADDRESS,
+    help="The daemon's gRPC address.",
+)
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+_environment = click.option(
+    "-e",
+    "--environment",
+    envvar="ORCHESTRATOR_ENVIRONMENT",
+    show_envvar=True,
+    default="dev",
+    help="The environment (like `nango ... -e dev`).",
+)
+_database = click.option(
+    "--database",
+    envvar="ORCHESTRATOR_DATABASE",
+    show_envvar=True,
+    default=None,
+    help="The event log's URL: sqlite:///path/to/events.db (default: ./.orchestrator/events.db).",
+)
+
+
+def _name(option: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None or value == "":
+            return value
+        try:
+            return check_name(option, value)
+        except InvalidArgument as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return check
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter('must be a JSON object, e.g. \'{"instance_url": "acme.my.salesforce.com"}\'')
+    return data
+
+
+def _ref(connection_id: str, integration: str, environment: str) -> ConnectionRef:
+    try:
+        check_connection_id(connection_id, "CONNECTION_ID")
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="CONNECTION_ID") from None
+    return ConnectionRef(environment, integration, connection_id)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _table(*columns: str) -> Table:
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="fold")
+    return table
+
+
+def _connections_table(connections: Iterable[Connection]) -> Table:
+    table = _table("ENVIRONMENT", "INTEGRATION", "CONNECTION", "STATE", "VERSION", "LAST EVENT", "UPDATED")
+    for c in connections:
+        table.add_row(
+            c.ref.environment,
+            c.ref.integration,
+            c.ref.connection_id,
+            c.state.value,
+            str(c.version),
+            c.last_event,
+            _when(c.updated_at),
+        )
+    return table
+
+
+def _connection_json(c: Connection) -> dict[str, Any]:
+    data = codec.connection_to_json(c)
+    for internal in ("lifecycle", "deletion", "incarnation"):
+        data.pop(internal, None)
+    return data
+
+
+# -- serve -------------------------------------------------------------------------
+
+
+def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        _apply_toml(ctx, Path(value), ctx.command)
+    return value
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    envvar="ORCHESTRATOR_CONFIG",
+    show_envvar=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_load_serve_config,
+    type=click.Path(dir_okay=False),
+    help="A TOML file of settings (keys as these options, with '_' for '-').",
+)
+@click.option(
+    "--listen",
+    envvar="ORCHESTRATOR_LISTEN",
+    show_envvar=True,
+    default=config.DEFAULT_LISTEN,
+    help="HOST:PORT to serve gRPC on (port 0 picks a free one).",
+)
+@_database
+@click.option(
+    "--grace-period",
+    envvar="ORCHESTRATOR_GRACE_PERIOD",
+    show_envvar=True,
+    type=click.FloatRange(min=0),
+    default=config.DEFAULT_GRACE_PERIOD,
+    help="Seconds in-flight calls get to finish after SIGTERM.",
+)
+@click.option(
+    "--insecure",
+    envvar="ORCHESTRATOR_INSECURE",
+    show_envvar=True,
+    is_flag=True,
+    help="Allow a non-loopback listen address without TLS or a token.",
+)
+@click.option(
+    "--log-level",
+    envvar="ORCHESTRATOR_LOG_LEVEL",
+    show_envvar=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+)
+def serve(listen: str, database: str | None, grace_period: float, insecure: bool, log_level: str) -> None:
+    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default)."""
+    from orchestrator import daemon
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    settings = config.ServeConfig(listen=listen, database=database or "", grace_period=grace_period, insecure=insecure)
+    backend_options: dict[str, Any] = {}
+    try:
+        import uvloop  # noqa: F401 - optional: 15-25% faster with grpc.aio
+
+        backend_options["use_uvloop"] = True
+    except ImportError:
+        pass
+    anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
+
+
+# -- emit --------------------------------------------------------------------------
+
+
+def _credentials(pairs: tuple[str, ...], file: str | None) -> dict[str, str]:
+    creds: dict[str, str] = {}
+    if file:
+        data = json.loads(Path(file).read_text())
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise click.BadParameter("must hold a JSON object of strings", param_hint="--credentials-file")
+        creds.update(data)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{name or pair!r} is not NAME=VALUE", param_hint="--credential")
+        creds[name] = value
+    return creds
+
+
+@main.command()
+@click.argument("event", type=click.Choice([e.value for e in LifecycleEvent]))
+@click.argument("connection_id")
+@click.option("-i", "--integration", required=True, callback=_name("--integration"), help="The integration.")
+@_environment
+@click.option(
+    "--config",
+    "connection_config",
+    callback=_json_object,
+    help="The connection's non-secret settings as a JSON object (or @file.json).",
+)
+@click.option("--payload", callback=_json_object, help="Data for the event functions, a JSON object (or @file).")
+@click.option("--credential", "credential_pairs", multiple=True, metavar="NAME=VALUE", help="A secret; repeatable.")
+@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Secrets as a JSON object.")
+@click.option("--idempotency-key", default="", help="Makes retrying this command safe.")
+@click.option("--expected-version", type=click.IntRange(min=0), help="Refuse unless the connection is at it.")
+@click.option("--wait", is_flag=True, help="Also wait for asynchronous functions.")
+@_address
+@_json_flag
+def emit(
+    event: str,
+    connection_id: str,
+    integration: str,
+    environment: str,
+    connection_config: dict[str, Any],
+    payload: dict[str, Any],
+    credential_pairs: tuple[str, ...],
+    credentials_file: str | None,
+    idempotency_key: str,
+    expected_version: int | None,
+    wait: bool,
+    address: str,
+    as_json: bool,
+) -> None:
+    """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...)."""
+    _name("--environment")(click.get_current_context(), _environment_param(), environment)
+    request = EmitRequest(
+        ref=_ref(connection_id, integration, environment),
+        event=LifecycleEvent(event),
+        config=connection_config,
+        credentials=_credentials(credential_pairs, credentials_file),
+        payload=payload,
+        idempotency_key=idempotency_key,
+        expected_version=expected_version,
+        wait=wait,
+    )
+    with Client(address) as client:
+        result = client.emit(request)
+    if as_json:
+        _print_json(_result_json(result))
+        return
+    _print_result(request, result)
+
+
+def _environment_param() -> click.Parameter:
+    return click.Option(["--environment"])
+
+
+def _result_json(result: EmitResult) -> dict[str, Any]:
+    return {
+        "event_id": result.event_id,
+        "position": result.position,
+        "version": result.version,
+        "state": result.state.value,
+        "rejection_reason": result.rejection_reason,
+        "deduplicated": result.deduplicated,
+        "outcomes": [
+            {
+                "name": o.name,
+                "status": o.status.value,
+                "attempts": o.attempts,
+                "error": o.error,
+                "duration_ms": o.duration_ms,
+            }
+            for o in result.outcomes
+        ],
+    }
+
+
+def _print_result(request: EmitRequest, result: EmitResult) -> None:
+    table = _table("FIELD", "VALUE")
+    table.show_header = False
+    table.add_row("connection", str(request.ref))
+    table.add_row("event", request.event.value)
+    table.add_row("state", result.state.value)
+    table.add_row("position", str(result.position))
+    table.add_row("version", str(result.version))
+    table.add_row("event id", result.event_id)
+    if result.rejection_reason:
+        table.add_row("rejected", result.rejection_reason)
+    if result.deduplicated:
+        table.add_row("deduplicated", "yes: the original response of this idempotency key")
+    for o in result.outcomes:
+        table.add_row(f"function {o.name}", f"{o.status.value} ({o.attempts} attempts) {o.error}".rstrip())
+    _print_table(table)
+
+
+# -- connections --------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def connections(ctx: click.Context) -> None:
+    """List connections, or show one (``connections get``)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_connections)
+
+
+@connections.command("list")
+@click.option(
+    "-e",
+    "--environment",
+    envvar="ORCHESTRATOR_ENVIRONMENT",
+    default="",
+    callback=_name("--environment"),
+    help="Only this environment (default: all).",
+)
+@click.option("-i", "--integration", default="", callback=_name("--integration"), help="Only this integration.")
+@click.option("--state", type=click.Choice([s.value for s in ConnectionState]), help="Only this state.")
+@_address
+@_json_flag
+def list_connections(
+    environment: str = "",
+    integration: str = "",
+    state: str | None = None,
+    address: str = config.DEFAULT_ADDRESS,
+    as_json: bool = False,
+) -> None:
+    """List connections with their state (every page)."""
+    with Client(address) as client:
+        rows = list(
+            client.list_connections(
+                environment=environment,
+                integration=integration,
+                state=ConnectionState(state) if state else None,
+            )
+        )
+    if as_json:
+        _print_json([_connection_json(c) for c in rows])
+        return
+    _print_table(_connections_table(rows))
+
+
+@connections.command("get")
+@click.argument("connection_id")
+@click.option("-i", "--integration", required=True, callback=_name("--integration"), help="The integration.")
+@_environment
+@_address
+@_json_flag
+def get_connection(connection_id: str, integration: str, environment: str, address: str, as_json: bool) -> None:
+    """Show one connection: state, version, metadata, config, outcomes."""
+    with Client(address) as client:
+        connection = client.get_connection(_ref(connection_id, integration, environment))
+    data = _connection_json(connection)
+    if as_json:
+        _print_json(data)
+        return
+    table = _table("FIELD", "VALUE")
+    table.show_header = False
+    for key in (
+        "stream",
+        "state",
+        "version",
+        "last_event",
+        "last_position",
+        "created_at",
+        "updated_at",
+        "rejection_reason",
+    ):
+        if data[key] not in ("", None):
+            table.add_row(key.replace("_", " "), str(data[key]))
+    table.add_row("config", codec.dumps(data["config"]))
+    table.add_row("metadata", codec.dumps(data["metadata"]))
+    for o in connection.outcomes:
+        table.add_row(f"function {o.name}", f"{o.status.value} ({o.attempts} attempts) {o.error}".rstrip())
+    _print_table(table)
+
+
+# -- events ------------------------------------------------------------------------
+
+
+def _event_line(record: Record) -> str:
+    return f"{record.position:>8}  {_when(record.recorded_at)}  {record.stream}  v{record.version}  {record.type}"
+
+
+@main.command()
+@click.option("--connection", "connection_id", help="Only this connection's stream (with -i and -e).")
+@click.option("-i", "--integration", default="", callback=_name("--integration"))
+@_environment
+@click.option("--from", "from_position", type=click.IntRange(min=0), default=0, help="First position (inclusive).")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing records as they are committed.")
+@_address
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+def events(
+    connection_id: str | None,
+    integration: str,
+    environment: str,
+    from_position: int,
+    follow: bool,
+    address: str,
+    as_json: bool,
+) -> None:
+    """Print the event log, from a position, for one connection or all."""
+    ref = None
+    if connection_id:
+        if not integration:
+            raise click.UsageError("--connection needs --integration")
+        ref = _ref(connection_id, integration, environment)
+    with Client(address) as client:
+        for record in client.read_events(ref=ref, from_position=from_position, follow=follow):
+            line = codec.dumps(codec.record_to_json(record)) if as_json else _event_line(record)
+            click.echo(line)
+
+
+# -- replay ------------------------------------------------------------------------
+
+
+def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) -> replay_mod.Until | None:
+    if not value:
+        return None
+    if value.isdigit():
+        return replay_mod.Until(position=int(value))
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a position nor an ISO-8601 timestamp") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return replay_mod.Until(time=moment)
+
+
+@main.command()
+@_database
+@click.option("--connection", "connection_id", help="Print this connection's timeline.")
+@click.option("-i", "--integration", default="", callback=_name("--integration"), help="With --connection.")
+@click.option(
+    "-e",
+    "--environment",
+    default="",
+    callback=_name("--environment"),
+    help="With --connection (default: any).",
+)
+@click.option(
+    "--until",
+    callback=_parse_until,
+    metavar="POSITION|TIMESTAMP",
+    help="Show the world as it was at that position or ISO-8601 time.",
+)
+@click.option("--verify", is_flag=True, help="Compare the fold with the read model; exit 1 on any difference.")
+@_json_flag
+def replay(
+    database: str | None,
+    connection_id: str | None,
+    integration: str,
+    environment: str,
+    until: replay_mod.Until | None,
+    verify: bool,
+    as_json: bool,
+) -> None:
+    """Fold the event log offline (works while the daemon runs)."""
+    if verify and (until or connection_id):
+        raise click.UsageError("--verify checks the whole log: it takes no --until or --connection")
+    url = database or config.default_database()
+    anyio.run(_replay, url, connection_id, integration, environment, until, verify, as_json)
+
+
+async def _replay(
+    url: str,
+    connection_id: str | None,
+    integration: str,
+    environment: str,
+    until: replay_mod.Until | None,
+    verify: bool,
+    as_json: bool,
+) -> None:
+    from orchestrator.store import open_store
+
+    async with open_store(url, readonly=True) as store:
+        with _Progress(await store.head()) as progress:
+            if verify:
+                differences = await replay_mod.verify(store, progress=progress.update)
+                progress.close()
+                if as_json:
+                    _print_json(
+                        {
+                            "ok": not differences,
+                            "differences": [
+                                {
+                                    "stream": d.stream,
+                                    "field": d.field,
+                                    "read_model": d.read_model,
+                                    "replayed": d.replayed,
+                                }
+                                for d in differences
+                            ],
+                        }
+                    )
+                else:
+                    for d in differences:
+                        click.echo(str(d))
+                    click.echo(f"{len(differences)} difference(s)" if differences else "read model matches the log")
+                if differences:
+                    sys.exit(1)
+                return
+            result = await replay_mod.replay(store, until=until, progress=progress.update)
+            progress.close()
+        if connection_id:
+            await _timeline(store, result, connection_id, integration, environment, until, as_json)
+            return
+    rows = sorted(result.connections.values(), key=lambda c: c.ref)
+    if as_json:
+        _print_json({"position": result.position, "connections": [_connection_json(c) for c in rows]})
+        return
+    _print_table(_connections_table(rows))
+    click.echo(f"\n{len(rows)} connection(s), {result.records} record(s) folded, up to position {result.position}")
+
+
+async def _timeline(
+    store: Any,
+    result: replay_mod.Replayed,
+    connection_id: str,
+    integration: str,
+    environment: str,
+    until: replay_mod.Until | None,
+    as_json: bool,
+) -> None:
+    refs = [
+        c.ref
+        for c in result.connections.values()
+        if c.ref.connection_id == connection_id
+        and (not integration or c.ref.integration == integration)
+        and (not environment or c.ref.environment == environment)
+    ]
+    if not refs:
+        _fail(f"no connection {connection_id!r} in the log" + (" up to --until" if until else ""))
+    out: list[dict[str, Any]] = []
+    table = _table("POSITION", "VERSION", "RECORDED", "TYPE", "STATE AFTER", "DETAIL")
+    for ref in sorted(refs):
+        from orchestrator import state
+
+        connection: Connection | None = None
+        async for record in replay_mod.records(store, ref=ref, until=until):
+            connection = state.apply(connection, record)
+            if as_json:
+                out.append({**codec.record_to_json(record), "state_after": connection.state.value})
+                continue
+            detail = _detail(record)
+            table.add_row(
+                str(record.position),
+                str(record.version),
+                _when(record.recorded_at),
+                record.type,
+                connection.state.value,
+                detail,
+            )
+        if as_json:
+            out.append({"connection": _connection_json(connection)} if connection else {})
+    if as_json:
+        _print_json(out)
+        return
+    _print_table(table)
+    for ref in sorted(refs):
+        c = result.connections[ref.stream]
+        click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
+
+
+def _detail(record: Record) -> str:
+    data = record.data
+    if record.idempotency_key:
+        return f"key={record.idempotency_key}"
+    for key in ("reason", "function", "error"):
+        if data.get(key):
+            return f"{key}={data[key]}"
+    if record.type == "metadata-updated":
+        return codec.dumps(data.get("metadata", {}))
+    return ""
+
+
+class _Progress:
+    """A progress bar on stderr for large logs when it is a terminal; otherwise nothing."""
+
+    THRESHOLD = 50_000
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if total >= self.THRESHOLD and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("replaying", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, position: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=position)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,117 @@
+"""A small synchronous gRPC client for the CLI's ``emit``, ``connections`` and ``events``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+
+from orchestrator import _wire
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.model import Connection, ConnectionRef, ConnectionState, EmitRequest, EmitResult, Record
+
+
+class ClientError(Exception):
+    """A call failed; the message is ``CODE: details``, fit for one line on stderr."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _fail(exc: grpc.RpcError, address: str) -> ClientError:
+    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        details = f"cannot reach the daemon at {address} (is `orchestrator serve` running?)"
+    return ClientError(code.name, details)
+
+
+class Client:
+    """``orchestrator.v1.Orchestrator`` over one channel."""
+
+    def __init__(self, address: str, *, timeout: float = 60.0) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.OrchestratorStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._channel.close()
+
+    def emit(self, request: EmitRequest) -> EmitResult:
+        """Emit one lifecycle event."""
+        try:
+            response = self._stub.EmitLifecycleEvent(
+                _wire.emit_request_to_proto(request), timeout=self._timeout, wait_for_ready=False
+            )
+        except grpc.RpcError as exc:
+            raise _fail(exc, self._address) from None
+        return EmitResult(
+            event_id=response.event_id,
+            position=response.position,
+            version=response.version,
+            state=_wire.state_from_name(pb.ConnectionState.Name(response.state)),
+            outcomes=tuple(_wire.outcome_from_proto(o) for o in response.outcomes),
+            rejection_reason=response.rejection_reason,
+            deduplicated=response.deduplicated,
+        )
+
+    def get_connection(self, ref: ConnectionRef) -> Connection:
+        """One connection."""
+        try:
+            response = self._stub.GetConnection(
+                pb.GetConnectionRequest(connection=_wire.ref_to_proto(ref)), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise _fail(exc, self._address) from None
+        return _wire.connection_from_proto(response.connection)
+
+    def list_connections(
+        self,
+        *,
+        environment: str = "",
+        integration: str = "",
+        state: ConnectionState | None = None,
+        page_size: int = 0,
+    ) -> Iterator[Connection]:
+        """Every matching connection, following page tokens."""
+        token = ""
+        while True:
+            request = pb.ListConnectionsRequest(
+                environment=environment,
+                integration=integration,
+                state=_wire.STATES[state] if state else pb.CONNECTION_STATE_UNSPECIFIED,
+                page_size=page_size,
+                page_token=token,
+            )
+            try:
+                response = self._stub.ListConnections(request, timeout=self._timeout)
+            except grpc.RpcError as exc:
+                raise _fail(exc, self._address) from None
+            for message in response.connections:
+                yield _wire.connection_from_proto(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def read_events(
+        self, *, ref: ConnectionRef | None = None, from_position: int = 0, follow: bool = False
+    ) -> Iterator[Record]:
+        """Records from a position; with ``follow``, until interrupted."""
+        request = pb.ReadEventsRequest(from_position=from_position, follow=follow)
+        if ref is not None:
+            request.connection.CopyFrom(_wire.ref_to_proto(ref))
+        try:
+            for message in self._stub.ReadEvents(request, timeout=None if follow else self._timeout):
+                yield _wire.record_from_proto(message)
+        except grpc.RpcError as exc:
+            raise _fail(exc, self._address) from None

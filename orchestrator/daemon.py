@@ -1,0 +1,72 @@
+"""The daemon's life: open the log, serve, drain on SIGTERM/SIGINT, close the log.
+
+Startup does not replay the log (the read model is kept up to date by every
+append), so it takes the same time whatever the log's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import anyio
+from grpc_health.v1 import health_pb2
+
+from orchestrator import server as grpc_server
+from orchestrator.config import ServeConfig, default_database
+from orchestrator.errors import InvalidArgument
+from orchestrator.service import Service
+from orchestrator.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+async def serve(
+    config: ServeConfig,
+    *,
+    on_ready: Callable[[int], None] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain within the grace period.
+
+    ``on_ready`` is called with the bound port once the server is SERVING.
+    """
+    database = config.database or default_database()
+    health_servicer = grpc_server.HealthServicer()
+    async with open_store(database) as store, anyio.create_task_group() as tg:
+        service = Service(store)
+        server = grpc_server.build_server(service, health_servicer)
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            raise InvalidArgument(f"cannot listen on {config.listen}: {exc}") from None
+        if port == 0:
+            raise InvalidArgument(f"cannot listen on {config.listen}: the address is in use or unavailable")
+        await server.start()
+        for name in ("", grpc_server.SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        host = config.listen.rpartition(":")[0]
+        log.info("serving %s on %s:%d, log %s", grpc_server.SERVICE_NAME, host, port, database)
+        if on_ready is not None:
+            on_ready(port)
+
+        stopping = stop or anyio.Event()
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
+                    stopping.set()
+                    return
+
+        tg.start_soon(watch_signals)
+        await stopping.wait()
+        tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await health_servicer.enter_graceful_shutdown()
+            service.drain()
+            # Stops accepting calls at once; in-flight calls get the grace period.
+            await server.stop(config.grace_period)
+    log.info("stopped; the event log is closed")

@@ -1,0 +1,57 @@
+"""Size limits on every field a caller sends, checked before anything is written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from orchestrator import codec
+from orchestrator.errors import InvalidArgument, ResourceExhausted
+from orchestrator.model import MAX_IDEMPOTENCY_KEY, EmitRequest, JSONObject
+
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_CREDENTIALS = 64
+MAX_CREDENTIAL_NAME = 128
+MAX_CREDENTIAL_VALUE = 16 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest gRPC message the daemon accepts (the sum of the above fits)."""
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def _json_size(field: str, value: JSONObject, limit: int) -> None:
+    size = len(codec.dumps(value).encode())
+    if size > limit:
+        raise ResourceExhausted(f"{field} is {size} bytes as JSON; the limit is {limit}")
+
+
+def _credentials(credentials: Mapping[str, str]) -> None:
+    if len(credentials) > MAX_CREDENTIALS:
+        raise ResourceExhausted(f"credentials has {len(credentials)} entries; the limit is {MAX_CREDENTIALS}")
+    for name, value in credentials.items():
+        if not name or len(name) > MAX_CREDENTIAL_NAME or not name.isprintable():
+            raise InvalidArgument(f"credentials: every name must be 1 to {MAX_CREDENTIAL_NAME} printable characters")
+        if len(value) > MAX_CREDENTIAL_VALUE:
+            # Never echo the value: it is a secret.
+            raise ResourceExhausted(f"credentials[{name!r}] is longer than {MAX_CREDENTIAL_VALUE} characters")
+
+
+def check_emit(request: EmitRequest) -> None:
+    """Raise :class:`InvalidArgument` or :class:`ResourceExhausted` naming the first bad field."""
+    key = request.idempotency_key
+    if len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"idempotency_key is {len(key)} characters long; the maximum is {MAX_IDEMPOTENCY_KEY}")
+    if key and not key.isprintable():
+        raise InvalidArgument("idempotency_key contains a control or non-printable character")
+    if request.expected_version is not None and request.expected_version < 0:
+        raise InvalidArgument(f"expected_version must be 0 or more, not {request.expected_version}")
+    _json_size("connection_config", request.config, MAX_CONFIG_BYTES)
+    _json_size("payload", request.payload, MAX_PAYLOAD_BYTES)
+    _credentials(request.credentials)
+
+
+def clamp_page_size(page_size: int) -> int:
+    """0 means the default; above the maximum is clamped, not refused."""
+    if page_size < 0:
+        raise InvalidArgument(f"page_size must be 0 or more, not {page_size}")
+    return min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

@@ -1,0 +1,248 @@
+"""Value types shared by every layer: connection refs, events, records, connections.
+
+Everything here is immutable and free of I/O. Validation of the values a
+caller sends lives here too, so that every entry point (gRPC, CLI, tests)
+refuses the same inputs with the same message.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeAlias
+
+from orchestrator.errors import InvalidArgument
+
+JSONObject: TypeAlias = dict[str, Any]
+"""A JSON object as decoded by :mod:`json` (the shape of a record's ``data``)."""
+
+SCHEMA_VERSION = 1
+"""The version of the record ``data`` layouts written by this release."""
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+MAX_CONNECTION_ID = 255
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class LifecycleEvent(enum.StrEnum):
+    """A lifecycle event, spelled as people type it."""
+
+    VALIDATE_CONNECTION = "validate-connection"
+    POST_CONNECTION_CREATION = "post-connection-creation"
+    PRE_CONNECTION_DELETION = "pre-connection-deletion"
+
+
+class ConnectionState(enum.StrEnum):
+    """A connection's state, derived by folding its stream."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+class Fact(enum.StrEnum):
+    """Record types the orchestrator appends after a lifecycle event."""
+
+    CONNECTION_VALIDATED = "connection-validated"
+    CONNECTION_REJECTED = "connection-rejected"
+    CONNECTION_DELETED = "connection-deleted"
+    FUNCTION_SUCCEEDED = "function-succeeded"
+    FUNCTION_FAILED = "function-failed"
+    FUNCTION_GAVE_UP = "function-gave-up"
+    FUNCTION_CANCELLED = "function-cancelled"
+    METADATA_UPDATED = "metadata-updated"
+
+
+RECORD_TYPES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | frozenset(f.value for f in Fact)
+
+
+def _printable(value: str) -> bool:
+    return value.isprintable()
+
+
+def check_name(field_name: str, value: str) -> str:
+    """Return ``value`` if it is a valid environment or integration name."""
+    if not _NAME.fullmatch(value):
+        raise InvalidArgument(
+            f"{field_name} {value!r} is invalid: use 1 to 63 characters of a-z, 0-9, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_connection_id(value: str, field_name: str = "connection.connection_id") -> str:
+    """Return ``value`` if it is a valid connection id (1-255 printable characters)."""
+    if not value:
+        raise InvalidArgument(f"{field_name} is required")
+    if len(value) > MAX_CONNECTION_ID:
+        raise InvalidArgument(f"{field_name} is {len(value)} characters long; the maximum is {MAX_CONNECTION_ID}")
+    if not _printable(value):
+        raise InvalidArgument(f"{field_name} contains a control or non-printable character")
+    return value
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class ConnectionRef:
+    """One customer's authorised account at one provider."""
+
+    environment: str
+    integration: str
+    connection_id: str
+
+    @classmethod
+    def parse(cls, environment: str, integration: str, connection_id: str) -> ConnectionRef:
+        """Build a ref, raising :class:`InvalidArgument` naming the first bad field."""
+        return cls(
+            check_name("connection.environment", environment),
+            check_name("connection.integration", integration),
+            check_connection_id(connection_id),
+        )
+
+    @classmethod
+    def from_stream(cls, stream: str) -> ConnectionRef:
+        """Parse ``environment/integration/connection_id`` (the id may contain ``/``)."""
+        parts = stream.split("/", 2)
+        if len(parts) != 3:
+            raise InvalidArgument(f"stream {stream!r} is not of the form environment/integration/connection_id")
+        return cls.parse(*parts)
+
+    @property
+    def stream(self) -> str:
+        """The log's stream name for this connection."""
+        return f"{self.environment}/{self.integration}/{self.connection_id}"
+
+    def __str__(self) -> str:
+        return self.stream
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A record to append; the store assigns position, version and time."""
+
+    event_id: str
+    type: str
+    data: JSONObject
+    causation_id: str = ""
+    traceparent: str = ""
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One committed record of the event log."""
+
+    position: int
+    stream: str
+    version: int
+    event_id: str
+    type: str
+    data: JSONObject
+    recorded_at: datetime
+    causation_id: str = ""
+    traceparent: str = ""
+    idempotency_key: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def ref(self) -> ConnectionRef:
+        """The connection this record belongs to."""
+        return ConnectionRef.from_stream(self.stream)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Where a lifecycle record sits in the log (what a reply to it names)."""
+
+    event_id: str
+    type: str
+    position: int
+    version: int
+
+
+class FunctionStatus(enum.StrEnum):
+    """The status of one event function run."""
+
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    GAVE_UP = "gave-up"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The latest known outcome of one function for one lifecycle event."""
+
+    name: str
+    status: FunctionStatus
+    attempts: int = 0
+    error: str = ""
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """A connection as the fold of its stream leaves it (the read model's row)."""
+
+    ref: ConnectionRef
+    state: ConnectionState
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    last_event: str
+    last_position: int
+    lifecycle: Mark
+    """The latest lifecycle record (the request the connection is answering)."""
+    incarnation: int = 1
+    """Bumped each time the connection is created anew after rejection or deletion."""
+    metadata: JSONObject = field(default_factory=dict)
+    config: JSONObject = field(default_factory=dict)
+    rejection_reason: str = ""
+    deletion: Mark | None = None
+    """The deletion request of this incarnation, which repeats are answered with."""
+    outcomes: tuple[Outcome, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EmitRequest:
+    """A validated request to append one lifecycle event."""
+
+    ref: ConnectionRef
+    event: LifecycleEvent
+    config: JSONObject = field(default_factory=dict)
+    credentials: Mapping[str, str] = field(default_factory=dict, repr=False)
+    payload: JSONObject = field(default_factory=dict)
+    idempotency_key: str = ""
+    expected_version: int | None = None
+    wait: bool = False
+    traceparent: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EmitResult:
+    """What an emit answers (the gRPC response, before encoding)."""
+
+    event_id: str
+    position: int
+    version: int
+    state: ConnectionState
+    outcomes: tuple[Outcome, ...] = ()
+    rejection_reason: str = ""
+    deduplicated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionQuery:
+    """A filtered, keyset-paged listing of the read model."""
+
+    environment: str = ""
+    integration: str = ""
+    state: ConnectionState | None = None
+    after_stream: str = ""
+    limit: int = 100

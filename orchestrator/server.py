@@ -1,0 +1,162 @@
+"""The gRPC adapter: messages in, :class:`~orchestrator.service.Service` calls, messages out.
+
+Errors are mapped to status codes here and only here (:data:`STATUS_CODES`);
+an unexpected exception becomes INTERNAL with a reference to the daemon's
+log, never a traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator import _wire, errors
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.ids import uuid7
+from orchestrator.limits import MAX_MESSAGE_BYTES
+from orchestrator.service import Service
+
+log = logging.getLogger(__name__)
+
+# grpc-stubs predates the asyncio health servicer, so it is typed here by hand.
+HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+
+STATUS_CODES: dict[type[errors.OrchestratorError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.VersionConflict: grpc.StatusCode.ABORTED,
+    errors.IdempotencyConflict: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StoreError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(exc: errors.OrchestratorError) -> grpc.StatusCode:
+    """The status code for an error (the nearest mapped base class wins)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> None:
+    if isinstance(exc, errors.OrchestratorError):
+        await context.abort(status_code(exc), str(exc))
+    incident = uuid7()
+    log.exception("internal error %s in %s", incident, context.peer(), exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error {incident}; see the daemon's log")
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+Ctx = grpc.aio.ServicerContext[object, object]
+
+
+def _unary(
+    method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+    @wraps(method)
+    async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc)
+            raise AssertionError("unreachable: abort raises") from exc
+
+    return wrapper
+
+
+def _traceparent(context: Ctx) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str):
+            return value
+    return ""
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    """``orchestrator.v1.Orchestrator`` over a :class:`Service`."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    @_unary
+    async def EmitLifecycleEvent(
+        self, request: pb.EmitLifecycleEventRequest, context: Ctx
+    ) -> pb.EmitLifecycleEventResponse:
+        """See the proto."""
+        emit = _wire.emit_request_from_proto(request, traceparent=_traceparent(context))
+        return _wire.emit_response_to_proto(await self._service.emit(emit))
+
+    @_unary
+    async def GetConnection(self, request: pb.GetConnectionRequest, context: Ctx) -> pb.GetConnectionResponse:
+        """See the proto."""
+        if not request.HasField("connection"):
+            raise errors.InvalidArgument("connection is required")
+        connection = await self._service.get_connection(_wire.ref_from_proto(request.connection))
+        return pb.GetConnectionResponse(connection=_wire.connection_to_proto(connection))
+
+    @_unary
+    async def ListConnections(self, request: pb.ListConnectionsRequest, context: Ctx) -> pb.ListConnectionsResponse:
+        """See the proto."""
+        from orchestrator.model import check_name
+
+        if request.environment:
+            check_name("environment", request.environment)
+        if request.integration:
+            check_name("integration", request.integration)
+        page = await self._service.list_connections(
+            environment=request.environment,
+            integration=request.integration,
+            state=_wire.state_from_proto(request.state),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListConnectionsResponse(
+            connections=[_wire.connection_to_proto(c) for c in page.connections],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ReadEvents(self, request: pb.ReadEventsRequest, context: Ctx) -> AsyncIterator[pb.EventRecord]:
+        """See the proto."""
+        try:
+            ref = _wire.ref_from_proto(request.connection) if request.HasField("connection") else None
+            async for record in self._service.read_events(
+                from_position=request.from_position, ref=ref, follow=request.follow
+            ):
+                yield _wire.record_to_proto(record)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc)
+
+
+def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
+    """A server with the orchestrator, health and reflection services (not yet bound or started)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
+        ]
+    )
+    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server

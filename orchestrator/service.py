@@ -1,0 +1,272 @@
+"""The application service: what each RPC does, independent of gRPC.
+
+:class:`Service` checks a request, serialises the events of one connection
+(one lock per stream, so different connections proceed in parallel), asks
+the fold whether the event is allowed, and appends the lifecycle record with
+the facts that follow it in one atomic append. The gRPC server
+(:mod:`orchestrator.server`) only converts messages and maps errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from orchestrator import limits, state
+from orchestrator.errors import IdempotencyConflict, InvalidArgument, NotFound, Unavailable, VersionConflict
+from orchestrator.ids import uuid7
+from orchestrator.model import (
+    Connection,
+    ConnectionQuery,
+    ConnectionRef,
+    ConnectionState,
+    EmitRequest,
+    EmitResult,
+    Fact,
+    LifecycleEvent,
+    NewEvent,
+    Record,
+)
+from orchestrator.store import EventStore
+
+READ_PAGE = 500
+_VERDICTS = frozenset({Fact.CONNECTION_VALIDATED, Fact.CONNECTION_REJECTED, Fact.CONNECTION_DELETED})
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of connections and the token of the next (empty on the last page)."""
+
+    connections: list[Connection]
+    next_page_token: str
+
+
+class _StreamLocks:
+    """One lock per stream, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, stream: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(stream, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._locks[stream] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[stream]
+            if users == 1:
+                del self._locks[stream]
+            else:
+                self._locks[stream] = (lock, users - 1)
+
+
+class Service:
+    """Emits lifecycle events and answers queries over one :class:`EventStore`."""
+
+    def __init__(self, store: EventStore, *, new_id: Callable[[], str] = lambda: str(uuid7())) -> None:
+        self._store = store
+        self._new_id = new_id
+        self._locks = _StreamLocks()
+        self._draining = anyio.Event()
+
+    def drain(self) -> None:
+        """Begin shutting down: followers of the log end with UNAVAILABLE."""
+        self._draining.set()
+
+    # -- emitting ------------------------------------------------------------
+
+    async def emit(self, request: EmitRequest) -> EmitResult:
+        """Append one lifecycle event and apply its delivery contract."""
+        limits.check_emit(request)
+        ref = request.ref
+        async with self._locks.hold(ref.stream):
+            if request.idempotency_key:
+                earlier = await self._store.find_idempotent(ref, request.idempotency_key)
+                if earlier is not None:
+                    return await self._repeat(request, earlier)
+            current = await self._store.get_connection(ref)
+            version = current.version if current is not None else 0
+            if request.expected_version is not None and request.expected_version != version:
+                raise VersionConflict(ref.stream, request.expected_version, version)
+            rule = state.admit(current, request.event, ref)
+            if rule.verdict is state.Verdict.REPEAT:
+                assert current is not None and current.deletion is not None
+                return EmitResult(
+                    event_id=current.deletion.event_id,
+                    position=current.deletion.position,
+                    version=current.deletion.version,
+                    state=current.state,
+                    outcomes=current.outcomes,
+                )
+            events = self._plan(request)
+            appended = await self._store.append(ref, version, events)
+        lifecycle = appended.records[0]
+        connection = appended.connection
+        return EmitResult(
+            event_id=lifecycle.event_id,
+            position=lifecycle.position,
+            version=lifecycle.version,
+            state=connection.state,
+            outcomes=connection.outcomes,
+            rejection_reason=connection.rejection_reason,
+        )
+
+    def _plan(self, request: EmitRequest) -> list[NewEvent]:
+        """The lifecycle record and the facts that follow it synchronously."""
+        lifecycle = NewEvent(
+            event_id=self._new_id(),
+            type=request.event.value,
+            data={"config": request.config, "payload": request.payload},
+            traceparent=request.traceparent,
+            idempotency_key=request.idempotency_key,
+        )
+        events = [lifecycle]
+        # Until event functions run, validation accepts and deletion completes at once.
+        verdict = {
+            LifecycleEvent.VALIDATE_CONNECTION: Fact.CONNECTION_VALIDATED,
+            LifecycleEvent.PRE_CONNECTION_DELETION: Fact.CONNECTION_DELETED,
+        }.get(request.event)
+        if verdict is not None:
+            events.append(
+                NewEvent(
+                    event_id=self._new_id(),
+                    type=verdict.value,
+                    data={},
+                    causation_id=lifecycle.event_id,
+                    traceparent=request.traceparent,
+                )
+            )
+        return events
+
+    async def _repeat(self, request: EmitRequest, earlier: Record) -> EmitResult:
+        """Answer a repeated request with the original response, or refuse a different one."""
+        same = (
+            earlier.type == request.event.value
+            and earlier.data.get("config") == request.config
+            and earlier.data.get("payload") == request.payload
+        )
+        if not same:
+            raise IdempotencyConflict(
+                f"idempotency key {request.idempotency_key!r} was already used on {request.ref} for a different"
+                f" request ({earlier.type} at position {earlier.position}); use a new key"
+            )
+        connection = await self._state_after(earlier)
+        return EmitResult(
+            event_id=earlier.event_id,
+            position=earlier.position,
+            version=earlier.version,
+            state=connection.state,
+            outcomes=connection.outcomes,
+            rejection_reason=connection.rejection_reason,
+            deduplicated=True,
+        )
+
+    async def _state_after(self, lifecycle: Record) -> Connection:
+        """The connection as the original request left it: folded up to its verdict."""
+        connection: Connection | None = None
+        position = 1
+        while True:
+            records = await self._store.read(from_position=position, ref=lifecycle.ref, limit=READ_PAGE)
+            for record in records:
+                connection = state.apply(connection, record)
+                if record.event_id == lifecycle.event_id and lifecycle.type == LifecycleEvent.POST_CONNECTION_CREATION:
+                    return connection
+                if record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
+                    return connection
+            if len(records) < READ_PAGE:
+                assert connection is not None
+                return connection
+            position = records[-1].position + 1
+
+    # -- reading -------------------------------------------------------------
+
+    async def get_connection(self, ref: ConnectionRef) -> Connection:
+        """The connection's read-model row; :class:`NotFound` if it has no events."""
+        connection = await self._store.get_connection(ref)
+        if connection is None:
+            raise NotFound(f"connection {ref} not found")
+        return connection
+
+    async def list_connections(
+        self,
+        *,
+        environment: str = "",
+        integration: str = "",
+        state: ConnectionState | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page:
+        """One page of the read model, ordered by stream."""
+        limit = limits.clamp_page_size(page_size)
+        after = _decode_token(page_token)
+        rows = await self._store.list_connections(
+            ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        token = _encode_token(rows[-1].ref.stream) if more and rows else ""
+        return Page(rows, token)
+
+    async def read_events(
+        self, *, from_position: int = 0, ref: ConnectionRef | None = None, follow: bool = False
+    ) -> AsyncIterator[Record]:
+        """Records from ``from_position`` (inclusive; 0 = the start); with ``follow``, then new ones as committed."""
+        if from_position < 0:
+            raise InvalidArgument(f"from_position must be 0 or more, not {from_position}")
+        position = max(from_position, 1)
+        while True:
+            head = await self._store.head()
+            records = await self._store.read(from_position=position, ref=ref, limit=READ_PAGE)
+            for record in records:
+                yield record
+            if records:
+                position = records[-1].position + 1
+            if len(records) == READ_PAGE:
+                continue
+            if not follow:
+                return
+            await self._wait_for(max(position, head + 1))
+
+    async def _wait_for(self, position: int) -> None:
+        """Wait for a commit at ``position`` or later, or raise :class:`Unavailable` when draining."""
+        drained = False
+        async with anyio.create_task_group() as tg:
+
+            async def commit() -> None:
+                await self._store.wait_for(position)
+                tg.cancel_scope.cancel()
+
+            async def drain() -> None:
+                nonlocal drained
+                await self._draining.wait()
+                drained = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(commit)
+            tg.start_soon(drain)
+        if drained:
+            raise Unavailable(f"the daemon is shutting down; resume reading from position {position}")
+
+
+def _encode_token(stream: str) -> str:
+    return base64.urlsafe_b64encode(stream.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        stream = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        ConnectionRef.from_stream(stream)
+    except (binascii.Error, UnicodeDecodeError, InvalidArgument):
+        raise InvalidArgument("page_token is not a token this server returned") from None
+    return stream

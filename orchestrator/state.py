@@ -1,0 +1,230 @@
+"""The state machine as a pure fold: ``apply(connection, record) -> connection``.
+
+This module is the only implementation of the transition rules. The daemon
+uses :func:`admit` to decide, before writing anything, whether a lifecycle
+event is allowed; the stores use :func:`apply` to keep the read model in the
+same transaction as the append; ``orchestrator replay`` and the tests use
+:func:`apply` to rebuild every connection from the log alone. Nothing here
+does I/O or reads a clock: time comes from the records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from orchestrator.errors import FailedPrecondition, NotFound
+from orchestrator.model import (
+    Connection,
+    ConnectionState,
+    Fact,
+    FunctionStatus,
+    LifecycleEvent,
+    Mark,
+    Outcome,
+    Record,
+)
+
+_S = ConnectionState
+_E = LifecycleEvent
+
+
+class Verdict(enum.Enum):
+    """What :func:`admit` says about a lifecycle event in a given state."""
+
+    START = "start"
+    """Append it; the connection continues in its current incarnation."""
+    NEW_INCARNATION = "new-incarnation"
+    """Append it; the connection starts afresh (new metadata, new config)."""
+    REPEAT = "repeat"
+    """Append nothing; answer with the earlier record (an idempotent repeat)."""
+    NOT_FOUND = "not-found"
+    """Refuse: the connection does not exist."""
+    REFUSE = "refuse"
+    """Refuse: the event is not allowed from this state."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One cell of the state table."""
+
+    verdict: Verdict
+    to: ConnectionState | None = None
+
+
+# The state table of DESIGN.md. ``None`` stands for a connection with no
+# stream yet. A rule's ``to`` is the state the lifecycle record moves to; the
+# verdict facts (connection-validated/-rejected/-deleted) move it further.
+TABLE: dict[tuple[ConnectionState | None, LifecycleEvent], Rule] = {
+    (None, _E.VALIDATE_CONNECTION): Rule(Verdict.NEW_INCARNATION, _S.PENDING),
+    (None, _E.POST_CONNECTION_CREATION): Rule(Verdict.NEW_INCARNATION, _S.ACTIVE),
+    (None, _E.PRE_CONNECTION_DELETION): Rule(Verdict.NOT_FOUND),
+    (_S.REJECTED, _E.VALIDATE_CONNECTION): Rule(Verdict.NEW_INCARNATION, _S.PENDING),
+    (_S.REJECTED, _E.POST_CONNECTION_CREATION): Rule(Verdict.NEW_INCARNATION, _S.ACTIVE),
+    (_S.REJECTED, _E.PRE_CONNECTION_DELETION): Rule(Verdict.REFUSE),
+    (_S.DELETED, _E.VALIDATE_CONNECTION): Rule(Verdict.NEW_INCARNATION, _S.PENDING),
+    (_S.DELETED, _E.POST_CONNECTION_CREATION): Rule(Verdict.NEW_INCARNATION, _S.ACTIVE),
+    (_S.DELETED, _E.PRE_CONNECTION_DELETION): Rule(Verdict.REPEAT),
+    (_S.PENDING, _E.VALIDATE_CONNECTION): Rule(Verdict.START, _S.PENDING),
+    (_S.PENDING, _E.POST_CONNECTION_CREATION): Rule(Verdict.START, _S.ACTIVE),
+    (_S.PENDING, _E.PRE_CONNECTION_DELETION): Rule(Verdict.START, _S.DELETING),
+    (_S.ACTIVE, _E.VALIDATE_CONNECTION): Rule(Verdict.START, _S.ACTIVE),
+    (_S.ACTIVE, _E.POST_CONNECTION_CREATION): Rule(Verdict.START, _S.ACTIVE),
+    (_S.ACTIVE, _E.PRE_CONNECTION_DELETION): Rule(Verdict.START, _S.DELETING),
+    (_S.DELETING, _E.VALIDATE_CONNECTION): Rule(Verdict.REFUSE),
+    (_S.DELETING, _E.POST_CONNECTION_CREATION): Rule(Verdict.REFUSE),
+    (_S.DELETING, _E.PRE_CONNECTION_DELETION): Rule(Verdict.REPEAT),
+}
+
+# Facts and the states they may follow; anything else is a corrupt log.
+_VERDICT_FROM: dict[Fact, frozenset[ConnectionState]] = {
+    Fact.CONNECTION_VALIDATED: frozenset({_S.PENDING, _S.ACTIVE}),
+    Fact.CONNECTION_REJECTED: frozenset({_S.PENDING, _S.ACTIVE}),
+    Fact.CONNECTION_DELETED: frozenset({_S.DELETING}),
+}
+
+_OUTCOME_STATUS: dict[Fact, FunctionStatus] = {
+    Fact.FUNCTION_SUCCEEDED: FunctionStatus.SUCCEEDED,
+    Fact.FUNCTION_FAILED: FunctionStatus.FAILED,
+    Fact.FUNCTION_GAVE_UP: FunctionStatus.GAVE_UP,
+    Fact.FUNCTION_CANCELLED: FunctionStatus.CANCELLED,
+}
+
+
+class InvalidTransition(FailedPrecondition):
+    """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
+
+
+def admit(connection: Connection | None, event: LifecycleEvent, ref: object = None) -> Rule:
+    """Decide whether ``event`` may be appended to ``connection``; raise if it is refused.
+
+    Returns the rule (START, NEW_INCARNATION or REPEAT). Raises
+    :class:`NotFound` for a deletion of an unknown connection and
+    :class:`FailedPrecondition` naming the state and event otherwise;
+    ``ref`` names the connection in the message when there is none yet.
+    """
+    state = connection.state if connection is not None else None
+    rule = TABLE[(state, event)]
+    if rule.verdict is Verdict.NOT_FOUND:
+        raise NotFound(f"connection {ref or ''} not found: {event} needs an existing connection".replace("  ", " "))
+    if rule.verdict is Verdict.REFUSE:
+        assert connection is not None
+        raise FailedPrecondition(
+            f"{event} is not allowed while connection {connection.ref} is {connection.state}"
+            + _hint(connection.state, event)
+        )
+    return rule
+
+
+def _hint(state: ConnectionState, event: LifecycleEvent) -> str:
+    if state is _S.DELETING:
+        return " (wait for the deletion to finish)"
+    if state is _S.REJECTED and event is _E.PRE_CONNECTION_DELETION:
+        return " (a rejected connection has nothing to clean up; validate it again to reuse it)"
+    return ""
+
+
+def apply(connection: Connection | None, record: Record) -> Connection:
+    """Return the connection as it is after ``record``. Pure; raises :class:`InvalidTransition`."""
+    if record.type in _E.__members__.values():
+        return _apply_lifecycle(connection, record, _E(record.type))
+    if connection is None:
+        raise InvalidTransition(f"{record.type} at position {record.position} has no connection before it")
+    base = dataclasses.replace(
+        connection,
+        version=record.version,
+        updated_at=record.recorded_at,
+        last_event=record.type,
+        last_position=record.position,
+    )
+    try:
+        fact = Fact(record.type)
+    except ValueError:
+        # Unknown types from a newer release are kept in the log and skipped
+        # by the fold, so an older replay still works on a newer log.
+        return base
+    if fact in _VERDICT_FROM:
+        if connection.state not in _VERDICT_FROM[fact]:
+            raise InvalidTransition(
+                f"{fact} at position {record.position} cannot follow state {connection.state} of {connection.ref}"
+            )
+        if fact is Fact.CONNECTION_VALIDATED:
+            return dataclasses.replace(base, rejection_reason="")
+        if fact is Fact.CONNECTION_REJECTED:
+            return dataclasses.replace(base, state=_S.REJECTED, rejection_reason=str(record.data.get("reason", "")))
+        return dataclasses.replace(base, state=_S.DELETED)
+    if fact is Fact.METADATA_UPDATED:
+        metadata = record.data.get("metadata")
+        return dataclasses.replace(base, metadata=dict(metadata) if isinstance(metadata, dict) else {})
+    return _apply_outcome(base, record, _OUTCOME_STATUS[fact])
+
+
+def _apply_lifecycle(connection: Connection | None, record: Record, event: LifecycleEvent) -> Connection:
+    try:
+        rule = admit(connection, event)
+    except (NotFound, FailedPrecondition) as exc:
+        raise InvalidTransition(f"position {record.position}: {exc}") from exc
+    if rule.verdict is Verdict.REPEAT:
+        raise InvalidTransition(f"position {record.position}: a repeated {event} is answered, never appended")
+    assert rule.to is not None
+    mark = Mark(record.event_id, record.type, record.position, record.version)
+    config = record.data.get("config") or {}
+    if connection is None or rule.verdict is Verdict.NEW_INCARNATION:
+        return Connection(
+            ref=record.ref,
+            state=rule.to,
+            version=record.version,
+            created_at=record.recorded_at,
+            updated_at=record.recorded_at,
+            last_event=record.type,
+            last_position=record.position,
+            lifecycle=mark,
+            incarnation=connection.incarnation + 1 if connection is not None else 1,
+            config=dict(config),
+        )
+    return dataclasses.replace(
+        connection,
+        state=rule.to,
+        version=record.version,
+        updated_at=record.recorded_at,
+        last_event=record.type,
+        last_position=record.position,
+        lifecycle=mark,
+        # A reconnect may bring new settings; an event without any keeps the old ones.
+        config=dict(config) if config else connection.config,
+        deletion=mark if event is _E.PRE_CONNECTION_DELETION else connection.deletion,
+        outcomes=(),
+    )
+
+
+def _apply_outcome(connection: Connection, record: Record, status: FunctionStatus) -> Connection:
+    # Outcomes of an older lifecycle event stay in the log but not in the view.
+    if record.causation_id != connection.lifecycle.event_id:
+        return connection
+    name = str(record.data.get("function", ""))
+    outcome = Outcome(
+        name=name,
+        status=status,
+        attempts=int(record.data.get("attempt", 0) or 0),
+        error=str(record.data.get("error", "") or ""),
+        duration_ms=int(record.data.get("duration_ms", 0) or 0),
+    )
+    others = tuple(o for o in connection.outcomes if o.name != name)
+    return dataclasses.replace(connection, outcomes=(*others, outcome))
+
+
+def fold(records: Iterable[Record], connection: Connection | None = None) -> Connection | None:
+    """Apply ``records`` of one stream in order."""
+    for record in records:
+        connection = apply(connection, record)
+    return connection
+
+
+def fold_all(records: Iterable[Record]) -> dict[str, Connection]:
+    """Apply records of any streams in log order; returns every connection by stream."""
+    connections: dict[str, Connection] = {}
+    for record in records:
+        connections[record.stream] = apply(connections.get(record.stream), record)
+    return connections

@@ -1,0 +1,118 @@
+"""The event log behind one interface, :class:`EventStore`, with one backend per module.
+
+- :mod:`orchestrator.store.memory`: in-process, for tests;
+- :mod:`orchestrator.store.sqlite`: aiosqlite, the embedded default (group commit).
+
+Every backend passes ``tests/contract/test_store_contract.py``. Backends are
+chosen by URL with :func:`open_store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.errors import InvalidArgument
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, NewEvent, Record
+
+__all__ = ["Appended", "EventStore", "open_store", "sqlite_path"]
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What one committed append produced."""
+
+    records: tuple[Record, ...]
+    connection: Connection
+    """The connection's read-model row after the append."""
+
+
+class EventStore(Protocol):
+    """An append-only log of records per connection stream, with a read model kept in step."""
+
+    async def append(self, ref: ConnectionRef, expected_version: int, events: Sequence[NewEvent]) -> Appended:
+        """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version``.
+
+        Returns once the records are durable. Raises
+        :class:`~orchestrator.errors.VersionConflict` when the stream moved,
+        :class:`~orchestrator.state.InvalidTransition` when the fold refuses a
+        record, :class:`~orchestrator.errors.IdempotencyConflict` when a key is
+        taken. Nothing is written when it raises.
+        """
+        ...
+
+    async def get_connection(self, ref: ConnectionRef) -> Connection | None:
+        """The read model's row for ``ref``, or None."""
+        ...
+
+    async def list_connections(self, query: ConnectionQuery) -> list[Connection]:
+        """Read-model rows matching ``query``, ordered by stream, after ``query.after_stream``."""
+        ...
+
+    async def find_idempotent(self, ref: ConnectionRef, key: str) -> Record | None:
+        """The lifecycle record appended to ``ref`` with idempotency ``key``, if any."""
+        ...
+
+    async def read(
+        self, *, from_position: int = 1, ref: ConnectionRef | None = None, limit: int = 1000
+    ) -> list[Record]:
+        """Up to ``limit`` records at or after ``from_position``, of one stream or all, in log order."""
+        ...
+
+    async def head(self) -> int:
+        """The position of the last committed record (0 when the log is empty)."""
+        ...
+
+    async def wait_for(self, position: int) -> None:
+        """Return once a record at ``position`` or later is committed.
+
+        Raises :class:`~orchestrator.errors.Unavailable` when the store closes.
+        """
+        ...
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file path of an SQLite URL, or None for other schemes.
+
+    Accepted: ``sqlite:///abs/path.db``, ``sqlite:relative/path.db`` and a bare path.
+    """
+    if "://" not in url and not url.startswith("sqlite:"):
+        return Path(url) if not url.startswith(("memory:", "postgres")) else None
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        return None
+    if parts.netloc:
+        raise InvalidArgument(f"database URL {url!r}: use sqlite:///absolute/path or sqlite:relative/path")
+    if not parts.path:
+        raise InvalidArgument(f"database URL {url!r} names no file")
+    return Path(parts.path)
+
+
+@asynccontextmanager
+async def open_store(url: str, *, readonly: bool = False, clock: Clock | None = None) -> AsyncIterator[EventStore]:
+    """Open the store that ``url`` names for the duration of the ``async with`` block."""
+    clock = clock or SystemClock()
+    path = sqlite_path(url)
+    if path is not None:
+        from orchestrator.store.sqlite import SQLiteEventStore
+
+        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock) as store:
+            yield store
+        return
+    if url.startswith("memory:"):
+        from orchestrator.store.memory import MemoryEventStore
+
+        memory = MemoryEventStore(clock=clock)
+        try:
+            yield memory
+        finally:
+            memory.close()
+        return
+    raise InvalidArgument(
+        f"database URL {url!r} is not supported: use sqlite:///path/to/events.db (or memory: for tests)"
+    )
