@@ -1,0 +1,1 @@
+"""The one contract every event-store backend passes."""

@@ -1,0 +1,69 @@
+"""Protobuf conversions: what crosses the wire comes back as it was sent."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator import _wire
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator.errors import InvalidArgument
+from orchestrator.model import ConnectionRef, EmitRequest, LifecycleEvent
+
+
+def test_struct_round_trip_keeps_integers() -> None:
+    """Integral numbers come back as ints, fractions as floats, nesting intact."""
+    data = {"port": 443, "ratio": 0.5, "nested": {"list": [1, "a", None, True]}, "big": 2**60}
+    back = _wire.struct_to_dict(_wire.dict_to_struct(data))
+    assert back["port"] == 443 and isinstance(back["port"], int)
+    assert back["ratio"] == 0.5
+    assert back["nested"] == {"list": [1, "a", None, True]}
+    assert isinstance(back["big"], float)  # beyond 2**53 a double cannot promise an exact int
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    """NaN cannot be stored as JSON: the field is named in the error."""
+    struct = _wire.dict_to_struct({"x": 1})
+    struct.fields["x"].number_value = math.nan
+    with pytest.raises(InvalidArgument, match=r"payload\.x"):
+        _wire.struct_to_dict(struct, "payload")
+
+
+def test_emit_request_round_trip() -> None:
+    """The CLI's encoding of an emit decodes to the same request on the server."""
+    request = EmitRequest(
+        ref=ConnectionRef("dev", "salesforce", "acme/1"),
+        event=LifecycleEvent.POST_CONNECTION_CREATION,
+        config={"instance_url": "acme.my.salesforce.com"},
+        credentials={"access_token": "t"},
+        payload={"n": 1},
+        idempotency_key="k",
+        expected_version=0,
+        wait=True,
+    )
+    assert _wire.emit_request_from_proto(_wire.emit_request_to_proto(request)) == request
+
+
+def test_unspecified_event_is_refused() -> None:
+    """The enum's zero value is not an event."""
+    message = pb.EmitLifecycleEventRequest(
+        connection=pb.ConnectionRef(environment="dev", integration="x", connection_id="c")
+    )
+    with pytest.raises(InvalidArgument, match="event must be one of"):
+        _wire.emit_request_from_proto(message)
+
+
+@pytest.mark.parametrize(
+    ("ref", "field"),
+    [
+        (pb.ConnectionRef(environment="Dev", integration="x", connection_id="c"), "connection.environment"),
+        (pb.ConnectionRef(environment="dev", integration="-x", connection_id="c"), "connection.integration"),
+        (pb.ConnectionRef(environment="dev", integration="x", connection_id=""), "connection.connection_id"),
+        (pb.ConnectionRef(environment="dev", integration="x", connection_id="a\tb"), "connection.connection_id"),
+    ],
+)
+def test_bad_refs_name_the_field(ref: pb.ConnectionRef, field: str) -> None:
+    """Each malformed ref field is refused with its name in the message."""
+    with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
+        _wire.ref_from_proto(ref)
