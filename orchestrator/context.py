@@ -1,0 +1,239 @@
+"""What an event function sees: :class:`Context`.
+
+A function gets the connection (ref and config), the event (type, payload,
+id, attempt), HTTP calls to the provider through the proxy, the connection's
+metadata validated by the function's model, and ``log``. Metadata writes go to
+a :class:`MetadataSink` chosen by the caller: appended at once for
+asynchronous attempts, gathered into the verdict's atomic append for
+synchronous ones, shown as a diff and dropped by ``dryrun``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio.from_thread
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.errors import InvalidArgument
+from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
+from orchestrator.provider import Provider
+
+MAX_LOG_LINES = 200
+MAX_LOG_LINE = 2000
+
+
+class MetadataSink(Protocol):
+    """Where ``set_metadata`` writes go."""
+
+    async def write(self, metadata: JSONObject) -> None:
+        """Persist (or gather) the connection's whole new metadata."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """The connection a function runs for."""
+
+    ref: ConnectionRef
+    config: JSONObject
+
+    @property
+    def connection_id(self) -> str:
+        """Shorthand for ``ref.connection_id``."""
+        return self.ref.connection_id
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """The lifecycle event a function runs for."""
+
+    type: LifecycleEvent
+    payload: JSONObject
+    event_id: str
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class AttemptLog:
+    """The lines a function logged in one attempt, bounded so a flood cannot exhaust memory."""
+
+    lines: list[str] = field(default_factory=list)
+    dropped: int = 0
+
+    def add(self, line: str) -> None:
+        if len(self.lines) >= MAX_LOG_LINES:
+            self.dropped += 1
+            return
+        self.lines.append(line if len(line) <= MAX_LOG_LINE else line[:MAX_LOG_LINE] + "…")
+
+    def export(self) -> list[str]:
+        """The lines, with a note of how many were dropped."""
+        return [*self.lines, f"({self.dropped} more lines dropped)"] if self.dropped else list(self.lines)
+
+
+class Context:
+    """The ``ctx`` argument of an event function."""
+
+    def __init__(
+        self,
+        *,
+        connection: ConnectionInfo,
+        event: EventInfo,
+        provider: Provider,
+        metadata: JSONObject,
+        metadata_model: type[BaseModel] | None,
+        sink: MetadataSink,
+        log: AttemptLog | None = None,
+    ) -> None:
+        self.connection = connection
+        self.event = event
+        self._provider = provider
+        self._metadata = dict(metadata)
+        self._model = metadata_model
+        self._sink = sink
+        self._log = log or AttemptLog()
+
+    # -- provider calls --------------------------------------------------------
+
+    async def get(
+        self, endpoint: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """GET ``endpoint`` (relative to the integration's base URL) from the provider."""
+        return await self._provider.request("GET", endpoint, params=params, headers=headers)
+
+    async def post(
+        self,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """POST to the provider."""
+        return await self._provider.request("POST", endpoint, params=params, json=json, data=data, headers=headers)
+
+    async def put(
+        self,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """PUT to the provider."""
+        return await self._provider.request("PUT", endpoint, params=params, json=json, data=data, headers=headers)
+
+    async def patch(
+        self,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """PATCH at the provider."""
+        return await self._provider.request("PATCH", endpoint, params=params, json=json, data=data, headers=headers)
+
+    async def delete(
+        self, endpoint: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """DELETE at the provider."""
+        return await self._provider.request("DELETE", endpoint, params=params, headers=headers)
+
+    # -- metadata --------------------------------------------------------------
+
+    def _validate(self, data: JSONObject) -> JSONObject:
+        if self._model is None:
+            return data
+        try:
+            return self._model.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidArgument(f"metadata does not match {self._model.__name__}: {exc}") from None
+
+    async def get_metadata(self) -> Any:
+        """The connection's metadata: an instance of the function's model, or a dict without one."""
+        if self._model is None:
+            return dict(self._metadata)
+        try:
+            return self._model.model_validate(self._metadata)
+        except ValidationError as exc:
+            raise InvalidArgument(f"stored metadata does not match {self._model.__name__}: {exc}") from None
+
+    async def set_metadata(self, value: BaseModel | JSONObject) -> None:
+        """Replace the connection's metadata (validated by the model; recorded as ``metadata-updated``)."""
+        data = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
+        data = self._validate(data)
+        await self._sink.write(data)
+        self._metadata = data
+
+    async def update_metadata(self, value: BaseModel | JSONObject) -> None:
+        """Merge keys into the connection's metadata (validated; recorded as ``metadata-updated``)."""
+        patch = value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
+        await self.set_metadata({**self._metadata, **patch})
+
+    # -- logging ---------------------------------------------------------------
+
+    def log(self, *parts: object, level: str = "info") -> None:
+        """Keep a line with this attempt's outcome (bounded: a flood is truncated, never fatal)."""
+        self._log.add(f"{level}: " + " ".join(str(p) for p in parts))
+
+
+class SyncContext:
+    """The context handed to a plain ``def`` function, which runs in a worker thread.
+
+    Each method blocks the thread, not the event loop, while the call runs on the loop.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.connection = ctx.connection
+        self.event = ctx.event
+        self._ctx = ctx
+
+    def _run(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            return await fn(*args, **kwargs)
+
+        return anyio.from_thread.run(call)
+
+    def get(self, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """See :meth:`Context.get`."""
+        return self._run(self._ctx.get, endpoint, **kwargs)  # type: ignore[no-any-return]
+
+    def post(self, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """See :meth:`Context.post`."""
+        return self._run(self._ctx.post, endpoint, **kwargs)  # type: ignore[no-any-return]
+
+    def put(self, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """See :meth:`Context.put`."""
+        return self._run(self._ctx.put, endpoint, **kwargs)  # type: ignore[no-any-return]
+
+    def patch(self, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """See :meth:`Context.patch`."""
+        return self._run(self._ctx.patch, endpoint, **kwargs)  # type: ignore[no-any-return]
+
+    def delete(self, endpoint: str, **kwargs: Any) -> httpx.Response:
+        """See :meth:`Context.delete`."""
+        return self._run(self._ctx.delete, endpoint, **kwargs)  # type: ignore[no-any-return]
+
+    def get_metadata(self) -> Any:
+        """See :meth:`Context.get_metadata`."""
+        return self._run(self._ctx.get_metadata)
+
+    def set_metadata(self, value: BaseModel | JSONObject) -> None:
+        """See :meth:`Context.set_metadata`."""
+        self._run(self._ctx.set_metadata, value)
+
+    def update_metadata(self, value: BaseModel | JSONObject) -> None:
+        """See :meth:`Context.update_metadata`."""
+        self._run(self._ctx.update_metadata, value)
+
+    def log(self, *parts: object, level: str = "info") -> None:
+        """See :meth:`Context.log` (thread-safe: a list append)."""
+        self._ctx.log(*parts, level=level)

@@ -1,0 +1,132 @@
+"""Discovery of event functions through the entry-point group ``orchestrator.functions``.
+
+A plugin is broken when its entry point cannot be imported, names something
+that is not an :class:`~orchestrator.functions.EventFunction`, or reuses a
+function name another plugin already uses for the same integration. Broken
+plugins are reported by distribution and entry point; the daemon refuses to
+start with any unless told to skip them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from orchestrator.functions import EventFunction
+from orchestrator.model import LifecycleEvent
+
+GROUP = "orchestrator.functions"
+_FUNCTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """An event function and the plugin that provides it."""
+
+    name: str
+    function: EventFunction
+    distribution: str
+    version: str
+    entry_point: str
+    """``module:attribute``, as declared."""
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenPlugin:
+    """An entry point that could not be turned into an event function, and why."""
+
+    distribution: str
+    version: str
+    name: str
+    entry_point: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version}: entry point {self.name} = {self.entry_point}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """Every installed event function, indexed for dispatch."""
+
+    functions: tuple[Installed, ...] = ()
+    broken: tuple[BrokenPlugin, ...] = ()
+    _by_event: dict[tuple[str, LifecycleEvent], tuple[Installed, ...]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, functions: Iterable[Installed], broken: Iterable[BrokenPlugin] = ()) -> Registry:
+        """A registry of ``functions`` (sorted by integration, event, name)."""
+        ordered = tuple(sorted(functions, key=lambda f: (f.function.integration, f.function.event, f.name)))
+        index: dict[tuple[str, LifecycleEvent], list[Installed]] = {}
+        for item in ordered:
+            index.setdefault((item.function.integration, item.function.event), []).append(item)
+        return cls(ordered, tuple(broken), {k: tuple(v) for k, v in index.items()})
+
+    def for_event(self, integration: str, event: LifecycleEvent) -> tuple[Installed, ...]:
+        """The functions to run for ``event`` of ``integration``."""
+        return self._by_event.get((integration, event), ())
+
+    def named(self, name: str, integration: str = "") -> list[Installed]:
+        """Functions called ``name`` (of ``integration`` when given)."""
+        return [
+            f for f in self.functions if f.name == name and (not integration or f.function.integration == integration)
+        ]
+
+
+def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Registry:
+    """Load every entry point of the group; never raises for a broken plugin."""
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=GROUP)
+    loaded: list[Installed] = []
+    broken: list[BrokenPlugin] = []
+    for ep in entry_points:
+        dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
+        version = ep.dist.version if ep.dist is not None else "?"
+
+        def fail(reason: str, ep: metadata.EntryPoint = ep, dist: str = dist, version: str = version) -> None:
+            broken.append(BrokenPlugin(dist, version, ep.name, ep.value, reason))
+
+        if not _FUNCTION_NAME.fullmatch(ep.name):
+            fail("the entry-point name is the function's name: use a-z, 0-9, '_' and '-'")
+            continue
+        try:
+            target = ep.load()
+        except Exception as exc:  # a plugin's import may raise anything; it is reported, not fatal
+            fail(f"import failed: {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(target, EventFunction):
+            fail(f"{type(target).__name__} {target!r:.60} is not an event function (decorate it with @on_event)")
+            continue
+        loaded.append(Installed(ep.name, target, dist, version, ep.value))
+    seen: dict[tuple[str, str], Installed] = {}
+    unique: list[Installed] = []
+    clashes: set[tuple[str, str]] = set()
+    for item in loaded:
+        key = (item.function.integration, item.name)
+        if key in seen:
+            clashes.add(key)
+        else:
+            seen[key] = item
+    for item in loaded:
+        key = (item.function.integration, item.name)
+        if key in clashes:
+            others = [
+                f"{o.distribution} ({o.entry_point})"
+                for o in loaded
+                if o is not item and (o.function.integration, o.name) == key
+            ]
+            broken.append(
+                BrokenPlugin(
+                    item.distribution,
+                    item.version,
+                    item.name,
+                    item.entry_point,
+                    f"function {item.name!r} for integration {item.function.integration!r} is also defined by "
+                    + ", ".join(others),
+                )
+            )
+        else:
+            unique.append(item)
+    return Registry.of(unique, broken)

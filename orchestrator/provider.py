@@ -1,0 +1,189 @@
+"""The provider proxy: HTTP calls to a connection's provider with its credentials injected.
+
+One shared :class:`httpx.AsyncClient` serves every function. The base URL
+and auth scheme come from the integration's settings; ``{placeholders}`` in
+the base URL are filled from the connection's config. 429 and 5xx answers and
+transport errors are retried (honouring ``Retry-After``, bounded); any other
+error answer raises :class:`ProviderError`. Credentials never appear in an
+error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+
+from orchestrator.errors import InvalidArgument, OrchestratorError
+from orchestrator.model import JSONObject
+
+AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 30.0
+"""A provider asking for a longer pause makes the call fail (the job's own retry takes over)."""
+BODY_EXCERPT = 300
+
+
+class ProviderError(OrchestratorError):
+    """A provider answered with an error status (or could not be reached)."""
+
+    def __init__(self, message: str, *, status: int = 0, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    """How to reach one integration's provider."""
+
+    name: str
+    base_url: str = ""
+    auth: str = "none"
+    timeout: float = 30.0
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        scheme, _, arg = self.auth.partition(":")
+        if scheme not in {"none", "bearer", "basic", "header", "query"} or (scheme in {"header", "query"}) != bool(arg):
+            raise InvalidArgument(
+                f"integrations.{self.name}.auth = {self.auth!r}: use one of {', '.join(AUTH_SCHEMES)}"
+            )
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Integration:
+        """From a ``[integrations.<name>]`` TOML table."""
+        unknown = set(settings) - {"base_url", "auth", "timeout", "retries"}
+        if unknown:
+            raise InvalidArgument(f"integrations.{name}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(name, **dict(settings))
+
+    def url_for(self, config: JSONObject) -> str:
+        """The base URL with ``{placeholders}`` filled from ``config``."""
+        names = [field for _, field, _, _ in string.Formatter().parse(self.base_url) if field]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ProviderError(
+                f"integration {self.name}: base_url {self.base_url!r} needs connection_config "
+                + ", ".join(repr(m) for m in missing)
+            )
+        return self.base_url.format(**{n: config[n] for n in names})
+
+
+def _auth(integration: Integration, credentials: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], Any]:
+    """(headers, query params, httpx auth) for the integration's scheme."""
+    scheme, _, arg = integration.auth.partition(":")
+
+    def need(key: str) -> str:
+        if key not in credentials:
+            raise ProviderError(
+                f"integration {integration.name} uses auth {integration.auth!r} but the connection"
+                f" has no credential {key!r}"
+            )
+        return credentials[key]
+
+    if scheme == "bearer":
+        return {"Authorization": f"Bearer {need('access_token')}"}, {}, None
+    if scheme == "basic":
+        return {}, {}, httpx.BasicAuth(need("username"), need("password"))
+    if scheme == "header":
+        return {arg: need("api_key")}, {}, None
+    if scheme == "query":
+        return {}, {arg: need("api_key")}, None
+    return {}, {}, None
+
+
+def _retry_after(response: httpx.Response, now: datetime) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - now).total_seconds())
+
+
+class Provider:
+    """Calls to one connection's provider, as seen by one function attempt."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        integration: Integration,
+        config: JSONObject,
+        credentials: Mapping[str, str],
+        *,
+        calls: list[str] | None = None,
+    ) -> None:
+        self._client = client
+        self._integration = integration
+        self._config = config
+        self._credentials = credentials
+        self.calls: list[str] = calls if calls is not None else []
+        """One line per HTTP exchange (method, URL without secrets, status), for dryrun and logs."""
+
+    async def request(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send one request, retrying 429/5xx and transport errors; raise :class:`ProviderError` otherwise."""
+        integration = self._integration
+        base = integration.url_for(self._config)
+        url = (
+            endpoint if endpoint.startswith(("http://", "https://")) else base.rstrip("/") + "/" + endpoint.lstrip("/")
+        )
+        auth_headers, auth_params, auth = _auth(integration, self._credentials)
+        merged_headers = {**(headers or {}), **auth_headers}
+        merged_params = {**(params or {}), **auth_params}
+        shown = f"{method} {url}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = await self._client.request(
+                    method,
+                    url,
+                    params=merged_params or None,
+                    json=json,
+                    data=data,
+                    headers=merged_headers,
+                    auth=auth,
+                    timeout=integration.timeout,
+                )
+            except httpx.TransportError as exc:
+                self.calls.append(f"{shown} -> {type(exc).__name__}")
+                if attempt > integration.retries:
+                    raise ProviderError(f"{shown} failed: {type(exc).__name__}: {exc}") from None
+                await anyio.sleep(min(MAX_RETRY_AFTER, 0.2 * 2 ** (attempt - 1)))
+                continue
+            self.calls.append(f"{shown} -> {response.status_code}")
+            if response.status_code in _RETRY_STATUS and attempt <= integration.retries:
+                pause = _retry_after(response, datetime.now(UTC))
+                if pause is None:
+                    pause = 0.2 * 2 ** (attempt - 1)
+                if pause <= MAX_RETRY_AFTER:
+                    await anyio.sleep(pause)
+                    continue
+            if response.status_code >= 400:
+                body = response.text[:BODY_EXCERPT]
+                raise ProviderError(
+                    f"{shown} answered {response.status_code} {response.reason_phrase}: {body}",
+                    status=response.status_code,
+                    body=body,
+                )
+            return response
