@@ -24,6 +24,7 @@ from rich.table import Table
 from orchestrator import codec, config
 from orchestrator import replay as replay_mod
 from orchestrator.client import Client, ClientError
+from orchestrator.dispatch import DispatchConfig
 from orchestrator.errors import InvalidArgument, OrchestratorError
 from orchestrator.model import (
     Connection,
@@ -36,6 +37,8 @@ from orchestrator.model import (
     check_connection_id,
     check_name,
 )
+from orchestrator.provider import Integration
+from orchestrator.retry import RetryPolicy
 
 _VERSION = "0.1.0"
 _TOML_TABLES = {"integrations"}  # tables read by later features, not command options
@@ -77,6 +80,7 @@ def _apply_toml(ctx: click.Context, path: Path, command: click.Command | None = 
     if unknown:
         raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}", param_hint="config file")
     ctx.default_map = _defaults_for(command or ctx.command, settings)
+    ctx.meta["orchestrator.integrations"] = config.integrations_from_toml(settings.get("integrations", {}))
 
 
 def _option_names(command: click.Command) -> set[str]:
@@ -213,6 +217,45 @@ def _connection_json(c: Connection) -> dict[str, Any]:
 # -- serve -------------------------------------------------------------------------
 
 
+_DISPATCH_OPTIONS: list[tuple[str, Any, float | int, str]] = [
+    ("--concurrency", click.IntRange(min=1), 64, "Function attempts running at once, at most."),
+    ("--validate-deadline", click.FloatRange(min=0.001), 30.0, "Seconds validate-connection functions get."),
+    ("--deletion-deadline", click.FloatRange(min=0.001), 30.0, "Seconds cleanup functions get inside the RPC."),
+    ("--attempt-timeout", click.FloatRange(min=0.001), 60.0, "Seconds one asynchronous attempt may take."),
+    ("--retry-max-attempts", click.IntRange(min=1), 5, "Attempts of an asynchronous function, at most."),
+    ("--retry-initial-interval", click.FloatRange(min=0), 1.0, "Seconds before the first retry (jittered)."),
+    ("--retry-backoff", click.FloatRange(min=1), 2.0, "Factor by which each retry's delay grows."),
+    ("--retry-max-interval", click.FloatRange(min=0), 60.0, "Longest delay between retries, in seconds."),
+]
+
+
+def _dispatch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for flag, kind, default, text in reversed(_DISPATCH_OPTIONS):
+        envvar = "ORCHESTRATOR_" + flag.removeprefix("--").replace("-", "_").upper()
+        command = click.option(flag, envvar=envvar, show_envvar=True, type=kind, default=default, help=text)(command)
+    return command
+
+
+def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
+    return DispatchConfig(
+        concurrency=values["concurrency"],
+        validate_deadline=values["validate_deadline"],
+        deletion_deadline=values["deletion_deadline"],
+        attempt_timeout=values["attempt_timeout"],
+        retry=RetryPolicy(
+            max_attempts=values["retry_max_attempts"],
+            initial_interval=values["retry_initial_interval"],
+            backoff=values["retry_backoff"],
+            max_interval=values["retry_max_interval"],
+        ),
+    )
+
+
+def _integrations(ctx: click.Context) -> dict[str, Integration]:
+    found: dict[str, Integration] = ctx.meta.get("orchestrator.integrations", {})
+    return found
+
+
 def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value:
         _apply_toml(ctx, Path(value), ctx.command)
@@ -261,14 +304,41 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
 )
-def serve(listen: str, database: str | None, grace_period: float, insecure: bool, log_level: str) -> None:
+@click.option(
+    "--skip-broken-plugins",
+    envvar="ORCHESTRATOR_SKIP_BROKEN_PLUGINS",
+    show_envvar=True,
+    is_flag=True,
+    help="Start even when a plugin is broken (it is reported and left out).",
+)
+@_dispatch_options
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    /,
+    listen: str,
+    database: str | None,
+    grace_period: float,
+    insecure: bool,
+    log_level: str,
+    skip_broken_plugins: bool,
+    **dispatch: Any,
+) -> None:
     """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default)."""
     from orchestrator import daemon
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    settings = config.ServeConfig(listen=listen, database=database or "", grace_period=grace_period, insecure=insecure)
+    settings = config.ServeConfig(
+        listen=listen,
+        database=database or "",
+        grace_period=grace_period,
+        insecure=insecure,
+        skip_broken_plugins=skip_broken_plugins,
+        dispatch=_dispatch_config(dispatch),
+        integrations=_integrations(ctx),
+    )
     backend_options: dict[str, Any] = {}
     try:
         import uvloop  # noqa: F401 - optional: 15-25% faster with grpc.aio

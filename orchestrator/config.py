@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.dispatch import DispatchConfig
 from orchestrator.errors import InvalidArgument
+from orchestrator.provider import Integration
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -35,6 +38,9 @@ class ServeConfig:
     grace_period: float = DEFAULT_GRACE_PERIOD
     insecure: bool = False
     uvloop: bool = True
+    skip_broken_plugins: bool = False
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)
+    integrations: Mapping[str, Integration] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)
@@ -74,3 +80,18 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise InvalidArgument(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def integrations_from_toml(table: Any) -> dict[str, Integration]:
+    """``[integrations.<name>]`` tables as :class:`Integration` settings."""
+    if not isinstance(table, dict):
+        raise InvalidArgument("integrations must be a table of [integrations.<name>] tables")
+    out = {}
+    for name, settings in table.items():
+        if not isinstance(settings, dict):
+            raise InvalidArgument(f"integrations.{name} must be a table")
+        try:
+            out[name] = Integration.from_settings(name, settings)
+        except TypeError as exc:
+            raise InvalidArgument(f"integrations.{name}: {exc}") from None
+    return out

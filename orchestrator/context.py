@@ -27,11 +27,33 @@ MAX_LOG_LINE = 2000
 
 
 class MetadataSink(Protocol):
-    """Where ``set_metadata`` writes go."""
+    """Where the connection's metadata is read from and ``set_metadata`` writes go."""
 
-    async def write(self, metadata: JSONObject) -> None:
-        """Persist (or gather) the connection's whole new metadata."""
+    def current(self) -> JSONObject:
+        """The metadata as this attempt last saw or wrote it."""
         ...
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        """Record a ``metadata-updated`` (``merge``: keys merged into the current value by the fold)."""
+        ...
+
+
+class Buffered:
+    """Gathers writes as records, for a synchronous run or a dry run (nothing is written by itself)."""
+
+    def __init__(self, metadata: JSONObject, function: str = "") -> None:
+        self._metadata = dict(metadata)
+        self.writes: list[JSONObject] = []
+        self._function = function
+
+    def current(self) -> JSONObject:
+        """See :meth:`MetadataSink.current`."""
+        return dict(self._metadata)
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        """See :meth:`MetadataSink.write`."""
+        self._metadata = {**self._metadata, **metadata} if merge else dict(metadata)
+        self.writes.append({"function": self._function, "metadata": metadata, "merge": merge})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +106,6 @@ class Context:
         connection: ConnectionInfo,
         event: EventInfo,
         provider: Provider,
-        metadata: JSONObject,
         metadata_model: type[BaseModel] | None,
         sink: MetadataSink,
         log: AttemptLog | None = None,
@@ -92,7 +113,6 @@ class Context:
         self.connection = connection
         self.event = event
         self._provider = provider
-        self._metadata = dict(metadata)
         self._model = metadata_model
         self._sink = sink
         self._log = log or AttemptLog()
@@ -159,24 +179,24 @@ class Context:
 
     async def get_metadata(self) -> Any:
         """The connection's metadata: an instance of the function's model, or a dict without one."""
+        current = self._sink.current()
         if self._model is None:
-            return dict(self._metadata)
+            return current
         try:
-            return self._model.model_validate(self._metadata)
+            return self._model.model_validate(current)
         except ValidationError as exc:
             raise InvalidArgument(f"stored metadata does not match {self._model.__name__}: {exc}") from None
 
     async def set_metadata(self, value: BaseModel | JSONObject) -> None:
         """Replace the connection's metadata (validated by the model; recorded as ``metadata-updated``)."""
         data = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
-        data = self._validate(data)
-        await self._sink.write(data)
-        self._metadata = data
+        await self._sink.write(self._validate(data), merge=False)
 
     async def update_metadata(self, value: BaseModel | JSONObject) -> None:
         """Merge keys into the connection's metadata (validated; recorded as ``metadata-updated``)."""
         patch = value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
-        await self.set_metadata({**self._metadata, **patch})
+        self._validate({**self._sink.current(), **patch})
+        await self._sink.write(patch, merge=True)
 
     # -- logging ---------------------------------------------------------------
 

@@ -11,11 +11,15 @@ import signal
 from collections.abc import Callable
 
 import anyio
+import httpx
 from grpc_health.v1 import health_pb2
 
 from orchestrator import server as grpc_server
+from orchestrator.clock import SystemClock
 from orchestrator.config import ServeConfig, default_database
-from orchestrator.errors import InvalidArgument
+from orchestrator.dispatch import Dispatcher
+from orchestrator.errors import InvalidArgument, PluginError
+from orchestrator.plugins import Registry, discover
 from orchestrator.service import Service
 from orchestrator.store import open_store
 
@@ -33,9 +37,17 @@ async def serve(
     ``on_ready`` is called with the bound port once the server is SERVING.
     """
     database = config.database or default_database()
+    registry = load_plugins(skip_broken=config.skip_broken_plugins)
     health_servicer = grpc_server.HealthServicer()
-    async with open_store(database) as store, anyio.create_task_group() as tg:
-        service = Service(store)
+    async with (
+        open_store(database) as store,
+        httpx.AsyncClient(follow_redirects=False) as http,
+        anyio.create_task_group() as tg,
+    ):
+        dispatcher = Dispatcher(
+            store, registry, SystemClock(), http=http, integrations=config.integrations, config=config.dispatch
+        )
+        service = Service(store, dispatcher=dispatcher)
         server = grpc_server.build_server(service, health_servicer)
         try:
             port = server.add_insecure_port(config.listen)
@@ -62,6 +74,7 @@ async def serve(
                     return
 
         tg.start_soon(watch_signals)
+        tg.start_soon(dispatcher.run)
         await stopping.wait()
         tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -70,3 +83,26 @@ async def serve(
             # Stops accepting calls at once; in-flight calls get the grace period.
             await server.stop(config.grace_period)
     log.info("stopped; the event log is closed")
+
+
+def load_plugins(*, skip_broken: bool) -> Registry:
+    """Discover the installed event functions; refuse broken plugins unless told to skip them."""
+    registry = discover()
+    for broken in registry.broken:
+        log.log(logging.WARNING if skip_broken else logging.ERROR, "broken plugin: %s", broken)
+    if registry.broken and not skip_broken:
+        raise PluginError(
+            f"{len(registry.broken)} broken plugin(s): "
+            + "; ".join(str(b) for b in registry.broken)
+            + " (fix or uninstall them, or pass --skip-broken-plugins)"
+        )
+    for item in registry.functions:
+        log.info(
+            "function %s: %s %s (%s %s)",
+            item.name,
+            item.function.integration,
+            item.function.event,
+            item.distribution,
+            item.version,
+        )
+    return registry

@@ -8,7 +8,9 @@
     ├── IdempotencyConflict    an idempotency key was reused with a different request
     ├── ResourceExhausted      a limit or the write queue is full
     ├── Unavailable            the daemon is draining or the store is closed
-    └── StoreError             the backend failed (wraps the driver's exception)
+    ├── StoreError             the backend failed (wraps the driver's exception)
+    ├── LeaseLost              a job's outcome came from a claim that is no longer current
+    └── PluginError            an installed plugin is broken
 
 They are mapped to gRPC status codes in ``orchestrator.server`` and to exit
 codes in ``orchestrator.cli``, and nowhere else.
@@ -57,3 +59,11 @@ class Unavailable(OrchestratorError):
 
 class StoreError(OrchestratorError):
     """The event store's backend failed; the cause is chained."""
+
+
+class LeaseLost(OrchestratorError):
+    """A job was claimed again after this worker's lease; its outcome is not recorded (fencing)."""
+
+
+class PluginError(OrchestratorError):
+    """An installed plugin is broken (import error, not an event function, duplicate name)."""

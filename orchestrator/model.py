@@ -210,6 +210,46 @@ class Connection:
 
 
 @dataclass(frozen=True, slots=True)
+class NewJob:
+    """An asynchronous function run to schedule in the same transaction as its event (the outbox)."""
+
+    job_id: str
+    function: str
+    event: LifecycleEvent
+    causation_id: str
+    """The lifecycle record the function runs for."""
+    payload: JSONObject
+    run_at: datetime
+    traceparent: str = ""
+    attempt: int = 0
+    """Attempts already made (a cleanup continued in the background starts after its first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A scheduled or running function run, as the store keeps it."""
+
+    job_id: str
+    stream: str
+    function: str
+    event: LifecycleEvent
+    causation_id: str
+    payload: JSONObject
+    run_at: datetime
+    attempt: int
+    """Attempts started so far (including the one a claim starts)."""
+    lease_token: int
+    """Bumped by every claim: an outcome from an older claim is refused (fencing)."""
+    leased: bool
+    traceparent: str = ""
+
+    @property
+    def ref(self) -> ConnectionRef:
+        """The connection this job runs for."""
+        return ConnectionRef.from_stream(self.stream)
+
+
+@dataclass(frozen=True, slots=True)
 class EmitRequest:
     """A validated request to append one lifecycle event."""
 

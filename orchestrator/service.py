@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 
 import anyio
 
 from orchestrator import limits, state
+from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.dispatch import Dispatcher, SyncRun
 from orchestrator.errors import IdempotencyConflict, InvalidArgument, NotFound, Unavailable, VersionConflict
 from orchestrator.ids import uuid7
 from orchestrator.model import (
@@ -28,14 +30,31 @@ from orchestrator.model import (
     EmitRequest,
     EmitResult,
     Fact,
+    FunctionStatus,
+    JSONObject,
     LifecycleEvent,
     NewEvent,
+    NewJob,
+    Outcome,
     Record,
 )
+from orchestrator.plugins import Installed
 from orchestrator.store import EventStore
 
 READ_PAGE = 500
 _VERDICTS = frozenset({Fact.CONNECTION_VALIDATED, Fact.CONNECTION_REJECTED, Fact.CONNECTION_DELETED})
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What one emit will append, built up by the event's delivery contract."""
+
+    lifecycle: NewEvent
+    info: ConnectionInfo
+    metadata: JSONObject
+    events: list[NewEvent] = field(default_factory=list)
+    jobs: list[NewJob] = field(default_factory=list)
+    cancel_jobs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +91,15 @@ class _StreamLocks:
 class Service:
     """Emits lifecycle events and answers queries over one :class:`EventStore`."""
 
-    def __init__(self, store: EventStore, *, new_id: Callable[[], str] = lambda: str(uuid7())) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        dispatcher: Dispatcher | None = None,
+        new_id: Callable[[], str] = lambda: str(uuid7()),
+    ) -> None:
         self._store = store
+        self._dispatcher = dispatcher
         self._new_id = new_id
         self._locks = _StreamLocks()
         self._draining = anyio.Event()
@@ -107,45 +133,153 @@ class Service:
                     state=current.state,
                     outcomes=current.outcomes,
                 )
-            events = self._plan(request)
-            appended = await self._store.append(ref, version, events)
+            fresh = current is None or rule.verdict is state.Verdict.NEW_INCARNATION
+            plan = _Plan(
+                lifecycle=NewEvent(
+                    event_id=self._new_id(),
+                    type=request.event.value,
+                    data={"config": request.config, "payload": request.payload},
+                    traceparent=request.traceparent,
+                    idempotency_key=request.idempotency_key,
+                ),
+                info=ConnectionInfo(
+                    ref, request.config if fresh or request.config or current is None else current.config
+                ),
+                metadata={} if fresh or current is None else current.metadata,
+            )
+            if self._dispatcher is not None:
+                self._dispatcher.credentials.remember(ref, request.credentials)
+            async with AsyncExitStack() as stack:
+                if request.event is LifecycleEvent.VALIDATE_CONNECTION:
+                    await self._validate(request, plan)
+                elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
+                    self._create(request, plan)
+                else:
+                    if self._dispatcher is not None:
+                        # Claim no job of this connection until the deletion is appended.
+                        await stack.enter_async_context(self._dispatcher.hold(ref))
+                    await self._delete(request, plan)
+                appended = await self._store.append(
+                    ref, request.expected_version, plan.events, jobs=plan.jobs, cancel_jobs=plan.cancel_jobs
+                )
         lifecycle = appended.records[0]
         connection = appended.connection
+        outcomes = connection.outcomes
+        if self._dispatcher is not None and plan.jobs:
+            self._dispatcher.wake()
+            if request.wait:
+                await self._dispatcher.settled(lifecycle.event_id, ref)
+                connection = await self.get_connection(ref)
+                outcomes = connection.outcomes
+            elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
+                outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
+        if connection.state is ConnectionState.DELETED and not plan.jobs and self._dispatcher is not None:
+            self._dispatcher.credentials.forget(ref)
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
             version=lifecycle.version,
             state=connection.state,
-            outcomes=connection.outcomes,
+            outcomes=outcomes,
             rejection_reason=connection.rejection_reason,
         )
 
-    def _plan(self, request: EmitRequest) -> list[NewEvent]:
-        """The lifecycle record and the facts that follow it synchronously."""
-        lifecycle = NewEvent(
+    def _functions(self, request: EmitRequest) -> tuple[Installed, ...]:
+        if self._dispatcher is None:
+            return ()
+        return self._dispatcher.registry.for_event(request.ref.integration, request.event)
+
+    def _fact(self, kind: Fact, plan: _Plan, data: JSONObject | None = None) -> NewEvent:
+        return NewEvent(
             event_id=self._new_id(),
-            type=request.event.value,
-            data={"config": request.config, "payload": request.payload},
-            traceparent=request.traceparent,
-            idempotency_key=request.idempotency_key,
+            type=kind.value,
+            data=data or {},
+            causation_id=plan.lifecycle.event_id,
+            traceparent=plan.lifecycle.traceparent,
         )
-        events = [lifecycle]
-        # Until event functions run, validation accepts and deletion completes at once.
-        verdict = {
-            LifecycleEvent.VALIDATE_CONNECTION: Fact.CONNECTION_VALIDATED,
-            LifecycleEvent.PRE_CONNECTION_DELETION: Fact.CONNECTION_DELETED,
-        }.get(request.event)
-        if verdict is not None:
-            events.append(
-                NewEvent(
-                    event_id=self._new_id(),
-                    type=verdict.value,
-                    data={},
-                    causation_id=lifecycle.event_id,
-                    traceparent=request.traceparent,
-                )
+
+    def _metadata_facts(self, run: SyncRun, plan: _Plan) -> list[NewEvent]:
+        return [self._fact(Fact.METADATA_UPDATED, plan, write) for write in run.metadata_writes]
+
+    async def _validate(self, request: EmitRequest, plan: _Plan) -> None:
+        """Run every validate function concurrently; the first failure or the deadline rejects."""
+        functions = self._functions(request)
+        events = [plan.lifecycle]
+        if functions:
+            assert self._dispatcher is not None
+            run = await self._dispatcher.run_sync(
+                functions,
+                plan.info,
+                EventInfo(request.event, request.payload, plan.lifecycle.event_id),
+                plan.metadata,
+                deadline=self._dispatcher.config.validate_deadline,
+                stop_on_failure=True,
             )
-        return events
+            cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+            events += [self._dispatcher.fact(r, cause, trace) for r in run.results]
+            events += [
+                self._dispatcher.cancelled(f.name, cause, "another validation failed", trace) for f in run.cancelled
+            ]
+            events += self._metadata_facts(run, plan)
+            if run.failures:
+                failure = run.failures[0]
+                reason = f"{failure.function.name}: {failure.error}"
+                events.append(
+                    self._fact(Fact.CONNECTION_REJECTED, plan, {"reason": reason, "function": failure.function.name})
+                )
+                plan.events = events
+                return
+        events.append(self._fact(Fact.CONNECTION_VALIDATED, plan))
+        plan.events = events
+
+    def _create(self, request: EmitRequest, plan: _Plan) -> None:
+        """Schedule one durable job per creation function, in the event's transaction."""
+        plan.events = [plan.lifecycle]
+        functions = self._functions(request)
+        if functions:
+            assert self._dispatcher is not None
+            plan.jobs = self._dispatcher.schedule(
+                functions, request.event, plan.lifecycle.event_id, request.payload, plan.lifecycle.traceparent
+            )
+
+    async def _delete(self, request: EmitRequest, plan: _Plan) -> None:
+        """Cancel pending creation jobs, await running ones (bounded), run the cleanup functions, delete."""
+        if self._dispatcher is None:
+            plan.events = [plan.lifecycle, self._fact(Fact.CONNECTION_DELETED, plan)]
+            return
+        dispatcher = self._dispatcher
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        events = [plan.lifecycle]
+        pending = [
+            j
+            for j in await self._store.jobs(request.ref)
+            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
+        ]
+        events += [
+            dispatcher.cancelled(j.function, j.causation_id, "the connection is being deleted", trace) for j in pending
+        ]
+        plan.cancel_jobs = [j.job_id for j in pending]
+        run = await dispatcher.run_sync(
+            self._functions(request),
+            plan.info,
+            EventInfo(request.event, request.payload, cause),
+            plan.metadata,
+            deadline=dispatcher.config.deletion_deadline,
+            stop_on_failure=False,
+        )
+        for result in run.results:
+            events.append(dispatcher.fact(result, cause, trace))
+            if result.ok:
+                continue
+            policy = result.function.function.retry or dispatcher.config.retry
+            if result.retryable and not policy.gives_up_after(result.attempt):
+                # Deletion is never blocked: the cleanup goes on in the background.
+                plan.jobs.append(dispatcher.retry_job(result, request.event, cause, request.payload, trace))
+            else:
+                events.append(dispatcher.gave_up(result.function.name, result.attempt, result, cause, trace))
+        events += self._metadata_facts(run, plan)
+        events.append(self._fact(Fact.CONNECTION_DELETED, plan))
+        plan.events = events
 
     async def _repeat(self, request: EmitRequest, earlier: Record) -> EmitResult:
         """Answer a repeated request with the original response, or refuse a different one."""

@@ -157,7 +157,11 @@ def apply(connection: Connection | None, record: Record) -> Connection:
         return dataclasses.replace(base, state=_S.DELETED)
     if fact is Fact.METADATA_UPDATED:
         metadata = record.data.get("metadata")
-        return dataclasses.replace(base, metadata=dict(metadata) if isinstance(metadata, dict) else {})
+        metadata = dict(metadata) if isinstance(metadata, dict) else {}
+        if record.data.get("merge"):
+            # A merge is applied here, in log order, so concurrent writers never lose each other's keys.
+            metadata = {**connection.metadata, **metadata}
+        return dataclasses.replace(base, metadata=metadata)
     return _apply_outcome(base, record, _OUTCOME_STATUS[fact])
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import anyio
+
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, NewEvent, Record
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
 
 __all__ = ["Appended", "EventStore", "open_store", "sqlite_path"]
 
@@ -35,15 +38,54 @@ class Appended:
 class EventStore(Protocol):
     """An append-only log of records per connection stream, with a read model kept in step."""
 
-    async def append(self, ref: ConnectionRef, expected_version: int, events: Sequence[NewEvent]) -> Appended:
-        """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version``.
+    async def append(
+        self,
+        ref: ConnectionRef,
+        expected_version: int | None,
+        events: Sequence[NewEvent],
+        *,
+        jobs: Sequence[NewJob] = (),
+        cancel_jobs: Sequence[str] = (),
+    ) -> Appended:
+        """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version`` (None: any).
 
-        Returns once the records are durable. Raises
+        In the same transaction, ``jobs`` are scheduled (the outbox) and the
+        unclaimed jobs ``cancel_jobs`` are removed (:class:`~orchestrator.errors.LeaseLost`
+        if one was claimed meanwhile). Returns once all of it is durable. Raises
         :class:`~orchestrator.errors.VersionConflict` when the stream moved,
         :class:`~orchestrator.state.InvalidTransition` when the fold refuses a
         record, :class:`~orchestrator.errors.IdempotencyConflict` when a key is
         taken. Nothing is written when it raises.
         """
+        ...
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
+        """Lease up to ``limit`` due jobs (not of the ``exclude`` streams) for ``lease`` seconds.
+
+        Each claim counts an attempt and bumps the job's fencing token.
+        """
+        ...
+
+    async def finish_job(
+        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
+    ) -> Appended | None:
+        """Record an attempt's outcome ``events`` and remove the job, or reschedule it at ``retry_at``.
+
+        Refused with :class:`~orchestrator.errors.LeaseLost` (nothing written)
+        when the job was claimed again since ``job`` was (its token moved on).
+        """
+        ...
+
+    async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
+        """Scheduled and running jobs (of one connection, or all), by due time."""
+        ...
+
+    async def next_job_at(self) -> datetime | None:
+        """When the next job becomes claimable (None: no jobs)."""
+        ...
+
+    def jobs_changed(self) -> anyio.Event:
+        """An event set at the next commit that schedules or reschedules jobs."""
         ...
 
     async def get_connection(self, ref: ConnectionRef) -> Connection | None:
@@ -90,7 +132,8 @@ def sqlite_path(url: str) -> Path | None:
         raise InvalidArgument(f"database URL {url!r}: use sqlite:///absolute/path or sqlite:relative/path")
     if not parts.path:
         raise InvalidArgument(f"database URL {url!r} names no file")
-    return Path(parts.path)
+    # sqlite:////abs/path (SQLAlchemy's spelling) means the same as sqlite:///abs/path.
+    return Path("/" + parts.path.lstrip("/")) if parts.path.startswith("//") else Path(parts.path)
 
 
 @asynccontextmanager

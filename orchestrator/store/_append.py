@@ -13,7 +13,7 @@ from orchestrator.model import Connection, ConnectionRef, NewEvent, Record
 def plan_append(
     current: Connection | None,
     ref: ConnectionRef,
-    expected_version: int,
+    expected_version: int | None,
     events: Sequence[NewEvent],
     *,
     first_position: int,
@@ -21,13 +21,14 @@ def plan_append(
 ) -> tuple[list[Record], Connection]:
     """Number ``events`` and fold them onto ``current``; raise if the append must be refused.
 
-    Pure: the backend writes the records and the returned connection in one
+    ``expected_version`` None appends whatever the version (the fold still
+    checks every record). Pure: the backend writes the records and the returned connection in one
     transaction, or nothing.
     """
     if not events:
         raise InvalidArgument("an append needs at least one record")
     version = current.version if current is not None else 0
-    if version != expected_version:
+    if expected_version is not None and version != expected_version:
         raise VersionConflict(ref.stream, expected_version, version)
     records = [
         Record(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 import anyio
 
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.errors import IdempotencyConflict, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, NewEvent, Record
+from orchestrator.errors import IdempotencyConflict, LeaseLost, Unavailable
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
 from orchestrator.store import Appended
 from orchestrator.store._append import plan_append
 
@@ -24,17 +26,31 @@ class MemoryEventStore:
         self._keys: dict[tuple[str, str], Record] = {}
         self._lock = anyio.Lock()
         self._changed = anyio.Event()
+        self._jobs: dict[str, Job] = {}
+        self._leases: dict[str, datetime | None] = {}
+        self._jobs_event = anyio.Event()
         self._closed = False
         self._last_time = self._clock.now()
 
-    async def append(self, ref: ConnectionRef, expected_version: int, events: Sequence[NewEvent]) -> Appended:
+    async def append(
+        self,
+        ref: ConnectionRef,
+        expected_version: int | None,
+        events: Sequence[NewEvent],
+        *,
+        jobs: Sequence[NewJob] = (),
+        cancel_jobs: Sequence[str] = (),
+    ) -> Appended:
         """See :meth:`EventStore.append`."""
         async with self._lock:
             if self._closed:
                 raise Unavailable("the event store is closed")
-            for event in events:
-                if event.idempotency_key and (ref.stream, event.idempotency_key) in self._keys:
-                    raise IdempotencyConflict(f"idempotency key {event.idempotency_key!r} is already used")
+            if any(self._jobs.get(j) is None or self._jobs[j].leased for j in cancel_jobs):
+                raise LeaseLost(f"{ref}: a job to cancel has started meanwhile; retry")
+            keys = [e.idempotency_key for e in events if e.idempotency_key]
+            for key in keys:
+                if (ref.stream, key) in self._keys or keys.count(key) > 1:
+                    raise IdempotencyConflict(f"idempotency key {key!r} is already used on {ref}")
             self._last_time = max(self._last_time, self._clock.now())
             records, connection = plan_append(
                 self._connections.get(ref.stream),
@@ -50,8 +66,103 @@ class MemoryEventStore:
             for record in records:
                 if record.idempotency_key:
                     self._keys[(ref.stream, record.idempotency_key)] = record
+            for job_id in cancel_jobs:
+                del self._jobs[job_id]
+            for new in jobs:
+                self._jobs[new.job_id] = Job(
+                    new.job_id,
+                    ref.stream,
+                    new.function,
+                    new.event,
+                    new.causation_id,
+                    new.payload,
+                    new.run_at,
+                    attempt=new.attempt,
+                    lease_token=0,
+                    leased=False,
+                    traceparent=new.traceparent,
+                )
+                self._leases[new.job_id] = None
             self._notify()
+            if jobs:
+                self._jobs_changed()
             return Appended(tuple(records), connection)
+
+    def _append_locked(self, ref: ConnectionRef, events: Sequence[NewEvent]) -> Appended:
+        self._last_time = max(self._last_time, self._clock.now())
+        records, connection = plan_append(
+            self._connections.get(ref.stream),
+            ref,
+            None,
+            events,
+            first_position=len(self._log) + 1,
+            recorded_at=self._last_time,
+        )
+        self._log.extend(records)
+        self._streams.setdefault(ref.stream, []).extend(records)
+        self._connections[ref.stream] = connection
+        self._notify()
+        return Appended(tuple(records), connection)
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
+        """See :meth:`EventStore.claim_jobs`."""
+        async with self._lock:
+            now = self._clock.now()
+            due = sorted(
+                (
+                    j
+                    for j in self._jobs.values()
+                    if j.run_at <= now and j.stream not in exclude and _lease_free(self._leases[j.job_id], now)
+                ),
+                key=lambda j: j.run_at,
+            )[:limit]
+            claimed = []
+            for job in due:
+                job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
+                self._jobs[job.job_id] = job
+                self._leases[job.job_id] = now + timedelta(seconds=lease)
+                claimed.append(job)
+            return claimed
+
+    async def finish_job(
+        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
+    ) -> Appended | None:
+        """See :meth:`EventStore.finish_job`."""
+        async with self._lock:
+            if self._closed:
+                raise Unavailable("the event store is closed")
+            current = self._jobs.get(job.job_id)
+            if current is None or current.lease_token != job.lease_token:
+                raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
+            appended = self._append_locked(job.ref, events) if events else None
+            if retry_at is None:
+                del self._jobs[job.job_id]
+                del self._leases[job.job_id]
+            else:
+                self._jobs[job.job_id] = dataclasses.replace(current, run_at=retry_at, leased=False)
+                self._leases[job.job_id] = None
+                self._jobs_changed()
+            return appended
+
+    async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
+        """See :meth:`EventStore.jobs`."""
+        return sorted((j for j in self._jobs.values() if ref is None or j.stream == ref.stream), key=lambda j: j.run_at)
+
+    async def next_job_at(self) -> datetime | None:
+        """See :meth:`EventStore.next_job_at`."""
+        times = [
+            max(j.run_at, lease) if (lease := self._leases[j.job_id]) is not None else j.run_at
+            for j in self._jobs.values()
+        ]
+        return min(times, default=None)
+
+    def jobs_changed(self) -> anyio.Event:
+        """See :meth:`EventStore.jobs_changed`."""
+        return self._jobs_event
+
+    def _jobs_changed(self) -> None:
+        changed, self._jobs_event = self._jobs_event, anyio.Event()
+        changed.set()
 
     async def get_connection(self, ref: ConnectionRef) -> Connection | None:
         """See :meth:`EventStore.get_connection`."""
@@ -107,3 +218,7 @@ class MemoryEventStore:
     def _notify(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+
+def _lease_free(lease_until: datetime | None, now: datetime) -> bool:
+    return lease_until is None or lease_until < now

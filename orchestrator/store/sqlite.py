@@ -10,6 +10,7 @@ may open it while it runs.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -22,6 +23,7 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiosqlite
 import anyio
@@ -31,12 +33,23 @@ from orchestrator import codec
 from orchestrator.clock import Clock
 from orchestrator.errors import (
     IdempotencyConflict,
+    InvalidArgument,
+    LeaseLost,
     OrchestratorError,
     ResourceExhausted,
     StoreError,
     Unavailable,
 )
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, NewEvent, Record
+from orchestrator.model import (
+    Connection,
+    ConnectionQuery,
+    ConnectionRef,
+    Job,
+    LifecycleEvent,
+    NewEvent,
+    NewJob,
+    Record,
+)
 from orchestrator.store import Appended
 from orchestrator.store._append import plan_append
 
@@ -53,13 +66,72 @@ _RECORD_COLUMNS = (
 
 
 @dataclass(eq=False)
-class _Pending:
-    ref: ConnectionRef
-    expected_version: int
-    events: Sequence[NewEvent]
+class _Op:
+    """One write waiting for the writer; ``stream`` is None for job claims."""
+
+    stream: str | None
     done: anyio.Event = field(default_factory=anyio.Event)
-    result: Appended | None = None
+    result: Any = None
     error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Append(_Op):
+    ref: ConnectionRef = field(default=None)  # type: ignore[assignment]  # always given
+    expected_version: int | None = None
+    events: Sequence[NewEvent] = ()
+    jobs: Sequence[NewJob] = ()
+    cancel_jobs: Sequence[str] = ()
+
+
+@dataclass(eq=False)
+class _Claim(_Op):
+    now: int = 0
+    limit: int = 0
+    lease_until: int = 0
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False)
+class _Finish(_Op):
+    job: Job = field(default=None)  # type: ignore[assignment]  # always given
+    events: Sequence[NewEvent] = ()
+    retry_at: int | None = None
+
+
+@dataclass(eq=False)
+class _Txn:
+    """What one batch writes, gathered for ``executemany``."""
+
+    current: dict[str, Connection]
+    position: int
+    recorded_at: datetime
+    event_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    job_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    deleted_jobs: list[str] = field(default_factory=list)
+    rescheduled: list[tuple[int, str]] = field(default_factory=list)
+
+
+_JOB_COLUMNS = (
+    "job_id, stream, function, event, causation_id, payload, traceparent, run_at, attempt, lease_until, lease_token"
+)
+
+
+def _row_to_job(row: Sequence[Any]) -> Job:
+    return Job(
+        job_id=row[0],
+        stream=row[1],
+        function=row[2],
+        event=LifecycleEvent(row[3]),
+        causation_id=row[4],
+        payload=json.loads(row[5]),
+        traceparent=row[6],
+        run_at=codec.from_micros(row[7]),
+        attempt=row[8],
+        leased=row[9] is not None,
+        lease_token=row[10],
+    )
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -127,12 +199,13 @@ class SQLiteEventStore:
         self._readonly = readonly
         self._reader: aiosqlite.Connection | None = None
         self._writer: aiosqlite.Connection | None = None
-        send, receive = anyio.create_memory_object_stream[_Pending](QUEUE_SIZE)
-        self._send: MemoryObjectSendStream[_Pending] = send
-        self._receive: MemoryObjectReceiveStream[_Pending] = receive
+        send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
+        self._send: MemoryObjectSendStream[_Op] = send
+        self._receive: MemoryObjectReceiveStream[_Op] = receive
         self._head = 0
         self._last_micros = 0
         self._changed = anyio.Event()
+        self._jobs_event = anyio.Event()
         self._closed = False
 
     @classmethod
@@ -140,6 +213,17 @@ class SQLiteEventStore:
     async def open(cls, path: Path, *, clock: Clock, readonly: bool = False) -> AsyncIterator[SQLiteEventStore]:
         """Open (creating and migrating unless ``readonly``) the log at ``path``."""
         store = cls(path, clock=clock, readonly=readonly)
+        try:
+            async with store._open():
+                yield store
+        finally:
+            # Closed on every path, including refused and read-only opens.
+            store._send.close()
+            store._receive.close()
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[None]:
+        store, path, readonly = self, self._path, self._readonly
         if readonly:
             if not await anyio.Path(path).exists():
                 raise StoreError(f"no event log at {path}")
@@ -147,7 +231,7 @@ class SQLiteEventStore:
             try:
                 await store._check_schema(store._reader)
                 store._head = await store.head()
-                yield store
+                yield
             finally:
                 store._closed = True
                 await store._reader.close()
@@ -157,6 +241,9 @@ class SQLiteEventStore:
             store._writer = await store._connect(readonly=False)
             try:
                 await store._migrate(store._writer)
+                # We hold the file's lock, so whoever leased a job before is dead:
+                # its attempt is retried now rather than after the lease runs out.
+                await store._writer.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
                 store._reader = await store._connect(readonly=True)
                 store._head = await store._query_head()
                 async with store._writer.execute("SELECT MAX(recorded_at) FROM events") as cursor:
@@ -165,7 +252,7 @@ class SQLiteEventStore:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(store._write_loop)
                     try:
-                        yield store
+                        yield
                     finally:
                         # Stop taking appends; the writer commits what is queued, then ends.
                         store._send.close()
@@ -179,7 +266,7 @@ class SQLiteEventStore:
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         try:
             if readonly:
-                db = await aiosqlite.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None)
+                db = await aiosqlite.connect(f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None)
             else:
                 db = await aiosqlite.connect(self._path, isolation_level=None)
             await db.execute("PRAGMA busy_timeout = 5000")
@@ -223,28 +310,55 @@ class SQLiteEventStore:
 
     # -- writing -----------------------------------------------------------
 
-    async def append(self, ref: ConnectionRef, expected_version: int, events: Sequence[NewEvent]) -> Appended:
-        """See :meth:`EventStore.append`. Waits for the group commit that includes it."""
+    async def _submit(self, op: _Op) -> Any:
         if self._closed or self._readonly:
             raise Unavailable("the event store is closed" if self._closed else "the event store is read-only")
-        pending = _Pending(ref, expected_version, events)
         try:
-            self._send.send_nowait(pending)
+            self._send.send_nowait(op)
         except anyio.WouldBlock:
             raise ResourceExhausted(
-                f"the write queue is full ({QUEUE_SIZE} appends waiting); retry with backoff"
+                f"the write queue is full ({QUEUE_SIZE} writes waiting); retry with backoff"
             ) from None
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise Unavailable("the event store is closing") from None
-        # Once queued the append will be committed or refused even if the
-        # caller goes away: shield the wait so the outcome is never ambiguous
-        # to the writer.
+        # Once queued the write will be committed or refused even if the caller
+        # goes away: shield the wait so that its outcome is always collected.
         with anyio.CancelScope(shield=True):
-            await pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def append(
+        self,
+        ref: ConnectionRef,
+        expected_version: int | None,
+        events: Sequence[NewEvent],
+        *,
+        jobs: Sequence[NewJob] = (),
+        cancel_jobs: Sequence[str] = (),
+    ) -> Appended:
+        """See :meth:`EventStore.append`. Waits for the group commit that includes it."""
+        op = _Append(
+            ref.stream, ref=ref, expected_version=expected_version, events=events, jobs=jobs, cancel_jobs=cancel_jobs
+        )
+        result: Appended = await self._submit(op)
+        return result
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
+        """See :meth:`EventStore.claim_jobs`."""
+        now = codec.to_micros(self._clock.now())
+        op = _Claim(None, now=now, limit=limit, lease_until=now + int(lease * 1_000_000), exclude=exclude)
+        jobs: list[Job] = await self._submit(op)
+        return jobs
+
+    async def finish_job(self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None) -> Appended:
+        """See :meth:`EventStore.finish_job`."""
+        op = _Finish(
+            job.stream, job=job, events=events, retry_at=codec.to_micros(retry_at) if retry_at is not None else None
+        )
+        result: Appended = await self._submit(op)
+        return result
 
     async def _write_loop(self) -> None:
         async with self._receive:
@@ -260,75 +374,167 @@ class SQLiteEventStore:
                 with anyio.CancelScope(shield=True):
                     await self._commit_isolating(batch)
 
-    async def _commit_isolating(self, batch: list[_Pending]) -> None:
+    async def _commit_isolating(self, batch: list[_Op]) -> None:
         try:
             await self._commit(batch)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # the writer must outlive any one write; its callers get the error
             if len(batch) == 1:
                 batch[0].error = self._wrap(exc, batch[0])
             else:
-                # One bad append must not fail its neighbours: retry each alone.
-                for pending in batch:
-                    await self._commit_isolating([pending])
+                # One bad write must not fail its neighbours: retry each alone.
+                for op in batch:
+                    await self._commit_isolating([op])
                 return
-        for pending in batch:
-            pending.done.set()
+        for op in batch:
+            op.done.set()
 
-    def _wrap(self, exc: sqlite3.Error, pending: _Pending) -> OrchestratorError:
-        if isinstance(exc, sqlite3.IntegrityError) and "idempotency_key" in str(exc):
-            keys = ", ".join(repr(e.idempotency_key) for e in pending.events if e.idempotency_key)
-            return IdempotencyConflict(f"idempotency key {keys} is already used on {pending.ref}")
-        log.error("append to %s failed: %s", pending.ref, exc)
+    def _wrap(self, exc: Exception, op: _Op) -> OrchestratorError:
+        if isinstance(exc, sqlite3.IntegrityError) and "idempotency_key" in str(exc) and isinstance(op, _Append):
+            keys = ", ".join(repr(e.idempotency_key) for e in op.events if e.idempotency_key)
+            return IdempotencyConflict(f"idempotency key {keys} is already used on {op.ref}")
+        log.error("write to %s failed: %r", op.stream, exc)
         return StoreError(f"the event log could not be written: {exc}")
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Op]) -> None:
         db = self._writer
         assert db is not None
-        for pending in batch:
-            pending.error = pending.result = None
+        for op in batch:
+            op.error = op.result = None
         now = max(codec.to_micros(self._clock.now()), self._last_micros)
-        recorded_at = codec.from_micros(now)
         await db.execute("BEGIN IMMEDIATE")
         try:
-            current = await self._load_connections(db, {p.ref.stream for p in batch})
-            position = self._head + 1
-            rows: list[tuple[Any, ...]] = []
-            accepted: list[_Pending] = []
-            for pending in batch:
+            txn = _Txn(
+                current=await self._load_connections(db, {op.stream for op in batch if op.stream}),
+                position=self._head + 1,
+                recorded_at=codec.from_micros(now),
+            )
+            for op in batch:
                 try:
-                    records, connection = plan_append(
-                        current.get(pending.ref.stream),
-                        pending.ref,
-                        pending.expected_version,
-                        pending.events,
-                        first_position=position,
-                        recorded_at=recorded_at,
-                    )
+                    if isinstance(op, _Append):
+                        op.result = await self._apply_append(db, txn, op)
+                    elif isinstance(op, _Finish):
+                        op.result = await self._apply_finish(db, txn, op)
+                    elif isinstance(op, _Claim):
+                        op.result = await self._apply_claim(db, op)
                 except OrchestratorError as exc:
-                    pending.error = exc
-                    continue
-                current[pending.ref.stream] = connection
-                position += len(records)
-                rows.extend(_record_to_row(r) for r in records)
-                pending.result = Appended(tuple(records), connection)
-                accepted.append(pending)
-            if accepted:
-                await db.executemany(f"INSERT INTO events ({_RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})", rows)
-                touched = {p.ref.stream for p in accepted}
-                await db.executemany(
-                    "INSERT OR REPLACE INTO connections (stream, environment, integration, connection_id,"
-                    " state, version, last_position, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_connection_to_row(current[s]) for s in touched],
-                )
+                    op.error = exc
+                except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
+                    op.error = InvalidArgument(f"the record cannot be stored: {exc}")
+            await self._flush(db, txn)
             await db.execute("COMMIT")
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await db.execute("ROLLBACK")
             raise
         self._last_micros = now
-        if accepted:
-            self._head = position - 1
+        if txn.position - 1 > self._head:
+            self._head = txn.position - 1
             self._notify()
+        if txn.job_rows or txn.rescheduled:
+            self._jobs_changed()
+
+    def _add_records(
+        self, txn: _Txn, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> Appended:
+        records, connection = plan_append(
+            txn.current.get(ref.stream),
+            ref,
+            expected_version,
+            events,
+            first_position=txn.position,
+            recorded_at=txn.recorded_at,
+        )
+        rows = [_record_to_row(r) for r in records]  # may raise: before anything is staged
+        txn.current[ref.stream] = connection
+        txn.touched.add(ref.stream)
+        txn.position += len(records)
+        txn.event_rows.extend(rows)
+        return Appended(tuple(records), connection)
+
+    async def _apply_append(self, db: aiosqlite.Connection, txn: _Txn, op: _Append) -> Appended:
+        if op.cancel_jobs:
+            marks = ",".join("?" * len(op.cancel_jobs))
+            async with db.execute(
+                f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND lease_until IS NULL", list(op.cancel_jobs)
+            ) as cursor:
+                free = {row[0] for row in await cursor.fetchall()}
+            if free != set(op.cancel_jobs):
+                raise LeaseLost(f"{op.ref}: a job to cancel has started meanwhile; retry")
+        created = codec.to_micros(txn.recorded_at)
+        job_rows = [
+            (
+                j.job_id,
+                op.ref.stream,
+                j.function,
+                j.event.value,
+                j.causation_id,
+                codec.dumps(j.payload),
+                j.traceparent,
+                codec.to_micros(j.run_at),
+                j.attempt,
+                None,
+                0,
+                created,
+            )
+            for j in op.jobs
+        ]
+        appended = self._add_records(txn, op.ref, op.expected_version, op.events)
+        txn.deleted_jobs.extend(op.cancel_jobs)
+        txn.job_rows.extend(job_rows)
+        return appended
+
+    async def _apply_finish(self, db: aiosqlite.Connection, txn: _Txn, op: _Finish) -> Appended | None:
+        job = op.job
+        async with db.execute("SELECT lease_token FROM jobs WHERE job_id = ?", (job.job_id,)) as cursor:
+            row = await cursor.fetchone()
+        if row is None or row[0] != job.lease_token:
+            raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
+        appended = self._add_records(txn, job.ref, None, op.events) if op.events else None
+        if op.retry_at is None:
+            txn.deleted_jobs.append(job.job_id)
+        else:
+            txn.rescheduled.append((op.retry_at, job.job_id))
+        return appended
+
+    async def _apply_claim(self, db: aiosqlite.Connection, op: _Claim) -> list[Job]:
+        excluded = list(op.exclude)
+        marks = ",".join("?" * len(excluded))
+        not_excluded = f" AND stream NOT IN ({marks})" if excluded else ""
+        sql = (
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+            f"{not_excluded} ORDER BY run_at LIMIT ?"
+        )
+        async with db.execute(sql, [op.now, op.now, *excluded, op.limit]) as cursor:
+            rows = await cursor.fetchall()
+        claimed = []
+        for row in rows:
+            job = _row_to_job(row)
+            job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
+            claimed.append(job)
+        await db.executemany(
+            "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ? WHERE job_id = ?",
+            [(j.attempt, j.lease_token, op.lease_until, j.job_id) for j in claimed],
+        )
+        return claimed
+
+    async def _flush(self, db: aiosqlite.Connection, txn: _Txn) -> None:
+        if txn.event_rows:
+            await db.executemany(
+                f"INSERT INTO events ({_RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})", txn.event_rows
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO connections (stream, environment, integration, connection_id,"
+                " state, version, last_position, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [_connection_to_row(txn.current[s]) for s in txn.touched],
+            )
+        if txn.job_rows:
+            await db.executemany(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}, created_at) VALUES ({','.join('?' * 12)})", txn.job_rows
+            )
+        if txn.deleted_jobs:
+            await db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
+        if txn.rescheduled:
+            await db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
 
     async def _load_connections(self, db: aiosqlite.Connection, streams: Iterable[str]) -> dict[str, Connection]:
         wanted = list(streams)
@@ -345,6 +551,14 @@ class SQLiteEventStore:
     def _notify(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def _jobs_changed(self) -> None:
+        changed, self._jobs_event = self._jobs_event, anyio.Event()
+        changed.set()
+
+    def jobs_changed(self) -> anyio.Event:
+        """An event set at the next commit that adds or reschedules jobs."""
+        return self._jobs_event
 
     # -- reading -----------------------------------------------------------
 
@@ -399,10 +613,21 @@ class SQLiteEventStore:
             rows = await self._fetch(sql, (ref.stream, from_position, limit))
         return [_row_to_record(row) for row in rows]
 
-    async def read_until_time(self, until: datetime) -> int:
-        """The position of the last record recorded at or before ``until`` (0 if none)."""
-        rows = await self._fetch("SELECT MAX(position) FROM events WHERE recorded_at <= ?", (codec.to_micros(until),))
-        return int(rows[0][0] or 0)
+    async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
+        """See :meth:`EventStore.jobs`."""
+        if ref is None:
+            rows = await self._fetch(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY run_at", ())
+        else:
+            sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE stream = ? ORDER BY run_at"
+            rows = await self._fetch(sql, (ref.stream,))
+        return [_row_to_job(row) for row in rows]
+
+    async def next_job_at(self) -> datetime | None:
+        """See :meth:`EventStore.next_job_at`."""
+        rows = await self._fetch(
+            "SELECT MIN(CASE WHEN lease_until IS NULL THEN run_at ELSE MAX(run_at, lease_until) END) FROM jobs", ()
+        )
+        return codec.from_micros(rows[0][0]) if rows[0][0] is not None else None
 
     async def head(self) -> int:
         """See :meth:`EventStore.head`."""

@@ -41,6 +41,7 @@ class History:
         self._next_position = first_position
 
     def add(self, type_: str, data: JSONObject | None = None, *, causation_id: str = "") -> Record:
+        """Append a record of ``type_`` (lifecycle records get empty config and payload by default)."""
         type_ = str(type_)
         version = len(self.records) + 1
         if data is None:
@@ -65,10 +66,12 @@ class History:
 
     @property
     def lifecycle_id(self) -> str:
+        """The event id of the latest lifecycle record."""
         return next(r.event_id for r in reversed(self.records) if r.type in set(_E))
 
     @property
     def connection(self) -> Connection | None:
+        """The fold of the records so far."""
         return state.fold(self.records)
 
 

@@ -1,0 +1,419 @@
+"""Running event functions: synchronously inside an RPC, or as durable jobs (the outbox worker).
+
+:class:`Dispatcher` owns every function attempt. Synchronous runs
+(validate-connection, pre-connection-deletion) run a set of functions
+concurrently under one deadline and hand back their results and metadata
+writes for the caller's atomic append. Asynchronous runs are jobs the store
+wrote in the same transaction as their event: the worker loop claims due jobs
+(a lease with a fencing token), runs each attempt under its timeout, and
+records ``function-succeeded`` / ``function-failed`` / ``function-gave-up``
+with the job's removal or rescheduling in one transaction. Retries back off
+exponentially with full jitter on the injected clock. Every attempt is
+bounded by one capacity limiter (the daemon's function concurrency).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import anyio
+import httpx
+
+from orchestrator.clock import Clock
+from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
+from orchestrator.errors import LeaseLost, OrchestratorError
+from orchestrator.functions import DEFAULT_TIMEOUT
+from orchestrator.ids import uuid7
+from orchestrator.model import ConnectionRef, Fact, Job, JSONObject, LifecycleEvent, NewEvent, NewJob
+from orchestrator.plugins import Installed, Registry
+from orchestrator.provider import Integration, Provider
+from orchestrator.retry import DEFAULT_RETRY, RetryPolicy
+from orchestrator.runner import AttemptResult, run_attempt
+from orchestrator.store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """Delivery settings (DESIGN.md's defaults)."""
+
+    concurrency: int = 64
+    validate_deadline: float = 30.0
+    deletion_deadline: float = 30.0
+    running_wait: float = 10.0
+    """How long a deletion waits for running creation attempts of its connection."""
+    attempt_timeout: float = DEFAULT_TIMEOUT
+    retry: RetryPolicy = DEFAULT_RETRY
+    lease_margin: float = 30.0
+
+
+@dataclass(slots=True)
+class SyncRun:
+    """What a synchronous run produced, for the caller's atomic append."""
+
+    results: list[AttemptResult] = field(default_factory=list)
+    cancelled: list[Installed] = field(default_factory=list)
+    """Functions stopped before finishing because another failed (validation)."""
+    metadata_writes: list[JSONObject] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[AttemptResult]:
+        """The attempts that failed, in order of completion."""
+        return [r for r in self.results if not r.ok]
+
+
+class Credentials:
+    """Credentials of each connection, from its emits (in memory until the security work seals them)."""
+
+    def __init__(self) -> None:
+        self._by_stream: dict[str, dict[str, str]] = {}
+
+    def remember(self, ref: ConnectionRef, credentials: Mapping[str, str]) -> None:
+        """Keep the latest non-empty credentials of ``ref``."""
+        if credentials:
+            self._by_stream[ref.stream] = dict(credentials)
+
+    def get(self, ref: ConnectionRef) -> Mapping[str, str]:
+        """The credentials of ``ref`` (empty when unknown)."""
+        return self._by_stream.get(ref.stream, {})
+
+    def forget(self, ref: ConnectionRef) -> None:
+        """Drop ``ref``'s credentials (the connection is gone)."""
+        self._by_stream.pop(ref.stream, None)
+
+
+class _Immediate:
+    """Metadata writes of an asynchronous attempt: appended at once."""
+
+    def __init__(self, store: EventStore, ref: ConnectionRef, metadata: JSONObject, function: str, cause: str) -> None:
+        self._store = store
+        self._ref = ref
+        self._metadata = dict(metadata)
+        self._function = function
+        self._cause = cause
+
+    def current(self) -> JSONObject:
+        return dict(self._metadata)
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        event = NewEvent(
+            str(uuid7()),
+            Fact.METADATA_UPDATED.value,
+            {"function": self._function, "metadata": metadata, "merge": merge},
+            causation_id=self._cause,
+        )
+        appended = await self._store.append(self._ref, None, [event])
+        self._metadata = dict(appended.connection.metadata)
+
+
+async def _first(*waiters: anyio.Event) -> None:
+    """Return when any of ``waiters`` is set."""
+    async with anyio.create_task_group() as tg:
+        for event in waiters:
+
+            async def wait(event: anyio.Event = event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)
+
+
+class Dispatcher:
+    """Runs event functions for the service, and the job worker for the daemon."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        registry: Registry,
+        clock: Clock,
+        *,
+        http: httpx.AsyncClient,
+        integrations: Mapping[str, Integration] | None = None,
+        config: DispatchConfig | None = None,
+        credentials: Credentials | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.config = config or DispatchConfig()
+        self.credentials = credentials or Credentials()
+        self._http = http
+        self._integrations = dict(integrations or {})
+        self._rng = rng or random.Random()
+        self._limiter = anyio.CapacityLimiter(self.config.concurrency)
+        self._threads = anyio.CapacityLimiter(self.config.concurrency)
+        self._held: dict[str, int] = {}
+        self._running: dict[str, dict[str, anyio.Event]] = {}
+        self._wake = anyio.Event()
+        self._finished = anyio.Event()
+
+    # -- shared ----------------------------------------------------------------
+
+    def integration(self, name: str) -> Integration:
+        """The settings of integration ``name`` (no base URL when not configured)."""
+        return self._integrations.get(name) or Integration(name)
+
+    def _context(
+        self,
+        function: Installed,
+        info: ConnectionInfo,
+        event: EventInfo,
+        sink: MetadataSink,
+        calls: list[str] | None = None,
+    ) -> Context:
+        provider = Provider(
+            self._http,
+            self.integration(info.ref.integration),
+            info.config,
+            self.credentials.get(info.ref),
+            calls=calls,
+        )
+        return Context(
+            connection=info,
+            event=event,
+            provider=provider,
+            metadata_model=function.function.metadata,
+            sink=sink,
+        )
+
+    def _timeout(self, function: Installed) -> float:
+        return function.function.timeout or self.config.attempt_timeout
+
+    def _policy(self, function: Installed) -> RetryPolicy:
+        return function.function.retry or self.config.retry
+
+    async def attempt(
+        self,
+        function: Installed,
+        info: ConnectionInfo,
+        event: EventInfo,
+        sink: MetadataSink,
+        *,
+        time_limit: float | None = None,
+        calls: list[str] | None = None,
+    ) -> AttemptResult:
+        """One attempt, within the daemon's function concurrency."""
+        limit = min(time_limit, self._timeout(function)) if time_limit is not None else self._timeout(function)
+
+        def make(log: AttemptLog) -> Context:
+            ctx = self._context(function, info, event, sink, calls)
+            ctx._log = log  # the runner owns the attempt's log
+            return ctx
+
+        async with self._limiter:
+            return await run_attempt(function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads)
+
+    # -- synchronous runs --------------------------------------------------------
+
+    async def run_sync(
+        self,
+        functions: Sequence[Installed],
+        info: ConnectionInfo,
+        event: EventInfo,
+        metadata: JSONObject,
+        *,
+        deadline: float,
+        stop_on_failure: bool,
+    ) -> SyncRun:
+        """Run ``functions`` concurrently under one ``deadline``.
+
+        With ``stop_on_failure`` (validation) the first failure cancels the
+        others, which are reported in ``cancelled``. A function still running
+        at the deadline fails with a timeout.
+        """
+        out = SyncRun()
+        sink = Buffered(metadata)
+        done: set[str] = set()
+        started = self.clock.now()
+
+        async def one(function: Installed, tg: anyio.abc.TaskGroup) -> None:
+            remaining = deadline - (self.clock.now() - started).total_seconds()
+            fn_sink = _Named(sink, function.name)
+            result = await self.attempt(function, info, event, fn_sink, time_limit=max(remaining, 0.001))
+            done.add(function.name)
+            out.results.append(result)
+            if not result.ok and stop_on_failure:
+                tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for function in functions:
+                tg.start_soon(one, function, tg)
+        out.cancelled = [f for f in functions if f.name not in done]
+        out.metadata_writes = sink.writes
+        return out
+
+    # -- the job worker ----------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for due jobs now (after an emit scheduled some)."""
+        self._wake.set()
+
+    @asynccontextmanager
+    async def hold(self, ref: ConnectionRef) -> AsyncIterator[None]:
+        """Claim no job of ``ref`` while held; on entry, wait (bounded) for its running attempts."""
+        self._held[ref.stream] = self._held.get(ref.stream, 0) + 1
+        try:
+            running = list(self._running.get(ref.stream, {}).values())
+            with anyio.move_on_after(self.config.running_wait):
+                for finished in running:
+                    await finished.wait()
+            yield
+        finally:
+            self._held[ref.stream] -= 1
+            if not self._held[ref.stream]:
+                del self._held[ref.stream]
+            self.wake()
+
+    async def settled(self, cause: str, ref: ConnectionRef) -> None:
+        """Return once no job caused by ``cause`` remains (``wait=true``)."""
+        while True:
+            finished = self._finished
+            if not any(j.causation_id == cause for j in await self.store.jobs(ref)):
+                return
+            await finished.wait()
+
+    async def run(self) -> None:
+        """Claim and run due jobs until cancelled. Unfinished jobs stay in the store for the next start."""
+        lease = self.config.attempt_timeout + self.config.lease_margin
+        async with anyio.create_task_group() as tg:
+            while True:
+                changed, woken, finished = self.store.jobs_changed(), self._wake, self._finished
+                self._wake = anyio.Event()
+                free = int(self._limiter.available_tokens)
+                claimed: list[Job] = []
+                if free > 0:
+                    claimed = await self.store.claim_jobs(limit=free, lease=lease, exclude=frozenset(self._held))
+                    for job in claimed:
+                        self._running.setdefault(job.stream, {})[job.job_id] = anyio.Event()
+                        tg.start_soon(self._run_job, job)
+                if claimed and len(claimed) == free:
+                    await finished.wait()  # every slot is busy: wait for one to free up
+                    continue
+                if claimed:
+                    continue  # there may be more due than we saw
+                await self._idle(await self.store.next_job_at(), changed, woken, finished)
+
+    async def _idle(self, next_at: datetime | None, *signals: anyio.Event) -> None:
+        """Wait until the next job is due or any of ``signals`` is set."""
+        async with anyio.create_task_group() as tg:
+
+            async def timer(next_at: datetime) -> None:
+                await self.clock.sleep(max((next_at - self.clock.now()).total_seconds(), 0) + 0.001)
+                tg.cancel_scope.cancel()
+
+            async def signal() -> None:
+                await _first(*signals)
+                tg.cancel_scope.cancel()
+
+            if next_at is not None:
+                tg.start_soon(timer, next_at)
+            tg.start_soon(signal)
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await self._attempt_job(job)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+        except OrchestratorError as exc:
+            # The store refused or failed: the job keeps its lease and is retried when it runs out.
+            log.error("job %s (%s on %s) could not be recorded: %s", job.job_id, job.function, job.stream, exc)
+        finally:
+            self._running.get(job.stream, {}).pop(job.job_id, anyio.Event()).set()
+            if not self._running.get(job.stream):
+                self._running.pop(job.stream, None)
+            finished, self._finished = self._finished, anyio.Event()
+            finished.set()
+
+    def _find(self, job: Job) -> Installed | None:
+        for function in self.registry.for_event(job.ref.integration, job.event):
+            if function.name == job.function:
+                return function
+        return None
+
+    async def _attempt_job(self, job: Job) -> None:
+        function = self._find(job)
+        if function is None:
+            gave_up = NewEvent(
+                str(uuid7()),
+                Fact.FUNCTION_GAVE_UP.value,
+                {"function": job.function, "attempt": job.attempt, "error": "the function is no longer installed"},
+                causation_id=job.causation_id,
+                traceparent=job.traceparent,
+            )
+            await self.store.finish_job(job, [gave_up])
+            return
+        connection = await self.store.get_connection(job.ref)
+        config = connection.config if connection is not None else {}
+        metadata = connection.metadata if connection is not None else {}
+        sink = _Immediate(self.store, job.ref, metadata, function.name, job.causation_id)
+        event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
+        result = await self.attempt(function, ConnectionInfo(job.ref, config), event, sink)
+        facts = [self.fact(result, job.causation_id, job.traceparent)]
+        policy = self._policy(function)
+        retry_at = None
+        if not result.ok:
+            if result.retryable and not policy.gives_up_after(job.attempt):
+                delay = policy.delay(job.attempt, self._rng)
+                retry_at = self.clock.now() + timedelta(seconds=delay)
+                facts[0].data["retry_in_ms"] = int(delay * 1000)
+            else:
+                facts.append(self.gave_up(function.name, job.attempt, result, job.causation_id, job.traceparent))
+        await self.store.finish_job(job, facts, retry_at=retry_at)
+
+    # -- records -----------------------------------------------------------------
+
+    @staticmethod
+    def fact(result: AttemptResult, cause: str, traceparent: str = "") -> NewEvent:
+        """The ``function-succeeded`` / ``function-failed`` record of an attempt."""
+        kind = Fact.FUNCTION_SUCCEEDED if result.ok else Fact.FUNCTION_FAILED
+        return NewEvent(str(uuid7()), kind.value, result.fact_data(), causation_id=cause, traceparent=traceparent)
+
+    @staticmethod
+    def gave_up(name: str, attempts: int, result: AttemptResult, cause: str, traceparent: str = "") -> NewEvent:
+        """The ``function-gave-up`` record after the last attempt."""
+        reason = "not retryable" if not result.retryable else f"{attempts} attempts exhausted"
+        data = {"function": name, "attempt": attempts, "error": result.error, "reason": reason}
+        return NewEvent(str(uuid7()), Fact.FUNCTION_GAVE_UP.value, data, causation_id=cause, traceparent=traceparent)
+
+    @staticmethod
+    def cancelled(name: str, cause: str, why: str, traceparent: str = "") -> NewEvent:
+        """The ``function-cancelled`` record of a run that will not happen."""
+        data = {"function": name, "reason": why}
+        return NewEvent(str(uuid7()), Fact.FUNCTION_CANCELLED.value, data, causation_id=cause, traceparent=traceparent)
+
+    def schedule(
+        self, functions: Sequence[Installed], event: LifecycleEvent, cause: str, payload: JSONObject, traceparent: str
+    ) -> list[NewJob]:
+        """One job per function, due now (the outbox rows of an asynchronous event)."""
+        now = self.clock.now()
+        return [NewJob(str(uuid7()), f.name, event, cause, payload, now, traceparent) for f in functions]
+
+    def retry_job(
+        self, result: AttemptResult, event: LifecycleEvent, cause: str, payload: JSONObject, traceparent: str
+    ) -> NewJob:
+        """A job to continue a synchronous attempt that failed or ran out of time, in the background."""
+        delay = self._policy(result.function).delay(result.attempt, self._rng)
+        run_at = self.clock.now() + timedelta(seconds=delay)
+        return NewJob(str(uuid7()), result.function.name, event, cause, payload, run_at, traceparent, result.attempt)
+
+
+class _Named:
+    """A view of a shared :class:`Buffered` sink that stamps the writing function's name."""
+
+    def __init__(self, sink: Buffered, function: str) -> None:
+        self._sink = sink
+        self._function = function
+
+    def current(self) -> JSONObject:
+        return self._sink.current()
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        await self._sink.write(metadata, merge=merge)
+        self._sink.writes[-1]["function"] = self._function

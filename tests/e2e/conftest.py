@@ -1,0 +1,50 @@
+"""Fixtures for the end-to-end tests: real ``orchestrator`` subprocesses on 127.0.0.1 and real SQLite logs."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ._cli import Cli, Daemon
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon shared by the CLI tests; at the end SIGTERM must drain it to exit code 0 without a traceback."""
+    running = Daemon(tmp_path_factory.mktemp("daemon") / "events.db")
+    try:
+        yield running
+    finally:
+        code = running.stop()
+    assert code == 0, str(running)
+    assert "Traceback" not in running.stderr.text, str(running)
+
+
+@pytest.fixture
+def cli(daemon: Daemon, tmp_path: Path) -> Cli:
+    """The CLI talking to the shared daemon, run from the test's own temporary directory."""
+    return Cli(daemon, tmp_path)
+
+
+@pytest.fixture
+def name() -> str:
+    """A fresh name for this test's connections and integration, so tests sharing the daemon never meet."""
+    return f"e2e-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Callable[[Path], Daemon]]:
+    """Start daemons on given log files; any still running when the test ends is killed."""
+    started: list[Daemon] = []
+
+    def start(database: Path) -> Daemon:
+        started.append(Daemon(database))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.signal(signal.SIGKILL)

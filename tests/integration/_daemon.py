@@ -1,0 +1,77 @@
+"""A real daemon for the integration tests, and a way to seed its log before it starts.
+
+The daemon runs in-process (:func:`orchestrator.daemon.serve`) in a task group
+of the test's event loop, on an ephemeral loopback port and an SQLite file;
+the tests talk to it over TCP with grpc.aio clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+import grpc
+
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.config import ServeConfig
+from orchestrator.daemon import serve
+from orchestrator.model import ConnectionRef, NewEvent, Record
+from orchestrator.store import open_store
+
+STARTUP_TIMEOUT = 30
+"""Seconds the daemon may take to report ready (it takes milliseconds)."""
+
+
+@dataclass(frozen=True)
+class Daemon:
+    """A running daemon and a client channel to it."""
+
+    port: int
+    database: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.OrchestratorStub
+    stop: anyio.Event
+    """Set it to make the daemon drain and stop; leaving the block sets it anyway."""
+
+
+@asynccontextmanager
+async def run_daemon(database: str) -> AsyncIterator[Daemon]:
+    """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it."""
+    ready = anyio.Event()
+    stop = anyio.Event()
+    ports: list[int] = []
+
+    def on_ready(port: int) -> None:
+        ports.append(port)
+        ready.set()
+
+    config = ServeConfig(listen="127.0.0.1:0", database=database, grace_period=1)
+    async with anyio.create_task_group() as tg:
+        # If serve() fails before it is ready, the task group cancels this wait and re-raises.
+        tg.start_soon(partial(serve, config, on_ready=on_ready, stop=stop))
+        with anyio.fail_after(STARTUP_TIMEOUT):
+            await ready.wait()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+                yield Daemon(ports[0], database, channel, pb_grpc.OrchestratorStub(channel), stop)
+        finally:
+            stop.set()
+
+
+async def seed(database: str, ref: ConnectionRef, *appends: Sequence[NewEvent]) -> list[Record]:
+    """Append records to ``ref``'s stream with the store itself (the daemon must not be running).
+
+    This reaches states the daemon only enters once event functions run
+    (``rejected``, a ``deleting`` that has not finished, updated metadata),
+    exactly as the daemon would have written them.
+    """
+    written: list[Record] = []
+    async with open_store(database) as store:
+        for events in appends:
+            current = await store.get_connection(ref)
+            appended = await store.append(ref, current.version if current else 0, events)
+            written.extend(appended.records)
+    return written

