@@ -15,11 +15,11 @@ import httpx
 from grpc_health.v1 import health_pb2
 
 from orchestrator import server as grpc_server
-from orchestrator.clock import SystemClock
+from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import ServeConfig, default_database
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import InvalidArgument, PluginError
-from orchestrator.plugins import Registry, discover
+from orchestrator.plugins import Registry, discover, discover_integrations
 from orchestrator.service import Service
 from orchestrator.store import open_store
 
@@ -31,13 +31,22 @@ async def serve(
     *,
     on_ready: Callable[[int], None] | None = None,
     stop: anyio.Event | None = None,
+    registry: Registry | None = None,
+    clock: Clock | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain within the grace period.
 
     ``on_ready`` is called with the bound port once the server is SERVING.
+    Tests may pass the function ``registry`` (instead of entry-point
+    discovery) and a ``clock``.
     """
     database = config.database or default_database()
-    registry = load_plugins(skip_broken=config.skip_broken_plugins)
+    if registry is None:
+        registry = load_plugins(skip_broken=config.skip_broken_plugins)
+    defaults, broken = discover_integrations()
+    for problem in broken:
+        log.warning("broken integration defaults, ignored: %s", problem)
+    integrations = {**defaults, **config.integrations}
     health_servicer = grpc_server.HealthServicer()
     async with (
         open_store(database) as store,
@@ -45,7 +54,7 @@ async def serve(
         anyio.create_task_group() as tg,
     ):
         dispatcher = Dispatcher(
-            store, registry, SystemClock(), http=http, integrations=config.integrations, config=config.dispatch
+            store, registry, clock or SystemClock(), http=http, integrations=integrations, config=config.dispatch
         )
         service = Service(store, dispatcher=dispatcher)
         server = grpc_server.build_server(service, health_servicer)

@@ -10,14 +10,18 @@ start with any unless told to skip them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
 from orchestrator.functions import EventFunction
 from orchestrator.model import LifecycleEvent
+from orchestrator.provider import Integration
 
 GROUP = "orchestrator.functions"
+INTEGRATIONS_GROUP = "orchestrator.integrations"
+"""Plugins may ship an integration's default settings: the entry-point name is the integration,
+the object a mapping like ``{"base_url": "https://{instance_url}", "auth": "bearer"}``."""
 _FUNCTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
 
@@ -130,3 +134,24 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
         else:
             unique.append(item)
     return Registry.of(unique, broken)
+
+
+def discover_integrations(
+    entry_points: Iterable[metadata.EntryPoint] | None = None,
+) -> tuple[dict[str, Integration], list[BrokenPlugin]]:
+    """Integration defaults shipped by plugins (the daemon's config overrides them)."""
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=INTEGRATIONS_GROUP)
+    found: dict[str, Integration] = {}
+    broken: list[BrokenPlugin] = []
+    for ep in entry_points:
+        dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
+        version = ep.dist.version if ep.dist is not None else "?"
+        try:
+            settings = ep.load()
+            if not isinstance(settings, Mapping):
+                raise TypeError(f"{type(settings).__name__} is not a mapping of settings")
+            found[ep.name] = Integration.from_settings(ep.name, settings)
+        except Exception as exc:  # reported like any broken plugin
+            broken.append(BrokenPlugin(dist, version, ep.name, ep.value, f"{type(exc).__name__}: {exc}"))
+    return found, broken

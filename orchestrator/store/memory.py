@@ -8,8 +8,9 @@ from datetime import datetime, timedelta
 
 import anyio
 
+from orchestrator import codec
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.errors import IdempotencyConflict, LeaseLost, Unavailable
+from orchestrator.errors import IdempotencyConflict, InvalidArgument, LeaseLost, Unavailable
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
 from orchestrator.store import Appended
 from orchestrator.store._append import plan_append
@@ -47,6 +48,11 @@ class MemoryEventStore:
                 raise Unavailable("the event store is closed")
             if any(self._jobs.get(j) is None or self._jobs[j].leased for j in cancel_jobs):
                 raise LeaseLost(f"{ref}: a job to cancel has started meanwhile; retry")
+            for event in events:
+                try:
+                    codec.dumps(event.data)
+                except (TypeError, ValueError) as exc:  # as the SQLite backend refuses it
+                    raise InvalidArgument(f"the record cannot be stored: {exc}") from None
             keys = [e.idempotency_key for e in events if e.idempotency_key]
             for key in keys:
                 if (ref.stream, key) in self._keys or keys.count(key) > 1:

@@ -249,13 +249,19 @@ class SQLiteEventStore:
                 async with store._writer.execute("SELECT MAX(recorded_at) FROM events") as cursor:
                     row = await cursor.fetchone()
                 store._last_micros = (row[0] if row else None) or 0
+                failed: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(store._write_loop)
                     try:
                         yield
+                    except Exception as exc:
+                        # Re-raised below, unwrapped: the caller's error is not ours to group.
+                        failed = exc
                     finally:
                         # Stop taking appends; the writer commits what is queued, then ends.
                         store._send.close()
+                if failed is not None:
+                    raise failed
             finally:
                 store._closed = True
                 store._notify()

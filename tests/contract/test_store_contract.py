@@ -557,15 +557,6 @@ class TestSQLiteStore(StoreContract):
         # ``path`` is absolute, so this is the documented sqlite:///abs/path.db form.
         return f"sqlite://{path}"
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="SQLiteEventStore.open yields inside its writer task group, so anyio wraps the block's exception"
-        " in an ExceptionGroup (the memory store and read-only opens do not)",
-    )
-    async def test_errors_from_the_block_pass_through(self, url: str) -> None:
-        """An exception raised inside ``async with open_store(...)`` comes out as itself, not wrapped in a group."""
-        await super().test_errors_from_the_block_pass_through(url)
-
     async def test_data_survives_reopening(self, url: str) -> None:
         """Records, read model, idempotency keys and numbering survive closing and reopening the file."""
         async with open_store(url) as store:

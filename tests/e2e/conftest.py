@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ._cli import Cli, Daemon
+from ._cli import Api, Cli, Daemon
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         code = running.stop()
     assert code == 0, str(running)
     assert "Traceback" not in running.stderr.text, str(running)
+
+
+@pytest.fixture(scope="session")
+def api(daemon: Daemon) -> Iterator[Api]:
+    """The shared daemon's gRPC API, to arrange state for the command under test."""
+    client = Api(daemon.address)
+    yield client
+    client.close()
 
 
 @pytest.fixture
@@ -37,12 +45,12 @@ def name() -> str:
 
 
 @pytest.fixture
-def start_daemon() -> Iterator[Callable[[Path], Daemon]]:
-    """Start daemons on given log files; any still running when the test ends is killed."""
+def start_daemon() -> Iterator[Callable[..., Daemon]]:
+    """Start daemons on log files (``url=``: another spelling of the file); any still running at the end is killed."""
     started: list[Daemon] = []
 
-    def start(database: Path) -> Daemon:
-        started.append(Daemon(database))
+    def start(database: Path, url: str | None = None) -> Daemon:
+        started.append(Daemon(database, url=url))
         return started[-1]
 
     yield start

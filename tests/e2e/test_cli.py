@@ -1,4 +1,8 @@
-"""The ``orchestrator`` command end to end: each command run as a subprocess against a real daemon and SQLite log."""
+"""The ``orchestrator`` command end to end: each command run as a subprocess against a real daemon and SQLite log.
+
+State the command under test only reads is arranged through the gRPC API (as
+a platform service would); ``emit`` itself is exercised through the command.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ import re
 import signal
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ._cli import Cli, Daemon, Process, Result, closed_port, environment, fields, rows, run, sqlite_url
+from ._cli import Api, Cli, Daemon, Process, Result, closed_port, environment, fields, rows, run, sqlite_url
 
 LIFECYCLE = ("validate-connection", "post-connection-creation", "pre-connection-deletion")
 FOLLOW_TIMEOUT = 20.0
@@ -31,17 +36,19 @@ RECORD_FIELDS = {
     "idempotency_key",
     "schema_version",
 }
+TIMELINE = [
+    ("validate-connection", "pending"),
+    ("connection-validated", "pending"),
+    ("post-connection-creation", "active"),
+    ("pre-connection-deletion", "deleting"),
+    ("connection-deleted", "deleted"),
+]
 
 
 def emit(cli: Cli, event: str, connection: str, integration: str, *args: str) -> dict[str, Any]:
     """``emit ... --json``, which must succeed; the parsed response."""
     response: dict[str, Any] = cli.ok("emit", event, connection, "-i", integration, "--json", *args).json()
     return response
-
-
-def lifecycle(cli: Cli, connection: str, integration: str) -> list[dict[str, Any]]:
-    """Emit the three lifecycle events for one connection; their responses."""
-    return [emit(cli, event, connection, integration) for event in LIFECYCLE]
 
 
 def one_error_line(result: Result, prefix: str) -> str:
@@ -51,8 +58,22 @@ def one_error_line(result: Result, prefix: str) -> str:
     assert "Traceback" not in result.err, str(result)
     assert result.err.endswith("\n") and result.err.count("\n") == 1, str(result)
     assert result.err.startswith(f"orchestrator: error: {prefix}"), str(result)
-    line: str = result.err.rstrip("\n")
+    return result.err.rstrip("\n")
+
+
+def last_error_line(result: Result, prefix: str) -> str:
+    """The ``orchestrator: error: ...`` line that ends what a failed ``serve`` logged (exit 1, no traceback)."""
+    assert result.code == 1, str(result)
+    assert "Traceback" not in result.err, str(result)
+    line = result.err.rstrip("\n").rpartition("\n")[2]
+    assert line.startswith(f"orchestrator: error: {prefix}"), str(result)
     return line
+
+
+def replayed(cli: Cli, *args: str) -> dict[str, dict[str, Any]]:
+    """``replay --json ARGS`` of the shared daemon's log: the connections by stream."""
+    result = cli.ok("replay", "--database", cli.daemon.url, "--json", *args).json()
+    return {c["stream"]: c for c in result["connections"]}
 
 
 # -- emit ----------------------------------------------------------------------------
@@ -78,39 +99,31 @@ def test_emit_prints_the_state_after_each_event(cli: Cli, name: str) -> None:
 
 def test_emit_json_has_position_version_and_state(cli: Cli, name: str) -> None:
     """``emit --json`` prints one JSON object with the lifecycle record's event_id, position, version and state."""
-    responses = lifecycle(cli, "acme-1", name)
+    responses = [emit(cli, event, "acme-1", name) for event in LIFECYCLE]
     assert [r["state"] for r in responses] == ["pending", "active", "deleted"]
     assert [r["version"] for r in responses] == [1, 3, 4]
     positions = [r["position"] for r in responses]
     assert positions == sorted(set(positions)) and positions[0] >= 1
     assert len({r["event_id"] for r in responses}) == 3
     for response in responses:
-        assert response["deduplicated"] is False
-        assert response["rejection_reason"] == ""
-        assert response["outcomes"] == []
+        assert (response["deduplicated"], response["rejection_reason"], response["outcomes"]) == (False, "", [])
     log = cli.ok("events", "--connection", "acme-1", "-i", name, "--json").json_lines()
-    by_id = {record["event_id"]: record for record in log}
-    for event, response in zip(LIFECYCLE, responses, strict=True):
-        record = by_id[response["event_id"]]
-        assert (record["type"], record["position"], record["version"]) == (
-            event,
-            response["position"],
-            response["version"],
-        )
+    lifecycle_records = [(r["type"], r["event_id"], r["position"], r["version"]) for r in log if r["version"] != 2]
+    assert lifecycle_records[:3] == [
+        (event, r["event_id"], r["position"], r["version"]) for event, r in zip(LIFECYCLE, responses, strict=True)
+    ]
 
 
 def test_emit_repeated_with_an_idempotency_key_answers_the_original(cli: Cli, name: str) -> None:
-    """A repeated emit with its --idempotency-key gets the original record, deduplicated; a new event is refused."""
+    """Emit repeated with its --idempotency-key gets the original record, deduplicated; another event is refused."""
     key = ("--idempotency-key", "create-1")
     first = emit(cli, "post-connection-creation", "acme-1", name, *key)
     again = fields(cli.ok("emit", "post-connection-creation", "acme-1", "-i", name, *key).out)
     assert again["event id"] == first["event_id"]
     assert (int(again["position"]), int(again["version"])) == (first["position"], first["version"])
     assert again["deduplicated"].startswith("yes")
-    repeated = emit(cli, "post-connection-creation", "acme-1", name, "--idempotency-key", "create-1")
-    assert repeated == {**first, "deduplicated": True}
 
-    other = cli("emit", "validate-connection", "acme-1", "-i", name, "--idempotency-key", "create-1")
+    other = cli("emit", "validate-connection", "acme-1", "-i", name, *key)
     assert "create-1" in one_error_line(other, "ALREADY_EXISTS: ")
     log = cli.ok("events", "--connection", "acme-1", "-i", name, "--json").json_lines()
     assert [(r["type"], r["idempotency_key"]) for r in log] == [("post-connection-creation", "create-1")]
@@ -120,12 +133,10 @@ def test_credentials_never_reach_the_log_or_the_output(cli: Cli, name: str) -> N
     """A --credential given to emit appears in no command's output and not in the log's files."""
     secret = f"tok-{name}-do-not-print"
     outputs = [
-        cli.ok("emit", "validate-connection", "acme-1", "-i", name, "--credential", f"access_token={secret}").out,
         cli.ok("emit", "post-connection-creation", "acme-1", "-i", name, "--credential", f"access_token={secret}").out,
         cli.ok("connections", "get", "acme-1", "-i", name, "--json").out,
-        cli.ok("connections", "list", "--json").out,
         cli.ok("events", "--json").out,
-        cli.ok("replay", "--json", "--database", cli.daemon.url).out,
+        cli.ok("replay", "--connection", "acme-1", "-i", name, "--json", "--database", cli.daemon.url).out,
     ]
     for output in outputs:
         assert secret not in output
@@ -136,10 +147,10 @@ def test_credentials_never_reach_the_log_or_the_output(cli: Cli, name: str) -> N
 # -- connections ---------------------------------------------------------------------
 
 
-def test_connections_lists_every_connection_with_its_state(cli: Cli, name: str) -> None:
+def test_connections_list_prints_every_connection_with_its_state(api: Api, cli: Cli, name: str) -> None:
     """``connections list`` prints a table of connections with state, version and last event."""
-    lifecycle(cli, "gone", name)
-    emit(cli, "post-connection-creation", "live", name)
+    api.lifecycle("gone", name)
+    api.emit("post-connection-creation", "live", name)
     table = {row["CONNECTION"]: row for row in rows(cli.ok("connections", "list").out) if row["INTEGRATION"] == name}
     assert set(table) == {"gone", "live"}
     assert {k: table["gone"][k] for k in ("ENVIRONMENT", "STATE", "VERSION", "LAST EVENT")} == {
@@ -152,52 +163,47 @@ def test_connections_lists_every_connection_with_its_state(cli: Cli, name: str) 
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z", table["live"]["UPDATED"])
 
 
-def test_connections_list_filters_by_state_as_json(cli: Cli, name: str) -> None:
+def test_connections_list_filters_by_state_as_json(api: Api, cli: Cli, name: str) -> None:
     """``connections list --state active --json`` prints only active connections; -i and -e narrow it further."""
-    lifecycle(cli, "gone", name)
-    emit(cli, "post-connection-creation", "live", name)
-    emit(cli, "post-connection-creation", "live", name, "-e", "prod")
+    api.lifecycle("gone", name)
+    api.emit("post-connection-creation", "live", name)
+    api.emit("post-connection-creation", "live", name, environment="prod")
 
     active = cli.ok("connections", "list", "--state", "active", "--json").json()
-    assert active, "no active connection listed"
     assert {c["state"] for c in active} == {"active"}
     mine = sorted(c["stream"] for c in active if c["ref"]["integration"] == name)
     assert mine == [f"dev/{name}/live", f"prod/{name}/live"]
 
     deleted = cli.ok("connections", "list", "--state", "deleted", "-i", name, "-e", "dev", "--json").json()
-    assert [c["stream"] for c in deleted] == [f"dev/{name}/gone"]
-    prod = cli.ok("connections", "list", "-i", name, "-e", "prod", "--json").json()
-    assert [(c["stream"], c["state"]) for c in prod] == [(f"prod/{name}/live", "active")]
+    assert [(c["stream"], c["state"], c["version"]) for c in deleted] == [(f"dev/{name}/gone", "deleted", 5)]
 
 
-def test_connections_get_shows_the_config(cli: Cli, name: str) -> None:
+def test_connections_get_shows_the_config(api: Api, cli: Cli, name: str) -> None:
     """``connections get ID -i I -e dev --json`` shows state, version and the config the connection was emitted with."""
     config = {"instance_url": "acme.my.salesforce.com", "region": "eu"}
-    emit(cli, "validate-connection", "acme-1", name, "--config", json.dumps(config))
-    emit(cli, "post-connection-creation", "acme-1", name)
+    api.emit("validate-connection", "acme-1", name, config=config)
+    api.emit("post-connection-creation", "acme-1", name)
 
     got = cli.ok("connections", "get", "acme-1", "-i", name, "-e", "dev", "--json").json()
     assert got["config"] == config
     assert got["ref"] == {"environment": "dev", "integration": name, "connection_id": "acme-1"}
     assert (got["stream"], got["state"], got["version"]) == (f"dev/{name}/acme-1", "active", 3)
-    assert got["last_event"] == "post-connection-creation"
-    assert got["metadata"] == {}
+    assert (got["last_event"], got["metadata"]) == ("post-connection-creation", {})
 
     table = fields(cli.ok("connections", "get", "acme-1", "-i", name).out)
     assert json.loads(table["config"]) == config
-    assert (table["state"], table["version"]) == ("active", "3")
+    assert (table["stream"], table["state"], table["version"]) == (f"dev/{name}/acme-1", "active", "3")
 
-    for missing in (("nobody", "-e", "dev"), ("acme-1", "-e", "prod")):
-        result = cli("connections", "get", missing[0], "-i", name, *missing[1:], "--json")
-        assert f"{missing[2]}/{name}/{missing[0]}" in one_error_line(result, "NOT_FOUND: ")
+    other_environment = cli("connections", "get", "acme-1", "-i", name, "-e", "prod", "--json")
+    assert f"prod/{name}/acme-1" in one_error_line(other_environment, "NOT_FOUND: ")
 
 
 # -- events --------------------------------------------------------------------------
 
 
-def test_events_json_prints_one_record_per_line_in_log_order(cli: Cli, name: str) -> None:
+def test_events_json_prints_one_record_per_line_in_log_order(api: Api, cli: Cli, name: str) -> None:
     """``events --json`` lines parse, positions strictly increase, and each stream counts versions from 1."""
-    lifecycle(cli, "acme-1", name)
+    api.lifecycle("acme-1", name)
     records = cli.ok("events", "--json").json_lines()
     positions = [record["position"] for record in records]
     assert positions[0] >= 1 and positions == sorted(set(positions))
@@ -207,37 +213,20 @@ def test_events_json_prints_one_record_per_line_in_log_order(cli: Cli, name: str
 
     stream = f"dev/{name}/acme-1"
     mine = [record for record in records if record["stream"] == stream]
-    assert [r["type"] for r in mine] == [
-        "validate-connection",
-        "connection-validated",
-        "post-connection-creation",
-        "pre-connection-deletion",
-        "connection-deleted",
-    ]
+    assert [r["type"] for r in mine] == [record_type for record_type, _ in TIMELINE]
     assert [r["version"] for r in mine] == [1, 2, 3, 4, 5]
-    assert mine[1]["causation_id"] == mine[0]["event_id"]
-    assert mine[4]["causation_id"] == mine[3]["event_id"]
+    assert (mine[1]["causation_id"], mine[4]["causation_id"]) == (mine[0]["event_id"], mine[3]["event_id"])
 
-    assert cli.ok("events", "--connection", "acme-1", "-i", name, "--json").json_lines() == mine
-    assert cli.ok("events", "--json", "--from", str(mine[3]["position"])).json_lines()[:2] == mine[3:]
-    text = cli.ok("events", "--connection", "acme-1", "-i", name).out.splitlines()
-    assert [line.split()[3:] for line in text] == [[stream, f"v{r['version']}", r["type"]] for r in mine]
+    assert cli.ok("events", "--connection", "acme-1", "-i", name, "--json", "--from", "0").json_lines() == mine
+    text = cli.ok("events", "--from", str(mine[3]["position"])).out.splitlines()
+    assert [line.split()[3:] for line in text[:2]] == [[stream, f"v{r['version']}", r["type"]] for r in mine[3:]]
 
 
-def test_events_follow_prints_records_committed_after_it_started(cli: Cli, name: str) -> None:
+def test_events_follow_prints_records_committed_after_it_started(api: Api, cli: Cli, name: str) -> None:
     """``events --follow`` prints the log so far, then each record as it is committed, until Ctrl-C (exit 130)."""
-    emit(cli, "validate-connection", "acme-1", name)
-    follower = Process(
-        "events",
-        "--follow",
-        "--json",
-        "--connection",
-        "acme-1",
-        "-i",
-        name,
-        env=environment(ORCHESTRATOR_ADDRESS=cli.daemon.address),
-        cwd=cli.cwd,
-    )
+    api.emit("validate-connection", "acme-1", name)
+    follow = ("events", "--follow", "--json", "--connection", "acme-1", "-i", name)
+    follower = Process(*follow, env=environment(ORCHESTRATOR_ADDRESS=cli.daemon.address), cwd=cli.cwd)
     try:
         caught_up = [json.loads(follower.stdout.next_line(FOLLOW_TIMEOUT)) for _ in range(2)]
         assert [r["type"] for r in caught_up] == ["validate-connection", "connection-validated"]
@@ -256,22 +245,27 @@ def test_events_follow_prints_records_committed_after_it_started(cli: Cli, name:
 
 
 def test_events_follow_ends_with_exit_1_when_the_daemon_stops(
-    start_daemon: Callable[[Path], Daemon], tmp_path: Path
+    start_daemon: Callable[..., Daemon], tmp_path: Path, name: str
 ) -> None:
     """A follower whose daemon drains exits 1 with one line saying where to resume; the daemon exits 0."""
     own = start_daemon(tmp_path / "events.db")
-    cli = Cli(own, tmp_path)
-    emit(cli, "post-connection-creation", "acme-1", "salesforce")
-    follower = Process("events", "--follow", "--address", own.address, cwd=tmp_path)
+    api = Api(own.address)
     try:
-        assert "post-connection-creation" in follower.stdout.next_line(FOLLOW_TIMEOUT)
+        position = api.emit("validate-connection", "acme-1", name)["position"]
+    finally:
+        api.close()
+    follower = Process("events", "--follow", "--json", "--address", own.address, cwd=tmp_path)
+    try:
+        assert json.loads(follower.stdout.next_line(FOLLOW_TIMEOUT))["position"] == position
+        assert json.loads(follower.stdout.next_line(FOLLOW_TIMEOUT))["type"] == "connection-validated"
         assert own.stop() == 0, str(own)
         code = follower.wait()
     finally:
         follower.signal(signal.SIGKILL)
     assert code == 1, str(follower)
     assert re.fullmatch(
-        r"orchestrator: error: UNAVAILABLE: .*shutting down.*resume reading from position 2", follower.stderr.text
+        rf"orchestrator: error: UNAVAILABLE: .*shutting down.*resume reading from position {position + 2}",
+        follower.stderr.text,
     ), str(follower)
 
 
@@ -279,11 +273,10 @@ def test_events_follow_ends_with_exit_1_when_the_daemon_stops(
 
 
 def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> None:
-    """Deleting an unknown connection prints one ``orchestrator: error: NOT_FOUND: ...``, exit 1, no write."""
+    """Deleting an unknown connection prints one line ``orchestrator: error: NOT_FOUND: ...``, exit 1, no write."""
     line = one_error_line(cli("emit", "pre-connection-deletion", "ghost", "-i", name), "NOT_FOUND: ")
     assert f"dev/{name}/ghost" in line
     assert cli.ok("events", "--connection", "ghost", "-i", name).out == ""
-    one_error_line(cli("connections", "get", "ghost", "-i", name), "NOT_FOUND: ")
 
 
 @pytest.mark.parametrize(
@@ -292,34 +285,15 @@ def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> 
         (["emit", "connection-created", "acme-1", "-i", "salesforce"], "'connection-created' is not one of"),
         (["emit", "validate-connection", "acme-1"], "Missing option '-i' / '--integration'"),
         (["emit", "validate-connection", "acme-1", "-i", "salesforce", "--config", "{oops"], "not valid JSON"),
-        (["emit", "validate-connection", "acme-1", "-i", "salesforce", "--config", "[1]"], "must be a JSON object"),
         (["emit", "validate-connection", "acme-1", "-i", "Sales Force"], "--integration 'Sales Force' is invalid"),
-        (["emit", "validate-connection", "acme-1", "-i", "salesforce", "--credential", "token"], "NAME=VALUE"),
-        (["connections", "list", "--state", "gone"], "'gone' is not one of"),
-        (["connections", "get", "acme-1"], "Missing option '-i' / '--integration'"),
-        (["events", "--connection", "acme-1"], "--connection needs --integration"),
         (["replay", "--until", "yesterday"], "neither a position nor an ISO-8601 timestamp"),
-        (["replay", "--verify", "--until", "3"], "--verify checks the whole log"),
         (["no-such-command"], "No such command 'no-such-command'"),
     ],
-    ids=[
-        "unknown-event",
-        "missing-integration",
-        "bad-json-config",
-        "config-not-an-object",
-        "bad-integration-name",
-        "credential-without-value",
-        "unknown-state",
-        "get-without-integration",
-        "events-connection-without-integration",
-        "bad-until",
-        "verify-with-until",
-        "unknown-command",
-    ],
+    ids=["unknown-event", "missing-integration", "bad-json-config", "bad-integration", "bad-until", "unknown-command"],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     """A usage error prints the usage and what is wrong on stderr and exits 2 before contacting any daemon."""
-    # A daemon address nothing listens at: reaching it would fail with exit 1, not 2.
+    # Nothing listens at this address and the log does not exist: touching either would exit 1, not 2.
     env = environment(
         ORCHESTRATOR_ADDRESS=f"127.0.0.1:{closed_port()}",
         ORCHESTRATOR_DATABASE=sqlite_url(tmp_path / "absent.db"),
@@ -332,14 +306,9 @@ def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> N
 
 
 def test_unreachable_daemon_exits_1_naming_the_address(tmp_path: Path) -> None:
-    """With nothing listening at the address, emit, connections and events exit 1 with one line naming it."""
+    """With nothing listening at --address, emit and events exit 1 with one line naming that address."""
     address = f"127.0.0.1:{closed_port()}"
-    for args in (
-        ["emit", "validate-connection", "acme-1", "-i", "salesforce"],
-        ["connections", "list"],
-        ["connections", "get", "acme-1", "-i", "salesforce"],
-        ["events"],
-    ):
+    for args in (["emit", "validate-connection", "acme-1", "-i", "salesforce"], ["events", "--follow"]):
         result = run(*args, "--address", address, cwd=tmp_path)
         assert address in one_error_line(result, "UNAVAILABLE: "), str(result)
 
@@ -347,19 +316,12 @@ def test_unreachable_daemon_exits_1_naming_the_address(tmp_path: Path) -> None:
 # -- replay --------------------------------------------------------------------------
 
 
-def replayed(cli: Cli, *args: str) -> dict[str, dict[str, Any]]:
-    """``replay --json ARGS`` on the shared daemon's log: connections by stream."""
-    result = cli.ok("replay", "--database", cli.daemon.url, "--json", *args).json()
-    return {c["stream"]: c for c in result["connections"]}
-
-
-def test_replay_prints_a_table_of_connections_while_the_daemon_runs(cli: Cli, name: str) -> None:
+def test_replay_prints_a_table_of_connections_while_the_daemon_runs(api: Api, cli: Cli, name: str) -> None:
     """``replay`` folds the live log, opened read-only, into a table of connections; the daemon keeps serving."""
-    lifecycle(cli, "gone", name)
-    emit(cli, "post-connection-creation", "live", name)
-    log = cli.ok("events", "--json").json_lines()
+    api.lifecycle("gone", name)
+    head = api.emit("post-connection-creation", "live", name)["position"]
 
-    result = cli.ok("replay", "--database", cli.daemon.url)
+    result = cli.ok("replay", ORCHESTRATOR_DATABASE=cli.daemon.url)
     table = {row["CONNECTION"]: row for row in rows(result.out) if row["INTEGRATION"] == name}
     assert (table["gone"]["STATE"], table["gone"]["VERSION"]) == ("deleted", "5")
     assert (table["live"]["STATE"], table["live"]["VERSION"]) == ("active", "1")
@@ -367,88 +329,72 @@ def test_replay_prints_a_table_of_connections_while_the_daemon_runs(cli: Cli, na
         r"(\d+) connection\(s\), (\d+) record\(s\) folded, up to position (\d+)", result.out.splitlines()[-1]
     )
     assert summary, str(result)
-    assert (int(summary[2]), int(summary[3])) == (len(log), log[-1]["position"])
-    assert int(summary[1]) == len({record["stream"] for record in log})
-
-    # ORCHESTRATOR_DATABASE names the log too, and the daemon still owns it and appends.
-    assert cli.ok("replay", ORCHESTRATOR_DATABASE=cli.daemon.url).out == result.out
-    assert emit(cli, "post-connection-creation", "after", name)["position"] > log[-1]["position"]
+    assert int(summary[2]) == int(summary[3]) == head  # SQLite positions have no gaps
+    assert int(summary[1]) == len(rows(result.out))
+    # The daemon still owns the log and appends to it.
+    assert api.emit("post-connection-creation", "after", name)["position"] > head
 
 
-def test_replay_until_position_shows_the_world_at_that_position(cli: Cli, name: str) -> None:
+def test_replay_until_position_shows_the_world_at_that_position(api: Api, cli: Cli, name: str) -> None:
     """``replay --until N`` shows a connection as of position N: absent, active, deleting, then deleted."""
     stream = f"dev/{name}/acme-1"
-    created = emit(cli, "post-connection-creation", "acme-1", name)
-    deleted = emit(cli, "pre-connection-deletion", "acme-1", name)
-    assert stream not in replayed(cli, "--until", str(created["position"] - 1))
-    assert replayed(cli, "--until", str(created["position"]))[stream]["state"] == "active"
-    assert replayed(cli, "--until", str(deleted["position"] - 1))[stream]["state"] == "active"
-    assert replayed(cli, "--until", str(deleted["position"]))[stream]["state"] == "deleting"
-    assert replayed(cli, "--until", str(deleted["position"] + 1))[stream]["state"] == "deleted"
+    created = api.emit("post-connection-creation", "acme-1", name)["position"]
+    deleted = api.emit("pre-connection-deletion", "acme-1", name)["position"]
+    assert stream not in replayed(cli, "--until", str(created - 1))
+    assert replayed(cli, "--until", str(deleted))[stream]["state"] == "deleting"
+    assert replayed(cli, "--until", str(deleted + 1))[stream]["state"] == "deleted"
 
-    result = cli.ok("replay", "--database", cli.daemon.url, "--until", str(created["position"]))
+    result = cli.ok("replay", "--database", cli.daemon.url, "--until", str(deleted - 1))
     row = next(row for row in rows(result.out) if row["INTEGRATION"] == name)
     assert (row["STATE"], row["VERSION"], row["LAST EVENT"]) == ("active", "1", "post-connection-creation")
-    assert result.out.splitlines()[-1].endswith(f"up to position {created['position']}")
+    assert result.out.splitlines()[-1].endswith(f"up to position {deleted - 1}")
 
 
-def test_replay_until_timestamp_shows_the_earlier_world(cli: Cli, name: str) -> None:
+def test_replay_until_timestamp_shows_the_earlier_world(api: Api, cli: Cli, name: str) -> None:
     """``replay --until ISO-TIME`` between two emits shows the connection as the first emit left it."""
     stream = f"dev/{name}/acme-1"
-    emit(cli, "validate-connection", "acme-1", name)
-    emit(cli, "post-connection-creation", "acme-1", name)
+    api.emit("validate-connection", "acme-1", name)
+    api.emit("post-connection-creation", "acme-1", name)
     log = cli.ok("events", "--connection", "acme-1", "-i", name, "--json").json_lines()
     validated, created = (datetime.fromisoformat(log[i]["recorded_at"]) for i in (1, 2))
     assert validated < created, log
     between = validated + (created - validated) / 2
 
     earlier = replayed(cli, "--until", between.isoformat())[stream]
-    assert (earlier["state"], earlier["version"]) == ("pending", 2)
-    # A UTC time written with Z, as people paste it, means the same instant.
-    zulu = between.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    assert replayed(cli, "--until", zulu)[stream] == earlier
-    assert replayed(cli, "--until", log[2]["recorded_at"])[stream]["state"] == "active"
-    assert stream not in replayed(cli, "--until", (validated - (created - validated)).isoformat())
+    assert (earlier["state"], earlier["version"], earlier["last_position"]) == ("pending", 2, log[1]["position"])
+    # A UTC time written with Z, as people paste it, is the same instant.
+    zulu = f"{between:%Y-%m-%dT%H:%M:%S.%f}Z"
+    timeline = cli.ok("replay", "--database", cli.daemon.url, "--connection", "acme-1", "-i", name, "--until", zulu)
+    assert [r["TYPE"] for r in rows(timeline.out)] == ["validate-connection", "connection-validated"]
 
 
-def test_replay_connection_prints_its_timeline(cli: Cli, name: str) -> None:
+def test_replay_connection_prints_its_timeline(api: Api, cli: Cli, name: str) -> None:
     """``replay --connection ID`` prints every record of its stream with the state after it, then where it ended."""
-    emit(cli, "validate-connection", "acme-1", name)
-    emit(cli, "post-connection-creation", "acme-1", name, "--idempotency-key", "create-1")
-    emit(cli, "pre-connection-deletion", "acme-1", name)
-    expected = [
-        ("validate-connection", "pending", "1"),
-        ("connection-validated", "pending", "2"),
-        ("post-connection-creation", "active", "3"),
-        ("pre-connection-deletion", "deleting", "4"),
-        ("connection-deleted", "deleted", "5"),
-    ]
+    api.emit("validate-connection", "acme-1", name)
+    api.emit("post-connection-creation", "acme-1", name, idempotency_key="create-1")
+    api.emit("pre-connection-deletion", "acme-1", name)
 
     result = cli.ok("replay", "--database", cli.daemon.url, "--connection", "acme-1", "-i", name)
     timeline = rows(result.out)
-    assert [(r["TYPE"], r["STATE AFTER"], r["VERSION"]) for r in timeline] == expected
+    assert [(r["TYPE"], r["STATE AFTER"]) for r in timeline] == TIMELINE
+    assert [r["VERSION"] for r in timeline] == ["1", "2", "3", "4", "5"]
     assert timeline[2]["DETAIL"] == "key=create-1"
-    assert f"dev/{name}/acme-1: deleted at version 5; metadata {{}}" in result.out
+    assert result.out.endswith(f"\ndev/{name}/acme-1: deleted at version 5; metadata {{}}\n")
 
     as_json = cli.ok("replay", "--database", cli.daemon.url, "--connection", "acme-1", "-i", name, "--json").json()
     *records, end = as_json
-    assert [(r["type"], r["state_after"], str(r["version"])) for r in records] == expected
+    assert [(r["type"], r["state_after"]) for r in records] == TIMELINE
+    assert [r["position"] for r in records] == sorted(int(r["POSITION"]) for r in timeline)
     assert (end["connection"]["state"], end["connection"]["version"]) == ("deleted", 5)
-
-    until = str(records[2]["position"])
-    partial = cli.ok("replay", "--database", cli.daemon.url, "--connection", "acme-1", "--until", until, "--json")
-    *records, end = partial.json()
-    assert [r["type"] for r in records] == [t for t, _, _ in expected[:3]]
-    assert end["connection"]["state"] == "active"
 
     unknown = cli("replay", "--database", cli.daemon.url, "--connection", "nobody", "-i", name)
     assert "'nobody'" in one_error_line(unknown, "no connection")
 
 
-def test_replay_json_agrees_with_the_daemons_read_model(cli: Cli, name: str) -> None:
+def test_replay_json_agrees_with_the_daemons_read_model(api: Api, cli: Cli, name: str) -> None:
     """``replay --json`` prints every connection exactly as ``connections list --json`` has it."""
-    lifecycle(cli, "gone", name)
-    emit(cli, "post-connection-creation", "live", name, "--config", '{"instance_url": "x.example.com"}')
+    api.lifecycle("gone", name)
+    api.emit("post-connection-creation", "live", name, config={"instance_url": "x.example.com"})
     served = {c["stream"]: c for c in cli.ok("connections", "list", "--json").json()}
     result = cli.ok("replay", "--database", cli.daemon.url, "--json").json()
     assert result["position"] == max(c["last_position"] for c in served.values())
@@ -473,18 +419,18 @@ def online_copy(source: Path, target: Path) -> None:
         src.backup(dst)
 
 
-def test_replay_verify_passes_on_a_healthy_log(cli: Cli, name: str) -> None:
+def test_replay_verify_passes_on_the_live_log(api: Api, cli: Cli, name: str) -> None:
     """``replay --verify`` of the live log exits 0: the read model matches the fold of the log."""
-    lifecycle(cli, "acme-1", name)
+    api.lifecycle("acme-1", name)
     assert cli.ok("replay", "--verify", "--database", cli.daemon.url).out == "read model matches the log\n"
     verdict = cli.ok("replay", "--verify", "--json", "--database", cli.daemon.url).json()
     assert verdict == {"ok": True, "differences": []}
 
 
-def test_replay_verify_names_a_tampered_stream(cli: Cli, name: str, tmp_path: Path) -> None:
+def test_replay_verify_names_a_tampered_stream(api: Api, cli: Cli, name: str, tmp_path: Path) -> None:
     """After a deleted connection's read-model row is edited to say active, ``replay --verify`` exits 1 naming it."""
     stream = f"dev/{name}/acme-1"
-    lifecycle(cli, "acme-1", name)
+    api.lifecycle("acme-1", name)
     copy = tmp_path / "copy.db"
     online_copy(cli.daemon.database, copy)
     with contextlib.closing(sqlite3.connect(copy)) as db, db:
@@ -504,8 +450,6 @@ def test_replay_verify_names_a_tampered_stream(cli: Cli, name: str, tmp_path: Pa
         "ok": False,
         "differences": [{"stream": stream, "field": "state", "read_model": "active", "replayed": "deleted"}],
     }
-    # The daemon's own log is untouched.
-    cli.ok("replay", "--verify", "--database", cli.daemon.url)
 
 
 # -- configuration -------------------------------------------------------------------
@@ -520,13 +464,13 @@ def test_address_comes_from_flag_then_environment_then_config_file(daemon: Daemo
         files[label] = tmp_path / f"{label}.toml"
         files[label].write_text(f'# orchestrator settings\naddress = "{address}"\n')
 
-    def connections(file: str, env_address: str | None = None, flag: str | None = None) -> Any:
+    def connections(file: str, env_address: str | None = None, flag: str | None = None) -> Result:
         env = environment(ORCHESTRATOR_CONFIG=str(files[file]))
         if env_address:
             env["ORCHESTRATOR_ADDRESS"] = env_address
         return run("connections", "list", *(["--address", flag] if flag else []), env=env, cwd=tmp_path)
 
-    assert connections("right").code == 0
+    # Each setting is used, and beats the one below it whichever of the two is right.
     assert wrong_file in one_error_line(connections("wrong"), "UNAVAILABLE: ")
     assert connections("wrong", env_address=right).code == 0
     assert wrong_env in one_error_line(connections("right", env_address=wrong_env), "UNAVAILABLE: ")
@@ -538,7 +482,7 @@ def test_config_file_with_an_unknown_setting_is_refused(tmp_path: Path) -> None:
     """A setting no command knows in the ORCHESTRATOR_CONFIG file is a usage error naming it."""
     path = tmp_path / "orchestrator.toml"
     path.write_text('adress = "127.0.0.1:1"\n')
-    result = run("connections", env=environment(ORCHESTRATOR_CONFIG=str(path)), cwd=tmp_path)
+    result = run("connections", "list", env=environment(ORCHESTRATOR_CONFIG=str(path)), cwd=tmp_path)
     assert result.code == 2, str(result)
     assert "adress" in result.err and str(path) in result.err
 
@@ -550,8 +494,7 @@ def test_serve_refuses_a_non_loopback_address_without_insecure(tmp_path: Path) -
     """``serve --listen 0.0.0.0:0`` without --insecure exits 1 with one line saying why, and creates no log."""
     database = tmp_path / "events.db"
     result = run("serve", "--listen", "0.0.0.0:0", "--database", sqlite_url(database), cwd=tmp_path)
-    line = one_error_line(result, "refusing to listen on 0.0.0.0:0")
-    assert "--insecure" in line
+    assert "--insecure" in last_error_line(result, "refusing to listen on 0.0.0.0:0")
     assert not database.exists()
 
 
@@ -559,9 +502,26 @@ def test_second_serve_on_the_same_log_exits_1_saying_it_is_in_use(cli: Cli, tmp_
     """A second daemon on a log another daemon owns exits 1 saying the log is in use; the first keeps serving."""
     daemon = cli.daemon
     result = run("serve", "--listen", "127.0.0.1:0", "--database", daemon.url, cwd=tmp_path)
-    line = one_error_line(result, f"the event log {daemon.database} is in use")
-    assert f"pid {daemon.process.pid}" in line
+    assert f"pid {daemon.process.pid}" in last_error_line(result, f"the event log {daemon.database} is in use")
     cli.ok("connections", "list")
+
+
+def test_serve_on_a_log_whose_directory_has_a_hash(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, name: str
+) -> None:
+    """A daemon serves a log given as a plain path under a directory ``team#1?``; ``replay --verify`` reads it."""
+    # Regression: the read-only connection's file: URI once left '#' and '?' unescaped and opened another file.
+    folder = tmp_path / "team#1?"
+    folder.mkdir()
+    own = start_daemon(folder / "events.db", url=str(folder / "events.db"))
+    api = Api(own.address)
+    try:
+        api.emit("post-connection-creation", "acme-1", name)
+    finally:
+        api.close()
+    result = run("replay", "--verify", "--database", str(own.database), cwd=tmp_path)
+    assert (result.code, result.out) == (0, "read model matches the log\n"), str(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
 
 
 # -- help ----------------------------------------------------------------------------
@@ -578,23 +538,19 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", list(COMMANDS), ids=[c.replace(" ", "-") or "orchestrator" for c in COMMANDS])
-def test_every_command_has_help(command: str, tmp_path: Path) -> None:
-    """``--help`` of every command prints its usage and the environment variables of its options, and exits 0."""
-    result = run(*command.split(), "--help", cwd=tmp_path)
-    assert result.code == 0, str(result)
-    assert result.err == ""
-    assert result.out.startswith(f"Usage: orchestrator {command}".rstrip() + " "), str(result)
-    for variable in COMMANDS[command]:
-        assert variable in result.out, variable
-
-
-def test_help_lists_every_command(tmp_path: Path) -> None:
-    """``orchestrator -h`` lists each documented command that the tests above exercise."""
-    result = run("-h", cwd=tmp_path)
-    assert result.code == 0, str(result)
-    listed = set(re.findall(r"^  ([a-z-]+)  ", result.out.partition("Commands:")[2], re.MULTILINE))
-    assert {"serve", "emit", "connections", "events", "replay"} <= listed, str(result)
+def test_every_command_has_help(tmp_path: Path) -> None:
+    """``--help`` of every command prints its usage and its options' environment variables, and exits 0."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = dict(
+            zip(COMMANDS, pool.map(lambda c: run(*c.split(), "--help", cwd=tmp_path), COMMANDS), strict=True)
+        )
+    for command, result in results.items():
+        assert (result.code, result.err) == (0, ""), str(result)
+        assert result.out.startswith(f"Usage: orchestrator {command}".rstrip() + " "), str(result)
+        for variable in COMMANDS[command]:
+            assert variable in result.out, str(result)
+    listed = re.findall(r"^  ([a-z-]+)  ", results[""].out.partition("Commands:")[2], re.MULTILINE)
+    assert {"serve", "emit", "connections", "events", "replay"} <= set(listed), str(results[""])
 
 
 # -- known bugs ----------------------------------------------------------------------
@@ -606,14 +562,12 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
     " cli.py runs `ctx.invoke(list_connections)`, which fills in option defaults without reading their envvars, so it"
     " always asks 127.0.0.1:50051 (or the config file's address)",
 )
-def test_connections_without_subcommand_reads_the_address_from_the_environment(cli: Cli, name: str) -> None:
+def test_connections_without_subcommand_reads_the_address_from_the_environment(api: Api, cli: Cli, name: str) -> None:
     """``connections`` with ORCHESTRATOR_ADDRESS set lists that daemon's connections, as ``connections list`` does."""
-    emit(cli, "post-connection-creation", "acme-1", name)
+    api.emit("post-connection-creation", "acme-1", name)
     result = cli("connections")
     assert result.code == 0, str(result)
-    listed = {(r["INTEGRATION"], r["CONNECTION"]) for r in rows(result.out)}
-    assert (name, "acme-1") in listed, str(result)
-    assert result.out == cli.ok("connections", "list").out
+    assert (name, "acme-1") in {(r["INTEGRATION"], r["CONNECTION"]) for r in rows(result.out)}, str(result)
 
 
 @pytest.mark.xfail(
@@ -621,25 +575,9 @@ def test_connections_without_subcommand_reads_the_address_from_the_environment(c
     reason="BUG: `orchestrator connections` prints the list but refuses --json and --address (exit 2: "
     "'No such option'); DESIGN: every command takes --json where it prints data, and config from flags",
 )
-def test_connections_without_subcommand_takes_the_list_options(cli: Cli, name: str) -> None:
-    """``connections --json --address A`` prints what ``connections list --json`` prints."""
-    emit(cli, "post-connection-creation", "acme-1", name)
+def test_connections_without_subcommand_takes_the_list_options(api: Api, cli: Cli, name: str) -> None:
+    """``connections --json --address A`` prints the connections of the daemon at A as JSON."""
+    api.emit("post-connection-creation", "acme-1", name)
     result = run("connections", "--json", "--address", cli.daemon.address, cwd=cli.cwd)
     assert result.code == 0, str(result)
-    assert result.json() == cli.ok("connections", "list", "--json").json()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: store/sqlite.py opens its read-only connection as f'file:{path}?mode=ro' without"
-    " percent-encoding the path, so a '#' or '?' in it (or a leading '//') makes SQLite open another file",
-)
-def test_serve_on_a_log_whose_directory_has_a_hash(start_daemon: Callable[[Path], Daemon], tmp_path: Path) -> None:
-    """A daemon serves a log under a directory named ``team#1``, and ``replay --verify`` reads it."""
-    folder = tmp_path / "team#1"
-    folder.mkdir()
-    own = start_daemon(folder / "events.db")
-    cli = Cli(own, tmp_path)
-    emit(cli, "post-connection-creation", "acme-1", "salesforce")
-    assert cli.ok("connections", "list", "--json").json()[0]["state"] == "active"
-    cli.ok("replay", "--verify", "--database", own.url)
+    assert f"dev/{name}/acme-1" in {c["stream"] for c in result.json()}

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import daemon as daemon_module
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.plugins import Registry
 
 from ._daemon import Daemon, run_daemon
 
@@ -18,14 +20,23 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(autouse=True)
+def no_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serve without event functions, whatever plugins the environment has installed.
+
+    These tests pin the daemon's own behaviour (validation accepts, deletion
+    completes at once); plugins installed in the same virtualenv (the example
+    plugins under plugins/, a plugin half-way through ``pip install``) would
+    otherwise run for the integrations the tests use, or stop the daemon from starting.
+    """
+    monkeypatch.setattr(daemon_module, "load_plugins", lambda *, skip_broken: Registry())
+    monkeypatch.setattr(daemon_module, "discover_integrations", lambda: ({}, []))
+
+
 @pytest.fixture
 def database(tmp_path: Path) -> str:
-    """The URL of a fresh SQLite event log in the test's temporary directory.
-
-    ``sqlite://`` followed by the absolute path (three slashes in all), the form
-    of the daemon's own default; ``sqlite:////abs`` fails (test_database_url.py).
-    """
-    return f"sqlite://{tmp_path / 'events.db'}"
+    """The URL of a fresh SQLite event log in the test's temporary directory."""
+    return f"sqlite:///{tmp_path}/events.db"
 
 
 @pytest.fixture

@@ -13,9 +13,16 @@ def test_exported_members() -> None:
     assert orchestrator.__all__ == [
         "ConnectionRef",
         "ConnectionState",
+        "Context",
+        "EventFunction",
         "LifecycleEvent",
+        "NonRetryable",
         "OrchestratorError",
+        "ProviderError",
+        "Rejected",
+        "RetryPolicy",
         "__version__",
+        "on_event",
     ]
     for name in orchestrator.__all__:
         assert getattr(orchestrator, name) is not None

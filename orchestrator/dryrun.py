@@ -1,0 +1,101 @@
+"""``orchestrator dryrun``: one function against a connection's recorded state, without the daemon.
+
+Provider calls are real. Metadata writes are gathered and shown as a diff;
+nothing is written unless ``commit`` is set, in which case the attempt's
+outcome and metadata writes are appended like any other attempt's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from orchestrator.clock import SystemClock
+from orchestrator.context import Buffered, ConnectionInfo, EventInfo
+from orchestrator.dispatch import Credentials, DispatchConfig, Dispatcher
+from orchestrator.errors import InvalidArgument, NotFound
+from orchestrator.ids import uuid7
+from orchestrator.model import ConnectionRef, Fact, JSONObject, NewEvent
+from orchestrator.plugins import Installed, Registry
+from orchestrator.provider import Integration
+from orchestrator.runner import AttemptResult
+from orchestrator.store import open_store
+
+
+@dataclass(slots=True)
+class DryRun:
+    """What one dry run did."""
+
+    function: Installed
+    ref: ConnectionRef
+    result: AttemptResult
+    calls: list[str] = field(default_factory=list)
+    before: JSONObject = field(default_factory=dict)
+    after: JSONObject = field(default_factory=dict)
+    committed: bool = False
+
+
+def find_function(registry: Registry, name: str, integration: str) -> Installed:
+    """The installed function called ``name`` (of ``integration`` when several integrations have one)."""
+    found = registry.named(name, integration)
+    if not found:
+        known = ", ".join(sorted({f.name for f in registry.functions})) or "none installed"
+        raise NotFound(f"no event function {name!r}" + (f" for {integration}" if integration else "") + f" ({known})")
+    if len(found) > 1:
+        choices = ", ".join(sorted(f.function.integration for f in found))
+        raise InvalidArgument(f"function {name!r} exists for several integrations ({choices}): pass --integration")
+    return found[0]
+
+
+async def dryrun(
+    database: str,
+    function: Installed,
+    connection_id: str,
+    environment: str,
+    *,
+    payload: JSONObject,
+    credentials: Mapping[str, str],
+    integrations: Mapping[str, Integration],
+    commit: bool = False,
+    time_limit: float | None = None,
+) -> DryRun:
+    """Run ``function`` once against the connection as the log records it."""
+    ref = ConnectionRef.parse(environment, function.function.integration, connection_id)
+    async with open_store(database, readonly=not commit) as store:
+        connection = await store.get_connection(ref)
+        if connection is None:
+            raise NotFound(f"connection {ref} not found in {database}")
+        creds = Credentials()
+        creds.remember(ref, credentials)
+        async with httpx.AsyncClient() as http:
+            dispatcher = Dispatcher(
+                store,
+                Registry.of([function]),
+                SystemClock(),
+                http=http,
+                integrations=integrations,
+                config=DispatchConfig(),
+                credentials=creds,
+            )
+            sink = Buffered(connection.metadata, function.name)
+            calls: list[str] = []
+            event = EventInfo(function.function.event, payload, connection.lifecycle.event_id)
+            result = await dispatcher.attempt(
+                function, ConnectionInfo(ref, connection.config), event, sink, time_limit=time_limit, calls=calls
+            )
+        run = DryRun(function, ref, result, calls, connection.metadata, sink.current())
+        if commit:
+            cause = connection.lifecycle.event_id
+            outcome = dispatcher.fact(result, cause)
+            outcome.data["dryrun"] = True
+            writes = [
+                NewEvent(str(uuid7()), Fact.METADATA_UPDATED.value, {**w, "dryrun": True}, causation_id=cause)
+                for w in sink.writes
+            ]
+            with anyio.CancelScope(shield=True):
+                await store.append(ref, None, [*writes, outcome])
+            run.committed = True
+        return run
