@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +48,19 @@ def _machine() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "load_average_at_start": list(os.getloadavg()),
     }
+
+
+def _revision() -> dict[str, Any]:
+    """The commit measured, and whether tracked files differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "--short", "HEAD"), "dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
 
 
 def _n(value: float, digits: int = 0) -> str:
@@ -127,8 +141,12 @@ def _markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     s = results["settings"]
     load = "/".join(f"{x:.1f}" for x in m["load_average_at_start"])
+    rev = results["revision"]
+    commit = f"commit {rev['commit']}" if rev["commit"] else "no commit"
+    if rev["dirty"]:
+        commit += " + uncommitted changes"
     lines = [
-        f"*{results['mode']} mode, {m['cpus']} CPUs, Python {m['python']}, grpcio {m['grpcio']},"
+        f"*{results['mode']} mode, {commit}, {m['cpus']} CPUs, Python {m['python']}, grpcio {m['grpcio']},"
         f" uvloop {m['uvloop'] or 'absent'}, SQLite {m['sqlite']}, load average {load} at start;"
         f" medians of {s['rounds']} round(s) of {s['duration_s']:g} s (startup: {s['startup_rounds']} starts"
         " each); ratio = median over rounds of orchestrator / baseline, the two run back to back.*",
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "revision": _revision(),
         "machine": _machine(),
         "settings": asdict(settings),
     }

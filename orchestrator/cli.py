@@ -480,12 +480,18 @@ def _print_result(request: EmitRequest, result: EmitResult) -> None:
 # -- connections --------------------------------------------------------------------
 
 
-@main.group(invoke_without_command=True)
-@click.pass_context
-def connections(ctx: click.Context) -> None:
-    """List connections, or show one (``connections get``)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(list_connections)
+class _DefaultList(click.Group):
+    """``connections [OPTIONS]`` means ``connections list [OPTIONS]``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultList)
+def connections() -> None:
+    """List connections (the default: ``connections [list] ...``), or show one (``connections get``)."""
 
 
 @connections.command("list")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -20,6 +21,7 @@ from orchestrator.config import ServeConfig, default_database
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import InvalidArgument, PluginError
 from orchestrator.plugins import Registry, discover, discover_integrations
+from orchestrator.provider import Integration
 from orchestrator.service import Service
 from orchestrator.store import open_store
 
@@ -48,6 +50,23 @@ async def serve(
         log.warning("broken integration defaults, ignored: %s", problem)
     integrations = {**defaults, **config.integrations}
     health_servicer = grpc_server.HealthServicer()
+    # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        await _serve(config, database, registry, integrations, health_servicer, signals, on_ready, stop, clock)
+    log.info("stopped; the event log is closed")
+
+
+async def _serve(
+    config: ServeConfig,
+    database: str,
+    registry: Registry,
+    integrations: dict[str, Integration],
+    health_servicer: Any,
+    signals: AsyncIterator[int],
+    on_ready: Callable[[int], None] | None,
+    stop: anyio.Event | None,
+    clock: Clock | None,
+) -> None:
     async with (
         open_store(database) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
@@ -75,12 +94,11 @@ async def serve(
         stopping = stop or anyio.Event()
 
         async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
-                    stopping.set()
-                    return
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
+                stopping.set()
+                return
 
         tg.start_soon(watch_signals)
         tg.start_soon(dispatcher.run)
@@ -91,7 +109,6 @@ async def serve(
             service.drain()
             # Stops accepting calls at once; in-flight calls get the grace period.
             await server.stop(config.grace_period)
-    log.info("stopped; the event log is closed")
 
 
 def load_plugins(*, skip_broken: bool) -> Registry:

@@ -14,6 +14,7 @@ bounded by one capacity limiter (the daemon's function concurrency).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -31,7 +32,7 @@ from orchestrator.functions import DEFAULT_TIMEOUT
 from orchestrator.ids import uuid7
 from orchestrator.model import ConnectionRef, Fact, Job, JSONObject, LifecycleEvent, NewEvent, NewJob
 from orchestrator.plugins import Installed, Registry
-from orchestrator.provider import Integration, Provider
+from orchestrator.provider import Integration, Provider, redact
 from orchestrator.retry import DEFAULT_RETRY, RetryPolicy
 from orchestrator.runner import AttemptResult, run_attempt
 from orchestrator.store import EventStore
@@ -208,7 +209,12 @@ class Dispatcher:
             return ctx
 
         async with self._limiter:
-            return await run_attempt(function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads)
+            result = await run_attempt(function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads)
+        # Whatever a function raised or logged, the connection's secrets never reach the log.
+        secrets = self.credentials.get(info.ref)
+        return dataclasses.replace(
+            result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
+        )
 
     # -- synchronous runs --------------------------------------------------------
 
@@ -274,18 +280,19 @@ class Dispatcher:
     async def settled(self, cause: str, ref: ConnectionRef) -> None:
         """Return once no job caused by ``cause`` remains (``wait=true``)."""
         while True:
-            finished = self._finished
+            finished, changed = self._finished, self.store.jobs_changed()
             if not any(j.causation_id == cause for j in await self.store.jobs(ref)):
                 return
-            await finished.wait()
+            await _first(finished, changed)  # a job ended, or jobs were added, moved or cancelled
 
     async def run(self) -> None:
         """Claim and run due jobs until cancelled. Unfinished jobs stay in the store for the next start."""
         lease = self.config.attempt_timeout + self.config.lease_margin
         async with anyio.create_task_group() as tg:
             while True:
-                changed, woken, finished = self.store.jobs_changed(), self._wake, self._finished
-                self._wake = anyio.Event()
+                # Fresh before looking for work, so a wake() from now on is never missed.
+                woken = self._wake = anyio.Event()
+                changed, finished = self.store.jobs_changed(), self._finished
                 free = int(self._limiter.available_tokens)
                 claimed: list[Job] = []
                 if free > 0:
@@ -324,6 +331,9 @@ class Dispatcher:
         except OrchestratorError as exc:
             # The store refused or failed: the job keeps its lease and is retried when it runs out.
             log.error("job %s (%s on %s) could not be recorded: %s", job.job_id, job.function, job.stream, exc)
+        except Exception:
+            # A bug of ours must not end the worker; the job is retried when its lease runs out.
+            log.exception("job %s (%s on %s) failed unexpectedly", job.job_id, job.function, job.stream)
         finally:
             self._running.get(job.stream, {}).pop(job.job_id, anyio.Event()).set()
             if not self._running.get(job.stream):
@@ -383,9 +393,9 @@ class Dispatcher:
         return NewEvent(str(uuid7()), Fact.FUNCTION_GAVE_UP.value, data, causation_id=cause, traceparent=traceparent)
 
     @staticmethod
-    def cancelled(name: str, cause: str, why: str, traceparent: str = "") -> NewEvent:
-        """The ``function-cancelled`` record of a run that will not happen."""
-        data = {"function": name, "reason": why}
+    def cancelled(name: str, cause: str, why: str, traceparent: str = "", attempts: int = 0) -> NewEvent:
+        """The ``function-cancelled`` record of a run that will not happen (after ``attempts`` made)."""
+        data = {"function": name, "reason": why, "attempt": attempts}
         return NewEvent(str(uuid7()), Fact.FUNCTION_CANCELLED.value, data, causation_id=cause, traceparent=traceparent)
 
     def schedule(

@@ -83,8 +83,9 @@ def _auth(integration: Integration, credentials: Mapping[str, str]) -> tuple[dic
     def need(key: str) -> str:
         if key not in credentials:
             raise ProviderError(
-                f"integration {integration.name} uses auth {integration.auth!r} but the connection"
-                f" has no credential {key!r}"
+                f"integration {integration.name} uses auth {integration.auth!r} but the connection has no"
+                f" credential {key!r} (credentials come with the emit, and are kept in memory only: emit again"
+                " with them after a restart)"
             )
         return credentials[key]
 
@@ -110,6 +111,14 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - now).total_seconds())
+
+
+def redact(text: str, credentials: Mapping[str, str]) -> str:
+    """``text`` with every credential value replaced, in case a provider echoes one back."""
+    for value in sorted(credentials.values(), key=len, reverse=True):
+        if len(value) >= 4:  # shorter values would blank out ordinary words
+            text = text.replace(value, "[redacted]")
+    return text
 
 
 class Provider:
@@ -168,7 +177,8 @@ class Provider:
             except httpx.TransportError as exc:
                 self.calls.append(f"{shown} -> {type(exc).__name__}")
                 if attempt > integration.retries:
-                    raise ProviderError(f"{shown} failed: {type(exc).__name__}: {exc}") from None
+                    detail = redact(str(exc), self._credentials)
+                    raise ProviderError(f"{shown} failed: {type(exc).__name__}: {detail}") from None
                 await anyio.sleep(min(MAX_RETRY_AFTER, 0.2 * 2 ** (attempt - 1)))
                 continue
             self.calls.append(f"{shown} -> {response.status_code}")
@@ -180,7 +190,7 @@ class Provider:
                     await anyio.sleep(pause)
                     continue
             if response.status_code >= 400:
-                body = response.text[:BODY_EXCERPT]
+                body = redact(response.text[:BODY_EXCERPT], self._credentials)
                 raise ProviderError(
                     f"{shown} answered {response.status_code} {response.reason_phrase}: {body}",
                     status=response.status_code,

@@ -170,7 +170,7 @@ class Service:
             if request.wait:
                 await self._dispatcher.settled(lifecycle.event_id, ref)
                 connection = await self.get_connection(ref)
-                outcomes = connection.outcomes
+                outcomes = await self._outcomes_of(lifecycle)
             elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
                 outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
         if connection.state is ConnectionState.DELETED and not plan.jobs and self._dispatcher is not None:
@@ -256,7 +256,8 @@ class Service:
             if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
         ]
         events += [
-            dispatcher.cancelled(j.function, j.causation_id, "the connection is being deleted", trace) for j in pending
+            dispatcher.cancelled(j.function, j.causation_id, "the connection is being deleted", trace, j.attempt)
+            for j in pending
         ]
         plan.cancel_jobs = [j.job_id for j in pending]
         run = await dispatcher.run_sync(
@@ -280,6 +281,20 @@ class Service:
         events += self._metadata_facts(run, plan)
         events.append(self._fact(Fact.CONNECTION_DELETED, plan))
         plan.events = events
+
+    async def _outcomes_of(self, lifecycle: Record) -> tuple[Outcome, ...]:
+        """The latest outcome of each function run for ``lifecycle``, from the log."""
+        outcomes: tuple[Outcome, ...] = ()
+        position = lifecycle.position
+        while True:
+            records = await self._store.read(from_position=position, ref=lifecycle.ref, limit=READ_PAGE)
+            for record in records:
+                outcome = state.outcome_of(record) if record.causation_id == lifecycle.event_id else None
+                if outcome is not None:
+                    outcomes = state.merge_outcome(outcomes, outcome)
+            if len(records) < READ_PAGE:
+                return outcomes
+            position = records[-1].position + 1
 
     async def _repeat(self, request: EmitRequest, earlier: Record) -> EmitResult:
         """Answer a repeated request with the original response, or refuse a different one."""

@@ -10,10 +10,10 @@ does I/O or reads a clock: time comes from the records.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator.errors import FailedPrecondition, NotFound
 from orchestrator.model import (
@@ -93,6 +93,10 @@ _OUTCOME_STATUS: dict[Fact, FunctionStatus] = {
 }
 
 
+_LIFECYCLE: dict[str, LifecycleEvent] = {e.value: e for e in LifecycleEvent}
+_FACTS: dict[str, Fact] = {f.value: f for f in Fact}
+
+
 class InvalidTransition(FailedPrecondition):
     """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
 
@@ -128,41 +132,61 @@ def _hint(state: ConnectionState, event: LifecycleEvent) -> str:
 
 def apply(connection: Connection | None, record: Record) -> Connection:
     """Return the connection as it is after ``record``. Pure; raises :class:`InvalidTransition`."""
-    if record.type in _E.__members__.values():
-        return _apply_lifecycle(connection, record, _E(record.type))
+    event = _LIFECYCLE.get(record.type)
+    if event is not None:
+        return _apply_lifecycle(connection, record, event)
     if connection is None:
         raise InvalidTransition(f"{record.type} at position {record.position} has no connection before it")
-    base = dataclasses.replace(
-        connection,
-        version=record.version,
-        updated_at=record.recorded_at,
-        last_event=record.type,
-        last_position=record.position,
-    )
-    try:
-        fact = Fact(record.type)
-    except ValueError:
+    fact = _FACTS.get(record.type)
+    if fact is None:
         # Unknown types from a newer release are kept in the log and skipped
         # by the fold, so an older replay still works on a newer log.
-        return base
+        return _advance(connection, record)
     if fact in _VERDICT_FROM:
         if connection.state not in _VERDICT_FROM[fact]:
             raise InvalidTransition(
                 f"{fact} at position {record.position} cannot follow state {connection.state} of {connection.ref}"
             )
         if fact is Fact.CONNECTION_VALIDATED:
-            return dataclasses.replace(base, rejection_reason="")
+            return _advance(connection, record, rejection_reason="")
         if fact is Fact.CONNECTION_REJECTED:
-            return dataclasses.replace(base, state=_S.REJECTED, rejection_reason=str(record.data.get("reason", "")))
-        return dataclasses.replace(base, state=_S.DELETED)
+            reason = str(record.data.get("reason", ""))
+            return _advance(connection, record, state=_S.REJECTED, rejection_reason=reason)
+        return _advance(connection, record, state=_S.DELETED)
     if fact is Fact.METADATA_UPDATED:
         metadata = record.data.get("metadata")
         metadata = dict(metadata) if isinstance(metadata, dict) else {}
         if record.data.get("merge"):
             # A merge is applied here, in log order, so concurrent writers never lose each other's keys.
             metadata = {**connection.metadata, **metadata}
-        return dataclasses.replace(base, metadata=metadata)
-    return _apply_outcome(base, record, _OUTCOME_STATUS[fact])
+        return _advance(connection, record, metadata=metadata)
+    return _apply_outcome(connection, record, _OUTCOME_STATUS[fact])
+
+
+def _advance(connection: Connection, record: Record, **changes: Any) -> Connection:
+    """``connection`` moved to ``record``, with ``changes``.
+
+    Written out field by field because it runs once per record on replay,
+    where :func:`dataclasses.replace` was most of the cost.
+    """
+    get = changes.get
+    c = connection
+    return Connection(
+        ref=c.ref,
+        state=get("state", c.state),
+        version=record.version,
+        created_at=c.created_at,
+        updated_at=record.recorded_at,
+        last_event=record.type,
+        last_position=record.position,
+        lifecycle=get("lifecycle", c.lifecycle),
+        incarnation=c.incarnation,
+        metadata=get("metadata", c.metadata),
+        config=get("config", c.config),
+        rejection_reason=get("rejection_reason", c.rejection_reason),
+        deletion=get("deletion", c.deletion),
+        outcomes=get("outcomes", c.outcomes),
+    )
 
 
 def _apply_lifecycle(connection: Connection | None, record: Record, event: LifecycleEvent) -> Connection:
@@ -188,13 +212,10 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
             incarnation=connection.incarnation + 1 if connection is not None else 1,
             config=dict(config),
         )
-    return dataclasses.replace(
+    return _advance(
         connection,
+        record,
         state=rule.to,
-        version=record.version,
-        updated_at=record.recorded_at,
-        last_event=record.type,
-        last_position=record.position,
         lifecycle=mark,
         # A reconnect may bring new settings; an event without any keeps the old ones.
         config=dict(config) if config else connection.config,
@@ -203,20 +224,33 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
     )
 
 
+def outcome_of(record: Record) -> Outcome | None:
+    """The function outcome a ``function-*`` record states (None for other records)."""
+    fact = _FACTS.get(record.type)
+    status = _OUTCOME_STATUS.get(fact) if fact is not None else None
+    if status is None:
+        return None
+    data = record.data
+    return Outcome(
+        name=str(data.get("function", "")),
+        status=status,
+        attempts=int(data.get("attempt", 0) or 0),
+        error=str(data.get("error", "") or ""),
+        duration_ms=int(data.get("duration_ms", 0) or 0),
+    )
+
+
+def merge_outcome(outcomes: tuple[Outcome, ...], outcome: Outcome) -> tuple[Outcome, ...]:
+    """``outcomes`` with ``outcome`` replacing the earlier one of the same function."""
+    return (*(o for o in outcomes if o.name != outcome.name), outcome)
+
+
 def _apply_outcome(connection: Connection, record: Record, status: FunctionStatus) -> Connection:
     # Outcomes of an older lifecycle event stay in the log but not in the view.
-    if record.causation_id != connection.lifecycle.event_id:
-        return connection
-    name = str(record.data.get("function", ""))
-    outcome = Outcome(
-        name=name,
-        status=status,
-        attempts=int(record.data.get("attempt", 0) or 0),
-        error=str(record.data.get("error", "") or ""),
-        duration_ms=int(record.data.get("duration_ms", 0) or 0),
-    )
-    others = tuple(o for o in connection.outcomes if o.name != name)
-    return dataclasses.replace(connection, outcomes=(*others, outcome))
+    outcome = outcome_of(record)
+    if record.causation_id != connection.lifecycle.event_id or outcome is None:
+        return _advance(connection, record)
+    return _advance(connection, record, outcomes=merge_outcome(connection.outcomes, outcome))
 
 
 def fold(records: Iterable[Record], connection: Connection | None = None) -> Connection | None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import anyio
 
@@ -85,7 +84,7 @@ class EventStore(Protocol):
         ...
 
     def jobs_changed(self) -> anyio.Event:
-        """An event set at the next commit that schedules or reschedules jobs."""
+        """An event set at the next commit that schedules, reschedules or removes jobs."""
         ...
 
     async def get_connection(self, ref: ConnectionRef) -> Connection | None:
@@ -121,19 +120,24 @@ class EventStore(Protocol):
 def sqlite_path(url: str) -> Path | None:
     """The file path of an SQLite URL, or None for other schemes.
 
-    Accepted: ``sqlite:///abs/path.db``, ``sqlite:relative/path.db`` and a bare path.
+    Accepted: ``sqlite:///abs/path.db`` (also ``sqlite:////abs/path.db``),
+    ``sqlite:relative/path.db`` and a bare path. The path is taken literally:
+    ``#`` and ``?`` are part of it, not a fragment or a query.
     """
-    if "://" not in url and not url.startswith("sqlite:"):
-        return Path(url) if not url.startswith(("memory:", "postgres")) else None
-    parts = urlsplit(url)
-    if parts.scheme != "sqlite":
-        return None
-    if parts.netloc:
-        raise InvalidArgument(f"database URL {url!r}: use sqlite:///absolute/path or sqlite:relative/path")
-    if not parts.path:
+    if not url.startswith("sqlite:"):
+        if "://" in url or url.startswith(("memory:", "postgres")):
+            return None
+        return Path(url)
+    rest = url.removeprefix("sqlite:")
+    if rest.startswith("//"):
+        host, slash, path = rest[2:].partition("/")
+        if host:
+            raise InvalidArgument(f"database URL {url!r}: use sqlite:///absolute/path or sqlite:relative/path")
+        rest = slash + path
+    if not rest or rest == "/":
         raise InvalidArgument(f"database URL {url!r} names no file")
     # sqlite:////abs/path (SQLAlchemy's spelling) means the same as sqlite:///abs/path.
-    return Path("/" + parts.path.lstrip("/")) if parts.path.startswith("//") else Path(parts.path)
+    return Path("/" + rest.lstrip("/")) if rest.startswith("//") else Path(rest)
 
 
 @asynccontextmanager

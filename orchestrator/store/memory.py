@@ -48,30 +48,7 @@ class MemoryEventStore:
                 raise Unavailable("the event store is closed")
             if any(self._jobs.get(j) is None or self._jobs[j].leased for j in cancel_jobs):
                 raise LeaseLost(f"{ref}: a job to cancel has started meanwhile; retry")
-            for event in events:
-                try:
-                    codec.dumps(event.data)
-                except (TypeError, ValueError) as exc:  # as the SQLite backend refuses it
-                    raise InvalidArgument(f"the record cannot be stored: {exc}") from None
-            keys = [e.idempotency_key for e in events if e.idempotency_key]
-            for key in keys:
-                if (ref.stream, key) in self._keys or keys.count(key) > 1:
-                    raise IdempotencyConflict(f"idempotency key {key!r} is already used on {ref}")
-            self._last_time = max(self._last_time, self._clock.now())
-            records, connection = plan_append(
-                self._connections.get(ref.stream),
-                ref,
-                expected_version,
-                events,
-                first_position=len(self._log) + 1,
-                recorded_at=self._last_time,
-            )
-            self._log.extend(records)
-            self._streams.setdefault(ref.stream, []).extend(records)
-            self._connections[ref.stream] = connection
-            for record in records:
-                if record.idempotency_key:
-                    self._keys[(ref.stream, record.idempotency_key)] = record
+            appended = self._append_locked(ref, expected_version, events)
             for job_id in cancel_jobs:
                 del self._jobs[job_id]
             for new in jobs:
@@ -89,17 +66,26 @@ class MemoryEventStore:
                     traceparent=new.traceparent,
                 )
                 self._leases[new.job_id] = None
-            self._notify()
-            if jobs:
+            if jobs or cancel_jobs:
                 self._jobs_changed()
-            return Appended(tuple(records), connection)
+            return appended
 
-    def _append_locked(self, ref: ConnectionRef, events: Sequence[NewEvent]) -> Appended:
+    def _append_locked(self, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]) -> Appended:
+        """Check, number and fold ``events``, then keep them (the caller holds the lock)."""
+        for event in events:
+            try:
+                codec.dumps(event.data)
+            except (TypeError, ValueError) as exc:  # as the SQLite backend refuses it
+                raise InvalidArgument(f"the record cannot be stored: {exc}") from None
+        keys = [e.idempotency_key for e in events if e.idempotency_key]
+        for key in keys:
+            if (ref.stream, key) in self._keys or keys.count(key) > 1:
+                raise IdempotencyConflict(f"idempotency key {key!r} is already used on {ref}")
         self._last_time = max(self._last_time, self._clock.now())
         records, connection = plan_append(
             self._connections.get(ref.stream),
             ref,
-            None,
+            expected_version,
             events,
             first_position=len(self._log) + 1,
             recorded_at=self._last_time,
@@ -107,6 +93,9 @@ class MemoryEventStore:
         self._log.extend(records)
         self._streams.setdefault(ref.stream, []).extend(records)
         self._connections[ref.stream] = connection
+        for record in records:
+            if record.idempotency_key:
+                self._keys[(ref.stream, record.idempotency_key)] = record
         self._notify()
         return Appended(tuple(records), connection)
 
@@ -140,7 +129,7 @@ class MemoryEventStore:
             current = self._jobs.get(job.job_id)
             if current is None or current.lease_token != job.lease_token:
                 raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
-            appended = self._append_locked(job.ref, events) if events else None
+            appended = self._append_locked(job.ref, None, events) if events else None
             if retry_at is None:
                 del self._jobs[job.job_id]
                 del self._leases[job.job_id]

@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import aiosqlite
 import anyio
+import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orchestrator import codec
@@ -198,7 +199,9 @@ class SQLiteEventStore:
         self._clock = clock
         self._readonly = readonly
         self._reader: aiosqlite.Connection | None = None
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        # The writer connection is only ever used by one thread at a time, through this limiter.
+        self._writer_thread = anyio.CapacityLimiter(1)
         send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
         self._send: MemoryObjectSendStream[_Op] = send
         self._receive: MemoryObjectReceiveStream[_Op] = receive
@@ -236,19 +239,11 @@ class SQLiteEventStore:
                 store._closed = True
                 await store._reader.close()
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         with _exclusive(path):
-            store._writer = await store._connect(readonly=False)
             try:
-                await store._migrate(store._writer)
-                # We hold the file's lock, so whoever leased a job before is dead:
-                # its attempt is retried now rather than after the lease runs out.
-                await store._writer.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
+                await anyio.to_thread.run_sync(store._start_writer, limiter=store._writer_thread)
                 store._reader = await store._connect(readonly=True)
-                store._head = await store._query_head()
-                async with store._writer.execute("SELECT MAX(recorded_at) FROM events") as cursor:
-                    row = await cursor.fetchone()
-                store._last_micros = (row[0] if row else None) or 0
                 failed: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(store._write_loop)
@@ -267,34 +262,51 @@ class SQLiteEventStore:
                 store._notify()
                 if store._reader is not None:
                     await store._reader.close()
-                await store._writer.close()
+                if store._writer is not None:
+                    await anyio.to_thread.run_sync(store._writer.close, limiter=store._writer_thread)
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
+        """A reader: aiosqlite, read-only."""
+        assert readonly
         try:
-            if readonly:
-                db = await aiosqlite.connect(f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None)
-            else:
-                db = await aiosqlite.connect(self._path, isolation_level=None)
+            db = await aiosqlite.connect(f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None)
             await db.execute("PRAGMA busy_timeout = 5000")
-            if not readonly:
-                await db.execute("PRAGMA journal_mode = WAL")
-                await db.execute("PRAGMA synchronous = FULL")
             return db
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        await db.execute(
+    def _start_writer(self) -> None:
+        """Open, migrate and read the writer's starting point (in the writer's thread)."""
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+        self._writer = db
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            self._migrate(db)
+            # We hold the file's lock, so whoever leased a job before is dead:
+            # its attempt is retried now rather than after the lease runs out.
+            db.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
+            self._head = db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
+            self._last_micros = db.execute("SELECT COALESCE(MAX(recorded_at), 0) FROM events").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
             " applied_at INTEGER NOT NULL)"
         )
-        applied = await self._check_schema(db)
+        applied = self._check_known({row[0] for row in db.execute("SELECT version FROM schema_migrations")})
         for number, name, sql in _migrations():
             if number in applied:
                 continue
             log.info("applying migration %s to %s", name, self._path)
             stamp = codec.to_micros(self._clock.now())
-            await db.executescript(
+            db.executescript(
                 f"BEGIN IMMEDIATE;\n{sql}\n"
                 f"INSERT INTO schema_migrations (version, name, applied_at) VALUES ({number}, '{name}', {stamp});\n"
                 "COMMIT;"
@@ -302,10 +314,12 @@ class SQLiteEventStore:
 
     async def _check_schema(self, db: aiosqlite.Connection) -> set[int]:
         try:
-            async with db.execute("SELECT version FROM schema_migrations") as cursor:
-                applied = {row[0] for row in await cursor.fetchall()}
+            rows = await db.execute_fetchall("SELECT version FROM schema_migrations")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self._path} is not an orchestrator event log ({exc})") from exc
+        return self._check_known({row[0] for row in rows})
+
+    def _check_known(self, applied: set[int]) -> set[int]:
         known = {number for number, _, _ in _migrations()}
         if applied - known:
             raise StoreError(
@@ -381,8 +395,9 @@ class SQLiteEventStore:
                     await self._commit_isolating(batch)
 
     async def _commit_isolating(self, batch: list[_Op]) -> None:
+        now = max(codec.to_micros(self._clock.now()), self._last_micros)
         try:
-            await self._commit(batch)
+            txn = await anyio.to_thread.run_sync(self._commit, batch, now, limiter=self._writer_thread)
         except Exception as exc:  # the writer must outlive any one write; its callers get the error
             if len(batch) == 1:
                 batch[0].error = self._wrap(exc, batch[0])
@@ -391,6 +406,13 @@ class SQLiteEventStore:
                 for op in batch:
                     await self._commit_isolating([op])
                 return
+        else:
+            self._last_micros = now
+            if txn.position - 1 > self._head:
+                self._head = txn.position - 1
+                self._notify()
+            if txn.job_rows or txn.rescheduled or txn.deleted_jobs:
+                self._jobs_changed()
         for op in batch:
             op.done.set()
 
@@ -401,43 +423,37 @@ class SQLiteEventStore:
         log.error("write to %s failed: %r", op.stream, exc)
         return StoreError(f"the event log could not be written: {exc}")
 
-    async def _commit(self, batch: list[_Op]) -> None:
+    def _commit(self, batch: list[_Op], now: int) -> _Txn:
+        """One transaction for the whole batch; runs in the writer's thread (one hop per batch)."""
         db = self._writer
         assert db is not None
         for op in batch:
             op.error = op.result = None
-        now = max(codec.to_micros(self._clock.now()), self._last_micros)
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             txn = _Txn(
-                current=await self._load_connections(db, {op.stream for op in batch if op.stream}),
+                current=self._load_connections(db, {op.stream for op in batch if op.stream}),
                 position=self._head + 1,
                 recorded_at=codec.from_micros(now),
             )
             for op in batch:
                 try:
                     if isinstance(op, _Append):
-                        op.result = await self._apply_append(db, txn, op)
+                        op.result = self._apply_append(db, txn, op)
                     elif isinstance(op, _Finish):
-                        op.result = await self._apply_finish(db, txn, op)
+                        op.result = self._apply_finish(db, txn, op)
                     elif isinstance(op, _Claim):
-                        op.result = await self._apply_claim(db, op)
+                        op.result = self._apply_claim(db, op)
                 except OrchestratorError as exc:
                     op.error = exc
                 except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
                     op.error = InvalidArgument(f"the record cannot be stored: {exc}")
-            await self._flush(db, txn)
-            await db.execute("COMMIT")
+            self._flush(db, txn)
+            db.execute("COMMIT")
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._last_micros = now
-        if txn.position - 1 > self._head:
-            self._head = txn.position - 1
-            self._notify()
-        if txn.job_rows or txn.rescheduled:
-            self._jobs_changed()
+        return txn
 
     def _add_records(
         self, txn: _Txn, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]
@@ -457,13 +473,11 @@ class SQLiteEventStore:
         txn.event_rows.extend(rows)
         return Appended(tuple(records), connection)
 
-    async def _apply_append(self, db: aiosqlite.Connection, txn: _Txn, op: _Append) -> Appended:
+    def _apply_append(self, db: sqlite3.Connection, txn: _Txn, op: _Append) -> Appended:
         if op.cancel_jobs:
             marks = ",".join("?" * len(op.cancel_jobs))
-            async with db.execute(
-                f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND lease_until IS NULL", list(op.cancel_jobs)
-            ) as cursor:
-                free = {row[0] for row in await cursor.fetchall()}
+            sql = f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND lease_until IS NULL"
+            free = {row[0] for row in db.execute(sql, list(op.cancel_jobs))}
             if free != set(op.cancel_jobs):
                 raise LeaseLost(f"{op.ref}: a job to cancel has started meanwhile; retry")
         created = codec.to_micros(txn.recorded_at)
@@ -489,10 +503,9 @@ class SQLiteEventStore:
         txn.job_rows.extend(job_rows)
         return appended
 
-    async def _apply_finish(self, db: aiosqlite.Connection, txn: _Txn, op: _Finish) -> Appended | None:
+    def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
         job = op.job
-        async with db.execute("SELECT lease_token FROM jobs WHERE job_id = ?", (job.job_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = db.execute("SELECT lease_token FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
         if row is None or row[0] != job.lease_token:
             raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
         appended = self._add_records(txn, job.ref, None, op.events) if op.events else None
@@ -502,7 +515,7 @@ class SQLiteEventStore:
             txn.rescheduled.append((op.retry_at, job.job_id))
         return appended
 
-    async def _apply_claim(self, db: aiosqlite.Connection, op: _Claim) -> list[Job]:
+    def _apply_claim(self, db: sqlite3.Connection, op: _Claim) -> list[Job]:
         excluded = list(op.exclude)
         marks = ",".join("?" * len(excluded))
         not_excluded = f" AND stream NOT IN ({marks})" if excluded else ""
@@ -510,48 +523,42 @@ class SQLiteEventStore:
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
             f"{not_excluded} ORDER BY run_at LIMIT ?"
         )
-        async with db.execute(sql, [op.now, op.now, *excluded, op.limit]) as cursor:
-            rows = await cursor.fetchall()
+        rows = db.execute(sql, [op.now, op.now, *excluded, op.limit]).fetchall()
         claimed = []
         for row in rows:
             job = _row_to_job(row)
             job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
             claimed.append(job)
-        await db.executemany(
+        db.executemany(
             "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ? WHERE job_id = ?",
             [(j.attempt, j.lease_token, op.lease_until, j.job_id) for j in claimed],
         )
         return claimed
 
-    async def _flush(self, db: aiosqlite.Connection, txn: _Txn) -> None:
+    def _flush(self, db: sqlite3.Connection, txn: _Txn) -> None:
         if txn.event_rows:
-            await db.executemany(
-                f"INSERT INTO events ({_RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})", txn.event_rows
-            )
-            await db.executemany(
+            db.executemany(f"INSERT INTO events ({_RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})", txn.event_rows)
+            db.executemany(
                 "INSERT OR REPLACE INTO connections (stream, environment, integration, connection_id,"
                 " state, version, last_position, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [_connection_to_row(txn.current[s]) for s in txn.touched],
             )
         if txn.job_rows:
-            await db.executemany(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}, created_at) VALUES ({','.join('?' * 12)})", txn.job_rows
-            )
+            db.executemany(f"INSERT INTO jobs ({_JOB_COLUMNS}, created_at) VALUES ({','.join('?' * 12)})", txn.job_rows)
         if txn.deleted_jobs:
-            await db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
+            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
         if txn.rescheduled:
-            await db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
+            db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
 
-    async def _load_connections(self, db: aiosqlite.Connection, streams: Iterable[str]) -> dict[str, Connection]:
+    def _load_connections(self, db: sqlite3.Connection, streams: Iterable[str]) -> dict[str, Connection]:
         wanted = list(streams)
         found: dict[str, Connection] = {}
         for start in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
             chunk = wanted[start : start + 500]
             sql = f"SELECT body FROM connections WHERE stream IN ({','.join('?' * len(chunk))})"
-            async with db.execute(sql, chunk) as cursor:
-                for (body,) in await cursor.fetchall():
-                    connection = codec.connection_from_json(json.loads(body))
-                    found[connection.ref.stream] = connection
+            for (body,) in db.execute(sql, chunk):
+                connection = codec.connection_from_json(json.loads(body))
+                found[connection.ref.stream] = connection
         return found
 
     def _notify(self) -> None:
@@ -573,8 +580,9 @@ class SQLiteEventStore:
         if db is None or self._closed:
             raise Unavailable("the event store is closed")
         try:
-            async with db.execute(sql, params) as cursor:
-                return list(await cursor.fetchall())
+            # One hop for execute and fetch: a statement left open between the two would
+            # pin its snapshot for other readers of this connection (stale reads).
+            return list(await db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreError(f"the event log could not be read: {exc}") from exc
 

@@ -273,9 +273,11 @@ def test_events_follow_ends_with_exit_1_when_the_daemon_stops(
 
 
 def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> None:
-    """Deleting an unknown connection prints one line ``orchestrator: error: NOT_FOUND: ...``, exit 1, no write."""
+    """A refused emit (unknown connection, stale version) prints one line ``orchestrator: error: CODE: ...``, exit 1."""
     line = one_error_line(cli("emit", "pre-connection-deletion", "ghost", "-i", name), "NOT_FOUND: ")
     assert f"dev/{name}/ghost" in line
+    stale = cli("emit", "post-connection-creation", "ghost", "-i", name, "--expected-version", "3")
+    assert "current version is 0" in one_error_line(stale, f"ABORTED: dev/{name}/ghost: expected version 3")
     assert cli.ok("events", "--connection", "ghost", "-i", name).out == ""
 
 
@@ -506,6 +508,12 @@ def test_second_serve_on_the_same_log_exits_1_saying_it_is_in_use(cli: Cli, tmp_
     cli.ok("connections", "list")
 
 
+def test_serve_on_a_port_in_use_exits_1_naming_it(daemon: Daemon, tmp_path: Path) -> None:
+    """``serve --listen`` on the port another daemon listens on exits 1 saying it cannot listen there."""
+    result = run("serve", "--listen", daemon.address, "--database", sqlite_url(tmp_path / "events.db"), cwd=tmp_path)
+    assert daemon.address in last_error_line(result, f"cannot listen on {daemon.address}")
+
+
 def test_serve_on_a_log_whose_directory_has_a_hash(
     start_daemon: Callable[..., Daemon], tmp_path: Path, name: str
 ) -> None:
@@ -526,42 +534,45 @@ def test_serve_on_a_log_whose_directory_has_a_hash(
 
 # -- help ----------------------------------------------------------------------------
 
-COMMANDS = {
-    "": [],
+DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events"}
+"""The commands DESIGN.md names."""
+ENV_SHOWN = {
     "serve": ["ORCHESTRATOR_LISTEN", "ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
     "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT"],
-    "connections": [],
     "connections list": ["ORCHESTRATOR_ADDRESS"],
     "connections get": ["ORCHESTRATOR_ADDRESS"],
     "events": ["ORCHESTRATOR_ADDRESS"],
     "replay": ["ORCHESTRATOR_DATABASE"],
 }
+"""Environment variables that a command's --help must show."""
+
+
+def subcommands(help_text: str) -> list[str]:
+    """The command names under ``Commands:`` in a --help text."""
+    return re.findall(r"^  ([a-z][a-z-]*)  ", help_text.partition("\nCommands:\n")[2], re.MULTILINE)
 
 
 def test_every_command_has_help(tmp_path: Path) -> None:
-    """``--help`` of every command prints its usage and its options' environment variables, and exits 0."""
+    """``--help`` of every command and subcommand prints its usage and its options' variables, and exits 0."""
+    results = {"": run("--help", cwd=tmp_path)}
+    pending = [""]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(
-            zip(COMMANDS, pool.map(lambda c: run(*c.split(), "--help", cwd=tmp_path), COMMANDS), strict=True)
-        )
+        while pending:
+            found = [f"{group} {name}".strip() for group in pending for name in subcommands(results[group].out)]
+            results.update(zip(found, pool.map(lambda c: run(*c.split(), "--help", cwd=tmp_path), found), strict=True))
+            pending = found
+    assert DOCUMENTED <= set(results), sorted(results)
+    assert {"connections list", "connections get"} <= set(results), sorted(results)
     for command, result in results.items():
         assert (result.code, result.err) == (0, ""), str(result)
         assert result.out.startswith(f"Usage: orchestrator {command}".rstrip() + " "), str(result)
-        for variable in COMMANDS[command]:
+        for variable in ENV_SHOWN.get(command, []):
             assert variable in result.out, str(result)
-    listed = re.findall(r"^  ([a-z-]+)  ", results[""].out.partition("Commands:")[2], re.MULTILINE)
-    assert {"serve", "emit", "connections", "events", "replay"} <= set(listed), str(results[""])
 
 
 # -- known bugs ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `orchestrator connections` (no subcommand) ignores ORCHESTRATOR_ADDRESS and ORCHESTRATOR_ENVIRONMENT:"
-    " cli.py runs `ctx.invoke(list_connections)`, which fills in option defaults without reading their envvars, so it"
-    " always asks 127.0.0.1:50051 (or the config file's address)",
-)
 def test_connections_without_subcommand_reads_the_address_from_the_environment(api: Api, cli: Cli, name: str) -> None:
     """``connections`` with ORCHESTRATOR_ADDRESS set lists that daemon's connections, as ``connections list`` does."""
     api.emit("post-connection-creation", "acme-1", name)
@@ -570,11 +581,6 @@ def test_connections_without_subcommand_reads_the_address_from_the_environment(a
     assert (name, "acme-1") in {(r["INTEGRATION"], r["CONNECTION"]) for r in rows(result.out)}, str(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `orchestrator connections` prints the list but refuses --json and --address (exit 2: "
-    "'No such option'); DESIGN: every command takes --json where it prints data, and config from flags",
-)
 def test_connections_without_subcommand_takes_the_list_options(api: Api, cli: Cli, name: str) -> None:
     """``connections --json --address A`` prints the connections of the daemon at A as JSON."""
     api.emit("post-connection-creation", "acme-1", name)

@@ -7,7 +7,7 @@ the tests talk to it over TCP with grpc.aio clients.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -16,9 +16,13 @@ import anyio
 import grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.clock import Clock
 from orchestrator.config import ServeConfig
 from orchestrator.daemon import serve
+from orchestrator.dispatch import DispatchConfig
 from orchestrator.model import ConnectionRef, NewEvent, Record
+from orchestrator.plugins import Registry
+from orchestrator.provider import Integration
 from orchestrator.store import open_store
 
 STARTUP_TIMEOUT = 30
@@ -38,27 +42,51 @@ class Daemon:
 
 
 @asynccontextmanager
-async def run_daemon(database: str) -> AsyncIterator[Daemon]:
-    """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it."""
+async def run_daemon(
+    database: str,
+    *,
+    registry: Registry | None = None,
+    integrations: Mapping[str, Integration] | None = None,
+    dispatch: DispatchConfig | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[Daemon]:
+    """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it.
+
+    ``registry`` replaces plugin discovery (the event functions to run), ``integrations``
+    and ``dispatch`` are the daemon's settings, ``clock`` its clock.
+    """
     ready = anyio.Event()
     stop = anyio.Event()
     ports: list[int] = []
+    failure: Exception | None = None
 
     def on_ready(port: int) -> None:
         ports.append(port)
         ready.set()
 
-    config = ServeConfig(listen="127.0.0.1:0", database=database, grace_period=1)
+    config = ServeConfig(
+        listen="127.0.0.1:0",
+        database=database,
+        grace_period=1,
+        dispatch=dispatch or DispatchConfig(),
+        integrations=dict(integrations or {}),
+    )
     async with anyio.create_task_group() as tg:
         # If serve() fails before it is ready, the task group cancels this wait and re-raises.
-        tg.start_soon(partial(serve, config, on_ready=on_ready, stop=stop))
+        tg.start_soon(partial(serve, config, on_ready=on_ready, stop=stop, registry=registry, clock=clock))
         with anyio.fail_after(STARTUP_TIMEOUT):
             await ready.wait()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
                 yield Daemon(ports[0], database, channel, pb_grpc.OrchestratorStub(channel), stop)
+        except Exception as exc:
+            # Let the daemon drain and close its log before the test's failure propagates: cancelling
+            # serve() instead would leave the log open and bury the failure under a ResourceWarning.
+            failure = exc
         finally:
             stop.set()
+    if failure is not None:
+        raise failure
 
 
 async def seed(database: str, ref: ConnectionRef, *appends: Sequence[NewEvent]) -> list[Record]:

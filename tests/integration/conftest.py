@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import daemon as daemon_module
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.plugins import Registry
 
@@ -20,19 +19,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(autouse=True)
-def no_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serve without event functions, whatever plugins the environment has installed.
-
-    These tests pin the daemon's own behaviour (validation accepts, deletion
-    completes at once); plugins installed in the same virtualenv (the example
-    plugins under plugins/, a plugin half-way through ``pip install``) would
-    otherwise run for the integrations the tests use, or stop the daemon from starting.
-    """
-    monkeypatch.setattr(daemon_module, "load_plugins", lambda *, skip_broken: Registry())
-    monkeypatch.setattr(daemon_module, "discover_integrations", lambda: ({}, []))
-
-
 @pytest.fixture
 def database(tmp_path: Path) -> str:
     """The URL of a fresh SQLite event log in the test's temporary directory."""
@@ -41,8 +27,13 @@ def database(tmp_path: Path) -> str:
 
 @pytest.fixture
 async def daemon(database: str) -> AsyncIterator[Daemon]:
-    """A daemon serving a fresh log, stopped (and awaited) after the test."""
-    async with run_daemon(database) as running:
+    """A daemon without event functions serving a fresh log, stopped (and awaited) after the test.
+
+    Without functions validation accepts and deletion completes at once, which
+    is the behaviour these tests pin; the plugins installed in the virtualenv
+    (the examples under plugins/) would otherwise run for the integrations used here.
+    """
+    async with run_daemon(database, registry=Registry()) as running:
         yield running
 
 

@@ -1,0 +1,82 @@
+"""A daemon killed with SIGKILL in the middle of a post-creation job re-runs the job after a restart."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from ._support import Provider, run, serve, snapshot, sqlite_url, start, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+STREAM = "dev/salesforce/acme"
+WAIT = 30.0
+
+
+async def reached(event: threading.Event) -> bool:
+    """Wait (bounded by :data:`WAIT`) for an event set by a provider thread."""
+    with anyio.fail_after(WAIT + 5):
+        return await anyio.to_thread.run_sync(event.wait, WAIT, abandon_on_cancel=True)
+
+
+async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path: Path, provider: Provider) -> None:
+    """SIGKILL while register-webhook's POST is held: after a restart the job runs again (attempt 2) and succeeds."""
+    database = tmp_path / "events.db"
+    # auth none: credentials live in the daemon's memory until the security work seals them,
+    # so a restarted daemon has none to send; the re-run is what this test is about.
+    config = write_config(tmp_path / "o.toml", provider, auth="none")
+    held = provider.hold_next_post()
+    with anyio.fail_after(100):
+        async with serve(database, "--config", str(config)) as first:
+            emitted = await run(
+                "emit",
+                "post-connection-creation",
+                "acme",
+                "-i",
+                "salesforce",
+                "--config",
+                '{"instance": "acme"}',
+                "--json",
+                "--address",
+                first.address,
+            )
+            assert emitted.code == 0, str(emitted)
+            assert emitted.json()["state"] == "active"
+            assert await reached(held.arrived), "the provider never received the POST"
+            assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+        # The killed attempt's request is answered into the void, before the restart, so ids are wh1 then wh2.
+        held.release.set()
+        assert await reached(held.answered)
+        assert [r.method for r in provider.requests] == ["POST"]
+
+        async with serve(database, "--config", str(config)) as second:
+            async with start("events", "--follow", "--json", "--address", second.address, stream="stdout") as follower:
+                await follower.wait_for(r'"type":\s*"function-succeeded"', within=WAIT)
+                await follower.stop()
+            log = await run("events", "--json", "--address", second.address)
+            assert log.code == 0, str(log)
+            records = [r for r in log.json_lines() if r["stream"] == STREAM]
+            assert [r["type"] for r in records] == [
+                "post-connection-creation",
+                "metadata-updated",
+                "function-succeeded",
+            ]
+            done = records[-1]["data"]
+            assert done["function"] == "register-webhook"
+            assert done["attempt"] >= 2, done
+            shown = await run("connections", "get", "acme", "-i", "salesforce", "--json", "--address", second.address)
+            assert shown.code == 0, str(shown)
+            assert shown.json()["metadata"] == {"webhook_id": "wh2"}
+            assert await second.stop() == 0, str(second)
+
+        assert [(r.method, r.path) for r in provider.requests] == [("POST", "/acme/webhooks")] * 2
+        assert provider.created == ["wh1", "wh2"]
+        assert snapshot(database)["jobs"] == []
+        verified = await run("replay", "--database", sqlite_url(database), "--verify")
+        assert verified.code == 0, str(verified)
+        assert verified.out == "read model matches the log\n"

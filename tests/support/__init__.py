@@ -1,0 +1,1 @@
+"""Helpers shared by several test suites (a scriptable local HTTP provider, ...)."""
