@@ -9,7 +9,6 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -324,6 +323,29 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     is_flag=True,
     help="Start even when a plugin is broken (it is reported and left out).",
 )
+@click.option(
+    "--log-format",
+    envvar="ORCHESTRATOR_LOG_FORMAT",
+    show_envvar=True,
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    help="auto: text on a terminal, JSON lines otherwise.",
+)
+@click.option(
+    "--log-file",
+    envvar="ORCHESTRATOR_LOG_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Log to this file (JSON lines) instead of stderr; SIGHUP reopens it.",
+)
+@click.option(
+    "--metrics-listen",
+    envvar="ORCHESTRATOR_METRICS_LISTEN",
+    show_envvar=True,
+    default="",
+    help="HOST:PORT for a Prometheus text endpoint at /metrics (default: none).",
+)
+@click.option("--check", is_flag=True, help="Validate the configuration and plugins, print a summary, and exit.")
 @_dispatch_options
 @click.pass_context
 def serve(
@@ -335,14 +357,27 @@ def serve(
     insecure: bool,
     log_level: str,
     skip_broken_plugins: bool,
+    log_format: str,
+    log_file: Path | None,
+    metrics_listen: str,
+    check: bool,
     **dispatch: Any,
 ) -> None:
-    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default)."""
-    from orchestrator import daemon
+    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default).
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    Traces and metrics are exported as the standard OTEL_* variables say
+    (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
+    OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
+    """
+    import os
+
+    from orchestrator import daemon, logs
+    from orchestrator.store import sqlite_path
+    from orchestrator.telemetry import TelemetryConfig
+
+    file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
+    if metrics_listen:
+        config.split_host_port(metrics_listen)
     settings = config.ServeConfig(
         listen=listen,
         database=database or "",
@@ -351,7 +386,22 @@ def serve(
         skip_broken_plugins=skip_broken_plugins,
         dispatch=_dispatch_config(dispatch),
         integrations=_integrations(ctx),
+        telemetry=TelemetryConfig.from_environ(os.environ, version=_VERSION, metrics_listen=metrics_listen),
+        on_sighup=file_handler.reopen if file_handler is not None else None,
     )
+    if check:
+        registry = daemon.load_plugins(skip_broken=skip_broken_plugins)
+        url = settings.database or config.default_database()
+        sqlite_path(url)  # refuses a malformed URL
+        click.echo(f"configuration is valid: listen {settings.listen}, log {url}")
+        click.echo(f"{len(registry.functions)} event function(s), {len(registry.broken)} broken plugin(s) skipped")
+        for name, integration in sorted(_integrations(ctx).items()):
+            click.echo(f"integration {name}: base_url {integration.base_url or '(none)'}, auth {integration.auth}")
+        click.echo(
+            f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
+            + (f", Prometheus on {metrics_listen}" if metrics_listen else "")
+        )
+        return
     backend_options: dict[str, Any] = {}
     try:
         import uvloop  # noqa: F401 - optional: 15-25% faster with grpc.aio

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.dispatch import DispatchConfig
 from orchestrator.errors import InvalidArgument
 from orchestrator.provider import Integration
+from orchestrator.telemetry import TelemetryConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -41,6 +42,9 @@ class ServeConfig:
     skip_broken_plugins: bool = False
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     integrations: Mapping[str, Integration] = field(default_factory=dict)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    on_sighup: Callable[[], None] | None = None
+    """What SIGHUP does (reopen the log file)."""
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)

@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import httpx
 from grpc_health.v1 import health_pb2
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from orchestrator import server as grpc_server
+from orchestrator import telemetry
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import ServeConfig, default_database
 from orchestrator.dispatch import Dispatcher
-from orchestrator.errors import InvalidArgument, PluginError
+from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
 from orchestrator.plugins import Registry, discover, discover_integrations
 from orchestrator.provider import Integration
 from orchestrator.service import Service
-from orchestrator.store import open_store
+from orchestrator.store import EventStore, Stats, open_store
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ async def serve(
     integrations = {**defaults, **config.integrations}
     health_servicer = grpc_server.HealthServicer()
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         await _serve(config, database, registry, integrations, health_servicer, signals, on_ready, stop, clock)
     log.info("stopped; the event log is closed")
 
@@ -68,6 +72,7 @@ async def _serve(
     clock: Clock | None,
 ) -> None:
     async with (
+        telemetry.telemetry(config.telemetry),
         open_store(database) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
@@ -77,6 +82,8 @@ async def _serve(
         )
         service = Service(store, dispatcher=dispatcher)
         server = grpc_server.build_server(service, health_servicer)
+        for name in ("", grpc_server.SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             port = server.add_insecure_port(config.listen)
         except RuntimeError as exc:
@@ -84,6 +91,10 @@ async def _serve(
         if port == 0:
             raise InvalidArgument(f"cannot listen on {config.listen}: the address is in use or unavailable")
         await server.start()
+        gauges = _Gauges(store)
+        await gauges.refresh()
+        tg.start_soon(gauges.run)
+        tg.start_soon(dispatcher.run)
         for name in ("", grpc_server.SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         host = config.listen.rpartition(":")[0]
@@ -95,20 +106,74 @@ async def _serve(
 
         async def watch_signals() -> None:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if config.on_sighup is not None:
+                        config.on_sighup()
+                        log.info("received SIGHUP: log file reopened")
+                    continue
                 name = signal.Signals(signum).name
                 log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
                 stopping.set()
                 return
 
         tg.start_soon(watch_signals)
-        tg.start_soon(dispatcher.run)
         await stopping.wait()
-        tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
             await health_servicer.enter_graceful_shutdown()
             service.drain()
-            # Stops accepting calls at once; in-flight calls get the grace period.
-            await server.stop(config.grace_period)
+            dispatcher.stop_claiming()
+            # In-flight calls and running function attempts share the grace period;
+            # what is left then is cancelled, and unfinished jobs resume at the next start.
+            async with anyio.create_task_group() as drain:
+                drain.start_soon(server.stop, config.grace_period)
+                with anyio.move_on_after(config.grace_period):
+                    await dispatcher.idle()
+        tg.cancel_scope.cancel()
+
+
+class _Gauges:
+    """Job queue depth, oldest waiting job and connections by state, refreshed every few seconds."""
+
+    INTERVAL = 10.0
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self._stats = Stats(0, None, {})
+        meter = metrics.get_meter(__name__)
+        meter.create_observable_gauge(
+            "orchestrator.jobs.queued", callbacks=[self._queued], description="Jobs scheduled or running"
+        )
+        meter.create_observable_gauge(
+            "orchestrator.jobs.oldest_age",
+            unit="s",
+            callbacks=[self._oldest],
+            description="How long the oldest due job has been waiting",
+        )
+        meter.create_observable_gauge(
+            "orchestrator.connections", callbacks=[self._connections], description="Connections by state"
+        )
+
+    async def refresh(self) -> None:
+        self._stats = await self._store.stats()
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.INTERVAL)
+            try:
+                await self.refresh()
+            except OrchestratorError as exc:
+                log.warning("could not refresh the gauges: %s", exc)
+
+    def _queued(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._stats.jobs)]
+
+    def _oldest(self, options: CallbackOptions) -> Iterable[Observation]:
+        oldest = self._stats.oldest_job_at
+        age = max((datetime.now(UTC) - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+        return [Observation(age)]
+
+    def _connections(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"state": state}) for state, n in sorted(self._stats.connections.items())]
 
 
 def load_plugins(*, skip_broken: bool) -> Registry:

@@ -24,7 +24,9 @@ from datetime import datetime, timedelta
 
 import anyio
 import httpx
+from opentelemetry import metrics, trace
 
+from orchestrator import telemetry
 from orchestrator.clock import Clock
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
 from orchestrator.errors import LeaseLost, OrchestratorError
@@ -34,10 +36,14 @@ from orchestrator.model import ConnectionRef, Fact, Job, JSONObject, LifecycleEv
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Integration, Provider, redact
 from orchestrator.retry import DEFAULT_RETRY, RetryPolicy
-from orchestrator.runner import AttemptResult, run_attempt
+from orchestrator.runner import TIMEOUT, AttemptResult, run_attempt
 from orchestrator.store import EventStore
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+meter = metrics.get_meter(__name__)
+ATTEMPTS = meter.create_counter("orchestrator.function.attempts", description="Function attempts by outcome")
+ATTEMPT_MS = meter.create_histogram("orchestrator.function.duration", unit="ms", description="Function attempt time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,8 @@ class Dispatcher:
         self._running: dict[str, dict[str, anyio.Event]] = {}
         self._wake = anyio.Event()
         self._finished = anyio.Event()
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
 
     # -- shared ----------------------------------------------------------------
 
@@ -199,22 +207,68 @@ class Dispatcher:
         *,
         time_limit: float | None = None,
         calls: list[str] | None = None,
+        traceparent: str | None = None,
     ) -> AttemptResult:
-        """One attempt, within the daemon's function concurrency."""
+        """One attempt, within the daemon's function concurrency, in its own span.
+
+        The span's parent is the current span, or the span ``traceparent``
+        names (a job's emit, possibly from before a restart).
+        """
         limit = min(time_limit, self._timeout(function)) if time_limit is not None else self._timeout(function)
+        parent = telemetry.context_from(traceparent) if traceparent is not None else None
 
         def make(log: AttemptLog) -> Context:
             ctx = self._context(function, info, event, sink, calls)
             ctx._log = log  # the runner owns the attempt's log
             return ctx
 
-        async with self._limiter:
-            result = await run_attempt(function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads)
-        # Whatever a function raised or logged, the connection's secrets never reach the log.
-        secrets = self.credentials.get(info.ref)
-        return dataclasses.replace(
-            result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
+        ref = info.ref
+        attributes = {
+            "orchestrator.environment": ref.environment,
+            "orchestrator.integration": ref.integration,
+            "orchestrator.connection_id": ref.connection_id,
+            "orchestrator.event": event.type.value,
+            "orchestrator.function": function.name,
+            "orchestrator.attempt": event.attempt,
+            "orchestrator.plugin": f"{function.distribution} {function.version}",
+        }
+        with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
+            async with self._limiter:
+                result = await run_attempt(
+                    function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads
+                )
+            # Whatever a function raised or logged, the connection's secrets never reach the log.
+            secrets = self.credentials.get(ref)
+            result = dataclasses.replace(
+                result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
+            )
+            outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
+            span.set_attribute("orchestrator.outcome", outcome)
+            if not result.ok:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{result.error_type}: {result.error}"[:500]))
+                span.add_event("exception", {"exception.type": result.error_type, "exception.message": result.error})
+        labels = {"function": function.name, "outcome": outcome}
+        log.log(
+            logging.INFO if result.ok else logging.WARNING,
+            "function %s attempt %d on %s: %s%s",
+            function.name,
+            event.attempt,
+            ref,
+            outcome,
+            f" ({result.error_type}: {result.error})" if not result.ok else "",
+            extra={
+                "function": function.name,
+                "attempt": event.attempt,
+                "connection": ref.stream,
+                "event": event.type.value,
+                "outcome": outcome,
+                "duration_ms": result.duration_ms,
+                "error": result.error,
+            },
         )
+        ATTEMPTS.add(1, labels)
+        ATTEMPT_MS.record(result.duration_ms, labels)
+        return result
 
     # -- synchronous runs --------------------------------------------------------
 
@@ -245,7 +299,9 @@ class Dispatcher:
             result = await self.attempt(function, info, event, fn_sink, time_limit=max(remaining, 0.001))
             done.add(function.name)
             out.results.append(result)
-            if not result.ok and stop_on_failure:
+            # At the shared deadline every function still running times out alike:
+            # only a failure of its own stops the others.
+            if not result.ok and stop_on_failure and result.error_type != TIMEOUT:
                 tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
@@ -285,11 +341,29 @@ class Dispatcher:
                 return
             await _first(finished, changed)  # a job ended, or jobs were added, moved or cancelled
 
+    def stop_claiming(self) -> None:
+        """Start draining: claim nothing more; running attempts go on (see :meth:`idle`)."""
+        self._stopping.set()
+        self.wake()
+
+    async def idle(self) -> None:
+        """Return once the worker has stopped and no job attempt is running."""
+        await self._stopped.wait()
+
     async def run(self) -> None:
-        """Claim and run due jobs until cancelled. Unfinished jobs stay in the store for the next start."""
+        """Claim and run due jobs until :meth:`stop_claiming` (then let running attempts finish) or cancelled.
+
+        Unfinished jobs stay in the store for the next start.
+        """
+        try:
+            await self._run()
+        finally:
+            self._stopped.set()
+
+    async def _run(self) -> None:
         lease = self.config.attempt_timeout + self.config.lease_margin
         async with anyio.create_task_group() as tg:
-            while True:
+            while not self._stopping.is_set():
                 # Fresh before looking for work, so a wake() from now on is never missed.
                 woken = self._wake = anyio.Event()
                 changed, finished = self.store.jobs_changed(), self._finished
@@ -364,7 +438,7 @@ class Dispatcher:
         metadata = connection.metadata if connection is not None else {}
         sink = _Immediate(self.store, job.ref, metadata, function.name, job.causation_id)
         event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
-        result = await self.attempt(function, ConnectionInfo(job.ref, config), event, sink)
+        result = await self.attempt(function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent)
         facts = [self.fact(result, job.causation_id, job.traceparent)]
         policy = self._policy(function)
         retry_at = None

@@ -19,7 +19,9 @@ from typing import Any
 
 import anyio
 import httpx
+from opentelemetry import trace
 
+from orchestrator import telemetry
 from orchestrator.errors import InvalidArgument, OrchestratorError
 from orchestrator.model import JSONObject
 
@@ -28,6 +30,7 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 30.0
 """A provider asking for a longer pause makes the call fail (the job's own retry takes over)."""
 BODY_EXCERPT = 300
+tracer = trace.get_tracer(__name__)
 
 
 class ProviderError(OrchestratorError):
@@ -113,6 +116,11 @@ def _retry_after(response: httpx.Response, now: datetime) -> float | None:
     return max(0.0, (when - now).total_seconds())
 
 
+def _origin(url: str) -> tuple[str, str]:
+    parts = httpx.URL(url)
+    return parts.scheme, parts.netloc.decode()
+
+
 def redact(text: str, credentials: Mapping[str, str]) -> str:
     """``text`` with every credential value replaced, in case a provider echoes one back."""
     for value in sorted(credentials.values(), key=len, reverse=True):
@@ -153,13 +161,47 @@ class Provider:
         """Send one request, retrying 429/5xx and transport errors; raise :class:`ProviderError` otherwise."""
         integration = self._integration
         base = integration.url_for(self._config)
-        url = (
-            endpoint if endpoint.startswith(("http://", "https://")) else base.rstrip("/") + "/" + endpoint.lstrip("/")
-        )
-        auth_headers, auth_params, auth = _auth(integration, self._credentials)
+        absolute = endpoint.startswith(("http://", "https://"))
+        url = endpoint if absolute else base.rstrip("/") + "/" + endpoint.lstrip("/")
+        if absolute and _origin(url) != _origin(base):
+            # A URL from elsewhere (say, from a provider's response) gets no credentials.
+            auth_headers: dict[str, str] = {}
+            auth_params: dict[str, str] = {}
+            auth = None
+        else:
+            auth_headers, auth_params, auth = _auth(integration, self._credentials)
         merged_headers = {**(headers or {}), **auth_headers}
         merged_params = {**(params or {}), **auth_params}
         shown = f"{method} {url}"
+        with tracer.start_as_current_span(
+            f"HTTP {method}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={"http.request.method": method, "url.full": url, "orchestrator.integration": integration.name},
+        ) as span:
+            telemetry.inject(merged_headers)  # the provider joins the trace
+            try:
+                response = await self._send(method, url, shown, merged_params, merged_headers, auth, json, data)
+            except ProviderError as exc:
+                if exc.status:
+                    span.set_attribute("http.response.status_code", exc.status)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:300]))
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        shown: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+        auth: Any,
+        json: Any,
+        data: Any,
+    ) -> httpx.Response:
+        integration = self._integration
+        merged_params, merged_headers = params, headers
         attempt = 0
         while True:
             attempt += 1

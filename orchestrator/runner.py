@@ -23,6 +23,9 @@ from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
 from orchestrator.provider import ProviderError
 
+TIMEOUT = "Timeout"
+"""The ``error_type`` of an attempt that ran out of time."""
+
 
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
@@ -88,7 +91,7 @@ async def run_attempt(
             attempt,
             False,
             duration_ms,
-            error_type=type(exc).__name__ if exc is not None else "Timeout",
+            error_type=type(exc).__name__ if exc is not None else TIMEOUT,
             error=message or (str(exc) if exc is not None else "") or type(exc).__name__,
             retryable=retryable,
             rejected=rejected,

@@ -8,15 +8,17 @@ log, never a traceback on the wire.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
-from orchestrator import _wire, errors
+from orchestrator import _wire, errors, telemetry
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
@@ -24,6 +26,7 @@ from orchestrator.limits import MAX_MESSAGE_BYTES
 from orchestrator.service import Service
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 # grpc-stubs predates the asyncio health servicer, so it is typed here by hand.
 HealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
@@ -64,27 +67,54 @@ Self = TypeVar("Self")
 Ctx = grpc.aio.ServicerContext[object, object]
 
 
+def _metadata(context: Ctx) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+@contextmanager
+def _server_span(name: str, context: Ctx) -> Iterator[trace.Span]:
+    """The RPC's span, continuing the caller's ``traceparent``; failures set its status."""
+    parent = telemetry.context_from(_metadata(context).get("traceparent", ""))
+    with tracer.start_as_current_span(
+        f"{SERVICE_NAME}/{name}",
+        context=parent,
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": name},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        yield span
+
+
+def _failed(span: trace.Span, exc: Exception) -> None:
+    code = status_code(exc) if isinstance(exc, errors.OrchestratorError) else grpc.StatusCode.INTERNAL
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    # A refused request is the caller's error; only our own failures are recorded with a traceback.
+    telemetry.span_error(span, exc, record=code is grpc.StatusCode.INTERNAL)
+
+
 def _unary(
     method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
     @wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
-        try:
-            return await method(self, request, context)
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc)
-            raise AssertionError("unreachable: abort raises") from exc
+        with _server_span(method.__name__, context) as span:
+            try:
+                response = await method(self, request, context)
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                _failed(span, exc)
+                await _abort(context, exc)
+                raise AssertionError("unreachable: abort raises") from exc
+            span.set_attribute("rpc.grpc.status_code", 0)
+            return response
 
     return wrapper
 
 
 def _traceparent(context: Ctx) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "traceparent" and isinstance(value, str):
-            return value
-    return ""
+    return _metadata(context).get("traceparent", "")
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
@@ -132,16 +162,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def ReadEvents(self, request: pb.ReadEventsRequest, context: Ctx) -> AsyncIterator[pb.EventRecord]:
         """See the proto."""
-        try:
-            ref = _wire.ref_from_proto(request.connection) if request.HasField("connection") else None
-            async for record in self._service.read_events(
-                from_position=request.from_position, ref=ref, follow=request.follow
-            ):
-                yield _wire.record_to_proto(record)
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc)
+        with _server_span("ReadEvents", context) as span:
+            try:
+                ref = _wire.ref_from_proto(request.connection) if request.HasField("connection") else None
+                async for record in self._service.read_events(
+                    from_position=request.from_position, ref=ref, follow=request.follow
+                ):
+                    yield _wire.record_to_proto(record)
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                _failed(span, exc)
+                await _abort(context, exc)
 
 
 def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:

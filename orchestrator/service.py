@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import anyio
+from opentelemetry import metrics, trace
 
-from orchestrator import limits, state
+from orchestrator import limits, state, telemetry
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher, SyncRun
-from orchestrator.errors import IdempotencyConflict, InvalidArgument, NotFound, Unavailable, VersionConflict
+from orchestrator.errors import (
+    IdempotencyConflict,
+    InvalidArgument,
+    NotFound,
+    OrchestratorError,
+    Unavailable,
+    VersionConflict,
+)
 from orchestrator.ids import uuid7
 from orchestrator.model import (
     Connection,
@@ -39,9 +50,17 @@ from orchestrator.model import (
     Record,
 )
 from orchestrator.plugins import Installed
-from orchestrator.store import EventStore
+from orchestrator.runner import TIMEOUT
+from orchestrator.store import Appended, EventStore
 
 READ_PAGE = 500
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+meter = metrics.get_meter(__name__)
+EMITS = meter.create_counter("orchestrator.emits", description="Lifecycle events emitted, by event and outcome")
+APPEND_MS = meter.create_histogram(
+    "orchestrator.append.duration", unit="ms", description="Time to make an emit's records durable"
+)
 _VERDICTS = frozenset({Fact.CONNECTION_VALIDATED, Fact.CONNECTION_REJECTED, Fact.CONNECTION_DELETED})
 
 
@@ -114,6 +133,52 @@ class Service:
         """Append one lifecycle event and apply its delivery contract."""
         limits.check_emit(request)
         ref = request.ref
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "orchestrator.environment": ref.environment,
+                "orchestrator.integration": ref.integration,
+                "orchestrator.connection_id": ref.connection_id,
+                "orchestrator.event": request.event.value,
+            }
+        )
+        # Records carry the RPC span's context, so that later attempts (even after a
+        # restart) join this trace; without tracing, the caller's own traceparent.
+        request = dataclasses.replace(request, traceparent=telemetry.current_traceparent() or request.traceparent)
+        try:
+            result = await self._emit(request)
+        except OrchestratorError as exc:
+            EMITS.add(1, {"event": request.event.value, "outcome": type(exc).__name__})
+            log.info(
+                "%s %s refused: %s",
+                request.event.value,
+                ref,
+                exc,
+                extra={"event": request.event.value, "connection": ref.stream, "refused": type(exc).__name__},
+            )
+            raise
+        EMITS.add(1, {"event": request.event.value, "outcome": "deduplicated" if result.deduplicated else "ok"})
+        log.info(
+            "%s %s: %s",
+            request.event.value,
+            ref,
+            result.state.value,
+            extra={
+                "event": request.event.value,
+                "connection": ref.stream,
+                "state": result.state.value,
+                "position": result.position,
+                "version": result.version,
+                "event_id": result.event_id,
+                "deduplicated": result.deduplicated,
+                "rejection_reason": result.rejection_reason,
+            },
+        )
+        span.set_attributes({"orchestrator.state": result.state.value, "orchestrator.position": result.position})
+        return result
+
+    async def _emit(self, request: EmitRequest) -> EmitResult:
+        ref = request.ref
         async with self._locks.hold(ref.stream):
             if request.idempotency_key:
                 earlier = await self._store.find_idempotent(ref, request.idempotency_key)
@@ -159,9 +224,7 @@ class Service:
                         # Claim no job of this connection until the deletion is appended.
                         await stack.enter_async_context(self._dispatcher.hold(ref))
                     await self._delete(request, plan)
-                appended = await self._store.append(
-                    ref, request.expected_version, plan.events, jobs=plan.jobs, cancel_jobs=plan.cancel_jobs
-                )
+                appended = await self._append(request, plan)
         lifecycle = appended.records[0]
         connection = appended.connection
         outcomes = connection.outcomes
@@ -183,6 +246,23 @@ class Service:
             outcomes=outcomes,
             rejection_reason=connection.rejection_reason,
         )
+
+    async def _append(self, request: EmitRequest, plan: _Plan) -> Appended:
+        """The emit's one atomic append, traced and timed."""
+        with tracer.start_as_current_span("append", attributes={"orchestrator.records": len(plan.events)}) as span:
+            started = time.perf_counter()
+            appended = await self._store.append(
+                request.ref, request.expected_version, plan.events, jobs=plan.jobs, cancel_jobs=plan.cancel_jobs
+            )
+            APPEND_MS.record((time.perf_counter() - started) * 1000)
+            span.set_attributes(
+                {
+                    "orchestrator.position": appended.records[0].position,
+                    "orchestrator.version": appended.records[0].version,
+                    "orchestrator.jobs": len(plan.jobs),
+                }
+            )
+            return appended
 
     def _functions(self, request: EmitRequest) -> tuple[Installed, ...]:
         if self._dispatcher is None:
@@ -223,7 +303,12 @@ class Service:
             events += self._metadata_facts(run, plan)
             if run.failures:
                 failure = run.failures[0]
-                reason = f"{failure.function.name}: {failure.error}"
+                # Functions that ran out of time together are all named, in order.
+                reason = "; ".join(
+                    f"{f.function.name}: {f.error}"
+                    for f in sorted(run.failures, key=lambda f: f.function.name)
+                    if f is failure or (failure.error_type == TIMEOUT and f.error_type == TIMEOUT)
+                )
                 events.append(
                     self._fact(Fact.CONNECTION_REJECTED, plan, {"reason": reason, "function": failure.function.name})
                 )

@@ -22,7 +22,17 @@ from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
 
-__all__ = ["Appended", "EventStore", "open_store", "sqlite_path"]
+__all__ = ["Appended", "EventStore", "Stats", "open_store", "sqlite_path"]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Gauges of the store, for metrics."""
+
+    jobs: int
+    oldest_job_at: datetime | None
+    connections: dict[str, int]
+    """Connections by state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +91,10 @@ class EventStore(Protocol):
 
     async def next_job_at(self) -> datetime | None:
         """When the next job becomes claimable (None: no jobs)."""
+        ...
+
+    async def stats(self) -> Stats:
+        """Jobs waiting, the oldest one's due time, and connections by state."""
         ...
 
     def jobs_changed(self) -> anyio.Event:

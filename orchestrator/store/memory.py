@@ -12,7 +12,7 @@ from orchestrator import codec
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import IdempotencyConflict, InvalidArgument, LeaseLost, Unavailable
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
-from orchestrator.store import Appended
+from orchestrator.store import Appended, Stats
 from orchestrator.store._append import plan_append
 
 
@@ -150,6 +150,14 @@ class MemoryEventStore:
             for j in self._jobs.values()
         ]
         return min(times, default=None)
+
+    async def stats(self) -> Stats:
+        """See :meth:`EventStore.stats`."""
+        by_state: dict[str, int] = {}
+        for connection in self._connections.values():
+            by_state[connection.state.value] = by_state.get(connection.state.value, 0) + 1
+        oldest = min((j.run_at for j in self._jobs.values()), default=None)
+        return Stats(len(self._jobs), oldest, by_state)
 
     def jobs_changed(self) -> anyio.Event:
         """See :meth:`EventStore.jobs_changed`."""

@@ -51,7 +51,7 @@ from orchestrator.model import (
     NewJob,
     Record,
 )
-from orchestrator.store import Appended
+from orchestrator.store import Appended, Stats
 from orchestrator.store._append import plan_append
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,8 @@ class SQLiteEventStore:
                 yield
             finally:
                 store._closed = True
-                await store._reader.close()
+                with anyio.CancelScope(shield=True):  # closed even when the owner is cancelled
+                    await store._reader.close()
             return
         await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         with _exclusive(path):
@@ -260,10 +261,11 @@ class SQLiteEventStore:
             finally:
                 store._closed = True
                 store._notify()
-                if store._reader is not None:
-                    await store._reader.close()
-                if store._writer is not None:
-                    await anyio.to_thread.run_sync(store._writer.close, limiter=store._writer_thread)
+                with anyio.CancelScope(shield=True):  # closed even when the owner is cancelled
+                    if store._reader is not None:
+                        await store._reader.close()
+                    if store._writer is not None:
+                        await anyio.to_thread.run_sync(store._writer.close, limiter=store._writer_thread)
 
     async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
         """A reader: aiosqlite, read-only."""
@@ -635,6 +637,17 @@ class SQLiteEventStore:
             sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE stream = ? ORDER BY run_at"
             rows = await self._fetch(sql, (ref.stream,))
         return [_row_to_job(row) for row in rows]
+
+    async def stats(self) -> Stats:
+        """See :meth:`EventStore.stats`."""
+        jobs = await self._fetch("SELECT COUNT(*), MIN(run_at) FROM jobs", ())
+        states = await self._fetch("SELECT state, COUNT(*) FROM connections GROUP BY state", ())
+        count, oldest = jobs[0]
+        return Stats(
+            count,
+            codec.from_micros(oldest) if oldest is not None else None,
+            {str(s): int(n) for s, n in states} if states else {},
+        )
 
     async def next_job_at(self) -> datetime | None:
         """See :meth:`EventStore.next_job_at`."""

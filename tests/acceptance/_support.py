@@ -33,7 +33,7 @@ _SCRIPT = Path(sys.executable).with_name("orchestrator")
 COMMAND: tuple[str, ...] = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "orchestrator")
 """The development venv's ``orchestrator`` (the console script next to this interpreter)."""
 
-READY = re.compile(r"serving orchestrator\.v1\.Orchestrator on 127\.0\.0\.1:(\d+), log (\S+)")
+READY = re.compile(r"serving orchestrator\.v1\.Orchestrator on 127\.0\.0\.1:(\d+), log ([^\s\"]+)")
 STARTUP_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0

@@ -32,12 +32,6 @@ async def test_a_closed_log_leaves_no_write_ahead_log(tmp_path: Path) -> None:
     assert not (tmp_path / "events.db-wal").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SQLiteEventStore._open closes its connections in a finally block without a shield, so when the"
-    " owner is cancelled the first await (reader.close()) re-raises the cancellation and the writer's sqlite3"
-    " connection is never closed (orchestrator/store/sqlite.py, end of SQLiteEventStore._open)",
-)
 async def test_a_cancelled_log_still_closes_its_connections(tmp_path: Path) -> None:
     """Leaving the store's block by cancellation closes its connections too (no events.db-wal left behind)."""
     await write_one(f"sqlite://{tmp_path}/events.db", cancel=True)

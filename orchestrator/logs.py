@@ -1,0 +1,84 @@
+"""Logging for the daemon: JSON lines when not on a terminal, with trace and span ids.
+
+One line per lifecycle event and per function attempt (see ``service`` and
+``dispatch``), never a secret (only names, ids and outcomes are logged).
+``--log-file`` writes to a file that SIGHUP reopens (for logrotate).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+
+# Attributes every LogRecord has; anything else passed with ``extra=`` is a field.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, trace ids and the ``extra`` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            out["trace_id"] = format(span.trace_id, "032x")
+            out["span_id"] = format(span.span_id, "016x")
+        out.update((k, v) for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """Human lines for a terminal, with the ``extra`` fields as ``key=value``."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
+        return f"{line} {extra}" if extra else line
+
+
+class ReopenableFileHandler(logging.FileHandler):
+    """A file handler whose file is closed and opened again on :meth:`reopen` (SIGHUP)."""
+
+    def reopen(self) -> None:
+        """Reopen the file (after logrotate moved it)."""
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+
+def setup(level: str, *, fmt: str = "auto", file: Path | None = None) -> ReopenableFileHandler | None:
+    """Configure the root logger; returns the file handler to reopen on SIGHUP, if any."""
+    handler: logging.Handler
+    file_handler = None
+    if file is not None:
+        handler = file_handler = ReopenableFileHandler(file, encoding="utf-8", delay=False)
+        tty = False
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        tty = sys.stderr.isatty()
+    use_json = fmt == "json" or (fmt == "auto" and not tty)
+    handler.setFormatter(JSONFormatter() if use_json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return file_handler
