@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             response = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
         except grpc.RpcError as exc:
             code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            details = (exc.details() if isinstance(exc, grpc.Call) else str(exc)) or "no details"
+            if code == "NOT_FOUND":
+                details = f"no health status for service {args.service!r} (yet)"
             print(f"orchestrator-healthcheck: {args.address}: {code}: {details}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

@@ -981,11 +981,12 @@ def _detail(record: Record) -> str:
     data = record.data
     if record.idempotency_key:
         return f"key={record.idempotency_key}"
+    if record.type == "metadata-updated":
+        merge = "merge " if data.get("merge") else ""
+        return f"{data.get('function', '')}: {merge}{codec.dumps(data.get('metadata', {}))}"
     for key in ("reason", "function", "error"):
         if data.get(key):
             return f"{key}={data[key]}"
-    if record.type == "metadata-updated":
-        return codec.dumps(data.get("metadata", {}))
     return ""
 
 
