@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512
 """Appends committed together at most (bounds a transaction's size and latency)."""
 QUEUE_SIZE = 4096
+ROW_CACHE = 8192
+"""Read-model rows the writer keeps in memory, so a busy connection's append skips a read and a decode."""
 """Appends waiting for the writer at most; more are refused with RESOURCE_EXHAUSTED."""
 _RECORD_COLUMNS = (
     "position, stream, version, event_id, type, data, recorded_at, "
@@ -200,6 +203,8 @@ class SQLiteEventStore:
         self._readonly = readonly
         self._reader: aiosqlite.Connection | None = None
         self._writer: sqlite3.Connection | None = None
+        # The writer's copies of recently written read-model rows (bounded, least recently used out).
+        self._rows: OrderedDict[str, Connection] = OrderedDict()
         # The writer connection is only ever used by one thread at a time, through this limiter.
         self._writer_thread = anyio.CapacityLimiter(1)
         send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
@@ -455,6 +460,12 @@ class SQLiteEventStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # Only the writer changes rows, so after a commit its copies are the truth.
+        for stream in txn.touched:
+            self._rows[stream] = txn.current[stream]
+            self._rows.move_to_end(stream)
+        while len(self._rows) > ROW_CACHE:
+            self._rows.popitem(last=False)
         return txn
 
     def _add_records(
@@ -553,8 +564,15 @@ class SQLiteEventStore:
             db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
 
     def _load_connections(self, db: sqlite3.Connection, streams: Iterable[str]) -> dict[str, Connection]:
-        wanted = list(streams)
         found: dict[str, Connection] = {}
+        wanted = []
+        for stream in streams:
+            cached = self._rows.get(stream)
+            if cached is None:
+                wanted.append(stream)
+            else:
+                found[stream] = cached
+                self._rows.move_to_end(stream)
         for start in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
             chunk = wanted[start : start + 500]
             sql = f"SELECT body FROM connections WHERE stream IN ({','.join('?' * len(chunk))})"
