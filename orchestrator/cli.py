@@ -523,7 +523,10 @@ def _print_result(request: EmitRequest, result: EmitResult) -> None:
     if result.deduplicated:
         table.add_row("deduplicated", "yes: the original response of this idempotency key")
     for o in result.outcomes:
-        table.add_row(f"function {o.name}", f"{o.status.value} ({o.attempts} attempts) {o.error}".rstrip())
+        table.add_row(
+            f"function {o.name}",
+            f"{o.status.value} ({o.attempts} attempt{'' if o.attempts == 1 else 's'}) {o.error}".rstrip(),
+        )
     _print_table(table)
 
 
@@ -610,7 +613,10 @@ def get_connection(connection_id: str, integration: str, environment: str, addre
     table.add_row("config", codec.dumps(data["config"]))
     table.add_row("metadata", codec.dumps(data["metadata"]))
     for o in connection.outcomes:
-        table.add_row(f"function {o.name}", f"{o.status.value} ({o.attempts} attempts) {o.error}".rstrip())
+        table.add_row(
+            f"function {o.name}",
+            f"{o.status.value} ({o.attempts} attempt{'' if o.attempts == 1 else 's'}) {o.error}".rstrip(),
+        )
     _print_table(table)
 
 
