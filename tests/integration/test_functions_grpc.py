@@ -782,6 +782,35 @@ async def test_metadata_written_by_a_function_is_in_get_connection_and_the_log(
     assert data(log[-1])["logs"] == ["info: now wh_1 True"]
 
 
+async def test_replay_until_shows_metadata_before_and_after_a_function_wrote_it(
+    tmp_path: Path, provider: ProviderServer
+) -> None:
+    """`orchestrator replay --until` shows no webhook id before the metadata-updated record and the id from it on."""
+    provider.route("POST", "/webhooks", Reply(201, {"id": "wh_9"}))
+
+    async def register_webhook(ctx: Context) -> None:
+        response = await ctx.post("/webhooks", json={})
+        await ctx.set_metadata(Sync(webhook_id=response.json()["id"]))
+
+    async with serving(tmp_path, provider, creator("register-webhook", register_webhook, metadata=Sync)) as daemon:
+        await emit(daemon.stub, CREATE, wait=True)
+        log = await records(daemon.stub)
+        written = next(r.position for r in log if r.type == "metadata-updated")
+
+        async def replayed(until: int) -> dict[str, Any]:
+            command = [sys.executable, "-m", "orchestrator", "replay", "--json", "--until", str(until)]
+            done = await anyio.run_process([*command, "--database", daemon.database], check=False)
+            assert done.returncode == 0, done.stderr.decode()
+            (connection,) = json.loads(done.stdout)["connections"]
+            return dict(connection["metadata"])
+
+        # The daemon is still running: replay reads the log file directly.
+        before, after = await replayed(written - 1), await replayed(written)
+
+    assert before == {}
+    assert after == {"webhook_id": "wh_9", "synced": False, "scopes": []}
+
+
 async def test_metadata_that_does_not_match_the_model_fails_the_function(
     tmp_path: Path, provider: ProviderServer
 ) -> None:
