@@ -12,7 +12,7 @@ from datetime import datetime
 
 from orchestrator import codec, state
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Record
-from orchestrator.store import EventStore
+from orchestrator.store import EventStore, scan
 
 PAGE = 5000
 _VERIFY_ATTEMPTS = 3
@@ -46,16 +46,10 @@ async def records(
 ) -> AsyncIterator[Record]:
     """Every record (of one stream, or all) inside ``until``, in log order, page by page."""
     until = until or Until()
-    position = 1
-    while True:
-        page = await store.read(from_position=position, ref=ref, limit=PAGE)
-        for record in page:
-            if not until.admits(record):
-                return
-            yield record
-        if len(page) < PAGE:
+    async for record in scan(store, ref=ref, page=PAGE):
+        if not until.admits(record):
             return
-        position = page[-1].position + 1
+        yield record
 
 
 async def replay(

@@ -51,7 +51,7 @@ from orchestrator.model import (
 )
 from orchestrator.plugins import Installed
 from orchestrator.runner import TIMEOUT
-from orchestrator.store import Appended, EventStore
+from orchestrator.store import Appended, EventStore, scan
 
 READ_PAGE = 500
 log = logging.getLogger(__name__)
@@ -370,16 +370,11 @@ class Service:
     async def _outcomes_of(self, lifecycle: Record) -> tuple[Outcome, ...]:
         """The latest outcome of each function run for ``lifecycle``, from the log."""
         outcomes: tuple[Outcome, ...] = ()
-        position = lifecycle.position
-        while True:
-            records = await self._store.read(from_position=position, ref=lifecycle.ref, limit=READ_PAGE)
-            for record in records:
-                outcome = state.outcome_of(record) if record.causation_id == lifecycle.event_id else None
-                if outcome is not None:
-                    outcomes = state.merge_outcome(outcomes, outcome)
-            if len(records) < READ_PAGE:
-                return outcomes
-            position = records[-1].position + 1
+        async for record in scan(self._store, from_position=lifecycle.position, ref=lifecycle.ref, page=READ_PAGE):
+            outcome = state.outcome_of(record) if record.causation_id == lifecycle.event_id else None
+            if outcome is not None:
+                outcomes = state.merge_outcome(outcomes, outcome)
+        return outcomes
 
     async def _repeat(self, request: EmitRequest, earlier: Record) -> EmitResult:
         """Answer a repeated request with the original response, or refuse a different one."""
@@ -407,19 +402,14 @@ class Service:
     async def _state_after(self, lifecycle: Record) -> Connection:
         """The connection as the original request left it: folded up to its verdict."""
         connection: Connection | None = None
-        position = 1
-        while True:
-            records = await self._store.read(from_position=position, ref=lifecycle.ref, limit=READ_PAGE)
-            for record in records:
-                connection = state.apply(connection, record)
-                if record.event_id == lifecycle.event_id and lifecycle.type == LifecycleEvent.POST_CONNECTION_CREATION:
-                    return connection
-                if record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
-                    return connection
-            if len(records) < READ_PAGE:
-                assert connection is not None
-                return connection
-            position = records[-1].position + 1
+        async for record in scan(self._store, ref=lifecycle.ref, page=READ_PAGE):
+            connection = state.apply(connection, record)
+            if record.event_id == lifecycle.event_id and record.type == LifecycleEvent.POST_CONNECTION_CREATION:
+                break
+            if record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
+                break
+        assert connection is not None
+        return connection
 
     # -- reading -------------------------------------------------------------
 

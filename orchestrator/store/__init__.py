@@ -22,7 +22,7 @@ from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
 
-__all__ = ["Appended", "EventStore", "Stats", "open_store", "sqlite_path"]
+__all__ = ["Appended", "EventStore", "Stats", "open_store", "scan", "sqlite_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,20 @@ class EventStore(Protocol):
         Raises :class:`~orchestrator.errors.Unavailable` when the store closes.
         """
         ...
+
+
+async def scan(
+    store: EventStore, *, from_position: int = 1, ref: ConnectionRef | None = None, page: int = 1000
+) -> AsyncIterator[Record]:
+    """Every record from ``from_position`` on (of one stream, or all), read page by page (bounded memory)."""
+    position = from_position
+    while True:
+        records = await store.read(from_position=position, ref=ref, limit=page)
+        for record in records:
+            yield record
+        if len(records) < page:
+            return
+        position = records[-1].position + 1
 
 
 def sqlite_path(url: str) -> Path | None:
