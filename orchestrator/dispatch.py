@@ -98,7 +98,10 @@ class Credentials:
 class _Immediate:
     """Metadata writes of an asynchronous attempt: appended at once."""
 
-    def __init__(self, store: EventStore, ref: ConnectionRef, metadata: JSONObject, function: str, cause: str) -> None:
+    def __init__(
+        self, store: EventStore, ref: ConnectionRef, metadata: JSONObject, function: str, cause: str, traceparent: str
+    ) -> None:
+        self._traceparent = traceparent
         self._store = store
         self._ref = ref
         self._metadata = dict(metadata)
@@ -114,6 +117,8 @@ class _Immediate:
             Fact.METADATA_UPDATED.value,
             {"function": self._function, "metadata": metadata, "merge": merge},
             causation_id=self._cause,
+            # The attempt's span (inside the emit's trace), or the emit's own without tracing.
+            traceparent=telemetry.current_traceparent() or self._traceparent,
         )
         appended = await self._store.append(self._ref, None, [event])
         self._metadata = dict(appended.connection.metadata)
@@ -247,25 +252,26 @@ class Dispatcher:
             if not result.ok:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{result.error_type}: {result.error}"[:500]))
                 span.add_event("exception", {"exception.type": result.error_type, "exception.message": result.error})
-        labels = {"function": function.name, "outcome": outcome}
-        log.log(
-            logging.INFO if result.ok else logging.WARNING,
-            "function %s attempt %d on %s: %s%s",
-            function.name,
-            event.attempt,
-            ref,
-            outcome,
-            f" ({result.error_type}: {result.error})" if not result.ok else "",
-            extra={
-                "function": function.name,
-                "attempt": event.attempt,
-                "connection": ref.stream,
-                "event": event.type.value,
-                "outcome": outcome,
-                "duration_ms": result.duration_ms,
-                "error": result.error,
-            },
-        )
+            labels = {"function": function.name, "outcome": outcome}
+            log.log(
+                logging.INFO if result.ok else logging.WARNING,
+                "function %s attempt %d on %s: %s%s",
+                function.name,
+                event.attempt,
+                ref,
+                outcome,
+                f" ({result.error_type}: {result.error})" if not result.ok else "",
+                extra={
+                    "function": function.name,
+                    "attempt": event.attempt,
+                    "connection": ref.stream,
+                    "event": event.type.value,
+                    "outcome": outcome,
+                    "duration_ms": result.duration_ms,
+                    "error": result.error,
+                },
+            )
+
         ATTEMPTS.add(1, labels)
         ATTEMPT_MS.record(result.duration_ms, labels)
         return result
@@ -436,7 +442,7 @@ class Dispatcher:
         connection = await self.store.get_connection(job.ref)
         config = connection.config if connection is not None else {}
         metadata = connection.metadata if connection is not None else {}
-        sink = _Immediate(self.store, job.ref, metadata, function.name, job.causation_id)
+        sink = _Immediate(self.store, job.ref, metadata, function.name, job.causation_id, job.traceparent)
         event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
         result = await self.attempt(function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent)
         facts = [self.fact(result, job.causation_id, job.traceparent)]

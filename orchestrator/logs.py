@@ -80,5 +80,15 @@ def setup(level: str, *, fmt: str = "auto", file: Path | None = None) -> Reopena
     handler.setFormatter(JSONFormatter() if use_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    set_levels(level)
     return file_handler
+
+
+def set_levels(level: str) -> None:
+    """The root logger's level, with the libraries that would log secrets held at WARNING."""
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    # httpx logs every request's full URL at INFO, query-string credentials included:
+    # the provider proxy records its calls itself, without them.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

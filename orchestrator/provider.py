@@ -10,12 +10,14 @@ error message.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import anyio
 import httpx
@@ -121,11 +123,22 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc.decode()
 
 
+def _secret_forms(credentials: Mapping[str, str]) -> list[str]:
+    """Every form in which a credential can leave: as is, URL-encoded, and as a basic-auth token."""
+    forms = set(credentials.values())
+    forms |= {quote(value, safe="") for value in credentials.values()}
+    forms |= {quote_plus(value) for value in credentials.values()}
+    if "username" in credentials or "password" in credentials:
+        pair = f"{credentials.get('username', '')}:{credentials.get('password', '')}".encode()
+        forms.add(base64.b64encode(pair).decode())
+    # Shorter values would blank out ordinary words; longest first so that no part survives.
+    return sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
+
+
 def redact(text: str, credentials: Mapping[str, str]) -> str:
-    """``text`` with every credential value replaced, in case a provider echoes one back."""
-    for value in sorted(credentials.values(), key=len, reverse=True):
-        if len(value) >= 4:  # shorter values would blank out ordinary words
-            text = text.replace(value, "[redacted]")
+    """``text`` with every credential replaced, in any form, in case a provider echoes one back."""
+    for value in _secret_forms(credentials):
+        text = text.replace(value, "[redacted]")
     return text
 
 

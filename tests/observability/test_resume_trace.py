@@ -1,0 +1,80 @@
+"""An attempt resumed after SIGKILL and a restart still lands in the trace of the emit that caused it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from tests.acceptance._support import Provider, environment, serve, write_config
+
+from . import _proc
+from ._inproc import new_traceparent
+from ._otlp import Receiver
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def provider() -> Iterator[Provider]:
+    """The acceptance tests' webhook provider, which can hold a POST open."""
+    running = Provider()
+    yield running
+    running.close()
+
+
+async def reached(event: threading.Event) -> bool:
+    """Wait (bounded) for an event a provider thread sets."""
+    with anyio.fail_after(WAIT + 5):
+        return await anyio.to_thread.run_sync(event.wait, WAIT, abandon_on_cancel=True)
+
+
+async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(tmp_path: Path, provider: Provider) -> None:
+    """SIGKILL mid-attempt, restart: the re-run's span has the caller's trace id and the first RPC span as parent."""
+    traceparent, trace_id, caller_span = new_traceparent()
+    database = tmp_path / "events.db"
+    config = write_config(tmp_path / "o.toml", provider, auth="none")
+    held = provider.hold_next_post()
+    with Receiver.grpc() as receiver:
+        env = environment(**receiver.environment())
+        async with serve(database, "--config", str(config), env=env) as first:
+            await _proc.emit(
+                first.address,
+                _proc.CREATE,
+                "acme",
+                "salesforce",
+                traceparent=traceparent,
+                connection_config={"instance": "acme"},
+            )
+            assert await reached(held.arrived), "the provider never received the POST"
+            [rpc] = await receiver.wait_for(lambda s: s.name == _proc.RPC_EMIT and s.trace_id == trace_id)
+            assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+        held.release.set()
+        assert await reached(held.answered)
+
+        async with serve(database, "--config", str(config), env=env) as second:
+            [resumed] = await receiver.wait_for(
+                lambda s: s.name == "function register-webhook" and s.attributes["orchestrator.outcome"] == "succeeded"
+            )
+            log = await _proc.read_log(second.address)
+            assert await second.stop() == 0, str(second)
+
+    assert rpc.parent_span_id == caller_span
+    assert resumed.trace_id == trace_id
+    assert resumed.parent_span_id == rpc.span_id
+    assert resumed.attributes["orchestrator.attempt"] >= 2
+    assert resumed.resource["service.instance.id"] != rpc.resource["service.instance.id"], "not the restarted daemon"
+    # Its provider call is in the same trace, and told the provider so.
+    [call] = receiver.matching(lambda s: s.name == "HTTP POST" and s.parent_span_id == resumed.span_id)
+    assert call.trace_id == trace_id
+    assert provider.requests[-1].headers["traceparent"] == f"00-{trace_id}-{call.span_id}-01"
+    # The stored traceparent is what carried it across the restart.
+    assert [r.type for r in log][-1] == "function-succeeded"
+    assert {r.traceparent for r in log if r.type != "metadata-updated"} == {f"00-{trace_id}-{rpc.span_id}-01"}
