@@ -83,7 +83,8 @@ async def test_prometheus_text_has_emits_appends_attempts_jobs_and_connections(
         await _proc.emit(
             address, _proc.CREATE, "sf-busy", "salesforce", connection_config={"instance": "busy"}, credentials=TOKEN
         )
-        await _proc.follow_until(address, lambda r: r.type == "function-failed")
+        # sf-busy's own failure (gh-1's rejection is a function-failed record too).
+        await _proc.follow_until(address, lambda r: r.type == "function-failed" and r.stream.endswith("/sf-busy"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await _proc.emit(address, _proc.DELETE, "nobody", "salesforce")
         assert refused.value.code() is grpc.StatusCode.NOT_FOUND
