@@ -31,6 +31,9 @@ from orchestrator.store import EventStore, Stats, open_store
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 1.0
+"""Seconds the gRPC server gives calls still open once the drain is over (reads, mostly)."""
+
 
 async def serve(
     config: ServeConfig,
@@ -122,12 +125,13 @@ async def _serve(
             await health_servicer.enter_graceful_shutdown()
             service.drain()
             dispatcher.stop_claiming()
-            # In-flight calls and running function attempts share the grace period;
+            # New calls are refused with UNAVAILABLE (clients retry elsewhere) while
+            # in-flight emits and running function attempts share the grace period;
             # what is left then is cancelled, and unfinished jobs resume at the next start.
-            async with anyio.create_task_group() as drain:
-                drain.start_soon(server.stop, config.grace_period)
-                with anyio.move_on_after(config.grace_period):
-                    await dispatcher.idle()
+            with anyio.move_on_after(config.grace_period):
+                await service.idle()
+                await dispatcher.idle()
+            await server.stop(STOP_GRACE)
         tg.cancel_scope.cancel()
 
 

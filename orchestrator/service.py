@@ -122,10 +122,21 @@ class Service:
         self._new_id = new_id
         self._locks = _StreamLocks()
         self._draining = anyio.Event()
+        self._inflight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
 
     def drain(self) -> None:
-        """Begin shutting down: followers of the log end with UNAVAILABLE."""
+        """Begin shutting down: new calls and followers of the log end with UNAVAILABLE."""
         self._draining.set()
+
+    async def idle(self) -> None:
+        """Return once no emit is in flight (after :meth:`drain`, none can start)."""
+        await self._idle.wait()
+
+    def _open(self) -> None:
+        if self._draining.is_set():
+            raise Unavailable("the daemon is shutting down: retry on another instance, or once it is back")
 
     # -- emitting ------------------------------------------------------------
 
@@ -146,7 +157,15 @@ class Service:
         # restart) join this trace; without tracing, the caller's own traceparent.
         request = dataclasses.replace(request, traceparent=telemetry.current_traceparent() or request.traceparent)
         try:
-            result = await self._emit(request)
+            self._open()
+            self._inflight += 1
+            self._idle = anyio.Event() if self._inflight == 1 else self._idle
+            try:
+                result = await self._emit(request)
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.set()
         except OrchestratorError as exc:
             EMITS.add(1, {"event": request.event.value, "outcome": type(exc).__name__})
             log.info(
@@ -415,6 +434,7 @@ class Service:
 
     async def get_connection(self, ref: ConnectionRef) -> Connection:
         """The connection's read-model row; :class:`NotFound` if it has no events."""
+        self._open()
         connection = await self._store.get_connection(ref)
         if connection is None:
             raise NotFound(f"connection {ref} not found")
@@ -430,6 +450,7 @@ class Service:
         page_token: str = "",
     ) -> Page:
         """One page of the read model, ordered by stream."""
+        self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_token(page_token)
         rows = await self._store.list_connections(
@@ -444,6 +465,7 @@ class Service:
         self, *, from_position: int = 0, ref: ConnectionRef | None = None, follow: bool = False
     ) -> AsyncIterator[Record]:
         """Records from ``from_position`` (inclusive; 0 = the start); with ``follow``, then new ones as committed."""
+        self._open()
         if from_position < 0:
             raise InvalidArgument(f"from_position must be 0 or more, not {from_position}")
         position = max(from_position, 1)
