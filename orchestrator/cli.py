@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -118,15 +119,21 @@ def _defaults_for(command: click.Command, settings: dict[str, Any]) -> dict[str,
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """The lifecycle orchestrator: runs event functions when connections are validated, created or deleted."""
-    path = _env("ORCHESTRATOR_CONFIG")
+    path = os.environ.get("ORCHESTRATOR_CONFIG", "")  # the edge: read once, here
     if path:
         _apply_toml(ctx, Path(path))
 
 
-def _env(name: str) -> str:
-    import os
+def _name(option: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None or value == "":
+            return value
+        try:
+            return check_name(option, value)
+        except InvalidArgument as exc:
+            raise click.BadParameter(str(exc)) from None
 
-    return os.environ.get(name, "")
+    return check
 
 
 # -- shared options ----------------------------------------------------------------
@@ -145,6 +152,7 @@ _environment = click.option(
     envvar="ORCHESTRATOR_ENVIRONMENT",
     show_envvar=True,
     default="dev",
+    callback=_name("--environment"),
     help="The environment (like `nango ... -e dev`).",
 )
 _database = click.option(
@@ -154,18 +162,6 @@ _database = click.option(
     default=None,
     help="The event log's URL: sqlite:///path/to/events.db (default: ./.orchestrator/events.db).",
 )
-
-
-def _name(option: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        if value is None or value == "":
-            return value
-        try:
-            return check_name(option, value)
-        except InvalidArgument as exc:
-            raise click.BadParameter(str(exc)) from None
-
-    return check
 
 
 def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
@@ -369,8 +365,6 @@ def serve(
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
     OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
     """
-    import os
-
     from orchestrator import daemon, logs
     from orchestrator.store import sqlite_path
     from orchestrator.telemetry import TelemetryConfig
@@ -465,7 +459,6 @@ def emit(
     as_json: bool,
 ) -> None:
     """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...)."""
-    _name("--environment")(click.get_current_context(), _environment_param(), environment)
     request = EmitRequest(
         ref=_ref(connection_id, integration, environment),
         event=LifecycleEvent(event),
@@ -482,10 +475,6 @@ def emit(
         _print_json(_result_json(result))
         return
     _print_result(request, result)
-
-
-def _environment_param() -> click.Parameter:
-    return click.Option(["--environment"])
 
 
 def _result_json(result: EmitResult) -> dict[str, Any]:
@@ -765,7 +754,6 @@ def dryrun(
     from orchestrator import dryrun as dryrun_mod
     from orchestrator.plugins import discover
 
-    _name("--environment")(ctx, _environment_param(), environment)
     integrations = _integrations(ctx)
     if config_file:
         integrations = config.integrations_from_toml(config.load_toml(Path(config_file)).get("integrations", {}))
