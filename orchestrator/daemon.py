@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -50,9 +51,10 @@ async def serve(
     discovery) and a ``clock``.
     """
     database = config.database or default_database()
+    # Importing plugins reads files: done on a worker thread, off the event loop.
     if registry is None:
-        registry = load_plugins(skip_broken=config.skip_broken_plugins)
-    defaults, broken = discover_integrations()
+        registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
+    defaults, broken = await anyio.to_thread.run_sync(discover_integrations)
     for problem in broken:
         log.warning("broken integration defaults, ignored: %s", problem)
     integrations = {**defaults, **config.integrations}

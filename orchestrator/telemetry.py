@@ -120,15 +120,18 @@ async def telemetry(config: TelemetryConfig) -> AsyncIterator[None]:
     With every exporter ``none`` nothing is installed and the API's no-op
     providers stay in place (no cost beyond a function call per span).
     """
-    resource = Resource.create({"service.name": config.service_name, "service.version": config.service_version})
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
     exporter = _span_exporter(config)
+    readers = _metric_readers(config)
+    if exporter is not None or readers:
+        # Resource detection runs detectors on a thread pool and joins it: not on the loop.
+        attributes = {"service.name": config.service_name, "service.version": config.service_version}
+        resource = await anyio.to_thread.run_sync(Resource.create, attributes)
     if exporter is not None:
         tracer_provider = TracerProvider(resource=resource)
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(tracer_provider)
-    readers = _metric_readers(config)
     if readers:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         metrics.set_meter_provider(meter_provider)

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from blockbuster import blockbuster_ctx
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     """Run ``@pytest.mark.anyio`` tests on asyncio, the loop the daemon runs on."""
     return "asyncio"
+
+
+# Tests whose code must never block the event loop: the stores and the in-process daemon.
+# (Elsewhere tests block on purpose, with subprocesses and files, or run no loop at all.)
+NON_BLOCKING = (
+    "tests/contract/",
+    "tests/integration/test_server.py",
+    "tests/integration/test_functions_grpc.py",
+    "tests/observability/test_trace_in_process.py",
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test of NON_BLOCKING whose code makes a blocking call on the event loop (blockbuster)."""
+    if not request.node.path.relative_to(ROOT).as_posix().startswith(NON_BLOCKING):
+        yield
+        return
+    with blockbuster_ctx() as blockbuster:
+        # grpc.aio joins its poller thread when the last server or channel goes away, from a
+        # finalizer at whatever moment the GC chooses; its Cython frames are invisible here, so
+        # thread joins are allowed (every other blocking call is still caught).
+        for name in ("threading.Lock.acquire", "threading.Lock.acquire_lock"):
+            blockbuster.functions[name].can_block_in("threading.py", {"_wait_for_tstate_lock"})
+        yield

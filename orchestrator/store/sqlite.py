@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -138,7 +139,9 @@ def _row_to_job(row: Sequence[Any]) -> Job:
     )
 
 
+@functools.cache
 def _migrations() -> list[tuple[int, str, str]]:
+    """(number, file name, SQL) of every migration shipped, in order (read once)."""
     folder = resources.files("orchestrator.store") / "sql" / "sqlite"
     found = []
     for entry in folder.iterdir():
@@ -246,7 +249,7 @@ class SQLiteEventStore:
                     await store._reader.close()
             return
         await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
-        with _exclusive(path):
+        async with _exclusive(path):
             try:
                 await anyio.to_thread.run_sync(store._start_writer, limiter=store._writer_thread)
                 store._reader = await store._connect(readonly=True)
@@ -324,6 +327,7 @@ class SQLiteEventStore:
             rows = await db.execute_fetchall("SELECT version FROM schema_migrations")
         except sqlite3.OperationalError as exc:
             raise StoreError(f"{self._path} is not an orchestrator event log ({exc})") from exc
+        await anyio.to_thread.run_sync(_migrations)  # reads package files: off the loop, once
         return self._check_known({row[0] for row in rows})
 
     def _check_known(self, applied: set[int]) -> set[int]:
@@ -692,14 +696,26 @@ class SQLiteEventStore:
             await self._changed.wait()
 
 
-class _exclusive:
+@asynccontextmanager
+async def _exclusive(path: Path) -> AsyncIterator[None]:
     """Hold ``<path>.lock`` so that a second daemon on the same file refuses to start."""
+    lock = _LockFile(path.with_name(path.name + ".lock"))
+    await anyio.to_thread.run_sync(lock.acquire)  # file I/O stays off the event loop
+    try:
+        yield
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lock.release)
 
-    def __init__(self, path: Path) -> None:
-        self._lock_path = path.with_name(path.name + ".lock")
+
+class _LockFile:
+    """An ``flock``-ed file holding the owner's pid."""
+
+    def __init__(self, lock_path: Path) -> None:
+        self._lock_path = lock_path
         self._fd = -1
 
-    def __enter__(self) -> None:
+    def acquire(self) -> None:
         self._fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -713,6 +729,6 @@ class _exclusive:
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
