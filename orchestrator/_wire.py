@@ -133,11 +133,6 @@ def state_from_proto(value: int) -> ConnectionState | None:
         raise InvalidArgument(f"state {value} is not a ConnectionState") from None
 
 
-def state_from_name(name: str) -> ConnectionState:
-    """A state from its enum name off the wire (``CONNECTION_STATE_ACTIVE``)."""
-    return _STATES_BACK[pb.ConnectionState.Value(name)]
-
-
 # -- messages ----------------------------------------------------------------
 
 
@@ -206,6 +201,19 @@ def emit_response_to_proto(result: EmitResult) -> pb.EmitLifecycleEventResponse:
         outcomes=[outcome_to_proto(o) for o in result.outcomes],
         rejection_reason=result.rejection_reason,
         deduplicated=result.deduplicated,
+    )
+
+
+def emit_response_from_proto(message: pb.EmitLifecycleEventResponse) -> EmitResult:
+    """An emit's result off the wire (what the CLI prints)."""
+    return EmitResult(
+        event_id=message.event_id,
+        position=message.position,
+        version=message.version,
+        state=_STATES_BACK[message.state],
+        outcomes=tuple(outcome_from_proto(o) for o in message.outcomes),
+        rejection_reason=message.rejection_reason,
+        deduplicated=message.deduplicated,
     )
 
 

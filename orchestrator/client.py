@@ -55,15 +55,7 @@ class Client:
             )
         except grpc.RpcError as exc:
             raise _fail(exc, self._address) from None
-        return EmitResult(
-            event_id=response.event_id,
-            position=response.position,
-            version=response.version,
-            state=_wire.state_from_name(pb.ConnectionState.Name(response.state)),
-            outcomes=tuple(_wire.outcome_from_proto(o) for o in response.outcomes),
-            rejection_reason=response.rejection_reason,
-            deduplicated=response.deduplicated,
-        )
+        return _wire.emit_response_from_proto(response)
 
     def get_connection(self, ref: ConnectionRef) -> Connection:
         """One connection."""

@@ -180,6 +180,7 @@ class Dispatcher:
         info: ConnectionInfo,
         event: EventInfo,
         sink: MetadataSink,
+        log: AttemptLog,
         calls: list[str] | None = None,
     ) -> Context:
         provider = Provider(
@@ -195,6 +196,7 @@ class Dispatcher:
             provider=provider,
             metadata_model=function.function.metadata,
             sink=sink,
+            log=log,
         )
 
     def _timeout(self, function: Installed) -> float:
@@ -222,10 +224,8 @@ class Dispatcher:
         limit = min(time_limit, self._timeout(function)) if time_limit is not None else self._timeout(function)
         parent = telemetry.context_from(traceparent) if traceparent is not None else None
 
-        def make(log: AttemptLog) -> Context:
-            ctx = self._context(function, info, event, sink, calls)
-            ctx._log = log  # the runner owns the attempt's log
-            return ctx
+        def make(log: AttemptLog) -> Context:  # the runner owns the attempt's log
+            return self._context(function, info, event, sink, log, calls)
 
         ref = info.ref
         attributes = {

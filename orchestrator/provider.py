@@ -214,7 +214,6 @@ class Provider:
         data: Any,
     ) -> httpx.Response:
         integration = self._integration
-        merged_params, merged_headers = params, headers
         attempt = 0
         while True:
             attempt += 1
@@ -222,10 +221,10 @@ class Provider:
                 response = await self._client.request(
                     method,
                     url,
-                    params=merged_params or None,
+                    params=params or None,
                     json=json,
                     data=data,
-                    headers=merged_headers,
+                    headers=headers,
                     auth=auth,
                     timeout=integration.timeout,
                 )

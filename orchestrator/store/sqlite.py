@@ -238,7 +238,7 @@ class SQLiteEventStore:
         if readonly:
             if not await anyio.Path(path).exists():
                 raise StoreError(f"no event log at {path}")
-            store._reader = await store._connect(readonly=True)
+            store._reader = await store._connect_reader()
             try:
                 await store._check_schema(store._reader)
                 store._head = await store.head()
@@ -252,7 +252,7 @@ class SQLiteEventStore:
         async with _exclusive(path):
             try:
                 await anyio.to_thread.run_sync(store._start_writer, limiter=store._writer_thread)
-                store._reader = await store._connect(readonly=True)
+                store._reader = await store._connect_reader()
                 failed: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(store._write_loop)
@@ -275,9 +275,8 @@ class SQLiteEventStore:
                     if store._writer is not None:
                         await anyio.to_thread.run_sync(store._writer.close, limiter=store._writer_thread)
 
-    async def _connect(self, *, readonly: bool) -> aiosqlite.Connection:
+    async def _connect_reader(self) -> aiosqlite.Connection:
         """A reader: aiosqlite, read-only."""
-        assert readonly
         try:
             db = await aiosqlite.connect(f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None)
             await db.execute("PRAGMA busy_timeout = 5000")

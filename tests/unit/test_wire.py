@@ -9,7 +9,15 @@ import pytest
 from orchestrator import _wire
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.errors import InvalidArgument
-from orchestrator.model import ConnectionRef, EmitRequest, LifecycleEvent
+from orchestrator.model import (
+    ConnectionRef,
+    ConnectionState,
+    EmitRequest,
+    EmitResult,
+    FunctionStatus,
+    LifecycleEvent,
+    Outcome,
+)
 
 
 def test_struct_round_trip_keeps_integers() -> None:
@@ -67,3 +75,17 @@ def test_bad_refs_name_the_field(ref: pb.ConnectionRef, field: str) -> None:
     """Each malformed ref field is refused with its name in the message."""
     with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
         _wire.ref_from_proto(ref)
+
+
+def test_emit_result_round_trip() -> None:
+    """The server's encoding of an emit's result decodes to the same result in the client."""
+    result = EmitResult(
+        event_id="01a2",
+        position=7,
+        version=3,
+        state=ConnectionState.REJECTED,
+        outcomes=(Outcome("check-token-scopes", FunctionStatus.FAILED, 1, "lacks read:org", 12),),
+        rejection_reason="check-token-scopes: lacks read:org",
+        deduplicated=True,
+    )
+    assert _wire.emit_response_from_proto(_wire.emit_response_to_proto(result)) == result
