@@ -88,7 +88,8 @@ def store(path: str, appenders: int, warmup_s: float, duration_s: float, max_ops
     import anyio
 
     from orchestrator.ids import uuid7
-    from orchestrator.model import ConnectionRef, NewEvent
+    from orchestrator.model import ConnectionRef
+    from orchestrator.records import NewEvent
     from orchestrator.store import open_store
 
     async def main() -> dict[str, Any]:

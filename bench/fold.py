@@ -39,7 +39,8 @@ def build_log(path: str, records: int) -> dict[str, Any]:
     import anyio
 
     from orchestrator.ids import uuid7
-    from orchestrator.model import ConnectionRef, NewEvent
+    from orchestrator.model import ConnectionRef
+    from orchestrator.records import NewEvent
     from orchestrator.store import open_store
 
     connections = max(1, records // RECORDS_PER_CONNECTION)

@@ -23,8 +23,7 @@ from rich.table import Table
 
 from orchestrator import codec, config
 from orchestrator import replay as replay_mod
-from orchestrator.client import Client, ClientError
-from orchestrator.dispatch import DispatchConfig
+from orchestrator.config import DispatchConfig, Integration
 from orchestrator.errors import InvalidArgument, OrchestratorError
 from orchestrator.model import (
     Connection,
@@ -33,12 +32,12 @@ from orchestrator.model import (
     EmitRequest,
     EmitResult,
     LifecycleEvent,
-    Record,
     check_connection_id,
     check_name,
 )
-from orchestrator.provider import Integration
+from orchestrator.records import Record
 from orchestrator.retry import RetryPolicy
+from orchestrator.rpc.client import Client, ClientError
 
 _VERSION = "0.1.0"
 _TOML_TABLES = {"integrations"}  # tables read by later features, not command options
@@ -366,8 +365,8 @@ def serve(
     OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
     """
     from orchestrator import daemon, logs
+    from orchestrator.config import TelemetryConfig
     from orchestrator.store import sqlite_path
-    from orchestrator.telemetry import TelemetryConfig
 
     file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
     if metrics_listen:

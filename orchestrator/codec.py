@@ -10,16 +10,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from orchestrator.model import (
-    Connection,
-    ConnectionRef,
-    ConnectionState,
-    FunctionStatus,
-    JSONObject,
-    Mark,
-    Outcome,
-    Record,
-)
+from orchestrator.model import Connection, ConnectionRef, ConnectionState, FunctionStatus, JSONObject, Mark, Outcome
+from orchestrator.records import Record
 
 
 def dumps(value: Any) -> str:

@@ -1,33 +1,131 @@
-"""Settings, read once at the edge (the CLI) into frozen dataclasses.
+"""Settings, read once at the edge (the CLI) into frozen dataclasses: every settings type lives here.
 
 Precedence, highest first: command-line flags, ``ORCHESTRATOR_*`` environment
 variables, the TOML config file, the defaults here. Nothing below the CLI
-reads the environment.
+reads the environment. This module is a leaf: it imports only the error
+tree, the model's JSON type and the retry policy, so any layer may use it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.dispatch import DispatchConfig
-from orchestrator.errors import InvalidArgument
-from orchestrator.provider import Integration
-from orchestrator.telemetry import TelemetryConfig
+from orchestrator.errors import InvalidArgument, ProviderError
+from orchestrator.model import JSONObject
+from orchestrator.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_GRACE_PERIOD = 10.0
+DEFAULT_ATTEMPT_TIMEOUT = 60.0
+"""Seconds one attempt of an asynchronous function may take (a function may declare its own)."""
+AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
+EXPORTERS = ("otlp", "console", "none")
+PROTOCOLS = ("grpc", "http/protobuf")
 
 
 def default_database() -> str:
     """``sqlite:///<cwd>/.orchestrator/events.db``, absolute so the daemon may chdir safely."""
     return f"sqlite://{(DEFAULT_DATA_DIR / 'events.db').resolve()}"
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchConfig:
+    """Delivery settings: concurrency, deadlines, timeouts and the default retry policy."""
+
+    concurrency: int = 64
+    validate_deadline: float = 30.0
+    deletion_deadline: float = 30.0
+    running_wait: float = 10.0
+    """How long a deletion waits for running creation attempts of its connection."""
+    attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
+    retry: RetryPolicy = DEFAULT_RETRY
+    lease_margin: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Integration:
+    """How to reach one integration's provider: ``[integrations.<name>]`` settings."""
+
+    name: str
+    base_url: str = ""
+    auth: str = "none"
+    timeout: float = 30.0
+    retries: int = 3
+
+    def __post_init__(self) -> None:
+        scheme, _, arg = self.auth.partition(":")
+        if scheme not in {"none", "bearer", "basic", "header", "query"} or (scheme in {"header", "query"}) != bool(arg):
+            raise InvalidArgument(
+                f"integrations.{self.name}.auth = {self.auth!r}: use one of {', '.join(AUTH_SCHEMES)}"
+            )
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Integration:
+        """From a ``[integrations.<name>]`` TOML table."""
+        unknown = set(settings) - {"base_url", "auth", "timeout", "retries"}
+        if unknown:
+            raise InvalidArgument(f"integrations.{name}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(name, **dict(settings))
+
+    def url_for(self, config: JSONObject) -> str:
+        """The base URL with ``{placeholders}`` filled from ``config``."""
+        names = [field for _, field, _, _ in string.Formatter().parse(self.base_url) if field]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise ProviderError(
+                f"integration {self.name}: base_url {self.base_url!r} needs connection_config "
+                + ", ".join(repr(m) for m in missing)
+            )
+        return self.base_url.format(**{n: config[n] for n in names})
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """What to export where (the standard ``OTEL_*`` variables, read by the CLI)."""
+
+    service_name: str = "orchestrator"
+    service_version: str = ""
+    traces_exporter: str = "none"
+    metrics_exporter: str = "none"
+    otlp_protocol: str = "grpc"
+    metrics_listen: str = ""
+    """``HOST:PORT`` of the Prometheus text endpoint (empty: none)."""
+
+    def __post_init__(self) -> None:
+        for name, value in (
+            ("OTEL_TRACES_EXPORTER", self.traces_exporter),
+            ("OTEL_METRICS_EXPORTER", self.metrics_exporter),
+        ):
+            if value not in EXPORTERS:
+                raise InvalidArgument(f"{name}={value!r} is not supported: use one of {', '.join(EXPORTERS)}")
+        if self.otlp_protocol not in PROTOCOLS:
+            raise InvalidArgument(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL={self.otlp_protocol!r} is not supported: use {' or '.join(PROTOCOLS)}"
+            )
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], *, version: str, metrics_listen: str = "") -> TelemetryConfig:
+        """From the standard ``OTEL_*`` variables (only the CLI calls this)."""
+        first = environ.get("OTEL_TRACES_EXPORTER", "none").split(",")[0].strip() or "none"
+        metrics_first = environ.get("OTEL_METRICS_EXPORTER", "none").split(",")[0].strip() or "none"
+        return cls(
+            service_name=environ.get("OTEL_SERVICE_NAME", "orchestrator"),
+            service_version=version,
+            traces_exporter=first,
+            metrics_exporter=metrics_first,
+            otlp_protocol=environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            ),
+            metrics_listen=metrics_listen,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
 from orchestrator.provider import Provider
+from orchestrator.records import MetadataUpdated
 
 MAX_LOG_LINES = 200
 MAX_LOG_LINE = 2000
@@ -39,12 +40,21 @@ class MetadataSink(Protocol):
 
 
 class Buffered:
-    """Gathers writes as records, for a synchronous run or a dry run (nothing is written by itself)."""
+    """Gathers writes as ``metadata-updated`` bodies, for a synchronous run or a dry run (writes nothing itself).
+
+    Several functions may share one (a synchronous run): each writes through
+    its own :meth:`for_function` view, which names it as the writer.
+    """
 
     def __init__(self, metadata: JSONObject, function: str = "") -> None:
         self._metadata = dict(metadata)
-        self.writes: list[JSONObject] = []
         self._function = function
+        self.updates: list[MetadataUpdated] = []
+
+    @property
+    def writes(self) -> list[JSONObject]:
+        """The gathered writes as the ``data`` of their records."""
+        return [update.to_data() for update in self.updates]
 
     def current(self) -> JSONObject:
         """See :meth:`MetadataSink.current`."""
@@ -52,8 +62,29 @@ class Buffered:
 
     async def write(self, metadata: JSONObject, *, merge: bool) -> None:
         """See :meth:`MetadataSink.write`."""
+        self._write(self._function, metadata, merge)
+
+    def _write(self, function: str, metadata: JSONObject, merge: bool) -> None:
         self._metadata = {**self._metadata, **metadata} if merge else dict(metadata)
-        self.writes.append({"function": self._function, "metadata": metadata, "merge": merge})
+        self.updates.append(MetadataUpdated(function, metadata, merge))
+
+    def for_function(self, function: str) -> MetadataSink:
+        """A view of this buffer whose writes are recorded as ``function``'s."""
+        return _Named(self, function)
+
+
+class _Named:
+    """A view of a shared :class:`Buffered` that names the writing function."""
+
+    def __init__(self, buffer: Buffered, function: str) -> None:
+        self._buffer = buffer
+        self._function = function
+
+    def current(self) -> JSONObject:
+        return self._buffer.current()
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        self._buffer._write(self._function, metadata, merge)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,23 +11,19 @@ import signal
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
 
 import anyio
 import httpx
-from grpc_health.v1 import health_pb2
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from orchestrator import server as grpc_server
 from orchestrator import telemetry
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.config import ServeConfig, default_database
-from orchestrator.dispatch import Dispatcher
-from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
+from orchestrator.config import Integration, ServeConfig, default_database
+from orchestrator.errors import OrchestratorError, PluginError
 from orchestrator.plugins import Registry, discover, discover_integrations
-from orchestrator.provider import Integration
-from orchestrator.service import Service
+from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
+from orchestrator.service import assemble
 from orchestrator.store import EventStore, Stats, open_store
 
 log = logging.getLogger(__name__)
@@ -58,10 +54,9 @@ async def serve(
     for problem in broken:
         log.warning("broken integration defaults, ignored: %s", problem)
     integrations = {**defaults, **config.integrations}
-    health_servicer = grpc_server.HealthServicer()
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        await _serve(config, database, registry, integrations, health_servicer, signals, on_ready, stop, clock)
+        await _serve(config, database, registry, integrations, signals, on_ready, stop, clock)
     log.info("stopped; the event log is closed")
 
 
@@ -70,7 +65,6 @@ async def _serve(
     database: str,
     registry: Registry,
     integrations: dict[str, Integration],
-    health_servicer: Any,
     signals: AsyncIterator[int],
     on_ready: Callable[[int], None] | None,
     stop: anyio.Event | None,
@@ -82,28 +76,18 @@ async def _serve(
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):
-        dispatcher = Dispatcher(
+        engine = assemble(
             store, registry, clock or SystemClock(), http=http, integrations=integrations, config=config.dispatch
         )
-        service = Service(store, dispatcher=dispatcher)
-        server = grpc_server.build_server(service, health_servicer)
-        for name in ("", grpc_server.SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            port = server.add_insecure_port(config.listen)
-        except RuntimeError as exc:
-            raise InvalidArgument(f"cannot listen on {config.listen}: {exc}") from None
-        if port == 0:
-            raise InvalidArgument(f"cannot listen on {config.listen}: the address is in use or unavailable")
-        await server.start()
+        server = GrpcServer(engine.service)
+        port = await server.start(config.listen)
         gauges = _Gauges(store)
         await gauges.refresh()
         tg.start_soon(gauges.run)
-        tg.start_soon(dispatcher.run)
-        for name in ("", grpc_server.SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        tg.start_soon(engine.worker.run)
+        await server.serving()
         host = config.listen.rpartition(":")[0]
-        log.info("serving %s on %s:%d, log %s", grpc_server.SERVICE_NAME, host, port, database)
+        log.info("serving %s on %s:%d, log %s", SERVICE_NAME, host, port, database)
         if on_ready is not None:
             on_ready(port)
 
@@ -124,15 +108,15 @@ async def _serve(
         tg.start_soon(watch_signals)
         await stopping.wait()
         with anyio.CancelScope(shield=True):
-            await health_servicer.enter_graceful_shutdown()
-            service.drain()
-            dispatcher.stop_claiming()
+            await server.draining()
+            engine.service.drain()
+            engine.worker.stop_claiming()
             # New calls are refused with UNAVAILABLE (clients retry elsewhere) while
             # in-flight emits and running function attempts share the grace period;
             # what is left then is cancelled, and unfinished jobs resume at the next start.
             with anyio.move_on_after(config.grace_period):
-                await service.idle()
-                await dispatcher.idle()
+                await engine.service.idle()
+                await engine.worker.idle()
             await server.stop(STOP_GRACE)
         tg.cancel_scope.cancel()
 

@@ -7,20 +7,22 @@ outcome and metadata writes are appended like any other attempt's.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import anyio
 import httpx
 
+from orchestrator import records
 from orchestrator.clock import SystemClock
+from orchestrator.config import Integration
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo
-from orchestrator.dispatch import Credentials, DispatchConfig, Dispatcher
+from orchestrator.credentials import Credentials
+from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import InvalidArgument, NotFound
-from orchestrator.ids import uuid7
-from orchestrator.model import ConnectionRef, Fact, JSONObject, NewEvent
+from orchestrator.model import ConnectionRef, JSONObject
 from orchestrator.plugins import Installed, Registry
-from orchestrator.provider import Integration
 from orchestrator.runner import AttemptResult
 from orchestrator.store import open_store
 
@@ -71,15 +73,7 @@ async def dryrun(
         creds = Credentials()
         creds.remember(ref, credentials)
         async with httpx.AsyncClient() as http:
-            dispatcher = Dispatcher(
-                store,
-                Registry.of([function]),
-                SystemClock(),
-                http=http,
-                integrations=integrations,
-                config=DispatchConfig(),
-                credentials=creds,
-            )
+            dispatcher = Dispatcher(SystemClock(), http=http, integrations=integrations, credentials=creds)
             sink = Buffered(connection.metadata, function.name)
             calls: list[str] = []
             event = EventInfo(function.function.event, payload, connection.lifecycle.event_id)
@@ -89,13 +83,11 @@ async def dryrun(
         run = DryRun(function, ref, result, calls, connection.metadata, sink.current())
         if commit:
             cause = connection.lifecycle.event_id
-            outcome = dispatcher.fact(result, cause)
-            outcome.data["dryrun"] = True
-            writes = [
-                NewEvent(str(uuid7()), Fact.METADATA_UPDATED.value, {**w, "dryrun": True}, causation_id=cause)
-                for w in sink.writes
+            bodies: list[records.Body] = [
+                *(dataclasses.replace(update, dryrun=True) for update in sink.updates),
+                result.outcome(dryrun=True),
             ]
             with anyio.CancelScope(shield=True):
-                await store.append(ref, None, [*writes, outcome])
+                await store.append(ref, None, [records.new(body, causation_id=cause) for body in bodies])
             run.committed = True
         return run

@@ -1,19 +1,26 @@
-"""The exceptions the orchestrator raises, each with a message a person can act on.
+"""Every exception the orchestrator raises, each with a message a person can act on.
 
     OrchestratorError
     ├── InvalidArgument        a request field is malformed (names the field)
     ├── NotFound               the connection does not exist
     ├── FailedPrecondition     the event is not allowed in the connection's current state
+    │   └── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
     ├── VersionConflict        ``expected_version`` does not match (carries the current version)
     ├── IdempotencyConflict    an idempotency key was reused with a different request
     ├── ResourceExhausted      a limit or the write queue is full
     ├── Unavailable            the daemon is draining or the store is closed
-    ├── StoreError             the backend failed (wraps the driver's exception)
-    ├── LeaseLost              a job's outcome came from a claim that is no longer current
-    └── PluginError            an installed plugin is broken
+    ├── StoreError             the backend failed (the driver's exception is chained)
+    ├── LeaseLost              a job was claimed or started meanwhile; the write was refused (fencing)
+    ├── PluginError            an installed plugin is broken
+    └── ProviderError          a provider answered with an error status, or could not be reached
 
-They are mapped to gRPC status codes in ``orchestrator.server`` and to exit
-codes in ``orchestrator.cli``, and nowhere else.
+Event functions raise two more, which are not errors of the orchestrator's
+own (see :mod:`orchestrator.functions`): ``Rejected`` and ``NonRetryable``.
+
+Each class is mapped to a gRPC status code in :mod:`orchestrator.rpc.server`
+(``STATUS_CODES``) and to an exit code in :mod:`orchestrator.cli`, and
+nowhere else. A backend wraps its driver's exceptions at its edge with
+``raise StoreError(...) from exc``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ class NotFound(OrchestratorError):
 
 class FailedPrecondition(OrchestratorError):
     """The event is not allowed from the connection's current state."""
+
+
+class InvalidTransition(FailedPrecondition):
+    """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
 
 
 class VersionConflict(OrchestratorError):
@@ -62,8 +73,20 @@ class StoreError(OrchestratorError):
 
 
 class LeaseLost(OrchestratorError):
-    """A job was claimed again after this worker's lease; its outcome is not recorded (fencing)."""
+    """A job was claimed again after this worker's lease, or started before a deletion could cancel it.
+
+    Nothing was written; the caller may retry (fencing).
+    """
 
 
 class PluginError(OrchestratorError):
     """An installed plugin is broken (import error, not an event function, duplicate name)."""
+
+
+class ProviderError(OrchestratorError):
+    """A provider answered with an error status (or could not be reached); ``status`` is 0 for the latter."""
+
+    def __init__(self, message: str, *, status: int = 0, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body

@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 
 Handler: TypeAlias = "Callable[[Context], Awaitable[None] | None]"
 
-DEFAULT_TIMEOUT = 60.0
-"""Seconds one attempt of an asynchronous function may take."""
-
 
 class Rejected(Exception):
     """Raise in a validate-connection function to reject the connection with ``message``."""

@@ -19,9 +19,6 @@ from orchestrator.errors import InvalidArgument
 JSONObject: TypeAlias = dict[str, Any]
 """A JSON object as decoded by :mod:`json` (the shape of a record's ``data``)."""
 
-SCHEMA_VERSION = 1
-"""The version of the record ``data`` layouts written by this release."""
-
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 MAX_CONNECTION_ID = 255
 MAX_IDEMPOTENCY_KEY = 255
@@ -43,22 +40,6 @@ class ConnectionState(enum.StrEnum):
     REJECTED = "rejected"
     DELETING = "deleting"
     DELETED = "deleted"
-
-
-class Fact(enum.StrEnum):
-    """Record types the orchestrator appends after a lifecycle event."""
-
-    CONNECTION_VALIDATED = "connection-validated"
-    CONNECTION_REJECTED = "connection-rejected"
-    CONNECTION_DELETED = "connection-deleted"
-    FUNCTION_SUCCEEDED = "function-succeeded"
-    FUNCTION_FAILED = "function-failed"
-    FUNCTION_GAVE_UP = "function-gave-up"
-    FUNCTION_CANCELLED = "function-cancelled"
-    METADATA_UPDATED = "metadata-updated"
-
-
-RECORD_TYPES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | frozenset(f.value for f in Fact)
 
 
 def _printable(value: str) -> bool:
@@ -118,40 +99,6 @@ class ConnectionRef:
 
     def __str__(self) -> str:
         return self.stream
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """A record to append; the store assigns position, version and time."""
-
-    event_id: str
-    type: str
-    data: JSONObject
-    causation_id: str = ""
-    traceparent: str = ""
-    idempotency_key: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One committed record of the event log."""
-
-    position: int
-    stream: str
-    version: int
-    event_id: str
-    type: str
-    data: JSONObject
-    recorded_at: datetime
-    causation_id: str = ""
-    traceparent: str = ""
-    idempotency_key: str = ""
-    schema_version: int = SCHEMA_VERSION
-
-    @property
-    def ref(self) -> ConnectionRef:
-        """The connection this record belongs to."""
-        return ConnectionRef.from_stream(self.stream)
 
 
 @dataclass(frozen=True, slots=True)

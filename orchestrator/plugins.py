@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from orchestrator.config import Integration
 from orchestrator.functions import EventFunction
 from orchestrator.model import LifecycleEvent
-from orchestrator.provider import Integration
 
 GROUP = "orchestrator.functions"
 INTEGRATIONS_GROUP = "orchestrator.integrations"

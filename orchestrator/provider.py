@@ -4,81 +4,34 @@ One shared :class:`httpx.AsyncClient` serves every function. The base URL
 and auth scheme come from the integration's settings; ``{placeholders}`` in
 the base URL are filled from the connection's config. 429 and 5xx answers and
 transport errors are retried (honouring ``Retry-After``, bounded); any other
-error answer raises :class:`ProviderError`. Credentials never appear in an
-error message.
+error answer raises :class:`~orchestrator.errors.ProviderError`. Credentials
+never appear in an error message. Pauses between retries are taken on the
+injected :class:`~orchestrator.clock.Clock`.
 """
 
 from __future__ import annotations
 
 import base64
 import email.utils
-import string
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote, quote_plus
 
-import anyio
 import httpx
 from opentelemetry import trace
 
-from orchestrator import telemetry
-from orchestrator.errors import InvalidArgument, OrchestratorError
+from orchestrator import tracing
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.config import Integration
+from orchestrator.errors import ProviderError
 from orchestrator.model import JSONObject
 
-AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_RETRY_AFTER = 30.0
 """A provider asking for a longer pause makes the call fail (the job's own retry takes over)."""
 BODY_EXCERPT = 300
 tracer = trace.get_tracer(__name__)
-
-
-class ProviderError(OrchestratorError):
-    """A provider answered with an error status (or could not be reached)."""
-
-    def __init__(self, message: str, *, status: int = 0, body: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = body
-
-
-@dataclass(frozen=True, slots=True)
-class Integration:
-    """How to reach one integration's provider."""
-
-    name: str
-    base_url: str = ""
-    auth: str = "none"
-    timeout: float = 30.0
-    retries: int = 3
-
-    def __post_init__(self) -> None:
-        scheme, _, arg = self.auth.partition(":")
-        if scheme not in {"none", "bearer", "basic", "header", "query"} or (scheme in {"header", "query"}) != bool(arg):
-            raise InvalidArgument(
-                f"integrations.{self.name}.auth = {self.auth!r}: use one of {', '.join(AUTH_SCHEMES)}"
-            )
-
-    @classmethod
-    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Integration:
-        """From a ``[integrations.<name>]`` TOML table."""
-        unknown = set(settings) - {"base_url", "auth", "timeout", "retries"}
-        if unknown:
-            raise InvalidArgument(f"integrations.{name}: unknown setting(s) {', '.join(sorted(unknown))}")
-        return cls(name, **dict(settings))
-
-    def url_for(self, config: JSONObject) -> str:
-        """The base URL with ``{placeholders}`` filled from ``config``."""
-        names = [field for _, field, _, _ in string.Formatter().parse(self.base_url) if field]
-        missing = [n for n in names if n not in config]
-        if missing:
-            raise ProviderError(
-                f"integration {self.name}: base_url {self.base_url!r} needs connection_config "
-                + ", ".join(repr(m) for m in missing)
-            )
-        return self.base_url.format(**{n: config[n] for n in names})
 
 
 def _auth(integration: Integration, credentials: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], Any]:
@@ -153,8 +106,10 @@ class Provider:
         credentials: Mapping[str, str],
         *,
         calls: list[str] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._client = client
+        self._clock = clock or SystemClock()
         self._integration = integration
         self._config = config
         self._credentials = credentials
@@ -191,7 +146,7 @@ class Provider:
             kind=trace.SpanKind.CLIENT,
             attributes={"http.request.method": method, "url.full": url, "orchestrator.integration": integration.name},
         ) as span:
-            telemetry.inject(merged_headers)  # the provider joins the trace
+            tracing.inject(merged_headers)  # the provider joins the trace
             try:
                 response = await self._send(method, url, shown, merged_params, merged_headers, auth, json, data)
             except ProviderError as exc:
@@ -233,15 +188,15 @@ class Provider:
                 if attempt > integration.retries:
                     detail = redact(str(exc), self._credentials)
                     raise ProviderError(f"{shown} failed: {type(exc).__name__}: {detail}") from None
-                await anyio.sleep(min(MAX_RETRY_AFTER, 0.2 * 2 ** (attempt - 1)))
+                await self._clock.sleep(min(MAX_RETRY_AFTER, 0.2 * 2 ** (attempt - 1)))
                 continue
             self.calls.append(f"{shown} -> {response.status_code}")
             if response.status_code in _RETRY_STATUS and attempt <= integration.retries:
-                pause = _retry_after(response, datetime.now(UTC))
+                pause = _retry_after(response, self._clock.now())
                 if pause is None:
                     pause = 0.2 * 2 ** (attempt - 1)
                 if pause <= MAX_RETRY_AFTER:
-                    await anyio.sleep(pause)
+                    await self._clock.sleep(pause)
                     continue
             if response.status_code >= 400:
                 body = redact(response.text[:BODY_EXCERPT], self._credentials)

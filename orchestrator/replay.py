@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from orchestrator import codec, state
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Record
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef
+from orchestrator.records import Record
 from orchestrator.store import EventStore, scan
 
 PAGE = 5000

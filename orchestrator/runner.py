@@ -18,10 +18,10 @@ import anyio
 import anyio.to_thread
 
 from orchestrator.context import AttemptLog, Context, SyncContext
-from orchestrator.errors import InvalidArgument
+from orchestrator.errors import InvalidArgument, ProviderError
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
-from orchestrator.provider import ProviderError
+from orchestrator.records import FunctionFailed, FunctionSucceeded
 
 TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
@@ -42,20 +42,26 @@ class AttemptResult:
     """The function raised :class:`Rejected` (a clean verdict for validate-connection)."""
     logs: list[str] = field(default_factory=list)
 
-    def fact_data(self) -> dict[str, object]:
-        """The ``data`` of the ``function-*`` record for this attempt."""
-        data: dict[str, object] = {
-            "function": self.function.name,
-            "attempt": self.attempt,
-            "duration_ms": self.duration_ms,
-            "distribution": self.function.distribution,
-            "version": self.function.version,
-        }
-        if not self.ok:
-            data.update(error_type=self.error_type, error=self.error, retryable=self.retryable)
-        if self.logs:
-            data["logs"] = self.logs
-        return data
+    def outcome(self, *, retry_in_ms: int | None = None, dryrun: bool = False) -> FunctionSucceeded | FunctionFailed:
+        """The body of this attempt's ``function-succeeded`` or ``function-failed`` record."""
+        f = self.function
+        if self.ok:
+            return FunctionSucceeded(
+                f.name, self.attempt, self.duration_ms, f.distribution, f.version, tuple(self.logs), dryrun
+            )
+        return FunctionFailed(
+            f.name,
+            self.attempt,
+            self.duration_ms,
+            f.distribution,
+            f.version,
+            self.error_type,
+            self.error,
+            self.retryable,
+            tuple(self.logs),
+            retry_in_ms,
+            dryrun,
+        )
 
 
 def _classify(exc: BaseException) -> tuple[bool, bool]:

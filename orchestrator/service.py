@@ -13,17 +13,22 @@ import base64
 import binascii
 import dataclasses
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
+import httpx
 from opentelemetry import metrics, trace
 
-from orchestrator import limits, state, telemetry
-from orchestrator.context import ConnectionInfo, EventInfo
-from orchestrator.dispatch import Dispatcher, SyncRun
+from orchestrator import limits, records, state, tracing
+from orchestrator.clock import Clock
+from orchestrator.config import DispatchConfig, Integration
+from orchestrator.credentials import Credentials
+from orchestrator.delivery import Delivery, Plan
+from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import (
     IdempotencyConflict,
     InvalidArgument,
@@ -40,18 +45,14 @@ from orchestrator.model import (
     ConnectionState,
     EmitRequest,
     EmitResult,
-    Fact,
     FunctionStatus,
-    JSONObject,
     LifecycleEvent,
-    NewEvent,
-    NewJob,
     Outcome,
-    Record,
 )
-from orchestrator.plugins import Installed
-from orchestrator.runner import TIMEOUT
+from orchestrator.plugins import Registry
+from orchestrator.records import Fact, Record
 from orchestrator.store import Appended, EventStore, scan
+from orchestrator.worker import Worker
 
 READ_PAGE = 500
 log = logging.getLogger(__name__)
@@ -62,18 +63,6 @@ APPEND_MS = meter.create_histogram(
     "orchestrator.append.duration", unit="ms", description="Time to make an emit's records durable"
 )
 _VERDICTS = frozenset({Fact.CONNECTION_VALIDATED, Fact.CONNECTION_REJECTED, Fact.CONNECTION_DELETED})
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What one emit will append, built up by the event's delivery contract."""
-
-    lifecycle: NewEvent
-    info: ConnectionInfo
-    metadata: JSONObject
-    events: list[NewEvent] = field(default_factory=list)
-    jobs: list[NewJob] = field(default_factory=list)
-    cancel_jobs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +99,9 @@ class _StreamLocks:
 class Service:
     """Emits lifecycle events and answers queries over one :class:`EventStore`."""
 
-    def __init__(
-        self,
-        store: EventStore,
-        *,
-        dispatcher: Dispatcher | None = None,
-        new_id: Callable[[], str] = lambda: str(uuid7()),
-    ) -> None:
+    def __init__(self, store: EventStore, delivery: Delivery) -> None:
         self._store = store
-        self._dispatcher = dispatcher
-        self._new_id = new_id
+        self._delivery = delivery
         self._locks = _StreamLocks()
         self._draining = anyio.Event()
         self._inflight = 0
@@ -155,7 +137,7 @@ class Service:
         )
         # Records carry the RPC span's context, so that later attempts (even after a
         # restart) join this trace; without tracing, the caller's own traceparent.
-        request = dataclasses.replace(request, traceparent=telemetry.current_traceparent() or request.traceparent)
+        request = dataclasses.replace(request, traceparent=tracing.current_traceparent() or request.traceparent)
         try:
             self._open()
             self._inflight += 1
@@ -218,45 +200,22 @@ class Service:
                     outcomes=current.outcomes,
                 )
             fresh = current is None or rule.verdict is state.Verdict.NEW_INCARNATION
-            plan = _Plan(
-                lifecycle=NewEvent(
-                    event_id=self._new_id(),
-                    type=request.event.value,
-                    data={"config": request.config, "payload": request.payload},
-                    traceparent=request.traceparent,
-                    idempotency_key=request.idempotency_key,
-                ),
-                info=ConnectionInfo(
-                    ref, request.config if fresh or request.config or current is None else current.config
-                ),
-                metadata={} if fresh or current is None else current.metadata,
-            )
-            if self._dispatcher is not None:
-                self._dispatcher.credentials.remember(ref, request.credentials)
-            async with AsyncExitStack() as stack:
-                if request.event is LifecycleEvent.VALIDATE_CONNECTION:
-                    await self._validate(request, plan)
-                elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
-                    self._create(request, plan)
-                else:
-                    if self._dispatcher is not None:
-                        # Claim no job of this connection until the deletion is appended.
-                        await stack.enter_async_context(self._dispatcher.hold(ref))
-                    await self._delete(request, plan)
+            async with self._delivery.exclusive(request):
+                plan = await self._delivery.plan(request, current, fresh=fresh)
                 appended = await self._append(request, plan)
         lifecycle = appended.records[0]
         connection = appended.connection
         outcomes = connection.outcomes
-        if self._dispatcher is not None and plan.jobs:
-            self._dispatcher.wake()
+        if plan.jobs:
+            self._delivery.scheduled(plan)
             if request.wait:
-                await self._dispatcher.settled(lifecycle.event_id, ref)
+                await self._delivery.settled(plan, request)
                 connection = await self.get_connection(ref)
                 outcomes = await self._outcomes_of(lifecycle)
             elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
                 outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
-        if connection.state is ConnectionState.DELETED and not plan.jobs and self._dispatcher is not None:
-            self._dispatcher.credentials.forget(ref)
+        if connection.state is ConnectionState.DELETED:
+            self._delivery.ended(connection, plan)
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
@@ -266,7 +225,7 @@ class Service:
             rejection_reason=connection.rejection_reason,
         )
 
-    async def _append(self, request: EmitRequest, plan: _Plan) -> Appended:
+    async def _append(self, request: EmitRequest, plan: Plan) -> Appended:
         """The emit's one atomic append, traced and timed."""
         with tracer.start_as_current_span("append", attributes={"orchestrator.records": len(plan.events)}) as span:
             started = time.perf_counter()
@@ -283,109 +242,6 @@ class Service:
             )
             return appended
 
-    def _functions(self, request: EmitRequest) -> tuple[Installed, ...]:
-        if self._dispatcher is None:
-            return ()
-        return self._dispatcher.registry.for_event(request.ref.integration, request.event)
-
-    def _fact(self, kind: Fact, plan: _Plan, data: JSONObject | None = None) -> NewEvent:
-        return NewEvent(
-            event_id=self._new_id(),
-            type=kind.value,
-            data=data or {},
-            causation_id=plan.lifecycle.event_id,
-            traceparent=plan.lifecycle.traceparent,
-        )
-
-    def _metadata_facts(self, run: SyncRun, plan: _Plan) -> list[NewEvent]:
-        return [self._fact(Fact.METADATA_UPDATED, plan, write) for write in run.metadata_writes]
-
-    async def _validate(self, request: EmitRequest, plan: _Plan) -> None:
-        """Run every validate function concurrently; the first failure or the deadline rejects."""
-        functions = self._functions(request)
-        events = [plan.lifecycle]
-        if functions:
-            assert self._dispatcher is not None
-            run = await self._dispatcher.run_sync(
-                functions,
-                plan.info,
-                EventInfo(request.event, request.payload, plan.lifecycle.event_id),
-                plan.metadata,
-                deadline=self._dispatcher.config.validate_deadline,
-                stop_on_failure=True,
-            )
-            cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-            events += [self._dispatcher.fact(r, cause, trace) for r in run.results]
-            events += [
-                self._dispatcher.cancelled(f.name, cause, "another validation failed", trace) for f in run.cancelled
-            ]
-            events += self._metadata_facts(run, plan)
-            if run.failures:
-                failure = run.failures[0]
-                # Functions that ran out of time together are all named, in order.
-                reason = "; ".join(
-                    f"{f.function.name}: {f.error}"
-                    for f in sorted(run.failures, key=lambda f: f.function.name)
-                    if f is failure or (failure.error_type == TIMEOUT and f.error_type == TIMEOUT)
-                )
-                events.append(
-                    self._fact(Fact.CONNECTION_REJECTED, plan, {"reason": reason, "function": failure.function.name})
-                )
-                plan.events = events
-                return
-        events.append(self._fact(Fact.CONNECTION_VALIDATED, plan))
-        plan.events = events
-
-    def _create(self, request: EmitRequest, plan: _Plan) -> None:
-        """Schedule one durable job per creation function, in the event's transaction."""
-        plan.events = [plan.lifecycle]
-        functions = self._functions(request)
-        if functions:
-            assert self._dispatcher is not None
-            plan.jobs = self._dispatcher.schedule(
-                functions, request.event, plan.lifecycle.event_id, request.payload, plan.lifecycle.traceparent
-            )
-
-    async def _delete(self, request: EmitRequest, plan: _Plan) -> None:
-        """Cancel pending creation jobs, await running ones (bounded), run the cleanup functions, delete."""
-        if self._dispatcher is None:
-            plan.events = [plan.lifecycle, self._fact(Fact.CONNECTION_DELETED, plan)]
-            return
-        dispatcher = self._dispatcher
-        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-        events = [plan.lifecycle]
-        pending = [
-            j
-            for j in await self._store.jobs(request.ref)
-            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
-        ]
-        events += [
-            dispatcher.cancelled(j.function, j.causation_id, "the connection is being deleted", trace, j.attempt)
-            for j in pending
-        ]
-        plan.cancel_jobs = [j.job_id for j in pending]
-        run = await dispatcher.run_sync(
-            self._functions(request),
-            plan.info,
-            EventInfo(request.event, request.payload, cause),
-            plan.metadata,
-            deadline=dispatcher.config.deletion_deadline,
-            stop_on_failure=False,
-        )
-        for result in run.results:
-            events.append(dispatcher.fact(result, cause, trace))
-            if result.ok:
-                continue
-            policy = result.function.function.retry or dispatcher.config.retry
-            if result.retryable and not policy.gives_up_after(result.attempt):
-                # Deletion is never blocked: the cleanup goes on in the background.
-                plan.jobs.append(dispatcher.retry_job(result, request.event, cause, request.payload, trace))
-            else:
-                events.append(dispatcher.gave_up(result.function.name, result.attempt, result, cause, trace))
-        events += self._metadata_facts(run, plan)
-        events.append(self._fact(Fact.CONNECTION_DELETED, plan))
-        plan.events = events
-
     async def _outcomes_of(self, lifecycle: Record) -> tuple[Outcome, ...]:
         """The latest outcome of each function run for ``lifecycle``, from the log."""
         outcomes: tuple[Outcome, ...] = ()
@@ -397,10 +253,12 @@ class Service:
 
     async def _repeat(self, request: EmitRequest, earlier: Record) -> EmitResult:
         """Answer a repeated request with the original response, or refuse a different one."""
+        original = records.parse(earlier.type, earlier.data)
         same = (
-            earlier.type == request.event.value
-            and earlier.data.get("config") == request.config
-            and earlier.data.get("payload") == request.payload
+            isinstance(original, records.Lifecycle)
+            and original.event is request.event
+            and original.config == request.config
+            and original.payload == request.payload
         )
         if not same:
             raise IdempotencyConflict(
@@ -516,3 +374,31 @@ def _decode_token(token: str) -> str:
     except (binascii.Error, UnicodeDecodeError, InvalidArgument):
         raise InvalidArgument("page_token is not a token this server returned") from None
     return stream
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """The service and the parts it drives, wired together (see :func:`assemble`)."""
+
+    service: Service
+    worker: Worker
+    dispatcher: Dispatcher
+
+
+def assemble(
+    store: EventStore,
+    registry: Registry,
+    clock: Clock,
+    *,
+    http: httpx.AsyncClient,
+    integrations: Mapping[str, Integration] | None = None,
+    config: DispatchConfig | None = None,
+    credentials: Credentials | None = None,
+    rng: random.Random | None = None,
+    new_id: Callable[[], str] = lambda: str(uuid7()),
+) -> Engine:
+    """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()``."""
+    dispatcher = Dispatcher(clock, http=http, integrations=integrations, config=config, credentials=credentials)
+    worker = Worker(store, registry, dispatcher, clock, rng=rng)
+    delivery = Delivery(store, registry, dispatcher, worker, rng=rng, new_id=new_id)
+    return Engine(Service(store, delivery), worker, dispatcher)

@@ -5,7 +5,9 @@ uses :func:`admit` to decide, before writing anything, whether a lifecycle
 event is allowed; the stores use :func:`apply` to keep the read model in the
 same transaction as the append; ``orchestrator replay`` and the tests use
 :func:`apply` to rebuild every connection from the log alone. Nothing here
-does I/O or reads a clock: time comes from the records.
+does I/O or reads a clock: time comes from the records, and their ``data`` is
+read through :mod:`orchestrator.records`. It imports only the model, the
+records and the errors (an import-linter contract keeps it so).
 """
 
 from __future__ import annotations
@@ -15,17 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import FailedPrecondition, NotFound
-from orchestrator.model import (
-    Connection,
-    ConnectionState,
-    Fact,
-    FunctionStatus,
-    LifecycleEvent,
-    Mark,
-    Outcome,
-    Record,
-)
+from orchestrator import records
+from orchestrator.errors import FailedPrecondition, InvalidTransition, NotFound
+from orchestrator.model import Connection, ConnectionState, FunctionStatus, LifecycleEvent, Mark, Outcome
+from orchestrator.records import Fact, Record
 
 _S = ConnectionState
 _E = LifecycleEvent
@@ -54,7 +49,7 @@ class Rule:
     to: ConnectionState | None = None
 
 
-# The state table of DESIGN.md. ``None`` stands for a connection with no
+# The state table (docs/event-log.md draws it). ``None`` stands for a connection with no
 # stream yet. A rule's ``to`` is the state the lifecycle record moves to; the
 # verdict facts (connection-validated/-rejected/-deleted) move it further.
 TABLE: dict[tuple[ConnectionState | None, LifecycleEvent], Rule] = {
@@ -95,10 +90,6 @@ _OUTCOME_STATUS: dict[Fact, FunctionStatus] = {
 
 _LIFECYCLE: dict[str, LifecycleEvent] = {e.value: e for e in LifecycleEvent}
 _FACTS: dict[str, Fact] = {f.value: f for f in Fact}
-
-
-class InvalidTransition(FailedPrecondition):
-    """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
 
 
 def admit(connection: Connection | None, event: LifecycleEvent, ref: object = None) -> Rule:
@@ -150,13 +141,13 @@ def apply(connection: Connection | None, record: Record) -> Connection:
         if fact is Fact.CONNECTION_VALIDATED:
             return _advance(connection, record, rejection_reason="")
         if fact is Fact.CONNECTION_REJECTED:
-            reason = str(record.data.get("reason", ""))
+            reason = records.ConnectionRejected.parse(record.data).reason
             return _advance(connection, record, state=_S.REJECTED, rejection_reason=reason)
         return _advance(connection, record, state=_S.DELETED)
     if fact is Fact.METADATA_UPDATED:
-        metadata = record.data.get("metadata")
-        metadata = dict(metadata) if isinstance(metadata, dict) else {}
-        if record.data.get("merge"):
+        update = records.MetadataUpdated.parse(record.data)
+        metadata = update.metadata
+        if update.merge:
             # A merge is applied here, in log order, so concurrent writers never lose each other's keys.
             metadata = {**connection.metadata, **metadata}
         return _advance(connection, record, metadata=metadata)
@@ -198,7 +189,7 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
         raise InvalidTransition(f"position {record.position}: a repeated {event} is answered, never appended")
     assert rule.to is not None
     mark = Mark(record.event_id, record.type, record.position, record.version)
-    config = record.data.get("config") or {}
+    config = records.Lifecycle.parse_config(record.data)
     if connection is None or rule.verdict is Verdict.NEW_INCARNATION:
         return Connection(
             ref=record.ref,
@@ -210,7 +201,7 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
             last_position=record.position,
             lifecycle=mark,
             incarnation=connection.incarnation + 1 if connection is not None else 1,
-            config=dict(config),
+            config=config,
         )
     return _advance(
         connection,
@@ -218,7 +209,7 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
         state=rule.to,
         lifecycle=mark,
         # A reconnect may bring new settings; an event without any keeps the old ones.
-        config=dict(config) if config else connection.config,
+        config=config or connection.config,
         deletion=mark if event is _E.PRE_CONNECTION_DELETION else connection.deletion,
         outcomes=(),
     )
@@ -230,14 +221,8 @@ def outcome_of(record: Record) -> Outcome | None:
     status = _OUTCOME_STATUS.get(fact) if fact is not None else None
     if status is None:
         return None
-    data = record.data
-    return Outcome(
-        name=str(data.get("function", "")),
-        status=status,
-        attempts=int(data.get("attempt", 0) or 0),
-        error=str(data.get("error", "") or ""),
-        duration_ms=int(data.get("duration_ms", 0) or 0),
-    )
+    summary = records.OutcomeSummary.parse(record.data)
+    return Outcome(summary.function, status, summary.attempt, summary.error, summary.duration_ms)
 
 
 def merge_outcome(outcomes: tuple[Outcome, ...], outcome: Outcome) -> tuple[Outcome, ...]:

@@ -1,4 +1,4 @@
-"""OpenTelemetry wiring: traces, metrics, the Prometheus endpoint, and the W3C traceparent helpers.
+"""The daemon's OpenTelemetry SDK: tracer and meter providers, exporters, the Prometheus endpoint.
 
 Exporters are chosen with the standard variables, read once by the CLI into
 :class:`TelemetryConfig`: ``OTEL_TRACES_EXPORTER`` and
@@ -7,76 +7,29 @@ Exporters are chosen with the standard variables, read once by the CLI into
 the OTLP exporters read ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers) themselves.
 ``--metrics-listen`` adds a Prometheus text endpoint.
 
-Spans are made at the boundaries only (the RPC, the append, the function
-attempt, the provider call), each module with its own tracer. No secret is
-ever a span attribute: the attributes set are names, ids and outcomes.
+Only the daemon imports this module (the SDK is heavy); the engine's modules
+use the API and :mod:`orchestrator.tracing`. Spans are made at the boundaries
+only (the RPC, the append, the function attempt, the provider call), each
+module with its own tracer.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import anyio
-from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from orchestrator.errors import InvalidArgument
+from orchestrator.config import TelemetryConfig, split_host_port
 
 log = logging.getLogger(__name__)
-
-_PROPAGATOR = TraceContextTextMapPropagator()
-EXPORTERS = ("otlp", "console", "none")
-PROTOCOLS = ("grpc", "http/protobuf")
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryConfig:
-    """What to export where."""
-
-    service_name: str = "orchestrator"
-    service_version: str = ""
-    traces_exporter: str = "none"
-    metrics_exporter: str = "none"
-    otlp_protocol: str = "grpc"
-    metrics_listen: str = ""
-    """``HOST:PORT`` of the Prometheus text endpoint (empty: none)."""
-
-    def __post_init__(self) -> None:
-        for name, value in (
-            ("OTEL_TRACES_EXPORTER", self.traces_exporter),
-            ("OTEL_METRICS_EXPORTER", self.metrics_exporter),
-        ):
-            if value not in EXPORTERS:
-                raise InvalidArgument(f"{name}={value!r} is not supported: use one of {', '.join(EXPORTERS)}")
-        if self.otlp_protocol not in PROTOCOLS:
-            raise InvalidArgument(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={self.otlp_protocol!r} is not supported: use {' or '.join(PROTOCOLS)}"
-            )
-
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str], *, version: str, metrics_listen: str = "") -> TelemetryConfig:
-        """From the standard ``OTEL_*`` variables (only the CLI calls this)."""
-        first = environ.get("OTEL_TRACES_EXPORTER", "none").split(",")[0].strip() or "none"
-        metrics_first = environ.get("OTEL_METRICS_EXPORTER", "none").split(",")[0].strip() or "none"
-        return cls(
-            service_name=environ.get("OTEL_SERVICE_NAME", "orchestrator"),
-            service_version=version,
-            traces_exporter=first,
-            metrics_exporter=metrics_first,
-            otlp_protocol=environ.get(
-                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            ),
-            metrics_listen=metrics_listen,
-        )
 
 
 def _span_exporter(config: TelemetryConfig) -> SpanExporter | None:
@@ -155,8 +108,6 @@ async def _serve_prometheus(listen: str, *, task_status: anyio.abc.TaskStatus[in
     """A minimal HTTP/1.0 endpoint: ``GET /metrics`` in the Prometheus text format."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-    from orchestrator.config import split_host_port
-
     host, port = split_host_port(listen)
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -182,30 +133,3 @@ async def _serve_prometheus(listen: str, *, task_status: anyio.abc.TaskStatus[in
 
     async with listener:
         await listener.serve(handle)
-
-
-# -- W3C trace context --------------------------------------------------------------
-
-
-def current_traceparent() -> str:
-    """The ``traceparent`` of the current span (empty when there is none)."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
-    return carrier.get("traceparent", "")
-
-
-def context_from(traceparent: str) -> otel_context.Context:
-    """A context whose parent is the span ``traceparent`` names (the root context when empty)."""
-    return _PROPAGATOR.extract({"traceparent": traceparent} if traceparent else {})
-
-
-def inject(headers: dict[str, str]) -> None:
-    """Add the current ``traceparent`` (and ``tracestate``) to outgoing ``headers``."""
-    _PROPAGATOR.inject(headers)
-
-
-def span_error(span: trace.Span, exc: BaseException, *, record: bool = True) -> None:
-    """Mark ``span`` failed with ``exc``'s type and message (never its arguments' secrets: callers redact)."""
-    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
-    if record:
-        span.record_exception(exc)

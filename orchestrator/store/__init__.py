@@ -1,148 +1,26 @@
 """The event log behind one interface, :class:`EventStore`, with one backend per module.
 
+- :mod:`orchestrator.store._base`: the :class:`EventStore` protocol every backend implements;
 - :mod:`orchestrator.store.memory`: in-process, for tests;
-- :mod:`orchestrator.store.sqlite`: aiosqlite, the embedded default (group commit).
+- :mod:`orchestrator.store.sqlite`: the embedded default (its group-committing writer in
+  :mod:`orchestrator.store._sqlite_writer`, row mapping in :mod:`orchestrator.store._sqlite_rows`);
+- :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``.
 
 Every backend passes ``tests/contract/test_store_contract.py``. Backends are
-chosen by URL with :func:`open_store`.
+chosen by URL with :func:`open_store`. Nothing here imports the RPC layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Protocol
-
-import anyio
 
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
+from orchestrator.store._base import Appended, EventStore, Stats, scan
 
 __all__ = ["Appended", "EventStore", "Stats", "open_store", "scan", "sqlite_path"]
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """Gauges of the store, for metrics."""
-
-    jobs: int
-    oldest_job_at: datetime | None
-    connections: dict[str, int]
-    """Connections by state."""
-
-
-@dataclass(frozen=True, slots=True)
-class Appended:
-    """What one committed append produced."""
-
-    records: tuple[Record, ...]
-    connection: Connection
-    """The connection's read-model row after the append."""
-
-
-class EventStore(Protocol):
-    """An append-only log of records per connection stream, with a read model kept in step."""
-
-    async def append(
-        self,
-        ref: ConnectionRef,
-        expected_version: int | None,
-        events: Sequence[NewEvent],
-        *,
-        jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
-    ) -> Appended:
-        """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version`` (None: any).
-
-        In the same transaction, ``jobs`` are scheduled (the outbox) and the
-        unclaimed jobs ``cancel_jobs`` are removed (:class:`~orchestrator.errors.LeaseLost`
-        if one was claimed meanwhile). Returns once all of it is durable. Raises
-        :class:`~orchestrator.errors.VersionConflict` when the stream moved,
-        :class:`~orchestrator.state.InvalidTransition` when the fold refuses a
-        record, :class:`~orchestrator.errors.IdempotencyConflict` when a key is
-        taken. Nothing is written when it raises.
-        """
-        ...
-
-    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
-        """Lease up to ``limit`` due jobs (not of the ``exclude`` streams) for ``lease`` seconds.
-
-        Each claim counts an attempt and bumps the job's fencing token.
-        """
-        ...
-
-    async def finish_job(
-        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
-    ) -> Appended | None:
-        """Record an attempt's outcome ``events`` and remove the job, or reschedule it at ``retry_at``.
-
-        Refused with :class:`~orchestrator.errors.LeaseLost` (nothing written)
-        when the job was claimed again since ``job`` was (its token moved on).
-        """
-        ...
-
-    async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
-        """Scheduled and running jobs (of one connection, or all), by due time."""
-        ...
-
-    async def next_job_at(self) -> datetime | None:
-        """When the next job becomes claimable (None: no jobs)."""
-        ...
-
-    async def stats(self) -> Stats:
-        """Jobs waiting, the oldest one's due time, and connections by state."""
-        ...
-
-    def jobs_changed(self) -> anyio.Event:
-        """An event set at the next commit that schedules, reschedules or removes jobs."""
-        ...
-
-    async def get_connection(self, ref: ConnectionRef) -> Connection | None:
-        """The read model's row for ``ref``, or None."""
-        ...
-
-    async def list_connections(self, query: ConnectionQuery) -> list[Connection]:
-        """Read-model rows matching ``query``, ordered by stream, after ``query.after_stream``."""
-        ...
-
-    async def find_idempotent(self, ref: ConnectionRef, key: str) -> Record | None:
-        """The lifecycle record appended to ``ref`` with idempotency ``key``, if any."""
-        ...
-
-    async def read(
-        self, *, from_position: int = 1, ref: ConnectionRef | None = None, limit: int = 1000
-    ) -> list[Record]:
-        """Up to ``limit`` records at or after ``from_position``, of one stream or all, in log order."""
-        ...
-
-    async def head(self) -> int:
-        """The position of the last committed record (0 when the log is empty)."""
-        ...
-
-    async def wait_for(self, position: int) -> None:
-        """Return once a record at ``position`` or later is committed.
-
-        Raises :class:`~orchestrator.errors.Unavailable` when the store closes.
-        """
-        ...
-
-
-async def scan(
-    store: EventStore, *, from_position: int = 1, ref: ConnectionRef | None = None, page: int = 1000
-) -> AsyncIterator[Record]:
-    """Every record from ``from_position`` on (of one stream, or all), read page by page (bounded memory)."""
-    position = from_position
-    while True:
-        records = await store.read(from_position=position, ref=ref, limit=page)
-        for record in records:
-            yield record
-        if len(records) < page:
-            return
-        position = records[-1].position + 1
 
 
 def sqlite_path(url: str) -> Path | None:

@@ -7,7 +7,8 @@ from datetime import datetime
 
 from orchestrator import state
 from orchestrator.errors import InvalidArgument, VersionConflict
-from orchestrator.model import Connection, ConnectionRef, NewEvent, Record
+from orchestrator.model import Connection, ConnectionRef
+from orchestrator.records import NewEvent, Record
 
 
 def plan_append(

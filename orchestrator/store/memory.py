@@ -11,7 +11,8 @@ import anyio
 from orchestrator import codec
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import IdempotencyConflict, InvalidArgument, LeaseLost, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewEvent, NewJob, Record
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
+from orchestrator.records import NewEvent, Record
 from orchestrator.store import Appended, Stats
 from orchestrator.store._append import plan_append
 

@@ -25,15 +25,8 @@ from orchestrator.errors import (
     VersionConflict,
 )
 from orchestrator.ids import uuid7
-from orchestrator.model import (
-    ConnectionQuery,
-    ConnectionRef,
-    ConnectionState,
-    Fact,
-    LifecycleEvent,
-    NewEvent,
-    Record,
-)
+from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent
+from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.store import Appended, EventStore, open_store
 
 pytestmark = pytest.mark.anyio
@@ -517,7 +510,8 @@ class StoreContract:
 UNENCODABLE_APPEND = """
 import sys, anyio
 from orchestrator.errors import OrchestratorError
-from orchestrator.model import ConnectionRef, NewEvent
+from orchestrator.model import ConnectionRef
+from orchestrator.records import NewEvent
 from orchestrator.store import open_store
 
 async def main(url):

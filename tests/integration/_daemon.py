@@ -17,12 +17,11 @@ import grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.clock import Clock
-from orchestrator.config import ServeConfig
+from orchestrator.config import DispatchConfig, Integration, ServeConfig
 from orchestrator.daemon import serve
-from orchestrator.dispatch import DispatchConfig
-from orchestrator.model import ConnectionRef, NewEvent, Record
+from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Registry
-from orchestrator.provider import Integration
+from orchestrator.records import NewEvent, Record
 from orchestrator.store import open_store
 
 STARTUP_TIMEOUT = 30

@@ -27,9 +27,8 @@ from pydantic import BaseModel
 from orchestrator import Context, NonRetryable, ProviderError, Rejected, RetryPolicy, on_event
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.dispatch import DispatchConfig
+from orchestrator.config import DispatchConfig, Integration
 from orchestrator.plugins import Installed, Registry
-from orchestrator.provider import Integration
 from tests.support.provider import ProviderServer, Reply
 
 from ._daemon import Daemon, run_daemon

@@ -29,8 +29,9 @@ from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_CONFIG_BYTES, MAX_CREDENTIAL_VALUE, MAX_CREDENTIALS, MAX_PAYLOAD_BYTES
-from orchestrator.model import ConnectionRef, NewEvent
+from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Registry
+from orchestrator.records import NewEvent
 
 from ._daemon import Daemon, run_daemon, seed
 

@@ -8,7 +8,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from orchestrator.model import ConnectionRef, NewEvent
+from orchestrator.model import ConnectionRef
+from orchestrator.records import NewEvent
 from orchestrator.store import open_store
 
 pytestmark = pytest.mark.anyio

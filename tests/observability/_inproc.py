@@ -24,9 +24,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from orchestrator import RetryPolicy, on_event
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.dispatch import DispatchConfig
+from orchestrator.config import DispatchConfig, Integration
 from orchestrator.plugins import Installed, Registry
-from orchestrator.provider import Integration
 from tests.integration._daemon import Daemon, run_daemon
 
 RPC_EMIT = "orchestrator.v1.Orchestrator/EmitLifecycleEvent"

@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from orchestrator import Context
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator.provider import Integration
+from orchestrator.config import Integration
 from tests.support.provider import ProviderServer, Reply
 
 from ._inproc import (

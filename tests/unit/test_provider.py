@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from orchestrator.errors import InvalidArgument
-from orchestrator.provider import BODY_EXCERPT, Integration, Provider, ProviderError
+from orchestrator.config import Integration
+from orchestrator.errors import InvalidArgument, ProviderError
+from orchestrator.provider import BODY_EXCERPT, Provider
 from tests.support.provider import ProviderServer, Reply
 
 pytestmark = pytest.mark.anyio

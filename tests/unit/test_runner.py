@@ -16,11 +16,12 @@ import httpx
 import pytest
 
 from orchestrator import Context, NonRetryable, Rejected, on_event
+from orchestrator.config import Integration
 from orchestrator.context import MAX_LOG_LINE, MAX_LOG_LINES, AttemptLog, Buffered, ConnectionInfo, EventInfo
-from orchestrator.errors import InvalidArgument
+from orchestrator.errors import InvalidArgument, ProviderError
 from orchestrator.model import ConnectionRef, LifecycleEvent
 from orchestrator.plugins import Installed
-from orchestrator.provider import Integration, Provider, ProviderError
+from orchestrator.provider import Provider
 from orchestrator.runner import AttemptResult, run_attempt
 
 pytestmark = pytest.mark.anyio
@@ -78,7 +79,7 @@ async def test_success(make_context: Callable[[AttemptLog], Context]) -> None:
     assert (result.attempt, result.error, result.retryable, result.rejected) == (2, "", False, False)
     assert result.logs == ["info: registered 42"]
     assert result.duration_ms >= 0
-    assert result.fact_data() == {
+    assert result.outcome().to_data() == {
         "function": "fn",
         "attempt": 2,
         "duration_ms": result.duration_ms,
@@ -101,7 +102,7 @@ async def test_raising_fails_retryably_with_the_error_text(make_context: Callabl
     assert (result.error_type, result.error) == ("RuntimeError", "the provider is down")
     assert result.retryable and not result.rejected
     assert result.logs == ["info: about to fail"]
-    data = result.fact_data()
+    data = result.outcome().to_data()
     assert (data["error_type"], data["error"], data["retryable"]) == ("RuntimeError", "the provider is down", True)
 
 

@@ -10,17 +10,8 @@ import pytest
 
 from orchestrator import state
 from orchestrator.errors import FailedPrecondition, NotFound
-from orchestrator.model import (
-    Connection,
-    ConnectionState,
-    Fact,
-    FunctionStatus,
-    JSONObject,
-    LifecycleEvent,
-    Mark,
-    Outcome,
-    Record,
-)
+from orchestrator.model import Connection, ConnectionState, FunctionStatus, JSONObject, LifecycleEvent, Mark, Outcome
+from orchestrator.records import Fact, Record
 
 STREAM = "dev/salesforce/c1"
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)

@@ -9,25 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import codec, state
+from orchestrator.clock import SystemClock
 from orchestrator.errors import FailedPrecondition, IdempotencyConflict, NotFound
 from orchestrator.ids import uuid7
-from orchestrator.model import (
-    ConnectionQuery,
-    ConnectionRef,
-    ConnectionState,
-    EmitRequest,
-    EmitResult,
-    Fact,
-    LifecycleEvent,
-    NewEvent,
-    Record,
-)
-from orchestrator.service import Service
+from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, EmitRequest, EmitResult, LifecycleEvent
+from orchestrator.plugins import Registry
+from orchestrator.records import Fact, NewEvent, Record
+from orchestrator.service import Service, assemble
 from orchestrator.store import EventStore, open_store
 from orchestrator.store.memory import MemoryEventStore
 
@@ -99,8 +93,12 @@ async def check_log(store: EventStore) -> list[Record]:
 
 
 async def drive_service(store: EventStore, plan: list[Step]) -> None:
-    """Emit ``plan`` through the service, checking each reply and write against the oracle."""
-    service = Service(store)
+    """Emit ``plan`` through the service (no functions installed), checking each reply and write against the oracle."""
+    async with httpx.AsyncClient() as http:
+        await _drive(assemble(store, Registry.of([]), SystemClock(), http=http).service, store, plan)
+
+
+async def _drive(service: Service, store: EventStore, plan: list[Step]) -> None:
     states: dict[str, ConnectionState] = {}
     deletions: dict[str, int] = {}
     answered: dict[tuple[str, str], tuple[LifecycleEvent, EmitResult]] = {}

@@ -6,7 +6,6 @@ import math
 
 import pytest
 
-from orchestrator import _wire
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import (
@@ -18,12 +17,13 @@ from orchestrator.model import (
     LifecycleEvent,
     Outcome,
 )
+from orchestrator.rpc import wire
 
 
 def test_struct_round_trip_keeps_integers() -> None:
     """Integral numbers come back as ints, fractions as floats, nesting intact."""
     data = {"port": 443, "ratio": 0.5, "nested": {"list": [1, "a", None, True]}, "big": 2**60}
-    back = _wire.struct_to_dict(_wire.dict_to_struct(data))
+    back = wire.struct_to_dict(wire.dict_to_struct(data))
     assert back["port"] == 443 and isinstance(back["port"], int)
     assert back["ratio"] == 0.5
     assert back["nested"] == {"list": [1, "a", None, True]}
@@ -32,10 +32,10 @@ def test_struct_round_trip_keeps_integers() -> None:
 
 def test_non_finite_numbers_are_refused() -> None:
     """NaN cannot be stored as JSON: the field is named in the error."""
-    struct = _wire.dict_to_struct({"x": 1})
+    struct = wire.dict_to_struct({"x": 1})
     struct.fields["x"].number_value = math.nan
     with pytest.raises(InvalidArgument, match=r"payload\.x"):
-        _wire.struct_to_dict(struct, "payload")
+        wire.struct_to_dict(struct, "payload")
 
 
 def test_emit_request_round_trip() -> None:
@@ -50,7 +50,7 @@ def test_emit_request_round_trip() -> None:
         expected_version=0,
         wait=True,
     )
-    assert _wire.emit_request_from_proto(_wire.emit_request_to_proto(request)) == request
+    assert wire.emit_request_from_proto(wire.emit_request_to_proto(request)) == request
 
 
 def test_unspecified_event_is_refused() -> None:
@@ -59,7 +59,7 @@ def test_unspecified_event_is_refused() -> None:
         connection=pb.ConnectionRef(environment="dev", integration="x", connection_id="c")
     )
     with pytest.raises(InvalidArgument, match="event must be one of"):
-        _wire.emit_request_from_proto(message)
+        wire.emit_request_from_proto(message)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_unspecified_event_is_refused() -> None:
 def test_bad_refs_name_the_field(ref: pb.ConnectionRef, field: str) -> None:
     """Each malformed ref field is refused with its name in the message."""
     with pytest.raises(InvalidArgument, match=field.replace(".", r"\.")):
-        _wire.ref_from_proto(ref)
+        wire.ref_from_proto(ref)
 
 
 def test_emit_result_round_trip() -> None:
@@ -88,4 +88,4 @@ def test_emit_result_round_trip() -> None:
         rejection_reason="check-token-scopes: lacks read:org",
         deduplicated=True,
     )
-    assert _wire.emit_response_from_proto(_wire.emit_response_to_proto(result)) == result
+    assert wire.emit_response_from_proto(wire.emit_response_to_proto(result)) == result

@@ -8,8 +8,9 @@ import httpx
 from orchestrator_github import INTEGRATION
 
 from orchestrator import ConnectionRef, EventFunction
+from orchestrator.config import Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo
-from orchestrator.provider import Integration, Provider
+from orchestrator.provider import Provider
 
 
 class FakeGitHub:

@@ -9,8 +9,9 @@ import httpx
 from orchestrator_hubspot import INTEGRATION
 
 from orchestrator import ConnectionRef, EventFunction
+from orchestrator.config import Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo
-from orchestrator.provider import Integration, Provider
+from orchestrator.provider import Provider
 
 PROPERTIES_URL = "https://api.hubapi.com/crm/v3/properties/contacts"
 

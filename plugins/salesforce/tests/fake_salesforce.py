@@ -9,8 +9,9 @@ import httpx
 from orchestrator_salesforce import INTEGRATION
 
 from orchestrator import ConnectionRef, EventFunction
+from orchestrator.config import Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo
-from orchestrator.provider import Integration, Provider
+from orchestrator.provider import Provider
 
 CONFIG = {"instance_url": "acme.my.salesforce.com"}
 BASE_URL = "https://acme.my.salesforce.com/services/data/v60.0"

@@ -2,7 +2,9 @@
 
 Errors are mapped to status codes here and only here (:data:`STATUS_CODES`);
 an unexpected exception becomes INTERNAL with a reference to the daemon's
-log, never a traceback on the wire.
+log, never a traceback on the wire. :class:`GrpcServer` is the server's life
+as the daemon sees it: bind, serve (health SERVING), drain (health
+NOT_SERVING, new calls refused by the service), stop.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
-from orchestrator import _wire, errors, telemetry
+from orchestrator import errors, tracing
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_MESSAGE_BYTES
+from orchestrator.model import check_name
+from orchestrator.rpc import wire
 from orchestrator.service import Service
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,11 @@ STATUS_CODES: dict[type[errors.OrchestratorError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StoreError: grpc.StatusCode.INTERNAL,
+    # A job started or was claimed meanwhile: nothing was written, and the same call may succeed now.
+    errors.LeaseLost: grpc.StatusCode.ABORTED,
+    errors.PluginError: grpc.StatusCode.FAILED_PRECONDITION,
+    # An upstream the daemon depends on failed; a later retry may find it back.
+    errors.ProviderError: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -74,7 +83,7 @@ def _metadata(context: Ctx) -> dict[str, str]:
 @contextmanager
 def _server_span(name: str, context: Ctx) -> Iterator[trace.Span]:
     """The RPC's span, continuing the caller's ``traceparent``; failures set its status."""
-    parent = telemetry.context_from(_metadata(context).get("traceparent", ""))
+    parent = tracing.context_from(_metadata(context).get("traceparent", ""))
     with tracer.start_as_current_span(
         f"{SERVICE_NAME}/{name}",
         context=parent,
@@ -90,7 +99,7 @@ def _failed(span: trace.Span, exc: Exception) -> None:
     code = status_code(exc) if isinstance(exc, errors.OrchestratorError) else grpc.StatusCode.INTERNAL
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     # A refused request is the caller's error; only our own failures are recorded with a traceback.
-    telemetry.span_error(span, exc, record=code is grpc.StatusCode.INTERNAL)
+    tracing.span_error(span, exc, record=code is grpc.StatusCode.INTERNAL)
 
 
 def _unary(
@@ -128,22 +137,20 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self, request: pb.EmitLifecycleEventRequest, context: Ctx
     ) -> pb.EmitLifecycleEventResponse:
         """See the proto."""
-        emit = _wire.emit_request_from_proto(request, traceparent=_traceparent(context))
-        return _wire.emit_response_to_proto(await self._service.emit(emit))
+        emit = wire.emit_request_from_proto(request, traceparent=_traceparent(context))
+        return wire.emit_response_to_proto(await self._service.emit(emit))
 
     @_unary
     async def GetConnection(self, request: pb.GetConnectionRequest, context: Ctx) -> pb.GetConnectionResponse:
         """See the proto."""
         if not request.HasField("connection"):
             raise errors.InvalidArgument("connection is required")
-        connection = await self._service.get_connection(_wire.ref_from_proto(request.connection))
-        return pb.GetConnectionResponse(connection=_wire.connection_to_proto(connection))
+        connection = await self._service.get_connection(wire.ref_from_proto(request.connection))
+        return pb.GetConnectionResponse(connection=wire.connection_to_proto(connection))
 
     @_unary
     async def ListConnections(self, request: pb.ListConnectionsRequest, context: Ctx) -> pb.ListConnectionsResponse:
         """See the proto."""
-        from orchestrator.model import check_name
-
         if request.environment:
             check_name("environment", request.environment)
         if request.integration:
@@ -151,12 +158,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         page = await self._service.list_connections(
             environment=request.environment,
             integration=request.integration,
-            state=_wire.state_from_proto(request.state),
+            state=wire.state_from_proto(request.state),
             page_size=request.page_size,
             page_token=request.page_token,
         )
         return pb.ListConnectionsResponse(
-            connections=[_wire.connection_to_proto(c) for c in page.connections],
+            connections=[wire.connection_to_proto(c) for c in page.connections],
             next_page_token=page.next_page_token,
         )
 
@@ -164,11 +171,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         """See the proto."""
         with _server_span("ReadEvents", context) as span:
             try:
-                ref = _wire.ref_from_proto(request.connection) if request.HasField("connection") else None
+                ref = wire.ref_from_proto(request.connection) if request.HasField("connection") else None
                 async for record in self._service.read_events(
                     from_position=request.from_position, ref=ref, follow=request.follow
                 ):
-                    yield _wire.record_to_proto(record)
+                    yield wire.record_to_proto(record)
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
@@ -192,3 +199,39 @@ def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
         server,
     )
     return server
+
+
+class GrpcServer:
+    """The daemon's gRPC server: health follows its life (NOT_SERVING until :meth:`serving`, again on drain)."""
+
+    def __init__(self, service: Service) -> None:
+        self._health = HealthServicer()
+        self._server = build_server(service, self._health)
+
+    async def start(self, listen: str) -> int:
+        """Bind ``listen`` (health NOT_SERVING) and start; returns the bound port."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            port = self._server.add_insecure_port(listen)
+        except RuntimeError as exc:
+            raise errors.InvalidArgument(f"cannot listen on {listen}: {exc}") from exc
+        if port == 0:
+            raise errors.InvalidArgument(f"cannot listen on {listen}: the address is in use or unavailable")
+        await self._server.start()
+        return port
+
+    async def serving(self) -> None:
+        """Everything behind the server is ready: health SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def draining(self) -> None:
+        """Health NOT_SERVING for good (the service refuses new calls itself)."""
+        await self._health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Close the server, giving calls still open ``grace`` seconds."""
+        await self._server.stop(grace)
+
+    async def _set_health(self, status: Any) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)

@@ -7,10 +7,11 @@ from types import TracebackType
 
 import grpc
 
-from orchestrator import _wire
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.model import Connection, ConnectionRef, ConnectionState, EmitRequest, EmitResult, Record
+from orchestrator.model import Connection, ConnectionRef, ConnectionState, EmitRequest, EmitResult
+from orchestrator.records import Record
+from orchestrator.rpc import wire
 
 
 class ClientError(Exception):
@@ -51,21 +52,21 @@ class Client:
         """Emit one lifecycle event."""
         try:
             response = self._stub.EmitLifecycleEvent(
-                _wire.emit_request_to_proto(request), timeout=self._timeout, wait_for_ready=False
+                wire.emit_request_to_proto(request), timeout=self._timeout, wait_for_ready=False
             )
         except grpc.RpcError as exc:
             raise _fail(exc, self._address) from None
-        return _wire.emit_response_from_proto(response)
+        return wire.emit_response_from_proto(response)
 
     def get_connection(self, ref: ConnectionRef) -> Connection:
         """One connection."""
         try:
             response = self._stub.GetConnection(
-                pb.GetConnectionRequest(connection=_wire.ref_to_proto(ref)), timeout=self._timeout
+                pb.GetConnectionRequest(connection=wire.ref_to_proto(ref)), timeout=self._timeout
             )
         except grpc.RpcError as exc:
             raise _fail(exc, self._address) from None
-        return _wire.connection_from_proto(response.connection)
+        return wire.connection_from_proto(response.connection)
 
     def list_connections(
         self,
@@ -81,7 +82,7 @@ class Client:
             request = pb.ListConnectionsRequest(
                 environment=environment,
                 integration=integration,
-                state=_wire.STATES[state] if state else pb.CONNECTION_STATE_UNSPECIFIED,
+                state=wire.STATES[state] if state else pb.CONNECTION_STATE_UNSPECIFIED,
                 page_size=page_size,
                 page_token=token,
             )
@@ -90,7 +91,7 @@ class Client:
             except grpc.RpcError as exc:
                 raise _fail(exc, self._address) from None
             for message in response.connections:
-                yield _wire.connection_from_proto(message)
+                yield wire.connection_from_proto(message)
             token = response.next_page_token
             if not token:
                 return
@@ -101,9 +102,9 @@ class Client:
         """Records from a position; with ``follow``, until interrupted."""
         request = pb.ReadEventsRequest(from_position=from_position, follow=follow)
         if ref is not None:
-            request.connection.CopyFrom(_wire.ref_to_proto(ref))
+            request.connection.CopyFrom(wire.ref_to_proto(ref))
         try:
             for message in self._stub.ReadEvents(request, timeout=None if follow else self._timeout):
-                yield _wire.record_from_proto(message)
+                yield wire.record_from_proto(message)
         except grpc.RpcError as exc:
             raise _fail(exc, self._address) from None

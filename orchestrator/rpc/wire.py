@@ -27,8 +27,8 @@ from orchestrator.model import (
     LifecycleEvent,
     Mark,
     Outcome,
-    Record,
 )
+from orchestrator.records import Record
 
 _MAX_SAFE_INT = 2**53
 

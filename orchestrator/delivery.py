@@ -1,0 +1,234 @@
+"""The three delivery contracts, each turning an admitted emit into a plan of records and jobs.
+
+    event                      functions run                         the plan appends
+    validate-connection        now, concurrently, one deadline;      the request, each outcome, metadata
+                               the first failure stops the others    writes, then the verdict
+    post-connection-creation   later, as durable jobs (the outbox)   the request and one job per function
+    pre-connection-deletion    pending creation jobs cancelled,      the request, cancellations, each cleanup
+                               running ones awaited (bounded), then  outcome (a failed one continues as a
+                               cleanup functions under one deadline  background job), metadata writes,
+                                                                     then connection-deleted
+
+:class:`Delivery` decides; :class:`~orchestrator.service.Service` appends the
+plan in one atomic append, so a crash never leaves half of a contract in the
+log. Records are built through :mod:`orchestrator.records` only.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from orchestrator import records
+from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.dispatch import Dispatcher, SyncRun
+from orchestrator.ids import uuid7
+from orchestrator.model import Connection, EmitRequest, JSONObject, LifecycleEvent, NewJob
+from orchestrator.plugins import Installed, Registry
+from orchestrator.records import NewEvent
+from orchestrator.runner import TIMEOUT, AttemptResult
+from orchestrator.store import EventStore
+from orchestrator.worker import Worker, gave_up
+
+VALIDATION_CANCELLED = "another validation failed"
+DELETION_CANCELLED = "the connection is being deleted"
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one emit appends, in order, in one transaction."""
+
+    lifecycle: NewEvent
+    events: list[NewEvent] = field(default_factory=list)
+    """Every record, the lifecycle record first."""
+    jobs: list[NewJob] = field(default_factory=list)
+    cancel_jobs: list[str] = field(default_factory=list)
+
+
+class Delivery:
+    """Plans each lifecycle event's delivery contract over the functions installed for it."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        worker: Worker,
+        *,
+        rng: random.Random | None = None,
+        new_id: Callable[[], str] = lambda: str(uuid7()),
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._worker = worker
+        self._rng = rng or random.Random()
+        self._new_id = new_id
+        self._config = dispatcher.config
+
+    def functions(self, request: EmitRequest) -> tuple[Installed, ...]:
+        """The functions installed for the request's integration and event."""
+        return self._registry.for_event(request.ref.integration, request.event)
+
+    @asynccontextmanager
+    async def exclusive(self, request: EmitRequest) -> AsyncIterator[None]:
+        """Hold what the plan depends on until it is appended: a deletion keeps the worker off its jobs."""
+        if request.event is LifecycleEvent.PRE_CONNECTION_DELETION:
+            async with self._worker.hold(request.ref):
+                yield
+        else:
+            yield
+
+    async def plan(self, request: EmitRequest, current: Connection | None, *, fresh: bool) -> Plan:
+        """Run what runs synchronously and return the records and jobs to append.
+
+        ``current`` is the connection before the event; ``fresh`` says the
+        event starts a new incarnation (no earlier config or metadata).
+        """
+        lifecycle = records.new(
+            records.Lifecycle(request.event, request.config, request.payload),
+            event_id=self._new_id(),
+            traceparent=request.traceparent,
+            idempotency_key=request.idempotency_key,
+        )
+        plan = Plan(lifecycle, [lifecycle])
+        old = None if fresh else current
+        info = ConnectionInfo(request.ref, request.config if old is None or request.config else old.config)
+        metadata = {} if old is None else old.metadata
+        self._dispatcher.credentials.remember(request.ref, request.credentials)
+        if request.event is LifecycleEvent.VALIDATE_CONNECTION:
+            await self._validate(request, plan, info, metadata)
+        elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
+            self._create(request, plan)
+        else:
+            await self._delete(request, plan, info, metadata)
+        return plan
+
+    def scheduled(self, plan: Plan) -> None:
+        """The plan is durable: wake the worker for its jobs."""
+        if plan.jobs:
+            self._worker.wake()
+
+    async def settled(self, plan: Plan, request: EmitRequest) -> None:
+        """Return once every job the plan scheduled has finished (``wait=true``)."""
+        await self._worker.settled(plan.lifecycle.event_id, request.ref)
+
+    def ended(self, connection: Connection, plan: Plan) -> None:
+        """The connection is deleted and nothing of it runs later: forget its credentials."""
+        if not plan.jobs:
+            self._dispatcher.credentials.forget(connection.ref)
+
+    # -- the three contracts ---------------------------------------------------------
+
+    def _fact(self, body: records.Body, plan: Plan) -> NewEvent:
+        return records.new(
+            body,
+            event_id=self._new_id(),
+            causation_id=plan.lifecycle.event_id,
+            traceparent=plan.lifecycle.traceparent,
+        )
+
+    def _results(self, run: SyncRun, plan: Plan) -> list[NewEvent]:
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        return [records.new(r.outcome(), causation_id=cause, traceparent=trace) for r in run.results]
+
+    def _metadata(self, run: SyncRun, plan: Plan) -> list[NewEvent]:
+        return [self._fact(update, plan) for update in run.metadata_updates]
+
+    async def _validate(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
+        """Run every validate function concurrently; the first failure or the deadline rejects."""
+        functions = self.functions(request)
+        if not functions:
+            plan.events.append(self._fact(records.ConnectionValidated(), plan))
+            return
+        run = await self._dispatcher.run_sync(
+            functions,
+            info,
+            EventInfo(request.event, request.payload, plan.lifecycle.event_id),
+            metadata,
+            deadline=self._config.validate_deadline,
+            stop_on_failure=True,
+        )
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        plan.events += self._results(run, plan)
+        plan.events += [
+            records.new(records.FunctionCancelled(f.name, VALIDATION_CANCELLED), causation_id=cause, traceparent=trace)
+            for f in run.cancelled
+        ]
+        plan.events += self._metadata(run, plan)
+        if not run.failures:
+            plan.events.append(self._fact(records.ConnectionValidated(), plan))
+            return
+        failure = run.failures[0]
+        # Functions that ran out of time together are all named, in order.
+        reason = "; ".join(
+            f"{f.function.name}: {f.error}"
+            for f in sorted(run.failures, key=lambda f: f.function.name)
+            if f is failure or (failure.error_type == TIMEOUT and f.error_type == TIMEOUT)
+        )
+        plan.events.append(self._fact(records.ConnectionRejected(reason, failure.function.name), plan))
+
+    def _create(self, request: EmitRequest, plan: Plan) -> None:
+        """Schedule one durable job per creation function, in the event's transaction."""
+        now = self._dispatcher.clock.now()
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        plan.jobs = [
+            NewJob(str(uuid7()), f.name, request.event, cause, request.payload, now, trace)
+            for f in self.functions(request)
+        ]
+
+    async def _delete(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
+        """Cancel pending creation jobs, await running ones (bounded), run the cleanup functions, delete."""
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        pending = [
+            j
+            for j in await self._store.jobs(request.ref)
+            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
+        ]
+        plan.events += [
+            records.new(
+                records.FunctionCancelled(j.function, DELETION_CANCELLED, j.attempt),
+                causation_id=j.causation_id,
+                traceparent=trace,
+            )
+            for j in pending
+        ]
+        plan.cancel_jobs = [j.job_id for j in pending]
+        run = await self._dispatcher.run_sync(
+            self.functions(request),
+            info,
+            EventInfo(request.event, request.payload, cause),
+            metadata,
+            deadline=self._config.deletion_deadline,
+            stop_on_failure=False,
+        )
+        for result, event in zip(run.results, self._results(run, plan), strict=True):
+            plan.events.append(event)
+            if result.ok:
+                continue
+            if result.retryable and not self._dispatcher.policy(result.function).gives_up_after(result.attempt):
+                # Deletion is never blocked: the cleanup goes on in the background.
+                plan.jobs.append(self._retry_job(result, request, plan))
+            else:
+                body = gave_up(result.function.name, result.attempt, result.error, retryable=result.retryable)
+                plan.events.append(records.new(body, causation_id=cause, traceparent=trace))
+        plan.events += self._metadata(run, plan)
+        plan.events.append(self._fact(records.ConnectionDeleted(), plan))
+
+    def _retry_job(self, result: AttemptResult, request: EmitRequest, plan: Plan) -> NewJob:
+        """A job to continue a synchronous attempt that failed or ran out of time, in the background."""
+        delay = self._dispatcher.policy(result.function).delay(result.attempt, self._rng)
+        run_at = self._dispatcher.clock.now() + timedelta(seconds=delay)
+        return NewJob(
+            str(uuid7()),
+            result.function.name,
+            request.event,
+            plan.lifecycle.event_id,
+            request.payload,
+            run_at,
+            plan.lifecycle.traceparent,
+            result.attempt,
+        )

@@ -1,0 +1,435 @@
+"""The SQLite store's one writer: every write goes through its queue and is group-committed.
+
+Appends queue up while a commit is in flight, and the writer commits all of
+them (up to :data:`MAX_BATCH`) in the next transaction, run in one hop on its
+own thread, so concurrent callers share an fsync. Each write in a batch is
+checked and folded on its own: a refused one fails alone while its
+neighbours commit; a database error fails the batch, which is then retried
+one write at a time so that a poisoned write cannot fail the others.
+Positions are assigned here, so commit order is position order and a
+follower never misses a record. The queue is bounded: beyond it, writes are
+refused with RESOURCE_EXHAUSTED instead of growing memory. A commit in
+progress is shielded from cancellation, so shutdown never leaves a write's
+outcome unknown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from orchestrator import codec
+from orchestrator.clock import Clock
+from orchestrator.errors import (
+    IdempotencyConflict,
+    InvalidArgument,
+    LeaseLost,
+    OrchestratorError,
+    ResourceExhausted,
+    StoreError,
+    Unavailable,
+)
+from orchestrator.model import Connection, ConnectionRef, Job, NewJob
+from orchestrator.records import NewEvent
+from orchestrator.store._append import plan_append
+from orchestrator.store._base import Appended
+from orchestrator.store._migrations import migrate_sqlite
+from orchestrator.store._sqlite_rows import (
+    JOB_COLUMNS,
+    RECORD_COLUMNS,
+    connection_from_body,
+    connection_to_row,
+    job_from_row,
+    job_to_row,
+    record_to_row,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+"""Writes committed together at most (bounds a transaction's size and latency)."""
+QUEUE_SIZE = 4096
+"""Writes waiting for the writer at most; more are refused with RESOURCE_EXHAUSTED."""
+ROW_CACHE = 8192
+"""Read-model rows the writer keeps in memory, so a busy connection's append skips a read and a decode."""
+
+
+@dataclass(eq=False)
+class _Op:
+    """One write waiting for the writer; ``stream`` is None for job claims."""
+
+    stream: str | None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Append(_Op):
+    ref: ConnectionRef = field(default=None)  # type: ignore[assignment]  # always given
+    expected_version: int | None = None
+    events: Sequence[NewEvent] = ()
+    jobs: Sequence[NewJob] = ()
+    cancel_jobs: Sequence[str] = ()
+
+
+@dataclass(eq=False)
+class _Claim(_Op):
+    now: int = 0
+    limit: int = 0
+    lease_until: int = 0
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass(eq=False)
+class _Finish(_Op):
+    job: Job = field(default=None)  # type: ignore[assignment]  # always given
+    events: Sequence[NewEvent] = ()
+    retry_at: int | None = None
+
+
+@dataclass(eq=False)
+class _Txn:
+    """What one batch writes, gathered for ``executemany``."""
+
+    current: dict[str, Connection]
+    position: int
+    recorded_at: datetime
+    event_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    job_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    deleted_jobs: list[str] = field(default_factory=list)
+    rescheduled: list[tuple[int, str]] = field(default_factory=list)
+
+
+class Writer:
+    """The single writer of one SQLite file (the caller holds the file's lock)."""
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self._path = path
+        self._clock = clock
+        self._db: sqlite3.Connection | None = None
+        # Copies of recently written read-model rows (bounded, least recently used out).
+        self._rows: OrderedDict[str, Connection] = OrderedDict()
+        # The connection is only ever used by one thread at a time, through this limiter.
+        self._thread = anyio.CapacityLimiter(1)
+        send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
+        self._send: MemoryObjectSendStream[_Op] = send
+        self._receive: MemoryObjectReceiveStream[_Op] = receive
+        self.head = 0
+        """The position of the last committed record."""
+        self._last_micros = 0
+        self._changed = anyio.Event()
+        self._jobs_event = anyio.Event()
+        self._closed = False
+
+    # -- life ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open, migrate and read the starting point (in the writer's thread)."""
+        await anyio.to_thread.run_sync(self._start, limiter=self._thread)
+
+    def _start(self) -> None:
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+        self._db = db
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            migrate_sqlite(db, self._path, self._clock)
+            # We hold the file's lock, so whoever leased a job before is dead:
+            # its attempt is retried now rather than after the lease runs out.
+            db.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
+            self.head = db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
+            self._last_micros = db.execute("SELECT COALESCE(MAX(recorded_at), 0) FROM events").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+
+    def stop_taking(self) -> None:
+        """Take no more writes; :meth:`run` commits what is queued, then returns."""
+        self._send.close()
+
+    def closed(self) -> None:
+        """The store is closed: refuse writes and wake every waiter."""
+        self._closed = True
+        self._send.close()
+        self._receive.close()
+        self._notify()
+
+    async def close(self) -> None:
+        """Close the database connection (shielded: also when the owner is cancelled)."""
+        with anyio.CancelScope(shield=True):
+            if self._db is not None:
+                await anyio.to_thread.run_sync(self._db.close, limiter=self._thread)
+
+    @property
+    def changed(self) -> anyio.Event:
+        """An event set at the next commit that adds records (or when the store closes)."""
+        return self._changed
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the store has closed."""
+        return self._closed
+
+    def jobs_changed(self) -> anyio.Event:
+        """An event set at the next commit that schedules, reschedules or removes jobs."""
+        return self._jobs_event
+
+    # -- writes ------------------------------------------------------------------
+
+    async def submit(self, op: _Op) -> Any:
+        """Queue ``op`` and return its result once committed (or raise why it was refused)."""
+        if self._closed:
+            raise Unavailable("the event store is closed")
+        try:
+            self._send.send_nowait(op)
+        except anyio.WouldBlock:
+            raise ResourceExhausted(
+                f"the write queue is full ({QUEUE_SIZE} writes waiting); retry with backoff"
+            ) from None
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise Unavailable("the event store is closing") from None
+        # Once queued the write will be committed or refused even if the caller
+        # goes away: shield the wait so that its outcome is always collected.
+        with anyio.CancelScope(shield=True):
+            await op.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    async def append(
+        self,
+        ref: ConnectionRef,
+        expected_version: int | None,
+        events: Sequence[NewEvent],
+        *,
+        jobs: Sequence[NewJob] = (),
+        cancel_jobs: Sequence[str] = (),
+    ) -> Appended:
+        """Append through the group commit (see :meth:`~orchestrator.store.EventStore.append`)."""
+        op = _Append(
+            ref.stream, ref=ref, expected_version=expected_version, events=events, jobs=jobs, cancel_jobs=cancel_jobs
+        )
+        result: Appended = await self.submit(op)
+        return result
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
+        """Lease due jobs (see :meth:`~orchestrator.store.EventStore.claim_jobs`)."""
+        now = codec.to_micros(self._clock.now())
+        op = _Claim(None, now=now, limit=limit, lease_until=now + int(lease * 1_000_000), exclude=exclude)
+        jobs: list[Job] = await self.submit(op)
+        return jobs
+
+    async def finish_job(self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None) -> Appended:
+        """Record an outcome (see :meth:`~orchestrator.store.EventStore.finish_job`)."""
+        op = _Finish(
+            job.stream, job=job, events=events, retry_at=codec.to_micros(retry_at) if retry_at is not None else None
+        )
+        result: Appended = await self.submit(op)
+        return result
+
+    async def run(self) -> None:
+        """Commit batches until :meth:`stop_taking` and the queue is empty."""
+        async with self._receive:
+            async for first in self._receive:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                # A commit takes milliseconds; finishing it keeps every
+                # caller's outcome certain even when shutdown cancels us.
+                with anyio.CancelScope(shield=True):
+                    await self._commit_isolating(batch)
+
+    async def _commit_isolating(self, batch: list[_Op]) -> None:
+        now = max(codec.to_micros(self._clock.now()), self._last_micros)
+        try:
+            txn = await anyio.to_thread.run_sync(self._commit, batch, now, limiter=self._thread)
+        except Exception as exc:  # the writer must outlive any one write; its callers get the error
+            if len(batch) == 1:
+                batch[0].error = self._wrap(exc, batch[0])
+            else:
+                # One bad write must not fail its neighbours: retry each alone.
+                for op in batch:
+                    await self._commit_isolating([op])
+                return
+        else:
+            self._last_micros = now
+            if txn.position - 1 > self.head:
+                self.head = txn.position - 1
+                self._notify()
+            if txn.job_rows or txn.rescheduled or txn.deleted_jobs:
+                self._jobs_changed()
+        for op in batch:
+            op.done.set()
+
+    def _wrap(self, exc: Exception, op: _Op) -> OrchestratorError:
+        error: OrchestratorError
+        if isinstance(exc, sqlite3.IntegrityError) and "idempotency_key" in str(exc) and isinstance(op, _Append):
+            keys = ", ".join(repr(e.idempotency_key) for e in op.events if e.idempotency_key)
+            error = IdempotencyConflict(f"idempotency key {keys} is already used on {op.ref}")
+        else:
+            log.error("write to %s failed: %r", op.stream, exc)
+            error = StoreError(f"the event log could not be written: {exc}")
+        error.__cause__ = exc  # raised later, in the caller's task: the driver's error stays chained
+        return error
+
+    def _commit(self, batch: list[_Op], now: int) -> _Txn:
+        """One transaction for the whole batch; runs in the writer's thread (one hop per batch)."""
+        db = self._db
+        assert db is not None
+        for op in batch:
+            op.error = op.result = None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            txn = _Txn(
+                current=self._load_connections(db, {op.stream for op in batch if op.stream}),
+                position=self.head + 1,
+                recorded_at=codec.from_micros(now),
+            )
+            for op in batch:
+                try:
+                    if isinstance(op, _Append):
+                        op.result = self._apply_append(db, txn, op)
+                    elif isinstance(op, _Finish):
+                        op.result = self._apply_finish(db, txn, op)
+                    elif isinstance(op, _Claim):
+                        op.result = self._apply_claim(db, op)
+                except OrchestratorError as exc:
+                    op.error = exc
+                except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
+                    op.error = InvalidArgument(f"the record cannot be stored: {exc}")
+            self._flush(db, txn)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # Only the writer changes rows, so after a commit its copies are the truth.
+        for stream in txn.touched:
+            self._rows[stream] = txn.current[stream]
+            self._rows.move_to_end(stream)
+        while len(self._rows) > ROW_CACHE:
+            self._rows.popitem(last=False)
+        return txn
+
+    def _add_records(
+        self, txn: _Txn, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]
+    ) -> Appended:
+        records, connection = plan_append(
+            txn.current.get(ref.stream),
+            ref,
+            expected_version,
+            events,
+            first_position=txn.position,
+            recorded_at=txn.recorded_at,
+        )
+        rows = [record_to_row(r) for r in records]  # may raise: before anything is staged
+        txn.current[ref.stream] = connection
+        txn.touched.add(ref.stream)
+        txn.position += len(records)
+        txn.event_rows.extend(rows)
+        return Appended(tuple(records), connection)
+
+    def _apply_append(self, db: sqlite3.Connection, txn: _Txn, op: _Append) -> Appended:
+        if op.cancel_jobs:
+            marks = ",".join("?" * len(op.cancel_jobs))
+            sql = f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND lease_until IS NULL"
+            free = {row[0] for row in db.execute(sql, list(op.cancel_jobs))}
+            if free != set(op.cancel_jobs):
+                raise LeaseLost(f"{op.ref}: a job to cancel has started meanwhile; retry")
+        created = codec.to_micros(txn.recorded_at)
+        job_rows = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
+        appended = self._add_records(txn, op.ref, op.expected_version, op.events)
+        txn.deleted_jobs.extend(op.cancel_jobs)
+        txn.job_rows.extend(job_rows)
+        return appended
+
+    def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
+        job = op.job
+        row = db.execute("SELECT lease_token FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
+        if row is None or row[0] != job.lease_token:
+            raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
+        appended = self._add_records(txn, job.ref, None, op.events) if op.events else None
+        if op.retry_at is None:
+            txn.deleted_jobs.append(job.job_id)
+        else:
+            txn.rescheduled.append((op.retry_at, job.job_id))
+        return appended
+
+    def _apply_claim(self, db: sqlite3.Connection, op: _Claim) -> list[Job]:
+        excluded = list(op.exclude)
+        marks = ",".join("?" * len(excluded))
+        not_excluded = f" AND stream NOT IN ({marks})" if excluded else ""
+        sql = (
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+            f"{not_excluded} ORDER BY run_at LIMIT ?"
+        )
+        rows = db.execute(sql, [op.now, op.now, *excluded, op.limit]).fetchall()
+        claimed = []
+        for row in rows:
+            job = job_from_row(row)
+            job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
+            claimed.append(job)
+        db.executemany(
+            "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ? WHERE job_id = ?",
+            [(j.attempt, j.lease_token, op.lease_until, j.job_id) for j in claimed],
+        )
+        return claimed
+
+    def _flush(self, db: sqlite3.Connection, txn: _Txn) -> None:
+        if txn.event_rows:
+            db.executemany(f"INSERT INTO events ({RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})", txn.event_rows)
+            db.executemany(
+                "INSERT OR REPLACE INTO connections (stream, environment, integration, connection_id,"
+                " state, version, last_position, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [connection_to_row(txn.current[s]) for s in txn.touched],
+            )
+        if txn.job_rows:
+            db.executemany(f"INSERT INTO jobs ({JOB_COLUMNS}, created_at) VALUES ({','.join('?' * 12)})", txn.job_rows)
+        if txn.deleted_jobs:
+            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
+        if txn.rescheduled:
+            db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
+
+    def _load_connections(self, db: sqlite3.Connection, streams: Iterable[str]) -> dict[str, Connection]:
+        found: dict[str, Connection] = {}
+        wanted = []
+        for stream in streams:
+            cached = self._rows.get(stream)
+            if cached is None:
+                wanted.append(stream)
+            else:
+                found[stream] = cached
+                self._rows.move_to_end(stream)
+        for start in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
+            chunk = wanted[start : start + 500]
+            sql = f"SELECT body FROM connections WHERE stream IN ({','.join('?' * len(chunk))})"
+            for (body,) in db.execute(sql, chunk):
+                connection = connection_from_body(body)
+                found[connection.ref.stream] = connection
+        return found
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def _jobs_changed(self) -> None:
+        changed, self._jobs_event = self._jobs_event, anyio.Event()
+        changed.set()

@@ -1,0 +1,244 @@
+"""The job worker: claims due jobs from the outbox and runs them, retrying with backoff, across restarts.
+
+Asynchronous function runs are jobs the store wrote in the same transaction
+as their event. :class:`Worker` claims due jobs (a lease with a fencing
+token), runs each attempt through the :class:`~orchestrator.dispatch.Dispatcher`
+under its timeout, and records ``function-succeeded`` / ``function-failed`` /
+``function-gave-up`` with the job's removal or rescheduling in one
+transaction. Retries back off exponentially with full jitter on the injected
+clock. It wakes on new jobs, finished attempts and the next due time, never
+by polling. A deletion :meth:`~Worker.hold`\\ s a connection so that none of
+its jobs is claimed while the deletion decides what to cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+
+import anyio
+
+from orchestrator import records, tracing
+from orchestrator.clock import Clock
+from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.dispatch import Dispatcher
+from orchestrator.errors import LeaseLost, OrchestratorError
+from orchestrator.model import ConnectionRef, Job, JSONObject
+from orchestrator.plugins import Installed, Registry
+from orchestrator.records import NewEvent
+from orchestrator.store import EventStore
+
+log = logging.getLogger(__name__)
+
+NOT_INSTALLED = "the function is no longer installed"
+
+
+class _Immediate:
+    """Metadata writes of an asynchronous attempt: appended at once."""
+
+    def __init__(
+        self, store: EventStore, ref: ConnectionRef, metadata: JSONObject, function: str, cause: str, traceparent: str
+    ) -> None:
+        self._store = store
+        self._ref = ref
+        self._metadata = dict(metadata)
+        self._function = function
+        self._cause = cause
+        self._traceparent = traceparent
+
+    def current(self) -> JSONObject:
+        return dict(self._metadata)
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        event = records.new(
+            records.MetadataUpdated(self._function, metadata, merge),
+            causation_id=self._cause,
+            # The attempt's span (inside the emit's trace), or the emit's own without tracing.
+            traceparent=tracing.current_traceparent() or self._traceparent,
+        )
+        appended = await self._store.append(self._ref, None, [event])
+        self._metadata = dict(appended.connection.metadata)
+
+
+async def first(*waiters: anyio.Event) -> None:
+    """Return when any of ``waiters`` is set."""
+    async with anyio.create_task_group() as tg:
+        for event in waiters:
+
+            async def wait(event: anyio.Event = event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)
+
+
+class Worker:
+    """Claims and runs due jobs until told to stop; unfinished jobs stay in the store for the next start."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        clock: Clock,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._config = dispatcher.config
+        self._rng = rng or random.Random()
+        self._held: dict[str, int] = {}
+        self._running: dict[str, dict[str, anyio.Event]] = {}
+        self._wake = anyio.Event()
+        self._finished = anyio.Event()
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+
+    def wake(self) -> None:
+        """Look for due jobs now (after an emit scheduled some)."""
+        self._wake.set()
+
+    @asynccontextmanager
+    async def hold(self, ref: ConnectionRef) -> AsyncIterator[None]:
+        """Claim no job of ``ref`` while held; on entry, wait (bounded) for its running attempts."""
+        self._held[ref.stream] = self._held.get(ref.stream, 0) + 1
+        try:
+            running = list(self._running.get(ref.stream, {}).values())
+            with anyio.move_on_after(self._config.running_wait):
+                for finished in running:
+                    await finished.wait()
+            yield
+        finally:
+            self._held[ref.stream] -= 1
+            if not self._held[ref.stream]:
+                del self._held[ref.stream]
+            self.wake()
+
+    async def settled(self, cause: str, ref: ConnectionRef) -> None:
+        """Return once no job caused by ``cause`` remains (``wait=true``)."""
+        while True:
+            finished, changed = self._finished, self._store.jobs_changed()
+            if not any(j.causation_id == cause for j in await self._store.jobs(ref)):
+                return
+            await first(finished, changed)  # a job ended, or jobs were added, moved or cancelled
+
+    def stop_claiming(self) -> None:
+        """Start draining: claim nothing more; running attempts go on (see :meth:`idle`)."""
+        self._stopping.set()
+        self.wake()
+
+    async def idle(self) -> None:
+        """Return once the worker has stopped and no job attempt is running."""
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        """Claim and run due jobs until :meth:`stop_claiming` (then let running attempts finish) or cancelled."""
+        try:
+            await self._run()
+        finally:
+            self._stopped.set()
+
+    async def _run(self) -> None:
+        lease = self._config.attempt_timeout + self._config.lease_margin
+        async with anyio.create_task_group() as tg:
+            while not self._stopping.is_set():
+                # Fresh before looking for work, so a wake() from now on is never missed.
+                woken = self._wake = anyio.Event()
+                changed, finished = self._store.jobs_changed(), self._finished
+                free = self._dispatcher.free
+                claimed: list[Job] = []
+                if free > 0:
+                    claimed = await self._store.claim_jobs(limit=free, lease=lease, exclude=frozenset(self._held))
+                    for job in claimed:
+                        self._running.setdefault(job.stream, {})[job.job_id] = anyio.Event()
+                        tg.start_soon(self._run_job, job)
+                if claimed and len(claimed) == free:
+                    await finished.wait()  # every slot is busy: wait for one to free up
+                    continue
+                if claimed:
+                    continue  # there may be more due than we saw
+                await self._idle(await self._store.next_job_at(), changed, woken, finished)
+
+    async def _idle(self, next_at: datetime | None, *signals: anyio.Event) -> None:
+        """Wait until the next job is due or any of ``signals`` is set."""
+        async with anyio.create_task_group() as tg:
+
+            async def timer(next_at: datetime) -> None:
+                await self._clock.sleep(max((next_at - self._clock.now()).total_seconds(), 0) + 0.001)
+                tg.cancel_scope.cancel()
+
+            async def signal() -> None:
+                await first(*signals)
+                tg.cancel_scope.cancel()
+
+            if next_at is not None:
+                tg.start_soon(timer, next_at)
+            tg.start_soon(signal)
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await self._attempt_job(job)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+        except OrchestratorError as exc:
+            # The store refused or failed: the job keeps its lease and is retried when it runs out.
+            log.error("job %s (%s on %s) could not be recorded: %s", job.job_id, job.function, job.stream, exc)
+        except Exception:
+            # A bug of ours must not end the worker; the job is retried when its lease runs out.
+            log.exception("job %s (%s on %s) failed unexpectedly", job.job_id, job.function, job.stream)
+        finally:
+            self._running.get(job.stream, {}).pop(job.job_id, anyio.Event()).set()
+            if not self._running.get(job.stream):
+                self._running.pop(job.stream, None)
+            finished, self._finished = self._finished, anyio.Event()
+            finished.set()
+
+    def _find(self, job: Job) -> Installed | None:
+        for function in self._registry.for_event(job.ref.integration, job.event):
+            if function.name == job.function:
+                return function
+        return None
+
+    async def _attempt_job(self, job: Job) -> None:
+        function = self._find(job)
+        if function is None:
+            gone = records.FunctionGaveUp(job.function, job.attempt, NOT_INSTALLED)
+            await self._store.finish_job(
+                job, [records.new(gone, causation_id=job.causation_id, traceparent=job.traceparent)]
+            )
+            return
+        connection = await self._store.get_connection(job.ref)
+        config = connection.config if connection is not None else {}
+        metadata = connection.metadata if connection is not None else {}
+        sink = _Immediate(self._store, job.ref, metadata, function.name, job.causation_id, job.traceparent)
+        event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
+        result = await self._dispatcher.attempt(
+            function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent
+        )
+        policy = self._dispatcher.policy(function)
+        retry_at = None
+        bodies: list[records.Body] = []
+        if not result.ok and result.retryable and not policy.gives_up_after(job.attempt):
+            delay = policy.delay(job.attempt, self._rng)
+            retry_at = self._clock.now() + timedelta(seconds=delay)
+            bodies.append(result.outcome(retry_in_ms=int(delay * 1000)))
+        else:
+            bodies.append(result.outcome())
+            if not result.ok:
+                bodies.append(gave_up(result.function.name, job.attempt, result.error, retryable=result.retryable))
+        events: list[NewEvent] = [
+            records.new(body, causation_id=job.causation_id, traceparent=job.traceparent) for body in bodies
+        ]
+        await self._store.finish_job(job, events, retry_at=retry_at)
+
+
+def gave_up(function: str, attempts: int, error: str, *, retryable: bool) -> records.FunctionGaveUp:
+    """The ``function-gave-up`` body after the last attempt (number ``attempts``)."""
+    reason = "not retryable" if not retryable else f"{attempts} attempts exhausted"
+    return records.FunctionGaveUp(function, attempts, error, reason)
