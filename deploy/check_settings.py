@@ -34,7 +34,7 @@ DEPLOY = Path(__file__).resolve().parent
 
 # Variables the deploy files set ahead of the option that will read them.
 PENDING = {
-    "ORCHESTRATOR_SECRET_KEY": "the credential sealing key (DESIGN.md, Security), read once sealing lands",
+    "ORCHESTRATOR_SECRET_KEY": "the credential sealing key (deploy/README.md), read once sealing lands",
 }
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 

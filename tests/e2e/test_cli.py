@@ -535,7 +535,7 @@ def test_serve_on_a_log_whose_directory_has_a_hash(
 # -- help ----------------------------------------------------------------------------
 
 DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events"}
-"""The commands DESIGN.md names."""
+"""The commands docs/cli.md names."""
 ENV_SHOWN = {
     "serve": ["ORCHESTRATOR_LISTEN", "ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
     "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT"],

@@ -2,7 +2,7 @@
 // A gRPC client that is not ours: @grpc/grpc-js with the .proto loaded at run
 // time by @grpc/proto-loader, the way a Node platform service would call the
 // daemon. It drives one fresh connection through its whole lifecycle and
-// checks every answer against the contract in proto/ and DESIGN.md.
+// checks every answer against the contract in proto/ and docs/.
 //
 //     node client.js 127.0.0.1:50051
 //

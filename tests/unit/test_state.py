@@ -1,4 +1,4 @@
-"""The pure fold against every cell of the state table in DESIGN.md and every fact it documents."""
+"""The pure fold against every cell of the state table of docs/event-log.md and every fact it documents."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def in_state(current: ConnectionState | None) -> History:
 
 
 class Cell(enum.Enum):
-    """What DESIGN.md's state table says about one (state, event) pair."""
+    """What the documented state table says about one (state, event) pair."""
 
     NEW = "a new incarnation"
     SAME = "the same incarnation"
@@ -98,7 +98,7 @@ class Cell(enum.Enum):
     REPEAT = "an idempotent reply"
 
 
-# Transcribed from DESIGN.md by hand (not imported from state.TABLE) so that a
+# Transcribed from docs/event-log.md by hand (not imported from state.TABLE) so that a
 # change to the implementation's table is caught here.
 DESIGN_TABLE: dict[tuple[ConnectionState | None, LifecycleEvent], tuple[Cell, ConnectionState | None]] = {
     (None, VALIDATE): (Cell.NEW, _S.PENDING),

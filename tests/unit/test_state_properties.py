@@ -54,7 +54,7 @@ REPEAT = "repeat"
 
 
 def expected_after(current: ConnectionState | None, event: LifecycleEvent) -> ConnectionState | str:
-    """DESIGN.md's table as the service applies it today (validation accepts, deletion completes at once).
+    """The documented state table as the service applies it today (validation accepts, deletion completes at once).
 
     Returns the state the emit leaves, REPEAT for an idempotent deletion reply, or raises Refused.
     """
