@@ -187,6 +187,8 @@ class Provider:
                 self.calls.append(f"{shown} -> {type(exc).__name__}")
                 if attempt > integration.retries:
                     detail = redact(str(exc), self._credentials)
+                    # Not chained: httpx's own message may hold the URL's query-string credentials,
+                    # and a chained cause would show it, unredacted, in any traceback a plugin logs.
                     raise ProviderError(f"{shown} failed: {type(exc).__name__}: {detail}") from None
                 await self._clock.sleep(min(MAX_RETRY_AFTER, 0.2 * 2 ** (attempt - 1)))
                 continue
