@@ -1,10 +1,14 @@
 """The application service: what each RPC does, independent of gRPC.
 
-:class:`Service` checks a request, serialises the events of one connection
-(one lock per stream, so different connections proceed in parallel), asks
-the fold whether the event is allowed, and appends the lifecycle record with
-the facts that follow it in one atomic append. The gRPC server
-(:mod:`orchestrator.server`) only converts messages and maps errors.
+:class:`Service` is the emit pipeline: it checks a request, serialises the
+events of one connection (one lock per stream, so different connections
+proceed in parallel), answers idempotent repeats, checks ``expected_version``,
+asks the fold whether the event is allowed, has the
+:class:`~orchestrator.delivery.Delivery` plan the event's contract, and
+appends the plan in one atomic append. It also answers the queries. The gRPC
+server (:mod:`orchestrator.rpc.server`) only converts messages and maps
+errors. :func:`assemble` wires a service, its delivery, the worker and the
+dispatcher over one store.
 """
 
 from __future__ import annotations
