@@ -202,14 +202,45 @@ class ConnectionDeleted:
 
 
 @dataclass(frozen=True, slots=True)
-class FunctionSucceeded:
-    """One attempt of a function succeeded."""
+class _Attempt:
+    """What every attempt's record names: the function, the attempt number, its time and its plugin."""
 
     function: str
     attempt: int
     duration_ms: int
     distribution: str
     version: str
+
+    def _data(self, logs: tuple[str, ...], dryrun: bool, **extra: Any) -> JSONObject:
+        data: JSONObject = {
+            "function": self.function,
+            "attempt": self.attempt,
+            "duration_ms": self.duration_ms,
+            "distribution": self.distribution,
+            "version": self.version,
+            **extra,
+        }
+        if logs:
+            data["logs"] = list(logs)
+        if dryrun:
+            data["dryrun"] = True
+        return data
+
+
+def _attempt_fields(data: Mapping[str, Any]) -> tuple[str, int, int, str, str]:
+    return (
+        _str(data, "function"),
+        _int(data, "attempt"),
+        _int(data, "duration_ms"),
+        _str(data, "distribution"),
+        _str(data, "version"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionSucceeded(_Attempt):
+    """One attempt of a function succeeded."""
+
     logs: tuple[str, ...] = ()
     dryrun: bool = False
     """Recorded by ``orchestrator dryrun --commit``, not by the daemon."""
@@ -218,42 +249,18 @@ class FunctionSucceeded:
 
     def to_data(self) -> JSONObject:
         """The record's ``data`` (``logs`` and ``dryrun`` only when there are some)."""
-        data: JSONObject = {
-            "function": self.function,
-            "attempt": self.attempt,
-            "duration_ms": self.duration_ms,
-            "distribution": self.distribution,
-            "version": self.version,
-        }
-        if self.logs:
-            data["logs"] = list(self.logs)
-        if self.dryrun:
-            data["dryrun"] = True
-        return data
+        return self._data(self.logs, self.dryrun)
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> FunctionSucceeded:
         """The body of a committed record's ``data``."""
-        return cls(
-            _str(data, "function"),
-            _int(data, "attempt"),
-            _int(data, "duration_ms"),
-            _str(data, "distribution"),
-            _str(data, "version"),
-            _lines(data),
-            bool(data.get("dryrun")),
-        )
+        return cls(*_attempt_fields(data), _lines(data), bool(data.get("dryrun")))
 
 
 @dataclass(frozen=True, slots=True)
-class FunctionFailed:
+class FunctionFailed(_Attempt):
     """One attempt of a function failed; ``retry_in_ms`` is set when another attempt is scheduled."""
 
-    function: str
-    attempt: int
-    duration_ms: int
-    distribution: str
-    version: str
     error_type: str
     error: str
     retryable: bool
@@ -264,35 +271,18 @@ class FunctionFailed:
     type = Fact.FUNCTION_FAILED.value
 
     def to_data(self) -> JSONObject:
-        """The record's ``data``."""
-        data: JSONObject = {
-            "function": self.function,
-            "attempt": self.attempt,
-            "duration_ms": self.duration_ms,
-            "distribution": self.distribution,
-            "version": self.version,
-            "error_type": self.error_type,
-            "error": self.error,
-            "retryable": self.retryable,
-        }
-        if self.logs:
-            data["logs"] = list(self.logs)
-        if self.retry_in_ms is not None:
-            data["retry_in_ms"] = self.retry_in_ms
-        if self.dryrun:
-            data["dryrun"] = True
-        return data
+        """The record's ``data`` (``retry_in_ms`` only when another attempt is scheduled)."""
+        retry = {} if self.retry_in_ms is None else {"retry_in_ms": self.retry_in_ms}
+        return self._data(
+            self.logs, self.dryrun, error_type=self.error_type, error=self.error, retryable=self.retryable, **retry
+        )
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> FunctionFailed:
         """The body of a committed record's ``data``."""
         retry_in = data.get("retry_in_ms")
         return cls(
-            _str(data, "function"),
-            _int(data, "attempt"),
-            _int(data, "duration_ms"),
-            _str(data, "distribution"),
-            _str(data, "version"),
+            *_attempt_fields(data),
             _str(data, "error_type"),
             _str(data, "error"),
             bool(data.get("retryable")),
