@@ -14,14 +14,18 @@ Everything else is internal.
 
 from __future__ import annotations
 
-from orchestrator.context import Context
-from orchestrator.errors import OrchestratorError
-from orchestrator.functions import EventFunction, NonRetryable, Rejected, on_event
-from orchestrator.model import ConnectionRef, ConnectionState, LifecycleEvent
-from orchestrator.provider import ProviderError
-from orchestrator.retry import RetryPolicy
+import importlib as _importlib
+import typing as _typing
 
-__version__ = "0.1.0"
+if _typing.TYPE_CHECKING:
+    from orchestrator.context import Context
+    from orchestrator.errors import OrchestratorError
+    from orchestrator.functions import EventFunction, NonRetryable, Rejected, on_event
+    from orchestrator.model import ConnectionRef, ConnectionState, LifecycleEvent
+    from orchestrator.provider import ProviderError
+    from orchestrator.retry import RetryPolicy
+
+__version__: str
 
 __all__ = [
     "ConnectionRef",
@@ -37,3 +41,33 @@ __all__ = [
     "__version__",
     "on_event",
 ]
+
+# Each name is imported on first use (PEP 562), so ``import orchestrator.<module>``
+# (the CLI, say) does not pay for the plugin API's imports (httpx, OpenTelemetry).
+_MODULES = {
+    "ConnectionRef": "orchestrator.model",
+    "ConnectionState": "orchestrator.model",
+    "Context": "orchestrator.context",
+    "EventFunction": "orchestrator.functions",
+    "LifecycleEvent": "orchestrator.model",
+    "NonRetryable": "orchestrator.functions",
+    "OrchestratorError": "orchestrator.errors",
+    "ProviderError": "orchestrator.provider",
+    "Rejected": "orchestrator.functions",
+    "RetryPolicy": "orchestrator.retry",
+    "__version__": "orchestrator._version",
+    "on_event": "orchestrator.functions",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), "VERSION" if name == "__version__" else name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
