@@ -752,14 +752,13 @@ def dryrun(
     """Run FUNCTION once against CONNECTION_ID's recorded state; provider calls are real, nothing is written
     unless --commit."""
     from orchestrator import dryrun as dryrun_mod
+    from orchestrator import plugins
     from orchestrator.plugins import discover
 
-    integrations = _integrations(ctx)
+    configured = _integrations(ctx)
     if config_file:
-        integrations = config.integrations_from_toml(config.load_toml(Path(config_file)).get("integrations", {}))
-    from orchestrator.plugins import discover_integrations
-
-    integrations = {**discover_integrations()[0], **integrations}
+        configured = config.integrations_from_toml(config.load_toml(Path(config_file)).get("integrations", {}))
+    integrations, _ = plugins.integrations(configured)
     function = dryrun_mod.find_function(discover(), function_name, integration)
     run = anyio.run(
         lambda: dryrun_mod.dryrun(

@@ -19,13 +19,13 @@ from grpc_health.v1 import health_pb2
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from orchestrator import plugins, telemetry
 from orchestrator import server as grpc_server
-from orchestrator import telemetry
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import ServeConfig, default_database
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
-from orchestrator.plugins import Registry, discover, discover_integrations
+from orchestrator.plugins import Registry, discover
 from orchestrator.provider import Integration
 from orchestrator.service import Service
 from orchestrator.store import EventStore, Stats, open_store
@@ -54,10 +54,9 @@ async def serve(
     # Importing plugins reads files: done on a worker thread, off the event loop.
     if registry is None:
         registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
-    defaults, broken = await anyio.to_thread.run_sync(discover_integrations)
+    integrations, broken = await anyio.to_thread.run_sync(plugins.integrations, config.integrations)
     for problem in broken:
         log.warning("broken integration defaults, ignored: %s", problem)
-    integrations = {**defaults, **config.integrations}
     health_servicer = grpc_server.HealthServicer()
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
