@@ -930,23 +930,14 @@ async def _timeline(
     until: replay_mod.Until | None,
     as_json: bool,
 ) -> None:
-    refs = [
-        c.ref
-        for c in result.connections.values()
-        if c.ref.connection_id == connection_id
-        and (not integration or c.ref.integration == integration)
-        and (not environment or c.ref.environment == environment)
-    ]
+    refs = result.named(connection_id, integration=integration, environment=environment)
     if not refs:
         _fail(f"no connection {connection_id!r} in the log" + (" up to --until" if until else ""))
     out: list[dict[str, Any]] = []
     table = _table("POSITION", "VERSION", "RECORDED", "TYPE", "STATE AFTER", "DETAIL")
-    for ref in sorted(refs):
-        from orchestrator import state
-
+    for ref in refs:
         connection: Connection | None = None
-        async for record in replay_mod.records(store, ref=ref, until=until):
-            connection = state.apply(connection, record)
+        async for record, connection in replay_mod.timeline(store, ref, until=until):
             if as_json:
                 out.append({**codec.record_to_json(record), "state_after": connection.state.value})
                 continue
@@ -965,7 +956,7 @@ async def _timeline(
         _print_json(out)
         return
     _print_table(table)
-    for ref in sorted(refs):
+    for ref in refs:
         c = result.connections[ref.stream]
         click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
 
