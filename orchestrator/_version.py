@@ -1,4 +1,4 @@
-"""The release, read from the installed distribution's metadata (pyproject.toml is its one source)."""
+"""The release, read from the installed distribution's metadata (``pyproject.toml`` is its one source)."""
 
 from __future__ import annotations
 
@@ -8,5 +8,5 @@ DISTRIBUTION = "lifecycle-orchestrator"
 
 try:
     VERSION = metadata.version(DISTRIBUTION)
-except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+except metadata.PackageNotFoundError:  # pragma: no cover - a source tree on sys.path, not installed
     VERSION = "0+unknown"

@@ -17,11 +17,11 @@ import httpx
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from orchestrator import telemetry
+from orchestrator import plugins, telemetry
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration, ServeConfig, default_database
 from orchestrator.errors import OrchestratorError, PluginError
-from orchestrator.plugins import Registry, discover, discover_integrations
+from orchestrator.plugins import Registry, discover
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
 from orchestrator.store import EventStore, Stats, open_store
@@ -50,10 +50,9 @@ async def serve(
     # Importing plugins reads files: done on a worker thread, off the event loop.
     if registry is None:
         registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
-    defaults, broken = await anyio.to_thread.run_sync(discover_integrations)
+    integrations, broken = await anyio.to_thread.run_sync(plugins.integrations, config.integrations)
     for problem in broken:
         log.warning("broken integration defaults, ignored: %s", problem)
-    integrations = {**defaults, **config.integrations}
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         await _serve(config, database, registry, integrations, signals, on_ready, stop, clock)

@@ -155,3 +155,14 @@ def discover_integrations(
         except Exception as exc:  # reported like any broken plugin
             broken.append(BrokenPlugin(dist, version, ep.name, ep.value, f"{type(exc).__name__}: {exc}"))
     return found, broken
+
+
+def integrations(
+    configured: Mapping[str, Integration], entry_points: Iterable[metadata.EntryPoint] | None = None
+) -> tuple[dict[str, Integration], list[BrokenPlugin]]:
+    """Every integration's settings: the defaults plugins ship, each replaced by the configured one of its name.
+
+    Also the plugins whose defaults could not be loaded (they are left out).
+    """
+    defaults, broken = discover_integrations(entry_points)
+    return {**defaults, **configured}, broken

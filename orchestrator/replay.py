@@ -41,6 +41,16 @@ class Replayed:
     position: int = 0
     records: int = 0
 
+    def named(self, connection_id: str, *, integration: str = "", environment: str = "") -> list[ConnectionRef]:
+        """The connections called ``connection_id`` (of ``integration``, in ``environment``, when given), sorted."""
+        return sorted(
+            c.ref
+            for c in self.connections.values()
+            if c.ref.connection_id == connection_id
+            and (not integration or c.ref.integration == integration)
+            and (not environment or c.ref.environment == environment)
+        )
+
 
 async def records(
     store: EventStore, *, ref: ConnectionRef | None = None, until: Until | None = None
@@ -51,6 +61,16 @@ async def records(
         if not until.admits(record):
             return
         yield record
+
+
+async def timeline(
+    store: EventStore, ref: ConnectionRef, *, until: Until | None = None
+) -> AsyncIterator[tuple[Record, Connection]]:
+    """One connection's records inside ``until``, each with the connection as the fold leaves it after the record."""
+    connection: Connection | None = None
+    async for record in records(store, ref=ref, until=until):
+        connection = state.apply(connection, record)
+        yield record, connection
 
 
 async def replay(

@@ -1,0 +1,221 @@
+"""``orchestrator replay``: fold the event log offline, reading the file directly; no daemon, no gRPC."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from orchestrator import codec, config, records
+from orchestrator.cli._common import (
+    checked_name,
+    connection_json,
+    connections_table,
+    database,
+    json_flag,
+    print_json,
+    print_table,
+    table,
+    when,
+)
+from orchestrator.cli._exit import FAILURE, fail
+
+if TYPE_CHECKING:
+    from orchestrator.records import Record
+    from orchestrator.replay import Replayed, Until
+    from orchestrator.store import EventStore
+
+
+def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) -> Until | None:
+    from orchestrator.replay import Until
+
+    if not value:
+        return None
+    if value.isdigit():
+        return Until(position=int(value))
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a position nor an ISO-8601 timestamp") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return Until(time=moment)
+
+
+@click.command()
+@database
+@click.option("--connection", "connection_id", help="Print this connection's timeline.")
+@click.option("-i", "--integration", default="", callback=checked_name("--integration"), help="With --connection.")
+@click.option(
+    "-e",
+    "--environment",
+    default="",
+    callback=checked_name("--environment"),
+    help="With --connection (default: any).",
+)
+@click.option(
+    "--until",
+    callback=_parse_until,
+    metavar="POSITION|TIMESTAMP",
+    help="Show the world as it was at that position or ISO-8601 time.",
+)
+@click.option("--verify", is_flag=True, help="Compare the fold with the read model; exit 1 on any difference.")
+@json_flag
+def replay(
+    database: str | None,
+    connection_id: str | None,
+    integration: str,
+    environment: str,
+    until: Until | None,
+    verify: bool,
+    as_json: bool,
+) -> None:
+    """Fold the event log offline (works while the daemon runs)."""
+    import anyio
+
+    if verify and (until or connection_id):
+        raise click.UsageError("--verify checks the whole log: it takes no --until or --connection")
+    url = database or config.default_database()
+    anyio.run(_replay, url, connection_id, integration, environment, until, verify, as_json)
+
+
+async def _replay(
+    url: str,
+    connection_id: str | None,
+    integration: str,
+    environment: str,
+    until: Until | None,
+    verify: bool,
+    as_json: bool,
+) -> None:
+    from orchestrator import replay as replay_mod
+    from orchestrator.store import open_store
+
+    async with open_store(url, readonly=True) as store:
+        with _Progress(await store.head()) as progress:
+            if verify:
+                differences = await replay_mod.verify(store, progress=progress.update)
+                progress.close()
+                if as_json:
+                    print_json(
+                        {
+                            "ok": not differences,
+                            "differences": [
+                                {
+                                    "stream": d.stream,
+                                    "field": d.field,
+                                    "read_model": d.read_model,
+                                    "replayed": d.replayed,
+                                }
+                                for d in differences
+                            ],
+                        }
+                    )
+                else:
+                    for d in differences:
+                        click.echo(str(d))
+                    click.echo(f"{len(differences)} difference(s)" if differences else "read model matches the log")
+                if differences:
+                    sys.exit(FAILURE)
+                return
+            result = await replay_mod.replay(store, until=until, progress=progress.update)
+            progress.close()
+        if connection_id:
+            await _timeline(store, result, connection_id, integration, environment, until, as_json)
+            return
+    rows = sorted(result.connections.values(), key=lambda c: c.ref)
+    if as_json:
+        print_json({"position": result.position, "connections": [connection_json(c) for c in rows]})
+        return
+    print_table(connections_table(rows))
+    click.echo(f"\n{len(rows)} connection(s), {result.records} record(s) folded, up to position {result.position}")
+
+
+async def _timeline(
+    store: EventStore,
+    result: Replayed,
+    connection_id: str,
+    integration: str,
+    environment: str,
+    until: Until | None,
+    as_json: bool,
+) -> None:
+    from orchestrator.replay import timeline
+
+    refs = result.named(connection_id, integration=integration, environment=environment)
+    if not refs:
+        fail(f"no connection {connection_id!r} in the log" + (" up to --until" if until else ""))
+    out: list[dict[str, Any]] = []
+    steps = table("POSITION", "VERSION", "RECORDED", "TYPE", "STATE AFTER", "DETAIL")
+    for ref in refs:
+        last = None
+        async for record, connection in timeline(store, ref, until=until):
+            last = connection
+            if as_json:
+                out.append({**codec.record_to_json(record), "state_after": connection.state.value})
+                continue
+            steps.add_row(
+                str(record.position),
+                str(record.version),
+                when(record.recorded_at),
+                record.type,
+                connection.state.value,
+                _detail(record),
+            )
+        if as_json:
+            out.append({"connection": connection_json(last)} if last else {})
+    if as_json:
+        print_json(out)
+        return
+    print_table(steps)
+    for ref in refs:
+        c = result.connections[ref.stream]
+        click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
+
+
+def _detail(record: Record) -> str:
+    if record.idempotency_key:
+        return f"key={record.idempotency_key}"
+    body = records.parse(record.type, record.data)
+    if isinstance(body, records.MetadataUpdated):
+        merge = "merge " if body.merge else ""
+        return f"{body.function}: {merge}{codec.dumps(body.metadata)}"
+    for key in ("reason", "function", "error"):
+        value = getattr(body, key, "")
+        if value:
+            return f"{key}={value}"
+    return ""
+
+
+class _Progress:
+    """A progress bar on stderr for large logs when it is a terminal; otherwise nothing."""
+
+    THRESHOLD = 50_000
+
+    def __init__(self, total: int) -> None:
+        self._bar: Any = None
+        if total >= self.THRESHOLD and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("replaying", total=total)
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, position: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=position)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
