@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from orchestrator import codec, replay
+from orchestrator.records import RECORD_TYPES, parse
 from orchestrator.store import open_store
 
 pytestmark = pytest.mark.anyio
@@ -152,3 +153,20 @@ def test_golden_logs_cover_every_record_type() -> None:
     """The golden logs together hold every known record type, and the planted unknown one."""
     seen = {record["type"] for log in LOGS for record in records_of(log)}
     assert seen == KNOWN_TYPES | UNKNOWN_TYPES
+
+
+def test_known_types_are_the_types_this_release_writes() -> None:
+    """The list above is ``records.RECORD_TYPES``: a new record type without a golden log fails here first."""
+    assert frozenset(RECORD_TYPES) == KNOWN_TYPES
+
+
+@pytest.mark.parametrize("log", LOGS, ids=lambda path: path.name)
+def test_every_golden_record_parses_and_is_rebuilt_as_written(log: Path) -> None:
+    """Each record's typed parser reads the old ``data``, and its constructor writes exactly that ``data`` again."""
+    for record in records_of(log):
+        body = parse(record["type"], record["data"])
+        if record["type"] in UNKNOWN_TYPES:
+            assert body is None
+            continue
+        assert body is not None, record["type"]
+        assert body.to_data() == record["data"], f"position {record['position']} ({record['type']})"
