@@ -205,22 +205,24 @@ class Delivery:
             deadline=self._config.deletion_deadline,
             stop_on_failure=False,
         )
-        for result, event in zip(run.results, self._results(run, plan), strict=True):
-            plan.events.append(event)
-            if result.ok:
+        for result in run.results:
+            policy = self._dispatcher.policy(result.function)
+            if result.ok or not result.retryable or policy.gives_up_after(result.attempt):
+                plan.events.append(records.new(result.outcome(), causation_id=cause, traceparent=trace))
+                if not result.ok:
+                    body = gave_up(result.function.name, result.attempt, result.error, retryable=result.retryable)
+                    plan.events.append(records.new(body, causation_id=cause, traceparent=trace))
                 continue
-            if result.retryable and not self._dispatcher.policy(result.function).gives_up_after(result.attempt):
-                # Deletion is never blocked: the cleanup goes on in the background.
-                plan.jobs.append(self._retry_job(result, request, plan))
-            else:
-                body = gave_up(result.function.name, result.attempt, result.error, retryable=result.retryable)
-                plan.events.append(records.new(body, causation_id=cause, traceparent=trace))
+            # Deletion is never blocked: the cleanup goes on in the background, and its record says when.
+            delay = policy.delay(result.attempt, self._rng)
+            outcome = result.outcome(retry_in_ms=int(delay * 1000))
+            plan.events.append(records.new(outcome, causation_id=cause, traceparent=trace))
+            plan.jobs.append(self._retry_job(result, request, plan, delay))
         plan.events += self._metadata(run, plan)
         plan.events.append(self._fact(records.ConnectionDeleted(), plan))
 
-    def _retry_job(self, result: AttemptResult, request: EmitRequest, plan: Plan) -> NewJob:
-        """A job to continue a synchronous attempt that failed or ran out of time, in the background."""
-        delay = self._dispatcher.policy(result.function).delay(result.attempt, self._rng)
+    def _retry_job(self, result: AttemptResult, request: EmitRequest, plan: Plan, delay: float) -> NewJob:
+        """A job to continue a synchronous attempt that failed or ran out of time, ``delay`` seconds from now."""
         run_at = self._dispatcher.clock.now() + timedelta(seconds=delay)
         return NewJob(
             str(uuid7()),

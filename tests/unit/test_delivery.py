@@ -1,0 +1,462 @@
+"""The three delivery contracts, pinned by the exact records each emit appends (memory store, fake clock)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import anyio
+import pytest
+
+from orchestrator.config import DispatchConfig
+from orchestrator.context import Context
+from orchestrator.delivery import DELETION_CANCELLED, VALIDATION_CANCELLED
+from orchestrator.errors import LeaseLost
+from orchestrator.functions import NonRetryable, Rejected
+from orchestrator.model import ConnectionState, FunctionStatus, Job, LifecycleEvent, Outcome
+from orchestrator.records import (
+    ConnectionDeleted,
+    ConnectionRejected,
+    ConnectionValidated,
+    FunctionCancelled,
+    FunctionFailed,
+    FunctionGaveUp,
+    FunctionSucceeded,
+    Lifecycle,
+    MetadataUpdated,
+)
+from orchestrator.retry import RetryPolicy
+from tests.support.clock import FakeClock
+from tests.support.engine import (
+    ACME,
+    CREATE,
+    DELETE,
+    VALIDATE,
+    Append,
+    Call,
+    Gate,
+    SpyStore,
+    function,
+    jitter,
+    running,
+    settle,
+)
+
+pytestmark = pytest.mark.anyio
+
+S = ConnectionState
+
+
+async def ok(ctx: Context) -> None:
+    """A function that succeeds."""
+
+
+# -- validate-connection: run now, one deadline, the first failure rejects ----------------------
+
+
+async def test_validation_passes_when_every_function_succeeds() -> None:
+    """Every validate function succeeding appends the request, one success each and connection-validated."""
+    seen: list[tuple[str, dict[str, object], dict[str, object], str]] = []
+
+    async def check(ctx: Context) -> None:
+        seen.append((ctx.connection.connection_id, ctx.connection.config, ctx.event.payload, ctx.event.event_id))
+
+    functions = [function("check-a", VALIDATE, check), function("check-b", VALIDATE, check)]
+    async with running(*functions) as h:
+        result = await h.emit(VALIDATE, config={"instance": "acme"}, payload={"scope": "read"})
+        log = await h.log()
+        assert [r.type for r in log] == [
+            "validate-connection",
+            "function-succeeded",
+            "function-succeeded",
+            "connection-validated",
+        ]
+        lifecycle, *facts = log
+        assert {r.causation_id for r in facts} == {lifecycle.event_id}
+        bodies = await h.bodies()
+        assert bodies[0] == Lifecycle(LifecycleEvent.VALIDATE_CONNECTION, {"instance": "acme"}, {"scope": "read"})
+        successes = sorted(
+            (b.function, b.attempt, b.distribution, b.version) for b in bodies[1:3] if isinstance(b, FunctionSucceeded)
+        )
+        assert successes == [("check-a", 1, "acme-plugin", "1.2.3"), ("check-b", 1, "acme-plugin", "1.2.3")]
+        assert bodies[3] == ConnectionValidated()
+        assert h.store.appends == [Append([r.type for r in log], 0, 0)]
+        assert (result.state, result.event_id) == (S.PENDING, lifecycle.event_id)
+        assert {(o.name, o.status) for o in result.outcomes} == {
+            ("check-a", FunctionStatus.SUCCEEDED),
+            ("check-b", FunctionStatus.SUCCEEDED),
+        }
+        assert seen == [("acme-1", {"instance": "acme"}, {"scope": "read"}, lifecycle.event_id)] * 2
+
+
+async def test_validation_without_functions_is_validated() -> None:
+    """With no validate function installed, the request is validated at once."""
+    async with running() as h:
+        await h.emit(VALIDATE)
+        assert await h.types() == ["validate-connection", "connection-validated"]
+
+
+async def test_a_rejected_function_rejects_the_connection_with_its_name_and_message() -> None:
+    """A function raising Rejected("m") rejects the connection with reason "name: m"."""
+
+    async def check_token(ctx: Context) -> None:
+        raise Rejected("invalid API key")
+
+    async with running(function("check-token", VALIDATE, check_token)) as h:
+        result = await h.emit(VALIDATE)
+        log = await h.log()
+        assert [r.type for r in log] == ["validate-connection", "function-failed", "connection-rejected"]
+        assert {r.causation_id for r in log[1:]} == {log[0].event_id}
+        _, failed, rejected = await h.bodies()
+        assert isinstance(failed, FunctionFailed)
+        assert (failed.function, failed.attempt, failed.error_type, failed.error, failed.retryable) == (
+            "check-token",
+            1,
+            "Rejected",
+            "invalid API key",
+            False,
+        )
+        assert failed.retry_in_ms is None
+        assert rejected == ConnectionRejected("check-token: invalid API key", "check-token")
+        assert (result.state, result.rejection_reason) == (S.REJECTED, "check-token: invalid API key")
+        assert (await h.service.get_connection(ACME)).rejection_reason == "check-token: invalid API key"
+
+
+async def test_the_first_failure_cancels_the_other_validations() -> None:
+    """When one validate function fails, the ones still running are stopped and recorded as cancelled."""
+    gate = Gate()
+
+    async def fails(ctx: Context) -> None:
+        await gate.arrivals(1)  # the other function is running by now
+        raise Rejected("no such account")
+
+    async def hangs(ctx: Context) -> None:
+        await gate.enter()
+
+    async with running(function("a-fails", VALIDATE, fails), function("b-hangs", VALIDATE, hangs)) as h:
+        result = await h.emit(VALIDATE)
+        log = await h.log()
+        assert [r.type for r in log] == [
+            "validate-connection",
+            "function-failed",
+            "function-cancelled",
+            "connection-rejected",
+        ]
+        assert {r.causation_id for r in log[1:]} == {log[0].event_id}
+        bodies = await h.bodies()
+        assert isinstance(bodies[1], FunctionFailed) and bodies[1].function == "a-fails"
+        assert bodies[2] == FunctionCancelled("b-hangs", VALIDATION_CANCELLED, 0)
+        assert bodies[3] == ConnectionRejected("a-fails: no such account", "a-fails")
+        assert (gate.entered, gate.left) == (1, 1)  # it was really stopped, not left running
+        assert result.state is S.REJECTED
+        assert {(o.name, o.status) for o in result.outcomes} == {
+            ("a-fails", FunctionStatus.FAILED),
+            ("b-hangs", FunctionStatus.CANCELLED),
+        }
+
+
+async def test_the_deadline_rejects_every_function_still_running_naming_them_all() -> None:
+    """At the validate deadline every hanging function times out, and the rejection names each of them."""
+    # anyio.fail_after runs on the event loop's real clock, not on the injected one, so the deadline
+    # is real time. 1 ms is run_sync's floor, and only functions that never return run under it,
+    # so the outcome cannot depend on the machine's speed.
+    never = anyio.Event()
+
+    async def hangs(ctx: Context) -> None:
+        await never.wait()
+
+    config = DispatchConfig(validate_deadline=0.001)
+    async with running(function("hang-a", VALIDATE, hangs), function("hang-b", VALIDATE, hangs), config=config) as h:
+        result = await h.emit(VALIDATE)
+        assert await h.types() == ["validate-connection", "function-failed", "function-failed", "connection-rejected"]
+        bodies = await h.bodies()
+        failures = sorted(
+            (b.function, b.error_type, b.error, b.retryable) for b in bodies[1:3] if isinstance(b, FunctionFailed)
+        )
+        assert failures == [
+            ("hang-a", "Timeout", "timed out after 0.001s", True),
+            ("hang-b", "Timeout", "timed out after 0.001s", True),
+        ]
+        rejected = bodies[3]
+        assert isinstance(rejected, ConnectionRejected)
+        assert rejected.reason == "hang-a: timed out after 0.001s; hang-b: timed out after 0.001s"
+        assert result.rejection_reason == rejected.reason
+
+
+async def test_metadata_written_during_validation_lands_in_the_verdicts_append() -> None:
+    """A validate function's metadata writes are appended with its outcome and the verdict, in one append."""
+
+    async def check(ctx: Context) -> None:
+        await ctx.set_metadata({"account": "acme", "plan": "free"})
+        await ctx.update_metadata({"plan": "pro"})
+        assert await ctx.get_metadata() == {"account": "acme", "plan": "pro"}
+
+    async with running(function("check", VALIDATE, check)) as h:
+        await h.emit(VALIDATE)
+        types = [
+            "validate-connection",
+            "function-succeeded",
+            "metadata-updated",
+            "metadata-updated",
+            "connection-validated",
+        ]
+        assert await h.types() == types
+        assert h.store.appends == [Append(types, 0, 0)]
+        bodies = await h.bodies()
+        assert bodies[2:4] == [
+            MetadataUpdated("check", {"account": "acme", "plan": "free"}, merge=False),
+            MetadataUpdated("check", {"plan": "pro"}, merge=True),
+        ]
+        log = await h.log()
+        assert {r.causation_id for r in log[1:]} == {log[0].event_id}
+        assert (await h.service.get_connection(ACME)).metadata == {"account": "acme", "plan": "pro"}
+
+
+# -- post-connection-creation: one durable job per function -------------------------------------
+
+
+async def test_creation_schedules_one_job_per_function_in_the_events_append() -> None:
+    """A creation appends only its request, with one due job per creation function in the same append."""
+    ran: list[str] = []
+
+    async def register(ctx: Context) -> None:
+        ran.append("register")
+
+    functions = [function("register", CREATE, register), function("sync", CREATE, register)]
+    async with running(*functions, function("check", VALIDATE, ok)) as h:
+        result = await h.emit(CREATE, payload={"owner": "ops"})
+        assert await h.types() == ["post-connection-creation"]
+        assert h.store.appends == [Append(["post-connection-creation"], 2, 0)]
+        jobs = await h.store.jobs(ACME)
+        assert sorted(j.function for j in jobs) == ["register", "sync"]
+        for job in jobs:
+            assert (job.event, job.causation_id, job.payload) == (CREATE, result.event_id, {"owner": "ops"})
+            assert (job.run_at, job.attempt, job.leased) == (h.clock.now(), 0, False)
+        assert set(result.outcomes) == {
+            Outcome("register", FunctionStatus.SCHEDULED),
+            Outcome("sync", FunctionStatus.SCHEDULED),
+        }
+        assert ran == []  # nothing runs until the worker claims the jobs
+
+
+# -- pre-connection-deletion: cancel, wait, clean up, delete ------------------------------------
+
+
+async def test_deletion_cancels_pending_creation_jobs_and_runs_the_cleanup() -> None:
+    """Creation jobs not yet started are cancelled (with the creation as cause); then the cleanup runs."""
+    ran: list[str] = []
+
+    async def note(ctx: Context) -> None:
+        ran.append(ctx.event.type.value)
+
+    functions = [function("register", CREATE, note), function("sync", CREATE, note), function("cleanup", DELETE, note)]
+    async with running(*functions) as h:
+        created = await h.emit(CREATE)
+        deleted = await h.emit(DELETE)
+        log = await h.log()
+        assert [r.type for r in log] == [
+            "post-connection-creation",
+            "pre-connection-deletion",
+            "function-cancelled",
+            "function-cancelled",
+            "function-succeeded",
+            "connection-deleted",
+        ]
+        bodies = await h.bodies()
+        assert sorted(bodies[2:4], key=repr) == [
+            FunctionCancelled("register", DELETION_CANCELLED, 0),
+            FunctionCancelled("sync", DELETION_CANCELLED, 0),
+        ]
+        assert [r.causation_id for r in log[2:]] == [created.event_id] * 2 + [deleted.event_id] * 2
+        assert isinstance(bodies[4], FunctionSucceeded) and bodies[4].function == "cleanup"
+        assert bodies[5] == ConnectionDeleted()
+        assert h.store.appends[-1] == Append([r.type for r in log[1:]], 0, 2)
+        assert await h.store.jobs() == []
+        assert ran == ["pre-connection-deletion"]
+        assert deleted.state is S.DELETED
+
+
+async def test_deletion_waits_for_a_running_creation_attempt() -> None:
+    """A deletion waits for a creation attempt already running, whose outcome is recorded before it."""
+    gate = Gate()
+    cleaned: list[int] = []
+
+    async def register(ctx: Context) -> None:
+        await gate.enter()
+
+    async def cleanup(ctx: Context) -> None:
+        cleaned.append(gate.left)
+
+    functions = [function("register", CREATE, register), function("cleanup", DELETE, cleanup)]
+    async with running(*functions, worker=True) as h, anyio.create_task_group() as tg:
+        await h.emit(CREATE)
+        await gate.arrivals(1)
+        deletion = Call(tg, lambda: h.emit(DELETE))
+        await settle()
+        assert (deletion.done.is_set(), cleaned) == (False, [])
+        gate.open()
+        assert (await deletion.result()).state is S.DELETED
+    assert await h.types() == [
+        "post-connection-creation",
+        "function-succeeded",
+        "pre-connection-deletion",
+        "function-succeeded",
+        "connection-deleted",
+    ]
+    assert cleaned == [1]  # the cleanup ran after the creation attempt had left
+
+
+async def test_deletion_cancels_a_creation_job_waiting_for_its_retry() -> None:
+    """A creation job between attempts is cancelled by a deletion, which records the attempts made."""
+
+    async def register(ctx: Context) -> None:
+        raise RuntimeError("provider down")
+
+    async with running(function("register", CREATE, register), worker=True) as h:
+        created = await h.emit(CREATE)
+        await h.records_up_to(2)  # the first attempt failed; a retry is scheduled
+        (job,) = await h.store.jobs(ACME)
+        assert (job.attempt, job.leased) == (1, False)
+        await h.emit(DELETE)
+        log = await h.log()
+        assert [r.type for r in log[2:]] == ["pre-connection-deletion", "function-cancelled", "connection-deleted"]
+        assert (await h.bodies())[3] == FunctionCancelled("register", DELETION_CANCELLED, 1)
+        assert log[3].causation_id == created.event_id
+        assert await h.store.jobs() == []
+
+
+async def test_a_failed_retryable_cleanup_continues_as_a_background_job() -> None:
+    """A cleanup failing retryably does not block the deletion: it is retried later as a job, until it succeeds."""
+    failures = [RuntimeError("provider down")]
+
+    async def cleanup(ctx: Context) -> None:
+        if failures:
+            raise failures.pop()
+
+    async with running(function("cleanup", DELETE, cleanup), worker=True) as h:
+        await h.emit(CREATE)
+        deleted = await h.emit(DELETE)
+        assert deleted.state is S.DELETED
+        assert await h.types() == [
+            "post-connection-creation",
+            "pre-connection-deletion",
+            "function-failed",
+            "connection-deleted",
+        ]
+        failed = (await h.bodies())[2]
+        assert isinstance(failed, FunctionFailed)
+        assert (failed.function, failed.attempt, failed.retryable) == ("cleanup", 1, True)
+        assert failed.error == "provider down"
+        (job,) = await h.store.jobs(ACME)
+        (delay,) = jitter(RetryPolicy().ceiling(1))
+        assert (job.function, job.event, job.causation_id, job.attempt) == ("cleanup", DELETE, deleted.event_id, 1)
+        assert job.run_at == h.clock.now() + timedelta(seconds=delay)
+        assert h.store.appends[-1].jobs == 1
+        await h.until_due(job.run_at)
+        log = await h.records_up_to(5)
+        again = (await h.bodies())[4]
+        assert isinstance(again, FunctionSucceeded)
+        assert (again.function, again.attempt, log[4].causation_id) == ("cleanup", 2, deleted.event_id)
+        assert await h.store.jobs() == []
+        assert (await h.service.get_connection(ACME)).state is S.DELETED
+
+
+async def test_a_cleanup_continued_in_the_background_records_when_it_is_retried() -> None:
+    """The function-failed of a cleanup that goes on as a job carries retry_in_ms, like a worker's retry."""
+
+    async def cleanup(ctx: Context) -> None:
+        raise RuntimeError("provider down")
+
+    async with running(function("cleanup", DELETE, cleanup)) as h:
+        await h.emit(CREATE)
+        await h.emit(DELETE)
+        (job,) = await h.store.jobs(ACME)
+        failed = (await h.bodies())[2]
+        assert isinstance(failed, FunctionFailed)
+        assert failed.retry_in_ms == int((job.run_at - h.clock.now()).total_seconds() * 1000)
+
+
+@pytest.mark.parametrize(
+    ("error", "retry", "reason"),
+    [
+        (NonRetryable("webhook already gone"), None, "not retryable"),
+        (RuntimeError("webhook already gone"), RetryPolicy(max_attempts=1), "1 attempts exhausted"),
+    ],
+    ids=["non-retryable", "no-attempts-left"],
+)
+async def test_a_cleanup_that_cannot_be_retried_gives_up_at_once(
+    error: Exception, retry: RetryPolicy | None, reason: str
+) -> None:
+    """A cleanup failing for good is recorded as failed and given up, and the deletion still completes."""
+
+    async def cleanup(ctx: Context) -> None:
+        raise error
+
+    async with running(function("cleanup", DELETE, cleanup, retry=retry)) as h:
+        await h.emit(CREATE)
+        deleted = await h.emit(DELETE)
+        log = await h.log()
+        assert [r.type for r in log[1:]] == [
+            "pre-connection-deletion",
+            "function-failed",
+            "function-gave-up",
+            "connection-deleted",
+        ]
+        assert {r.causation_id for r in log[2:]} == {deleted.event_id}
+        bodies = await h.bodies()
+        assert bodies[3] == FunctionGaveUp("cleanup", 1, "webhook already gone", reason)
+        assert await h.store.jobs() == []
+        assert deleted.state is S.DELETED
+
+
+class ClaimPausingStore(SpyStore):
+    """A store whose next job claim, once armed, waits at ``gate`` before it reaches the store (a slow backend)."""
+
+    def __init__(self, clock: FakeClock, gate: Gate) -> None:
+        super().__init__(clock)
+        self.gate = gate
+        self.armed = False
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
+        """See :meth:`MemoryEventStore.claim_jobs`; the armed call first waits at the gate."""
+        if self.armed:
+            self.armed = False
+            await self.gate.enter()
+        return await super().claim_jobs(limit=limit, lease=lease, exclude=exclude)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=LeaseLost,
+    reason="Worker.hold only affects claims made after it: a claim already on its way to the store (its exclude set"
+    " taken before the hold) leases the creation job the deletion has planned to cancel, so the deletion fails with"
+    " LeaseLost after its cleanups ran, while the creation function runs alongside them",
+)
+async def test_a_deletion_is_not_failed_by_a_claim_already_in_flight() -> None:
+    """A deletion that begins while the worker is claiming still completes (it waits for or cancels that job)."""
+    claim, cleaning = Gate(), Gate()
+    ran: list[str] = []
+
+    async def register(ctx: Context) -> None:
+        ran.append("register")
+
+    async def cleanup(ctx: Context) -> None:
+        ran.append("cleanup")
+        await cleaning.enter()
+
+    clock = FakeClock()
+    store = ClaimPausingStore(clock, claim)
+    functions = [function("register", CREATE, register), function("cleanup", DELETE, cleanup)]
+    async with (
+        running(*functions, worker=True, store=store, clock=clock) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await settle()  # the worker is idle, waiting for work
+        store.armed = True
+        await h.emit(CREATE)
+        await claim.arrivals(1)  # the worker is claiming; nothing is held yet
+        deletion = Call(tg, lambda: h.emit(DELETE))
+        await cleaning.arrivals(1)  # the deletion holds the connection and has planned to cancel the job
+        claim.open()
+        await settle()
+        cleaning.open()
+    assert (await deletion.result()).state is S.DELETED
