@@ -1,11 +1,9 @@
-"""The acceptance tests' tools: the ``orchestrator`` command as a user runs it, a provider on 127.0.0.1:0,
-and a fresh virtualenv to pip-install into.
+"""The acceptance tests' tools: the ``orchestrator`` command as a user runs it, and a fresh virtualenv to
+pip-install into (the provider is :class:`tests.support.provider.WebhookProvider`).
 
 Nothing here sleeps to wait. A daemon is ready when it logs its ``serving``
 line and a follower has seen a record when its line arrives; lines are read as
-the test waits for them, each wait bounded with ``fail_after``. The provider
-runs on threads of this process and says when a request arrives with a
-:class:`threading.Event`.
+the test waits for them, each wait bounded with ``fail_after``.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, closing
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,137 +213,6 @@ def snapshot(database: Path) -> dict[str, list[tuple[Any, ...]]]:
             name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
             for name in ("events", "connections", "jobs")
         }
-
-
-# -- the provider -------------------------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    """Holds one request open: ``arrived`` is set when it comes in, it is answered once ``release`` is set.
-
-    ``answered`` is set once the provider has acted on it (created the webhook), whether or not the
-    caller is still there to read the answer.
-    """
-
-    arrived: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    answered: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request the provider received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Provider:
-    """A webhook API on 127.0.0.1:0, shaped like the seed's: one path prefix per instance.
-
-    ``POST /{instance}/webhooks`` answers 201 ``{"id": "wh<n>"}``;
-    ``DELETE /{instance}/webhooks/{id}`` answers 204 once, then 404.
-    :attr:`fail` makes a method answer a given status instead, and
-    :meth:`hold_next_post` holds the next POST open until the test releases it.
-    """
-
-    HOLD_LIMIT = 60.0
-    """A held request is answered after this many seconds even if never released."""
-
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self.webhooks: dict[str, str] = {}
-        """Webhook id -> instance, of the webhooks that exist."""
-        self.created: list[str] = []
-        """Ids of every webhook created, in order."""
-        self.fail: dict[str, int] = {}
-        """Method -> status code answered instead."""
-        self._gates: list[Gate] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="provider", daemon=True)
-        self._thread.start()
-
-    def hold_next_post(self) -> Gate:
-        """Hold the next POST open until the returned gate is released."""
-        gate = Gate()
-        self._gates.append(gate)
-        return gate
-
-    def close(self) -> None:
-        """Release held requests and stop serving."""
-        for gate in self._gates:
-            gate.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=STOP_TIMEOUT)
-
-    def answer(self, request: Request) -> tuple[int, Any]:
-        """(status, JSON body or None) for ``request``; holds a POST at a gate first if asked to."""
-        with self._lock:
-            self.requests.append(request)
-            gate = self._gates.pop(0) if request.method == "POST" and self._gates else None
-        if gate is not None:
-            gate.arrived.set()
-            gate.release.wait(self.HOLD_LIMIT)
-        try:
-            with self._lock:
-                return self._act(request)
-        finally:
-            if gate is not None:
-                gate.answered.set()
-
-    def _act(self, request: Request) -> tuple[int, Any]:
-        if request.method in self.fail:
-            return self.fail[request.method], {"error": "refused by the test"}
-        parts = request.path.strip("/").split("/")
-        if request.method == "POST" and len(parts) == 2 and parts[1] == "webhooks":
-            webhook_id = f"wh{len(self.created) + 1}"
-            self.created.append(webhook_id)
-            self.webhooks[webhook_id] = parts[0]
-            return 201, {"id": webhook_id}
-        if request.method == "DELETE" and len(parts) == 3 and parts[1] == "webhooks":
-            if self.webhooks.get(parts[2]) == parts[0]:
-                del self.webhooks[parts[2]]
-                return 204, None
-        return 404, {"error": "not found"}
-
-
-def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            request = Request(self.command, self.path, dict(self.headers.items()), self.rfile.read(length))
-            status, body = provider.answer(request)
-            data = json.dumps(body).encode() if body is not None else b""
-            try:
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the caller is gone (a killed daemon): nobody to answer
-
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the test reads provider.requests instead
-
-    return Handler
-
-
-def write_config(path: Path, provider: Provider, *, auth: str = "bearer") -> Path:
-    """A daemon TOML config pointing the salesforce integration at ``provider``, one path prefix per instance."""
-    path.write_text(f'[integrations.salesforce]\nbase_url = "{provider.url}/{{instance}}"\nauth = "{auth}"\n')
-    return path
 
 
 # -- a fresh virtualenv ----------------------------------------------------------------------

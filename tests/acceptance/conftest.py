@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from ._support import INSTALL_TIMEOUT, FreshVenv, Provider
+from tests.support.provider import WebhookProvider
+
+from ._support import INSTALL_TIMEOUT, FreshVenv
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def provider() -> Iterator[Provider]:
+def provider() -> Iterator[WebhookProvider]:
     """A local webhook provider on 127.0.0.1:0, stopped after the test."""
-    running = Provider()
-    yield running
-    running.close()
+    with WebhookProvider() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ._support import Provider, Result, run, serve, snapshot, sqlite_url, write_config
+from tests.support.provider import WebhookProvider, write_config
+
+from ._support import Result, run, serve, snapshot, sqlite_url
 
 pytestmark = pytest.mark.anyio
 
@@ -21,7 +23,7 @@ class Log:
 
     database: Path
     config: Path
-    provider: Provider
+    provider: WebhookProvider
 
     async def dryrun(self, *args: str) -> Result:
         """``orchestrator dryrun ARGS`` on this log, with the connection's credential and the daemon's config."""
@@ -39,10 +41,10 @@ class Log:
 
 
 @pytest.fixture
-async def log(tmp_path: Path, provider: Provider) -> AsyncIterator[Log]:
+async def log(tmp_path: Path, provider: WebhookProvider) -> AsyncIterator[Log]:
     """Emit post-connection-creation with --wait through a real daemon, then stop it with SIGTERM."""
     database = tmp_path / "events.db"
-    config = write_config(tmp_path / "o.toml", provider)
+    config = write_config(tmp_path / "o.toml", provider.url)
     async with serve(database, "--config", str(config)) as daemon:
         created = await run(
             "emit",
@@ -63,7 +65,7 @@ async def log(tmp_path: Path, provider: Provider) -> AsyncIterator[Log]:
         assert [(o["name"], o["status"]) for o in created.json()["outcomes"]] == [("register-webhook", "succeeded")]
         assert await daemon.stop() == 0, str(daemon)
     assert provider.webhooks == {"wh1": "acme"}
-    provider.requests.clear()
+    provider.clear_requests()
     yield Log(database, config, provider)
 
 

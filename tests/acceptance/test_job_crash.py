@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 import pytest
 
-from ._support import Provider, run, serve, snapshot, sqlite_url, start, write_config
+from tests.support.provider import WebhookProvider, reached, write_config
+
+from ._support import run, serve, snapshot, sqlite_url, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -18,19 +18,15 @@ STREAM = "dev/salesforce/acme"
 WAIT = 30.0
 
 
-async def reached(event: threading.Event) -> bool:
-    """Wait (bounded by :data:`WAIT`) for an event set by a provider thread."""
-    with anyio.fail_after(WAIT + 5):
-        return await anyio.to_thread.run_sync(event.wait, WAIT, abandon_on_cancel=True)
-
-
-async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path: Path, provider: Provider) -> None:
+async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
+    tmp_path: Path, provider: WebhookProvider
+) -> None:
     """SIGKILL while register-webhook's POST is held: after a restart the job runs again (attempt 2) and succeeds."""
     database = tmp_path / "events.db"
     # auth none: credentials live in the daemon's memory until the security work seals them,
     # so a restarted daemon has none to send; the re-run is what this test is about.
-    config = write_config(tmp_path / "o.toml", provider, auth="none")
-    held = provider.hold_next_post()
+    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
+    held = provider.hold("POST")
     with anyio.fail_after(100):
         async with serve(database, "--config", str(config)) as first:
             emitted = await run(

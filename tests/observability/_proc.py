@@ -9,10 +9,8 @@ github's ``check-token-scopes``), pointed at a local provider by a TOML config.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,27 +28,6 @@ CALL_TIMEOUT = 20.0
 CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
 VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
 DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
-
-
-def write_config(path: Path, provider_url: str, *, auth: str = "bearer", **settings: Any) -> Path:
-    """A TOML config: salesforce at ``{provider_url}/{instance}`` and github at ``provider_url``, no proxy retries.
-
-    ``auth`` is salesforce's scheme (``none`` for jobs that resume after a restart, when the
-    daemon no longer holds the credentials); ``settings`` are top-level keys (``grace_period = 2``).
-    """
-    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    lines += [
-        "[integrations.salesforce]",
-        f'base_url = "{provider_url}/{{instance}}"',
-        f'auth = "{auth}"',
-        "retries = 0",
-        "[integrations.github]",
-        f'base_url = "{provider_url}"',
-        'auth = "bearer"',
-        "retries = 0",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def metrics_url(daemon: Running) -> str:

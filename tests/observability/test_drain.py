@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from tests.acceptance._support import READY, run, serve, snapshot, sqlite_url, start
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
 
@@ -97,7 +97,7 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
 ) -> None:
     """SIGTERM amid concurrent emits: exit 0 within the grace period, no INTERNAL, every job done after a restart."""
     database = tmp_path / "events.db"
-    config = _proc.write_config(tmp_path / "o.toml", provider.url, auth="none")
+    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
     args = ("--config", str(config), "--grace-period", str(GRACE), "--concurrency", "4")
     load = Load()
     health: list[int] = []

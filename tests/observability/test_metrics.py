@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.acceptance._support import serve
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
 
@@ -58,7 +58,7 @@ async def test_prometheus_text_has_emits_appends_attempts_jobs_and_connections(
 ) -> None:
     """Counters and histograms count this daemon's work; gauges (read at start) show the log's jobs and states."""
     database = tmp_path / "events.db"
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
+    config = write_config(tmp_path / "o.toml", provider.url)
     args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", "--retry-initial-interval", "3600")
     async with serve(database, *args) as daemon:
         address = daemon.address

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.acceptance._support import environment, run, serve
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
 from ._inproc import new_traceparent
@@ -34,7 +34,7 @@ def check_resource(span: Span) -> None:
 async def test_spans_arrive_over_otlp_grpc_in_the_callers_trace(tmp_path: Path, provider: ProviderServer) -> None:
     """OTEL_TRACES_EXPORTER=otlp (gRPC): the emit's RPC, append, attempt and provider spans reach the receiver."""
     traceparent, trace_id, caller_span = new_traceparent()
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
+    config = write_config(tmp_path / "o.toml", provider.url)
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         async with serve(tmp_path / "events.db", "--config", str(config), env=env) as daemon:

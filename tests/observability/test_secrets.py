@@ -20,7 +20,7 @@ from orchestrator import Context, NonRetryable, Rejected
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.provider import Integration
 from tests.acceptance._support import environment, serve
-from tests.support.provider import ProviderServer, Reply, Request
+from tests.support.provider import ProviderServer, Reply, Request, write_config
 
 from . import _proc
 from ._inproc import Spans, emit, function, records, ref, serving
@@ -178,7 +178,7 @@ async def test_a_daemon_process_writes_no_credential_to_stderr_traces_or_prometh
     """``orchestrator serve`` exporting OTLP, with --metrics-listen: stderr, spans and /metrics hold no credential."""
     provider.route("GET", "/user", echo(401))
     provider.route("POST", "/acme/webhooks", echo(400))
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
+    config = write_config(tmp_path / "o.toml", provider.url)
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", "--log-format", "json")
