@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.process import run
 from tests.support.provider import WebhookProvider
 
-from ._support import INSTALL_TIMEOUT, FreshVenv
+from ._venv import INSTALL_TIMEOUT, FreshVenv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,12 +40,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> FreshVenv:
     for plugin in ("salesforce", "github"):
         shutil.copytree(REPO / "plugins" / plugin, sources / "plugins" / plugin, ignore=skip)
     venv = FreshVenv(root / "venv")
-    subprocess.run(
-        [sys.executable, "-m", "venv", str(venv.path)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=INSTALL_TIMEOUT,
-        check=True,
-    )
+    made = run("-m", "venv", str(venv.path), command=(sys.executable,), timeout=INSTALL_TIMEOUT)
+    assert made.code == 0, str(made)
     venv.pip("install", str(sources), str(sources / "plugins" / "salesforce"), str(sources / "plugins" / "github"))
     return venv

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.process import Result, arun, serve, snapshot, sqlite_url
 from tests.support.provider import WebhookProvider, write_config
-
-from ._support import Result, run, serve, snapshot, sqlite_url
 
 pytestmark = pytest.mark.anyio
 
@@ -27,7 +26,7 @@ class Log:
 
     async def dryrun(self, *args: str) -> Result:
         """``orchestrator dryrun ARGS`` on this log, with the connection's credential and the daemon's config."""
-        return await run(
+        return await arun(
             "dryrun",
             *args,
             "--database",
@@ -46,7 +45,7 @@ async def log(tmp_path: Path, provider: WebhookProvider) -> AsyncIterator[Log]:
     database = tmp_path / "events.db"
     config = write_config(tmp_path / "o.toml", provider.url)
     async with serve(database, "--config", str(config)) as daemon:
-        created = await run(
+        created = await arun(
             "emit",
             "post-connection-creation",
             "acme",
@@ -138,9 +137,9 @@ async def test_commit_appends_the_outcome_and_the_metadata_update(log: Log) -> N
         "version": "1.0.0",
         "dryrun": True,
     }
-    verify = await run("replay", "--database", sqlite_url(log.database), "--verify")
+    verify = await arun("replay", "--database", sqlite_url(log.database), "--verify")
     assert verify.code == 0, str(verify)
-    timeline = await run("replay", "--database", sqlite_url(log.database), "--connection", "acme", "--json")
+    timeline = await arun("replay", "--database", sqlite_url(log.database), "--connection", "acme", "--json")
     assert timeline.code == 0, str(timeline)
     assert timeline.json()[-1]["connection"]["metadata"] == {"webhook_id": None}
     # The committed state is what the next dry run starts from: register-webhook now registers for real.
@@ -178,7 +177,7 @@ async def test_a_failing_function_exits_1_and_writes_nothing(log: Log) -> None:
 
 async def test_an_unknown_function_exits_1_naming_the_installed_ones(tmp_path: Path) -> None:
     """A function nobody installed is one clear line on stderr listing the installed functions, and exit 1."""
-    result = await run("dryrun", "no-such-function", "acme", "--database", sqlite_url(tmp_path / "events.db"))
+    result = await arun("dryrun", "no-such-function", "acme", "--database", sqlite_url(tmp_path / "events.db"))
     assert result.code == 1, str(result)
     assert result.out == ""
     assert result.err.startswith("orchestrator: error: no event function 'no-such-function' (")

@@ -8,9 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tests.support.process import arun, serve, snapshot, sqlite_url, start
 from tests.support.provider import WebhookProvider, reached, write_config
-
-from ._support import run, serve, snapshot, sqlite_url, start
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -29,7 +28,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
     held = provider.hold("POST")
     with anyio.fail_after(100):
         async with serve(database, "--config", str(config)) as first:
-            emitted = await run(
+            emitted = await arun(
                 "emit",
                 "post-connection-creation",
                 "acme",
@@ -54,7 +53,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
             async with start("events", "--follow", "--json", "--address", second.address, stream="stdout") as follower:
                 await follower.wait_for(r'"type":\s*"function-succeeded"', within=WAIT)
                 await follower.stop()
-            log = await run("events", "--json", "--address", second.address)
+            log = await arun("events", "--json", "--address", second.address)
             assert log.code == 0, str(log)
             records = [r for r in log.json_lines() if r["stream"] == STREAM]
             assert [r["type"] for r in records] == [
@@ -65,7 +64,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
             done = records[-1]["data"]
             assert done["function"] == "register-webhook"
             assert done["attempt"] >= 2, done
-            shown = await run("connections", "get", "acme", "-i", "salesforce", "--json", "--address", second.address)
+            shown = await arun("connections", "get", "acme", "-i", "salesforce", "--json", "--address", second.address)
             assert shown.code == 0, str(shown)
             assert shown.json()["metadata"] == {"webhook_id": "wh2"}
             assert await second.stop() == 0, str(second)
@@ -73,6 +72,6 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
         assert [(r.method, r.path) for r in provider.requests] == [("POST", "/acme/webhooks")] * 2
         assert provider.created == ["wh1", "wh2"]
         assert snapshot(database)["jobs"] == []
-        verified = await run("replay", "--database", sqlite_url(database), "--verify")
+        verified = await arun("replay", "--database", sqlite_url(database), "--verify")
         assert verified.code == 0, str(verified)
         assert verified.out == "read model matches the log\n"

@@ -30,6 +30,7 @@ from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.dispatch import DispatchConfig
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Integration
+from tests.support.process import arun
 from tests.support.provider import ProviderServer, Reply
 
 from ._daemon import Daemon, run_daemon
@@ -798,10 +799,9 @@ async def test_replay_until_shows_metadata_before_and_after_a_function_wrote_it(
         written = next(r.position for r in log if r.type == "metadata-updated")
 
         async def replayed(until: int) -> dict[str, Any]:
-            command = [sys.executable, "-m", "orchestrator", "replay", "--json", "--until", str(until)]
-            done = await anyio.run_process([*command, "--database", daemon.database], check=False)
-            assert done.returncode == 0, done.stderr.decode()
-            (connection,) = json.loads(done.stdout)["connections"]
+            done = await arun("replay", "--json", "--until", str(until), "--database", daemon.database)
+            assert done.code == 0, str(done)
+            (connection,) = done.json()["connections"]
             return dict(connection["metadata"])
 
         # The daemon is still running: replay reads the log file directly.

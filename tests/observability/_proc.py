@@ -1,7 +1,7 @@
 """Subprocess daemons with telemetry: ``orchestrator serve`` exporting to a test receiver, its Prometheus endpoint.
 
-The daemons themselves are :mod:`tests.acceptance._support`'s (``serve``,
-``start``, ``run``): they log JSON lines to stderr, which the tests read line
+The daemons themselves are :mod:`tests.support.process`'s (``serve``,
+``start``, ``arun``): they log JSON lines to stderr, which the tests read line
 by line. The functions they run are the example plugins installed in the
 development venv (salesforce's ``register-webhook``/``delete-webhook``,
 github's ``check-token-scopes``), pointed at a local provider by a TOML config.
@@ -19,7 +19,7 @@ import httpx
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.acceptance._support import Running
+from tests.support.process import Running
 
 PROMETHEUS = re.compile(r"serving Prometheus metrics on (http://127\.0\.0\.1:\d+/metrics)")
 RPC_EMIT = "orchestrator.v1.Orchestrator/EmitLifecycleEvent"

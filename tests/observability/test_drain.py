@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.acceptance._support import READY, run, serve, snapshot, sqlite_url, start
+from tests.support.process import READY, arun, serve, snapshot, sqlite_url, start
 from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
@@ -166,7 +166,7 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
     calls = Counter(r.path for r in provider.requests)
     assert calls == Counter(f"/{c}/webhooks" for c in load.answered), calls
     assert snapshot(database)["jobs"] == []
-    verified = await run("replay", "--database", sqlite_url(database), "--verify")
+    verified = await arun("replay", "--database", sqlite_url(database), "--verify")
     assert verified.code == 0, str(verified)
 
 
@@ -175,7 +175,7 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
     database = tmp_path / "events.db"
     good = tmp_path / "good.toml"
     good.write_text('listen = "127.0.0.1:0"\ngrace_period = 2\n[integrations.acme]\nbase_url = "https://x.test"\n')
-    checked = await run("serve", "--config", str(good), "--database", sqlite_url(database), "--check")
+    checked = await arun("serve", "--config", str(good), "--database", sqlite_url(database), "--check")
     assert checked.code == 0, str(checked)
     assert "configuration is valid: listen 127.0.0.1:0" in checked.out
     assert "integration acme: base_url https://x.test, auth none" in checked.out
@@ -184,14 +184,14 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
 
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('listen = "127.0.0.1:0"\nlisten_port = 50051\n')
-    refused = await run("serve", "--config", str(unknown), "--database", sqlite_url(database), "--check")
+    refused = await arun("serve", "--config", str(unknown), "--database", sqlite_url(database), "--check")
     assert refused.code == 2, str(refused)  # docs/cli.md: a bad option or config key is a usage error
     assert "unknown setting(s) listen_port" in refused.err
     assert refused.out == ""
 
     bad_value = tmp_path / "bad.toml"
     bad_value.write_text('[integrations.acme]\nauth = "magic"\n')
-    failed = await run("serve", "--config", str(bad_value), "--database", sqlite_url(database), "--check")
+    failed = await arun("serve", "--config", str(bad_value), "--database", sqlite_url(database), "--check")
     assert failed.code == 1, str(failed)
     assert failed.err.startswith("orchestrator: error: ")
     assert "integrations.acme.auth = 'magic'" in failed.err

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.acceptance._support import serve
+from tests.support.process import serve
 from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance._support import environment, run, serve
+from tests.support.process import arun, environment, serve
 from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
@@ -77,7 +77,7 @@ async def test_spans_arrive_over_otlp_http_protobuf(tmp_path: Path, provider: Pr
     with Receiver.http() as receiver:
         env = environment(**receiver.environment())
         async with serve(tmp_path / "events.db", env=env) as daemon:
-            emitted = await run(
+            emitted = await arun(
                 "emit", "validate-connection", "c-1", "-i", "plain", "--json", "--address", daemon.address
             )
             assert emitted.code == 0, str(emitted)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance._support import environment, serve
+from tests.support.process import environment, serve
 from tests.support.provider import WebhookProvider, reached, write_config
 
 from . import _proc

@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from orchestrator import Context, NonRetryable, Rejected
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.provider import Integration
-from tests.acceptance._support import environment, serve
+from tests.support.process import environment, serve
 from tests.support.provider import ProviderServer, Reply, Request, write_config
 
 from . import _proc
