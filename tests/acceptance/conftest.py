@@ -12,7 +12,7 @@ import pytest
 from tests.support.process import run
 from tests.support.provider import WebhookProvider
 
-from ._venv import INSTALL_TIMEOUT, FreshVenv
+from ._support import INSTALL_TIMEOUT, FreshVenv
 
 REPO = Path(__file__).resolve().parents[2]
 

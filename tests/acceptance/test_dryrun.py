@@ -13,6 +13,8 @@ import pytest
 from tests.support.process import Result, arun, serve, snapshot, sqlite_url
 from tests.support.provider import WebhookProvider, write_config
 
+from ._support import create_acme
+
 pytestmark = pytest.mark.anyio
 
 
@@ -45,21 +47,7 @@ async def log(tmp_path: Path, provider: WebhookProvider) -> AsyncIterator[Log]:
     database = tmp_path / "events.db"
     config = write_config(tmp_path / "o.toml", provider.url)
     async with serve(database, "--config", str(config)) as daemon:
-        created = await arun(
-            "emit",
-            "post-connection-creation",
-            "acme",
-            "-i",
-            "salesforce",
-            "--config",
-            '{"instance": "acme"}',
-            "--credential",
-            "access_token=T",
-            "--wait",
-            "--json",
-            "--address",
-            daemon.address,
-        )
+        created = await create_acme(daemon.address, "--credential", "access_token=T", "--wait")
         assert created.code == 0, str(created)
         assert [(o["name"], o["status"]) for o in created.json()["outcomes"]] == [("register-webhook", "succeeded")]
         assert await daemon.stop() == 0, str(daemon)

@@ -11,6 +11,8 @@ import pytest
 from tests.support.process import arun, serve, snapshot, sqlite_url, start
 from tests.support.provider import WebhookProvider, reached, write_config
 
+from ._support import create_acme
+
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 STREAM = "dev/salesforce/acme"
@@ -28,18 +30,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
     held = provider.hold("POST")
     with anyio.fail_after(100):
         async with serve(database, "--config", str(config)) as first:
-            emitted = await arun(
-                "emit",
-                "post-connection-creation",
-                "acme",
-                "-i",
-                "salesforce",
-                "--config",
-                '{"instance": "acme"}',
-                "--json",
-                "--address",
-                first.address,
-            )
+            emitted = await create_acme(first.address)
             assert emitted.code == 0, str(emitted)
             assert emitted.json()["state"] == "active"
             assert await reached(held.arrived), "the provider never received the POST"

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.process import Result, arun, run, serve, table
 
-from ._venv import FreshVenv
+from ._support import FreshVenv
 
 # func_only: the 120 s bound is each test's own; the session's pip install from PyPI has its own bound.
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]

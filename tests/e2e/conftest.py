@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.grpc import Api
 from tests.support.process import Cli, Daemon, drained
-
-from ._cli import Api
 
 
 @pytest.fixture(scope="session")

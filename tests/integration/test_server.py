@@ -15,37 +15,39 @@ from __future__ import annotations
 import base64
 import math
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any
 
 import anyio
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, json_format, struct_pb2
+from google.protobuf import descriptor_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_CONFIG_BYTES, MAX_CREDENTIAL_VALUE, MAX_CREDENTIALS, MAX_PAYLOAD_BYTES
 from orchestrator.model import ConnectionRef, NewEvent
 from orchestrator.plugins import Registry
-
-from ._daemon import Daemon, run_daemon, seed
+from tests.support import grpc as rpc
+from tests.support.daemon import Daemon, run_daemon, seed
+from tests.support.grpc import (
+    ACTIVE,
+    CREATE,
+    DELETE,
+    DELETED,
+    DELETING,
+    PENDING,
+    REJECTED,
+    VALIDATE,
+    Stub,
+    as_dict,
+    read_request,
+)
+from tests.support.grpc import records as read_events
 
 pytestmark = pytest.mark.anyio
-
-Stub = pb_grpc.OrchestratorStub
-
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
-PENDING = pb.CONNECTION_STATE_PENDING
-ACTIVE = pb.CONNECTION_STATE_ACTIVE
-REJECTED = pb.CONNECTION_STATE_REJECTED
-DELETING = pb.CONNECTION_STATE_DELETING
-DELETED = pb.CONNECTION_STATE_DELETED
 
 SERVICE = "orchestrator.v1.Orchestrator"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -63,7 +65,7 @@ READ_YOUR_WRITES_BUDGET = 5
 
 def conn(connection_id: str = "acme", environment: str = "dev", integration: str = "salesforce") -> pb.ConnectionRef:
     """A connection ref (``dev/salesforce/acme`` by default)."""
-    return pb.ConnectionRef(environment=environment, integration=integration, connection_id=connection_id)
+    return rpc.ref(connection_id, integration, environment)
 
 
 def struct(**fields: Any) -> struct_pb2.Struct:
@@ -75,34 +77,14 @@ def struct(**fields: Any) -> struct_pb2.Struct:
 
 def request(event: int, connection: pb.ConnectionRef | None = None, **fields: Any) -> pb.EmitLifecycleEventRequest:
     """An EmitLifecycleEventRequest for ``connection`` (``dev/salesforce/acme`` by default)."""
-    return pb.EmitLifecycleEventRequest(connection=connection or conn(), event=event, **fields)
+    return rpc.emit_request(event, connection or conn(), **fields)
 
 
 async def emit(
-    stub: Stub,
-    event: int,
-    connection: pb.ConnectionRef | None = None,
-    *,
-    metadata: Sequence[tuple[str, str]] | None = None,
-    **fields: Any,
+    stub: Stub, event: int, connection: pb.ConnectionRef | None = None, **fields: Any
 ) -> pb.EmitLifecycleEventResponse:
-    """Emit one lifecycle event and return the response."""
-    return await stub.EmitLifecycleEvent(request(event, connection, **fields), metadata=metadata)
-
-
-def read_request(connection: pb.ConnectionRef | None = None, **fields: Any) -> pb.ReadEventsRequest:
-    """A ReadEventsRequest; no ``connection`` means every connection."""
-    message = pb.ReadEventsRequest(**fields)
-    if connection is not None:
-        message.connection.CopyFrom(connection)
-    return message
-
-
-async def read_events(
-    stub: Stub, connection: pb.ConnectionRef | None = None, from_position: int = 0
-) -> list[pb.EventRecord]:
-    """Every record from ``from_position`` (not following)."""
-    return [record async for record in stub.ReadEvents(read_request(connection, from_position=from_position))]
+    """Emit one lifecycle event for ``connection`` (``dev/salesforce/acme`` by default) and return the response."""
+    return await rpc.emit(stub, event, connection or conn(), **fields)
 
 
 async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> str:
@@ -117,14 +99,8 @@ async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> str:
 
 
 async def get(stub: Stub, connection: pb.ConnectionRef | None = None) -> pb.Connection:
-    """The connection as GetConnection returns it."""
-    response = await stub.GetConnection(pb.GetConnectionRequest(connection=connection or conn()))
-    return response.connection
-
-
-def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict (numbers as floats, which compare equal to ints)."""
-    return json_format.MessageToDict(message)
+    """The connection as GetConnection returns it (``dev/salesforce/acme`` by default)."""
+    return await rpc.get(stub, connection or conn())
 
 
 def lifecycle(event: str, config: dict[str, Any] | None = None) -> NewEvent:
@@ -999,7 +975,7 @@ async def test_reflection_lists_and_describes_the_service(daemon: Daemon) -> Non
 
 async def test_traceparent_is_stored_on_the_records(stub: Stub) -> None:
     """The caller's traceparent metadata is stored on the lifecycle record and the facts it causes."""
-    response = await emit(stub, VALIDATE, metadata=[("traceparent", TRACEPARENT)])
+    response = await emit(stub, VALIDATE, traceparent=TRACEPARENT)
     await emit(stub, CREATE)
 
     records = await read_events(stub)

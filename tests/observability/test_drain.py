@@ -18,10 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from tests.support.grpc import CREATE, VALIDATE, emit, follow_until, records, ref
 from tests.support.process import READY, arun, serve, snapshot, sqlite_url, start
 from tests.support.provider import ProviderServer, Reply, write_config
-
-from . import _proc
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -64,8 +63,8 @@ async def client(address: str, worker: int, load: Load) -> None:
         for call in range(CALLS_PER_WORKER):
             connection_id = f"w{worker}-{call}"
             request = pb.EmitLifecycleEventRequest(
-                connection=_proc.ref(connection_id, "salesforce"),
-                event=_proc.CREATE,
+                connection=ref(connection_id, "salesforce"),
+                event=CREATE,
                 connection_config={"instance": connection_id},
             )
             try:
@@ -145,8 +144,8 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
                     done.add(record.connection.connection_id)
                 return done >= set(load.answered)
 
-            await _proc.follow_until(again.address, all_done)
-            log = await _proc.read_log(again.address)
+            await follow_until(again.address, all_done)
+            log = await records(again.address)
             assert await again.stop() == 0, str(again)
 
     lifecycle = {r.connection.connection_id: r for r in log if r.type == "post-connection-creation"}
@@ -223,13 +222,13 @@ async def test_sighup_reopens_the_log_file(tmp_path: Path) -> None:
         match = READY.search(str(ready["message"]))
         assert match is not None
         address = f"127.0.0.1:{match[1]}"
-        await _proc.emit(address, _proc.VALIDATE, "before", "plain")
+        await emit(address, VALIDATE, "before", "plain")
         await wait_for_line(log_file, "validate-connection dev/plain/before")
 
         log_file.rename(rotated)
         daemon.process.send_signal(signal.SIGHUP)
         await wait_for_line(log_file, "received SIGHUP: log file reopened")
-        await _proc.emit(address, _proc.VALIDATE, "after", "plain")
+        await emit(address, VALIDATE, "after", "plain")
         line = await wait_for_line(log_file, "validate-connection dev/plain/after")
         assert line["state"] == "pending"
         assert await daemon.stop() == 0

@@ -9,6 +9,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.support.grpc import CREATE, DELETE, VALIDATE, emit, follow_until
 from tests.support.process import serve
 from tests.support.provider import ProviderServer, Reply, write_config
 
@@ -62,36 +64,34 @@ async def test_prometheus_text_has_emits_appends_attempts_jobs_and_connections(
     args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", "--retry-initial-interval", "3600")
     async with serve(database, *args) as daemon:
         address = daemon.address
-        gh1 = await _proc.emit(address, _proc.VALIDATE, "gh-1", "github", credentials=TOKEN)
-        gh2 = await _proc.emit(
+        gh1 = await emit(address, VALIDATE, "gh-1", "github", credentials=TOKEN)
+        gh2 = await emit(
             address,
-            _proc.VALIDATE,
+            VALIDATE,
             "gh-2",
             "github",
             connection_config={"required_scopes": ["repo"]},
             credentials=TOKEN,
         )
-        ok = await _proc.emit(
+        ok = await emit(
             address,
-            _proc.CREATE,
+            CREATE,
             "sf-ok",
             "salesforce",
             connection_config={"instance": "ok"},
             credentials=TOKEN,
             wait=True,
         )
-        await _proc.emit(
-            address, _proc.CREATE, "sf-busy", "salesforce", connection_config={"instance": "busy"}, credentials=TOKEN
-        )
+        await emit(address, CREATE, "sf-busy", "salesforce", connection_config={"instance": "busy"}, credentials=TOKEN)
         # sf-busy's own failure (gh-1's rejection is a function-failed record too).
-        await _proc.follow_until(address, lambda r: r.type == "function-failed" and r.stream.endswith("/sf-busy"))
+        await follow_until(address, lambda r: r.type == "function-failed" and r.stream.endswith("/sf-busy"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await _proc.emit(address, _proc.DELETE, "nobody", "salesforce")
+            await emit(address, DELETE, "nobody", "salesforce")
         assert refused.value.code() is grpc.StatusCode.NOT_FOUND
         text = await _proc.scrape(_proc.metrics_url(daemon))
         assert await daemon.stop() == 0, str(daemon)
-    assert (gh1.state, gh2.state) == (_proc.pb.CONNECTION_STATE_REJECTED, _proc.pb.CONNECTION_STATE_PENDING)
-    assert [o.status for o in ok.outcomes] == [_proc.pb.FUNCTION_STATUS_SUCCEEDED]
+    assert (gh1.state, gh2.state) == (pb.CONNECTION_STATE_REJECTED, pb.CONNECTION_STATE_PENDING)
+    assert [o.status for o in ok.outcomes] == [pb.FUNCTION_STATUS_SUCCEEDED]
 
     found = samples(text)
     emits = "orchestrator_emits_total"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.grpc import CREATE, RPC_EMIT, emit, records
 from tests.support.process import environment, serve
 from tests.support.provider import WebhookProvider, reached, write_config
 
-from . import _proc
 from ._inproc import new_traceparent
 from ._otlp import Receiver
 
@@ -36,16 +36,16 @@ async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         async with serve(database, "--config", str(config), env=env) as first:
-            await _proc.emit(
+            await emit(
                 first.address,
-                _proc.CREATE,
+                CREATE,
                 "acme",
                 "salesforce",
                 traceparent=traceparent,
                 connection_config={"instance": "acme"},
             )
             assert await reached(held.arrived), "the provider never received the POST"
-            [rpc] = await receiver.wait_for(lambda s: s.name == _proc.RPC_EMIT and s.trace_id == trace_id)
+            [rpc] = await receiver.wait_for(lambda s: s.name == RPC_EMIT and s.trace_id == trace_id)
             assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
         held.release.set()
         assert await reached(held.answered)
@@ -54,7 +54,7 @@ async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(
             [resumed] = await receiver.wait_for(
                 lambda s: s.name == "function register-webhook" and s.attributes["orchestrator.outcome"] == "succeeded"
             )
-            log = await _proc.read_log(second.address)
+            log = await records(second.address)
             assert await second.stop() == 0, str(second)
 
     assert rpc.parent_span_id == caller_span

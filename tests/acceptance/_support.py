@@ -1,4 +1,4 @@
-"""A fresh virtualenv for the acceptance tests to pip-install the orchestrator and its plugins into.
+"""The acceptance tests' own tools: the emit that creates their connection, and a fresh virtualenv.
 
 The commands they run are :mod:`tests.support.process`'s, the provider they
 call is :class:`tests.support.provider.WebhookProvider`.
@@ -10,10 +10,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.process import run
+from tests.support.process import Result, arun, run
 
 INSTALL_TIMEOUT = 300.0
 """pip installs from PyPI: minutes on a slow network."""
+
+
+async def create_acme(address: str, *options: str) -> Result:
+    """``orchestrator emit post-connection-creation acme -i salesforce --json`` (instance acme) to ``address``."""
+    args = ("post-connection-creation", "acme", "-i", "salesforce", "--config", '{"instance": "acme"}', "--json")
+    return await arun("emit", *args, *options, "--address", address)
 
 
 @dataclass(frozen=True)
