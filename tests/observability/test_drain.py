@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -25,13 +26,13 @@ from tests.support.provider import ProviderServer, Reply, write_config
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 WORKERS = 6
-CALLS_PER_WORKER = 40
-"""A bound on each client's calls, should the daemon somehow never stop answering."""
+"""Clients emitting concurrently, each until a call of its own is refused (the test's fail_after bounds them)."""
 LOADED = 12
 """Acknowledged emits before SIGTERM is sent, so that it lands in the middle of the load."""
-GRACE = 3.0
-PROVIDER_DELAY = 0.2
-"""Each provider call takes this long: attempts are running when SIGTERM arrives, and fit in the grace period."""
+CONCURRENCY = 4
+"""The daemon's function concurrency: the attempts running (held at the provider) when SIGTERM is sent."""
+GRACE = 5.0
+"""The drain's grace period: the held attempts are released within milliseconds of the last refusal."""
 WAIT = 30.0
 STEP = 0.02
 """Seconds between looks at a log file (a file offers nothing to wait on)."""
@@ -39,9 +40,9 @@ STEP = 0.02
 
 @pytest.fixture
 def provider() -> Iterator[ProviderServer]:
-    """A salesforce provider answering every instance's webhook registration after a short delay."""
+    """A salesforce provider answering every instance's webhook registration."""
     with ProviderServer() as server:
-        server.route("POST", "/*/webhooks", Reply(201, {"id": "wh"}, delay=PROVIDER_DELAY))
+        server.route("POST", "/*/webhooks", Reply(201, {"id": "wh"}))
         yield server
 
 
@@ -54,13 +55,16 @@ class Load:
     failed: dict[str, grpc.StatusCode] = field(default_factory=dict)
     """Connection id -> the status of a call that got no response."""
     loaded: anyio.Event = field(default_factory=anyio.Event)
+    """Set once :data:`LOADED` calls are answered."""
+    refused: anyio.Event = field(default_factory=anyio.Event)
+    """Set once every client has had a call refused."""
 
 
 async def client(address: str, worker: int, load: Load) -> None:
-    """Emit post-connection-creation for fresh connections until a call fails (or the bound is reached)."""
+    """Emit post-connection-creation for fresh connections until a call fails."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.OrchestratorStub(channel)
-        for call in range(CALLS_PER_WORKER):
+        for call in itertools.count():
             connection_id = f"w{worker}-{call}"
             request = pb.EmitLifecycleEventRequest(
                 connection=ref(connection_id, "salesforce"),
@@ -71,18 +75,21 @@ async def client(address: str, worker: int, load: Load) -> None:
                 load.answered[connection_id] = await stub.EmitLifecycleEvent(request, timeout=WAIT)
             except grpc.aio.AioRpcError as exc:
                 load.failed[connection_id] = exc.code()
+                if len(load.failed) == WORKERS:
+                    load.refused.set()
                 return
             if len(load.answered) >= LOADED:
                 load.loaded.set()
 
 
-async def watch_health(address: str, seen: list[int]) -> None:
+async def watch_health(address: str, seen: list[int], watching: anyio.Event) -> None:
     """Record the health statuses the daemon reports, until it reports NOT_SERVING (or the stream ends)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         try:
             async for update in call:
                 seen.append(update.status)
+                watching.set()
                 if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                     return  # hanging on would hold the server's stop for the whole grace period
         except grpc.aio.AioRpcError:
@@ -97,21 +104,30 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
     """SIGTERM amid concurrent emits: exit 0 within the grace period, no INTERNAL, every job done after a restart."""
     database = tmp_path / "events.db"
     config = write_config(tmp_path / "o.toml", provider.url, auth="none")
-    args = ("--config", str(config), "--grace-period", str(GRACE), "--concurrency", "4")
+    args = ("--config", str(config), "--grace-period", str(GRACE), "--concurrency", str(CONCURRENCY))
     load = Load()
     health: list[int] = []
+    watching = anyio.Event()
+    # The webhook registrations wait at the provider until the test lets them go: the attempts are
+    # provably running when SIGTERM comes, and the drain provably lasts until every client has been refused.
+    held = provider.hold("POST", "/*/webhooks")
     with anyio.fail_after(90):
         async with serve(database, *args) as daemon:
             stopped: dict[str, float] = {}
 
             async def terminate() -> None:
+                await watching.wait()
                 await load.loaded.wait()
+                await provider.wait_for(CONCURRENCY, "POST", "/*/webhooks")  # every attempt slot is busy
                 began = time.monotonic()
-                stopped["code"] = await daemon.stop(signal.SIGTERM)
+                daemon.process.send_signal(signal.SIGTERM)
+                await load.refused.wait()  # each client kept calling until the draining daemon refused it
+                held.release.set()
+                stopped["code"] = await daemon.wait()
                 stopped["took"] = time.monotonic() - began
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_health, daemon.address, health)
+                tg.start_soon(watch_health, daemon.address, health, watching)
                 for worker in range(WORKERS):
                     tg.start_soon(client, daemon.address, worker, load)
                 tg.start_soon(terminate)

@@ -382,6 +382,10 @@ class Running:
         """Send ``signum`` (unless it has exited), read the rest of the output, wait for the exit; the exit code."""
         return await anyio.to_thread.run_sync(self.process.signal, signum, within)
 
+    async def wait(self, within: float = STOP_TIMEOUT) -> int:
+        """Wait for the exit (SIGKILL after ``within`` seconds), having sent nothing; the exit code."""
+        return await anyio.to_thread.run_sync(self.process.wait, within)
+
     def __str__(self) -> str:
         return str(self.process)
 
