@@ -1,356 +1,25 @@
-"""The acceptance tests' tools: the ``orchestrator`` command as a user runs it, a provider on 127.0.0.1:0,
-and a fresh virtualenv to pip-install into.
+"""The acceptance tests' own tools: the emit that creates their connection, and a fresh virtualenv.
 
-Nothing here sleeps to wait. A daemon is ready when it logs its ``serving``
-line and a follower has seen a record when its line arrives; lines are read as
-the test waits for them, each wait bounded with ``fail_after``. The provider
-runs on threads of this process and says when a request arrives with a
-:class:`threading.Event`.
+The commands they run are :mod:`tests.support.process`'s, the provider they
+call is :class:`tests.support.provider.WebhookProvider`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import signal
-import sqlite3
-import subprocess
-import sys
-import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager, closing
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import anyio
-import anyio.abc
-from anyio.streams.buffered import BufferedByteReceiveStream
+from tests.support.process import Result, arun, run
 
-_SCRIPT = Path(sys.executable).with_name("orchestrator")
-COMMAND: tuple[str, ...] = (str(_SCRIPT),) if _SCRIPT.exists() else (sys.executable, "-m", "orchestrator")
-"""The development venv's ``orchestrator`` (the console script next to this interpreter)."""
-
-READY = re.compile(r"serving orchestrator\.v1\.Orchestrator on 127\.0\.0\.1:(\d+), log ([^\s\"]+)")
-STARTUP_TIMEOUT = 30.0
-COMMAND_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 INSTALL_TIMEOUT = 300.0
 """pip installs from PyPI: minutes on a slow network."""
-MAX_LINE = 1 << 20
 
 
-def environment(**settings: str) -> dict[str, str]:
-    """This process's environment without the developer's ``ORCHESTRATOR_*`` settings, plus ``settings``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-    env.update(settings)
-    return env
-
-
-def sqlite_url(path: Path) -> str:
-    """``sqlite:///absolute/path``, the daemon's own spelling."""
-    return f"sqlite://{path.resolve()}"
-
-
-def table(text: str) -> list[list[str]]:
-    """The cells of a printed table (columns are separated by two spaces or more), header first."""
-    return [re.split(r" {2,}", line.strip()) for line in text.splitlines() if line.strip()]
-
-
-# -- one-shot commands -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Result:
-    """How one command exited and what it printed."""
-
-    args: tuple[str, ...]
-    code: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"$ {' '.join(self.args)}\nexit code {self.code}\n--- stdout\n{self.out}--- stderr\n{self.err}"
-
-    def json(self) -> Any:
-        """stdout as one JSON document."""
-        return json.loads(self.out)
-
-    def json_lines(self) -> list[Any]:
-        """stdout as one JSON document per line."""
-        return [json.loads(line) for line in self.out.splitlines()]
-
-
-async def run(
-    *args: str,
-    command: Sequence[str] = COMMAND,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    within: float = COMMAND_TIMEOUT,
-) -> Result:
-    """Run ``orchestrator ARGS`` to its end (stdin closed), killing it after ``within`` seconds."""
-    with anyio.fail_after(within):
-        done = await anyio.run_process(
-            [*command, *args],
-            stdin=subprocess.DEVNULL,
-            check=False,
-            env=dict(env) if env is not None else environment(),
-            cwd=cwd,
-        )
-    return Result((*command, *args), done.returncode, done.stdout.decode(), done.stderr.decode())
-
-
-# -- long-running commands ----------------------------------------------------------------
-
-
-class Running:
-    """A long-running command whose stdout or stderr (one of them) is read line by line as the test waits."""
-
-    def __init__(self, process: anyio.abc.Process, args: Sequence[str], stream: str) -> None:
-        self.process = process
-        self.args = tuple(args)
-        self.lines: list[str] = []
-        """Every line read so far (for failure messages)."""
-        source = process.stderr if stream == "stderr" else process.stdout
-        assert source is not None
-        self._reader = BufferedByteReceiveStream(source)
-        self._eof = False
-
-    async def _next_line(self) -> str | None:
-        if self._eof:
-            return None
-        try:
-            line = (await self._reader.receive_until(b"\n", MAX_LINE)).decode(errors="replace")
-        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self._eof = True
-            return None
-        self.lines.append(line)
-        return line
-
-    async def wait_for(self, pattern: str | re.Pattern[str], within: float = STARTUP_TIMEOUT) -> re.Match[str]:
-        """Read lines until one matches ``pattern``; fail if the stream ends or ``within`` seconds pass first."""
-        with anyio.fail_after(within):
-            while (line := await self._next_line()) is not None:
-                if match := re.search(pattern, line):
-                    return match
-        raise AssertionError(f"the output ended before a line matched {pattern!r}:\n{self}")
-
-    async def stop(self, signum: signal.Signals = signal.SIGTERM, within: float = STOP_TIMEOUT) -> int:
-        """Send ``signum`` (unless it has exited), read the rest of the output, wait for the exit; the exit code."""
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-        with anyio.fail_after(within):
-            while await self._next_line() is not None:
-                pass
-            return await self.process.wait()
-
-    @property
-    def text(self) -> str:
-        """Everything read so far."""
-        return "\n".join(self.lines)
-
-    def __str__(self) -> str:
-        return f"$ {' '.join(self.args)}\nexit code {self.process.returncode}\n--- output read\n{self.text}"
-
-
-@asynccontextmanager
-async def start(
-    *args: str,
-    command: Sequence[str] = COMMAND,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    stream: str = "stderr",
-    kind: type[Running] = Running,
-) -> AsyncIterator[Running]:
-    """Run ``orchestrator ARGS`` for the block, reading ``stream``; killed at the end if still running.
-
-    The other stream goes to ``/dev/null``; the pipes are closed at the end.
-    """
-    argv = [*command, *args]
-    process = await anyio.open_process(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
-        stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL,
-        env=dict(env) if env is not None else environment(),
-        cwd=cwd,
-    )
-    async with process:  # closes the pipes and reaps the process, killing it if cancelled
-        try:
-            yield kind(process, argv, stream)
-        finally:
-            if process.returncode is None:
-                process.kill()
-
-
-class Daemon(Running):
-    """``orchestrator serve`` on 127.0.0.1 and a port the kernel picks."""
-
-    port: int
-    address: str
-
-
-@asynccontextmanager
-async def serve(
-    database: Path,
-    *args: str,
-    command: Sequence[str] = COMMAND,
-    env: Mapping[str, str] | None = None,
-) -> AsyncIterator[Daemon]:
-    """``orchestrator serve`` on ``database`` for the block, entered once it serves (killed at the end if running)."""
-    argv = ("serve", "--listen", "127.0.0.1:0", "--database", sqlite_url(database), "--grace-period", "5", *args)
-    async with start(*argv, command=command, env=env, cwd=database.parent, kind=Daemon) as running:
-        assert isinstance(running, Daemon)
-        match = await running.wait_for(READY)
-        assert match[2] == sqlite_url(database), match[0]
-        running.port = int(match[1])
-        running.address = f"127.0.0.1:{running.port}"
-        yield running
-
-
-def snapshot(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the log's tables, read through a read-only SQLite connection."""
-    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-        return {
-            name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
-            for name in ("events", "connections", "jobs")
-        }
-
-
-# -- the provider -------------------------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    """Holds one request open: ``arrived`` is set when it comes in, it is answered once ``release`` is set.
-
-    ``answered`` is set once the provider has acted on it (created the webhook), whether or not the
-    caller is still there to read the answer.
-    """
-
-    arrived: threading.Event = field(default_factory=threading.Event)
-    release: threading.Event = field(default_factory=threading.Event)
-    answered: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One request the provider received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Provider:
-    """A webhook API on 127.0.0.1:0, shaped like the seed's: one path prefix per instance.
-
-    ``POST /{instance}/webhooks`` answers 201 ``{"id": "wh<n>"}``;
-    ``DELETE /{instance}/webhooks/{id}`` answers 204 once, then 404.
-    :attr:`fail` makes a method answer a given status instead, and
-    :meth:`hold_next_post` holds the next POST open until the test releases it.
-    """
-
-    HOLD_LIMIT = 60.0
-    """A held request is answered after this many seconds even if never released."""
-
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self.webhooks: dict[str, str] = {}
-        """Webhook id -> instance, of the webhooks that exist."""
-        self.created: list[str] = []
-        """Ids of every webhook created, in order."""
-        self.fail: dict[str, int] = {}
-        """Method -> status code answered instead."""
-        self._gates: list[Gate] = []
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="provider", daemon=True)
-        self._thread.start()
-
-    def hold_next_post(self) -> Gate:
-        """Hold the next POST open until the returned gate is released."""
-        gate = Gate()
-        self._gates.append(gate)
-        return gate
-
-    def close(self) -> None:
-        """Release held requests and stop serving."""
-        for gate in self._gates:
-            gate.release.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=STOP_TIMEOUT)
-
-    def answer(self, request: Request) -> tuple[int, Any]:
-        """(status, JSON body or None) for ``request``; holds a POST at a gate first if asked to."""
-        with self._lock:
-            self.requests.append(request)
-            gate = self._gates.pop(0) if request.method == "POST" and self._gates else None
-        if gate is not None:
-            gate.arrived.set()
-            gate.release.wait(self.HOLD_LIMIT)
-        try:
-            with self._lock:
-                return self._act(request)
-        finally:
-            if gate is not None:
-                gate.answered.set()
-
-    def _act(self, request: Request) -> tuple[int, Any]:
-        if request.method in self.fail:
-            return self.fail[request.method], {"error": "refused by the test"}
-        parts = request.path.strip("/").split("/")
-        if request.method == "POST" and len(parts) == 2 and parts[1] == "webhooks":
-            webhook_id = f"wh{len(self.created) + 1}"
-            self.created.append(webhook_id)
-            self.webhooks[webhook_id] = parts[0]
-            return 201, {"id": webhook_id}
-        if request.method == "DELETE" and len(parts) == 3 and parts[1] == "webhooks":
-            if self.webhooks.get(parts[2]) == parts[0]:
-                del self.webhooks[parts[2]]
-                return 204, None
-        return 404, {"error": "not found"}
-
-
-def _handler(provider: Provider) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            request = Request(self.command, self.path, dict(self.headers.items()), self.rfile.read(length))
-            status, body = provider.answer(request)
-            data = json.dumps(body).encode() if body is not None else b""
-            try:
-                self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the caller is gone (a killed daemon): nobody to answer
-
-        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # the test reads provider.requests instead
-
-    return Handler
-
-
-def write_config(path: Path, provider: Provider, *, auth: str = "bearer") -> Path:
-    """A daemon TOML config pointing the salesforce integration at ``provider``, one path prefix per instance."""
-    path.write_text(f'[integrations.salesforce]\nbase_url = "{provider.url}/{{instance}}"\nauth = "{auth}"\n')
-    return path
-
-
-# -- a fresh virtualenv ----------------------------------------------------------------------
+async def create_acme(address: str, *options: str) -> Result:
+    """``orchestrator emit post-connection-creation acme -i salesforce --json`` (instance acme) to ``address``."""
+    args = ("post-connection-creation", "acme", "-i", "salesforce", "--config", '{"instance": "acme"}', "--json")
+    return await arun("emit", *args, *options, "--address", address)
 
 
 @dataclass(frozen=True)
@@ -377,23 +46,17 @@ class FreshVenv:
         env["VIRTUAL_ENV"] = str(self.path)
         return env
 
+    @property
+    def python(self) -> tuple[str, ...]:
+        """Its interpreter, as a command."""
+        return (str(self.bin / "python"),)
+
     def pip(self, *args: str) -> None:
         """Run its pip quietly; fail the test with pip's output if it fails."""
-        completed = subprocess.run(
-            [str(self.bin / "python"), "-m", "pip", "--disable-pip-version-check", "-q", *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            env=self.environment(),
-            timeout=INSTALL_TIMEOUT,
-            check=False,
-        )
-        assert completed.returncode == 0, f"pip {' '.join(args)}\n{completed.stdout}{completed.stderr}"
+        pip = (*self.python, "-m", "pip", "--disable-pip-version-check", "-q")
+        done = run(*args, command=pip, env=self.environment(), timeout=INSTALL_TIMEOUT)
+        assert done.code == 0, str(done)
 
     def has(self, module: str) -> bool:
         """Whether ``module`` is importable in the venv."""
-        probe = [str(self.bin / "python"), "-c", f"import {module}"]
-        found = subprocess.run(
-            probe, stdin=subprocess.DEVNULL, capture_output=True, env=self.environment(), timeout=60, check=False
-        )
-        return found.returncode == 0
+        return run("-c", f"import {module}", command=self.python, env=self.environment(), timeout=60).code == 0

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ._support import INSTALL_TIMEOUT, FreshVenv, Provider
+from tests.support.process import run
+from tests.support.provider import WebhookProvider
+
+from ._support import INSTALL_TIMEOUT, FreshVenv
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def provider() -> Iterator[Provider]:
+def provider() -> Iterator[WebhookProvider]:
     """A local webhook provider on 127.0.0.1:0, stopped after the test."""
-    running = Provider()
-    yield running
-    running.close()
+    with WebhookProvider() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +40,7 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> FreshVenv:
     for plugin in ("salesforce", "github"):
         shutil.copytree(REPO / "plugins" / plugin, sources / "plugins" / plugin, ignore=skip)
     venv = FreshVenv(root / "venv")
-    subprocess.run(
-        [sys.executable, "-m", "venv", str(venv.path)],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=INSTALL_TIMEOUT,
-        check=True,
-    )
+    made = run("-m", "venv", str(venv.path), command=(sys.executable,), timeout=INSTALL_TIMEOUT)
+    assert made.code == 0, str(made)
     venv.pip("install", str(sources), str(sources / "plugins" / "salesforce"), str(sources / "plugins" / "github"))
     return venv

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ._support import serve
+from tests.support.process import serve
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ._support import Provider, Result, run, serve, snapshot, sqlite_url, write_config
+from tests.support.process import Result, arun, serve, snapshot, sqlite_url
+from tests.support.provider import WebhookProvider, write_config
+
+from ._support import create_acme
 
 pytestmark = pytest.mark.anyio
 
@@ -21,11 +24,11 @@ class Log:
 
     database: Path
     config: Path
-    provider: Provider
+    provider: WebhookProvider
 
     async def dryrun(self, *args: str) -> Result:
         """``orchestrator dryrun ARGS`` on this log, with the connection's credential and the daemon's config."""
-        return await run(
+        return await arun(
             "dryrun",
             *args,
             "--database",
@@ -39,31 +42,17 @@ class Log:
 
 
 @pytest.fixture
-async def log(tmp_path: Path, provider: Provider) -> AsyncIterator[Log]:
+async def log(tmp_path: Path, provider: WebhookProvider) -> AsyncIterator[Log]:
     """Emit post-connection-creation with --wait through a real daemon, then stop it with SIGTERM."""
     database = tmp_path / "events.db"
-    config = write_config(tmp_path / "o.toml", provider)
+    config = write_config(tmp_path / "o.toml", provider.url)
     async with serve(database, "--config", str(config)) as daemon:
-        created = await run(
-            "emit",
-            "post-connection-creation",
-            "acme",
-            "-i",
-            "salesforce",
-            "--config",
-            '{"instance": "acme"}',
-            "--credential",
-            "access_token=T",
-            "--wait",
-            "--json",
-            "--address",
-            daemon.address,
-        )
+        created = await create_acme(daemon.address, "--credential", "access_token=T", "--wait")
         assert created.code == 0, str(created)
         assert [(o["name"], o["status"]) for o in created.json()["outcomes"]] == [("register-webhook", "succeeded")]
         assert await daemon.stop() == 0, str(daemon)
     assert provider.webhooks == {"wh1": "acme"}
-    provider.requests.clear()
+    provider.clear_requests()
     yield Log(database, config, provider)
 
 
@@ -136,9 +125,9 @@ async def test_commit_appends_the_outcome_and_the_metadata_update(log: Log) -> N
         "version": "1.0.0",
         "dryrun": True,
     }
-    verify = await run("replay", "--database", sqlite_url(log.database), "--verify")
+    verify = await arun("replay", "--database", sqlite_url(log.database), "--verify")
     assert verify.code == 0, str(verify)
-    timeline = await run("replay", "--database", sqlite_url(log.database), "--connection", "acme", "--json")
+    timeline = await arun("replay", "--database", sqlite_url(log.database), "--connection", "acme", "--json")
     assert timeline.code == 0, str(timeline)
     assert timeline.json()[-1]["connection"]["metadata"] == {"webhook_id": None}
     # The committed state is what the next dry run starts from: register-webhook now registers for real.
@@ -176,7 +165,7 @@ async def test_a_failing_function_exits_1_and_writes_nothing(log: Log) -> None:
 
 async def test_an_unknown_function_exits_1_naming_the_installed_ones(tmp_path: Path) -> None:
     """A function nobody installed is one clear line on stderr listing the installed functions, and exit 1."""
-    result = await run("dryrun", "no-such-function", "acme", "--database", sqlite_url(tmp_path / "events.db"))
+    result = await arun("dryrun", "no-such-function", "acme", "--database", sqlite_url(tmp_path / "events.db"))
     assert result.code == 1, str(result)
     assert result.out == ""
     assert result.err.startswith("orchestrator: error: no event function 'no-such-function' (")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 
 import anyio
-import anyio.to_thread
 import pytest
 
-from ._support import Provider, run, serve, snapshot, sqlite_url, start, write_config
+from tests.support.process import arun, serve, snapshot, sqlite_url, start
+from tests.support.provider import WebhookProvider, reached, write_config
+
+from ._support import create_acme
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -18,33 +19,18 @@ STREAM = "dev/salesforce/acme"
 WAIT = 30.0
 
 
-async def reached(event: threading.Event) -> bool:
-    """Wait (bounded by :data:`WAIT`) for an event set by a provider thread."""
-    with anyio.fail_after(WAIT + 5):
-        return await anyio.to_thread.run_sync(event.wait, WAIT, abandon_on_cancel=True)
-
-
-async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path: Path, provider: Provider) -> None:
+async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
+    tmp_path: Path, provider: WebhookProvider
+) -> None:
     """SIGKILL while register-webhook's POST is held: after a restart the job runs again (attempt 2) and succeeds."""
     database = tmp_path / "events.db"
     # auth none: credentials live in the daemon's memory until the security work seals them,
     # so a restarted daemon has none to send; the re-run is what this test is about.
-    config = write_config(tmp_path / "o.toml", provider, auth="none")
-    held = provider.hold_next_post()
+    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
+    held = provider.hold("POST")
     with anyio.fail_after(100):
         async with serve(database, "--config", str(config)) as first:
-            emitted = await run(
-                "emit",
-                "post-connection-creation",
-                "acme",
-                "-i",
-                "salesforce",
-                "--config",
-                '{"instance": "acme"}',
-                "--json",
-                "--address",
-                first.address,
-            )
+            emitted = await create_acme(first.address)
             assert emitted.code == 0, str(emitted)
             assert emitted.json()["state"] == "active"
             assert await reached(held.arrived), "the provider never received the POST"
@@ -58,7 +44,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path
             async with start("events", "--follow", "--json", "--address", second.address, stream="stdout") as follower:
                 await follower.wait_for(r'"type":\s*"function-succeeded"', within=WAIT)
                 await follower.stop()
-            log = await run("events", "--json", "--address", second.address)
+            log = await arun("events", "--json", "--address", second.address)
             assert log.code == 0, str(log)
             records = [r for r in log.json_lines() if r["stream"] == STREAM]
             assert [r["type"] for r in records] == [
@@ -69,7 +55,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path
             done = records[-1]["data"]
             assert done["function"] == "register-webhook"
             assert done["attempt"] >= 2, done
-            shown = await run("connections", "get", "acme", "-i", "salesforce", "--json", "--address", second.address)
+            shown = await arun("connections", "get", "acme", "-i", "salesforce", "--json", "--address", second.address)
             assert shown.code == 0, str(shown)
             assert shown.json()["metadata"] == {"webhook_id": "wh2"}
             assert await second.stop() == 0, str(second)
@@ -77,6 +63,6 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(tmp_path
         assert [(r.method, r.path) for r in provider.requests] == [("POST", "/acme/webhooks")] * 2
         assert provider.created == ["wh1", "wh2"]
         assert snapshot(database)["jobs"] == []
-        verified = await run("replay", "--database", sqlite_url(database), "--verify")
+        verified = await arun("replay", "--database", sqlite_url(database), "--verify")
         assert verified.code == 0, str(verified)
         assert verified.out == "read model matches the log\n"

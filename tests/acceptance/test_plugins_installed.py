@@ -5,14 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import signal
-import subprocess
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ._support import FreshVenv, Result, run, serve, table
+from tests.support.process import Result, arun, run, serve, table
+
+from ._support import FreshVenv
 
 # func_only: the 120 s bound is each test's own; the session's pip install from PyPI has its own bound.
 pytestmark = [pytest.mark.slow, pytest.mark.anyio, pytest.mark.timeout(120, func_only=True)]
@@ -29,7 +30,7 @@ INSTALLED = {
 
 async def orchestrator(venv: FreshVenv, *args: str, cwd: Path) -> Result:
     """Run the fresh venv's ``orchestrator ARGS`` in a new process."""
-    return await run(*args, command=venv.orchestrator, env=venv.environment(), cwd=cwd)
+    return await arun(*args, command=venv.orchestrator, env=venv.environment(), cwd=cwd)
 
 
 def broken_wheel(directory: Path) -> Path:
@@ -135,7 +136,9 @@ async def test_serve_skip_broken_plugins_starts_and_stops(
             warned in line and '"level": "warning"' in line and '"logger": "orchestrator.daemon"' in line
             for line in daemon.lines
         ), str(daemon)
-        listed = await run("connections", "list", "--address", daemon.address, command=fresh_venv.orchestrator, env=env)
+        listed = await arun(
+            "connections", "list", "--address", daemon.address, command=fresh_venv.orchestrator, env=env
+        )
         assert listed.code == 0, str(listed)
         # It answers calls, not only logs that it serves.
         assert await daemon.stop(signal.SIGTERM) == 0, str(daemon)
@@ -144,21 +147,16 @@ async def test_serve_skip_broken_plugins_starts_and_stops(
 
 def test_the_fresh_venv_is_not_the_development_one(fresh_venv: FreshVenv) -> None:
     """The venv under test sees neither the development checkout nor its site-packages."""
-    probe = subprocess.run(
-        [
-            str(fresh_venv.bin / "python"),
-            "-c",
-            "import orchestrator, sys; print(orchestrator.__file__); print(sys.prefix)",
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
+    probe = run(
+        "-c",
+        "import orchestrator, sys; print(orchestrator.__file__); print(sys.prefix)",
+        command=fresh_venv.python,
         env=fresh_venv.environment(),
         cwd=fresh_venv.path,
         timeout=60,
-        check=True,
     )
-    module, prefix = probe.stdout.splitlines()
+    assert probe.code == 0, str(probe)
+    module, prefix = probe.out.splitlines()
     assert Path(module).is_relative_to(fresh_venv.path), module
     assert Path(prefix) == fresh_venv.path
     assert not fresh_venv.has("orchestrator_hubspot")

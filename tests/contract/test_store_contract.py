@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from orchestrator import codec, state
@@ -28,6 +27,7 @@ from orchestrator.ids import uuid7
 from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent
 from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.store import Appended, EventStore, open_store
+from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -111,21 +111,6 @@ def tamper(path: Path) -> int:
         return int(count)
     finally:
         db.close()
-
-
-class SteppingClock:
-    """A clock that hands out the given times in turn (then repeats the last)."""
-
-    def __init__(self, *times: datetime) -> None:
-        self._times = list(times)
-
-    def now(self) -> datetime:
-        """The next time in line."""
-        return self._times.pop(0) if len(self._times) > 1 else self._times[0]
-
-    async def sleep(self, seconds: float) -> None:
-        """Not used by the stores; only a checkpoint."""
-        await anyio.lowlevel.checkpoint()
 
 
 class StoreContract:
@@ -496,9 +481,11 @@ class StoreContract:
     async def test_recorded_at_never_goes_back(self, url: str) -> None:
         """recorded_at is non-decreasing in position order even when the clock steps back."""
         t = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-        clock = SteppingClock(t, t + timedelta(seconds=10), t + timedelta(seconds=5), t + timedelta(seconds=20))
+        clock = FakeClock(t)
+        steps = (t, t + timedelta(seconds=10), t + timedelta(seconds=5), t + timedelta(seconds=20))
         async with open_store(url, clock=clock) as store:
-            for ref in (ACME, GLOBEX, INITECH, UMBRELLA):
+            for ref, when in zip((ACME, GLOBEX, INITECH, UMBRELLA), steps, strict=True):
+                clock.set(when)  # the third append's clock is behind the second's
                 await store.append(ref, 0, created())
             records = await everything(store)
         times = [r.recorded_at for r in records]
@@ -612,9 +599,9 @@ class TestSQLiteStore(StoreContract):
     async def test_recorded_at_never_goes_back_across_restarts(self, url: str) -> None:
         """After a reopen with a clock behind the last record, new records are not stamped earlier."""
         t = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-        async with open_store(url, clock=SteppingClock(t)) as store:
+        async with open_store(url, clock=FakeClock(t)) as store:
             await store.append(ACME, 0, created())
-        async with open_store(url, clock=SteppingClock(t - timedelta(hours=1))) as store:
+        async with open_store(url, clock=FakeClock(t - timedelta(hours=1))) as store:
             await store.append(GLOBEX, 0, created())
             times = [r.recorded_at for r in await everything(store)]
         assert times == [t, t]

@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from ._cli import Api, Cli, Daemon
+from tests.support.grpc import Api
+from tests.support.process import Cli, Daemon, drained
 
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One daemon shared by the CLI tests; at the end SIGTERM must drain it to exit code 0 without a traceback."""
-    running = Daemon(tmp_path_factory.mktemp("daemon") / "events.db")
-    try:
+    with drained(tmp_path_factory.mktemp("daemon") / "events.db") as running:
         yield running
-    finally:
-        code = running.stop()
-    assert code == 0, str(running)
     assert "Traceback" not in running.stderr.text, str(running)
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from ._cli import Api, Cli, Daemon, Process, Result, closed_port, environment, fields, rows, run, sqlite_url
+from tests.support.grpc import Api
+from tests.support.process import Cli, Daemon, Process, Result, closed_port, environment, fields, rows, run, sqlite_url
 
 LIFECYCLE = ("validate-connection", "post-connection-creation", "pre-connection-deletion")
 FOLLOW_TIMEOUT = 20.0

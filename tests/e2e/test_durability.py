@@ -24,8 +24,7 @@ import pytest
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-
-from ._cli import Daemon, environment, run
+from tests.support.process import Daemon, environment, run
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,7 @@ import pytest
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.plugins import Registry
-
-from ._daemon import Daemon, run_daemon
+from tests.support.daemon import Daemon, run_daemon
 
 
 @pytest.fixture

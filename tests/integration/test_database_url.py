@@ -9,8 +9,7 @@ import pytest
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.plugins import Registry
-
-from ._daemon import run_daemon
+from tests.support.daemon import run_daemon
 
 pytestmark = pytest.mark.anyio
 

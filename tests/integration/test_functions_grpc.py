@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,63 +24,60 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from pydantic import BaseModel
 
-from orchestrator import Context, NonRetryable, ProviderError, Rejected, RetryPolicy, on_event
+from orchestrator import Context, NonRetryable, ProviderError, Rejected, RetryPolicy
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.config import DispatchConfig, Integration
-from orchestrator.plugins import Installed, Registry
+from orchestrator.config import Integration
+from orchestrator.plugins import Installed
+from tests.support import daemon as in_process
+from tests.support import grpc as rpc
+from tests.support.daemon import FAST_RETRY, Daemon
+from tests.support.grpc import (
+    ACTIVE,
+    CREATE,
+    DELETE,
+    DELETED,
+    FAILED,
+    GAVE_UP,
+    PENDING,
+    REJECTED,
+    SCHEDULED,
+    SUCCEEDED,
+    VALIDATE,
+    WAIT,
+    Stub,
+    as_dict,
+    follow_until,
+    records,
+)
+from tests.support.process import arun
 from tests.support.provider import ProviderServer, Reply
-
-from ._daemon import Daemon, run_daemon
 
 pytestmark = pytest.mark.anyio
 
-Stub = pb_grpc.OrchestratorStub
 Handler = Callable[..., Any]
-
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
-PENDING = pb.CONNECTION_STATE_PENDING
-ACTIVE = pb.CONNECTION_STATE_ACTIVE
-REJECTED = pb.CONNECTION_STATE_REJECTED
-DELETED = pb.CONNECTION_STATE_DELETED
-SCHEDULED = pb.FUNCTION_STATUS_SCHEDULED
-SUCCEEDED = pb.FUNCTION_STATUS_SUCCEEDED
-FAILED = pb.FUNCTION_STATUS_FAILED
-GAVE_UP = pb.FUNCTION_STATUS_GAVE_UP
 
 TOKEN = "gho_t0k3n-0f-acme-9f8e7d"
 """The connection's access token: it must reach the provider and nothing else."""
-FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.01, backoff=2, max_interval=0.05)
 NEVER_AGAIN = RetryPolicy(initial_interval=1e6, max_interval=1e6)
 """A retry so far away (full jitter over ~11 days) that the job surely waits for it during a test."""
-WAIT = 20
-"""Seconds a test waits for something the daemon does promptly."""
 
 
 # -- harness -------------------------------------------------------------------
 
 
-def function(name: str, event: str, handler: Handler, **options: Any) -> Installed:
-    """``handler`` as an installed function of integration acme, from plugin test-plugin 1.0."""
-    decorated = on_event(event, integration="acme", **options)(handler)
-    return Installed(name, decorated, "test-plugin", "1.0", f"tests:{name}")
-
-
 def validator(name: str, handler: Handler, **options: Any) -> Installed:
     """A validate-connection function."""
-    return function(name, "validate-connection", handler, **options)
+    return in_process.function(name, "validate-connection", handler, **options)
 
 
 def creator(name: str, handler: Handler, **options: Any) -> Installed:
     """A post-connection-creation function."""
-    return function(name, "post-connection-creation", handler, **options)
+    return in_process.function(name, "post-connection-creation", handler, **options)
 
 
 def cleaner(name: str, handler: Handler, **options: Any) -> Installed:
     """A pre-connection-deletion function."""
-    return function(name, "pre-connection-deletion", handler, **options)
+    return in_process.function(name, "pre-connection-deletion", handler, **options)
 
 
 @pytest.fixture
@@ -90,24 +87,12 @@ def provider() -> Iterator[ProviderServer]:
         yield server
 
 
-@asynccontextmanager
-async def serving(
+def serving(
     tmp_path: Path, provider: ProviderServer, *functions: Installed, **dispatch: Any
-) -> AsyncIterator[Daemon]:
-    """A daemon running ``functions`` with fast retries (``dispatch`` overrides DispatchConfig fields)."""
-    settings: dict[str, Any] = {"validate_deadline": 5.0, "deletion_deadline": 5.0, "retry": FAST_RETRY, **dispatch}
-    async with run_daemon(
-        f"sqlite://{tmp_path}/events.db",
-        registry=Registry.of(functions),
-        integrations={"acme": Integration("acme", base_url=provider.url, auth="bearer")},
-        dispatch=DispatchConfig(**settings),
-    ) as daemon:
-        yield daemon
-
-
-def conn(connection_id: str = "acme-1") -> pb.ConnectionRef:
-    """A connection of integration acme in environment dev."""
-    return pb.ConnectionRef(environment="dev", integration="acme", connection_id=connection_id)
+) -> AbstractAsyncContextManager[Daemon]:
+    """A daemon running ``functions`` for acme at ``provider``, with fast retries (``dispatch``: DispatchConfig)."""
+    acme = {"acme": Integration("acme", base_url=provider.url, auth="bearer")}
+    return in_process.serving(tmp_path, *functions, integrations=acme, **dispatch)
 
 
 async def emit(
@@ -119,43 +104,13 @@ async def emit(
     **fields: Any,
 ) -> pb.EmitLifecycleEventResponse:
     """Emit ``event`` for ``connection_id`` (with the acme token unless ``credentials`` says otherwise)."""
-    request = pb.EmitLifecycleEventRequest(
-        connection=conn(connection_id),
-        event=event,
-        credentials={"access_token": TOKEN} if credentials is None else credentials,
-        **fields,
-    )
-    return await stub.EmitLifecycleEvent(request)
+    token = {"access_token": TOKEN} if credentials is None else credentials
+    return await rpc.emit(stub, event, connection_id, credentials=token, **fields)
 
 
 async def get(stub: Stub, connection_id: str = "acme-1") -> pb.Connection:
     """GetConnection."""
-    return (await stub.GetConnection(pb.GetConnectionRequest(connection=conn(connection_id)))).connection
-
-
-async def records(stub: Stub, connection_id: str | None = None) -> list[pb.EventRecord]:
-    """Every record of the log (of one connection when given), not following."""
-    request = pb.ReadEventsRequest()
-    if connection_id is not None:
-        request.connection.CopyFrom(conn(connection_id))
-    return [record async for record in stub.ReadEvents(request)]
-
-
-async def follow_until(
-    stub: Stub, predicate: Callable[[pb.EventRecord], bool], *, from_position: int = 0
-) -> list[pb.EventRecord]:
-    """Follow the whole log until a record matches ``predicate``; return the records read, the match last."""
-    seen: list[pb.EventRecord] = []
-    call = stub.ReadEvents(pb.ReadEventsRequest(from_position=from_position, follow=True))
-    try:
-        with anyio.fail_after(WAIT):
-            async for record in call:
-                seen.append(record)
-                if predicate(record):
-                    return seen
-    finally:
-        call.cancel()
-    raise AssertionError(f"the follow stream ended after {[r.type for r in seen]}")
+    return await rpc.get(stub, connection_id)
 
 
 def is_(kind: str, name: str = "", **data: Any) -> Callable[[pb.EventRecord], bool]:
@@ -170,11 +125,6 @@ def is_(kind: str, name: str = "", **data: Any) -> Callable[[pb.EventRecord], bo
         )
 
     return match
-
-
-def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a dict (numbers compare equal to ints)."""
-    return json_format.MessageToDict(message)
 
 
 def data(record: pb.EventRecord) -> dict[str, Any]:
@@ -797,10 +747,9 @@ async def test_replay_until_shows_metadata_before_and_after_a_function_wrote_it(
         written = next(r.position for r in log if r.type == "metadata-updated")
 
         async def replayed(until: int) -> dict[str, Any]:
-            command = [sys.executable, "-m", "orchestrator", "replay", "--json", "--until", str(until)]
-            done = await anyio.run_process([*command, "--database", daemon.database], check=False)
-            assert done.returncode == 0, done.stderr.decode()
-            (connection,) = json.loads(done.stdout)["connections"]
+            done = await arun("replay", "--json", "--until", str(until), "--database", daemon.database)
+            assert done.code == 0, str(done)
+            (connection,) = done.json()["connections"]
             return dict(connection["metadata"])
 
         # The daemon is still running: replay reads the log file directly.

@@ -12,41 +12,45 @@ functions reject or a cleanup is still running. The unit fold tests
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any
 
+import aiosqlite
 import anyio
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, json_format, struct_pb2
+from google.protobuf import descriptor_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_CONFIG_BYTES, MAX_CREDENTIAL_VALUE, MAX_CREDENTIALS, MAX_PAYLOAD_BYTES
 from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Registry
 from orchestrator.records import NewEvent
-
-from ._daemon import Daemon, run_daemon, seed
+from tests.support import grpc as rpc
+from tests.support.daemon import Daemon, run_daemon, seed
+from tests.support.grpc import (
+    ACTIVE,
+    CREATE,
+    DELETE,
+    DELETED,
+    DELETING,
+    PENDING,
+    REJECTED,
+    VALIDATE,
+    Stub,
+    as_dict,
+    read_request,
+)
+from tests.support.grpc import records as read_events
 
 pytestmark = pytest.mark.anyio
-
-Stub = pb_grpc.OrchestratorStub
-
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
-PENDING = pb.CONNECTION_STATE_PENDING
-ACTIVE = pb.CONNECTION_STATE_ACTIVE
-REJECTED = pb.CONNECTION_STATE_REJECTED
-DELETING = pb.CONNECTION_STATE_DELETING
-DELETED = pb.CONNECTION_STATE_DELETED
 
 SERVICE = "orchestrator.v1.Orchestrator"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -55,8 +59,6 @@ REF = ConnectionRef("dev", "salesforce", "acme")
 """The model's ref of :func:`conn`'s default, for seeding the log."""
 READ_TIMEOUT = 10
 """Seconds a follower may wait for a record that is already committed."""
-READ_YOUR_WRITES_BUDGET = 5
-"""Seconds of concurrent emits and reads in which GetConnection must never answer from an older snapshot."""
 
 
 # -- helpers -------------------------------------------------------------------
@@ -64,7 +66,7 @@ READ_YOUR_WRITES_BUDGET = 5
 
 def conn(connection_id: str = "acme", environment: str = "dev", integration: str = "salesforce") -> pb.ConnectionRef:
     """A connection ref (``dev/salesforce/acme`` by default)."""
-    return pb.ConnectionRef(environment=environment, integration=integration, connection_id=connection_id)
+    return rpc.ref(connection_id, integration, environment)
 
 
 def struct(**fields: Any) -> struct_pb2.Struct:
@@ -76,34 +78,14 @@ def struct(**fields: Any) -> struct_pb2.Struct:
 
 def request(event: int, connection: pb.ConnectionRef | None = None, **fields: Any) -> pb.EmitLifecycleEventRequest:
     """An EmitLifecycleEventRequest for ``connection`` (``dev/salesforce/acme`` by default)."""
-    return pb.EmitLifecycleEventRequest(connection=connection or conn(), event=event, **fields)
+    return rpc.emit_request(event, connection or conn(), **fields)
 
 
 async def emit(
-    stub: Stub,
-    event: int,
-    connection: pb.ConnectionRef | None = None,
-    *,
-    metadata: Sequence[tuple[str, str]] | None = None,
-    **fields: Any,
+    stub: Stub, event: int, connection: pb.ConnectionRef | None = None, **fields: Any
 ) -> pb.EmitLifecycleEventResponse:
-    """Emit one lifecycle event and return the response."""
-    return await stub.EmitLifecycleEvent(request(event, connection, **fields), metadata=metadata)
-
-
-def read_request(connection: pb.ConnectionRef | None = None, **fields: Any) -> pb.ReadEventsRequest:
-    """A ReadEventsRequest; no ``connection`` means every connection."""
-    message = pb.ReadEventsRequest(**fields)
-    if connection is not None:
-        message.connection.CopyFrom(connection)
-    return message
-
-
-async def read_events(
-    stub: Stub, connection: pb.ConnectionRef | None = None, from_position: int = 0
-) -> list[pb.EventRecord]:
-    """Every record from ``from_position`` (not following)."""
-    return [record async for record in stub.ReadEvents(read_request(connection, from_position=from_position))]
+    """Emit one lifecycle event for ``connection`` (``dev/salesforce/acme`` by default) and return the response."""
+    return await rpc.emit(stub, event, connection or conn(), **fields)
 
 
 async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> str:
@@ -118,14 +100,8 @@ async def refused(call: Awaitable[Any], code: grpc.StatusCode) -> str:
 
 
 async def get(stub: Stub, connection: pb.ConnectionRef | None = None) -> pb.Connection:
-    """The connection as GetConnection returns it."""
-    response = await stub.GetConnection(pb.GetConnectionRequest(connection=connection or conn()))
-    return response.connection
-
-
-def as_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as a plain dict (numbers as floats, which compare equal to ints)."""
-    return json_format.MessageToDict(message)
+    """The connection as GetConnection returns it (``dev/salesforce/acme`` by default)."""
+    return await rpc.get(stub, connection or conn())
 
 
 def lifecycle(event: str, config: dict[str, Any] | None = None) -> NewEvent:
@@ -136,6 +112,39 @@ def lifecycle(event: str, config: dict[str, Any] | None = None) -> NewEvent:
 def fact(type_: str, cause: NewEvent, **data: Any) -> NewEvent:
     """A fact caused by ``cause``, as the daemon writes it, for seeding."""
     return NewEvent(event_id=str(uuid7()), type=type_, data=data, causation_id=cause.event_id)
+
+
+class HeldRead:
+    """Holds the read of one stream on the daemon's SQLite reader after its first round trip to the reader's thread.
+
+    :meth:`install` replaces ``aiosqlite.Connection._execute`` (each call is one round trip): once a task
+    has run a statement with ``stream`` as a parameter, its next round trip waits for :attr:`release`.
+    """
+
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
+        self.started = anyio.Event()
+        """Set once the held read's first round trip has run."""
+        self.release = anyio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Hold the read from now on (until the test ends)."""
+        round_trip = aiosqlite.Connection._execute
+
+        async def execute(connection: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            """One round trip to ``connection``'s thread, held if it continues the held read."""
+            task = asyncio.current_task()
+            assert task is not None
+            if task in self._tasks:
+                await self.release.wait()
+            result = await round_trip(connection, fn, *args, **kwargs)
+            if len(args) >= 2 and isinstance(args[1], tuple | list) and self.stream in args[1]:
+                self._tasks.add(task)
+                self.started.set()
+            return result
+
+        monkeypatch.setattr(aiosqlite.Connection, "_execute", execute)
 
 
 async def next_record(call: Any) -> pb.EventRecord:
@@ -775,38 +784,38 @@ async def test_concurrent_emits_to_many_connections_all_succeed(stub: Stub) -> N
     assert [c.ref.connection_id for c in listed.connections] == [f"c{i:02}" for i in range(20)]
 
 
-async def test_get_connection_after_emit_sees_the_emit(stub: Stub) -> None:
-    """GetConnection right after an emit returns (at least) the emitted version while other clients read too."""
+async def test_get_connection_after_emit_sees_the_emit(stub: Stub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GetConnection right after an emit returns (at least) the emitted version while another client's read is open."""
     stale: list[tuple[str, int, int]] = []
+    other = conn("other")
+    await emit(stub, CREATE, other)
+    # A regression test for stale reads through the SQLite store's shared read connection: a statement
+    # left open between execute and fetch (two round trips to the reader's thread) pinned its snapshot
+    # for every other read. Rather than hoping reads overlap, the test holds one open: a GetConnection
+    # of "other" is stopped before any further round trip once its first has run, for as long as the
+    # emits and reads below take. Each of them must see its own emit.
+    reader = HeldRead("dev/salesforce/other")
+    reader.install(monkeypatch)
 
-    async def emit_then_get(name: str) -> None:
-        while not stale:
-            response = await emit(stub, CREATE, conn(name))
-            try:
-                seen = (await get(stub, conn(name))).version
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                seen = 0  # an older snapshot still: from before the connection existed
-            if seen < response.version:
-                stale.append((name, response.version, seen))
-
-    async def read_other() -> None:
-        while not stale:
-            await get(stub, conn("other"))
-
-    await emit(stub, CREATE, conn("other"))
-    # A regression test for stale reads through the SQLite store's shared read connection
-    # (a statement left open between execute and fetch pinned its snapshot for every other
-    # read). The race needs reads overlapping in the daemon; with the bug it showed within
-    # 2 s in most runs on a loaded 2-core machine (6 s at worst), so the budget trades a
-    # few seconds of runtime against catching it in most runs.
-    with anyio.move_on_after(READ_YOUR_WRITES_BUDGET):
-        async with anyio.create_task_group() as tg:
-            for i in range(4):
-                tg.start_soon(emit_then_get, f"c{i}")
-            for _ in range(6):
-                tg.start_soon(read_other)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, stub, other)
+        try:
+            with anyio.fail_after(READ_TIMEOUT):
+                await reader.started.wait()
+            for _ in range(2):  # a first version, then a reconnect's
+                for i in range(4):
+                    name = f"c{i}"
+                    response = await emit(stub, CREATE, conn(name))
+                    try:
+                        seen = (await get(stub, conn(name))).version
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() != grpc.StatusCode.NOT_FOUND:
+                            raise
+                        seen = 0  # an older snapshot still: from before the connection existed
+                    if seen < response.version:
+                        stale.append((name, response.version, seen))
+        finally:
+            reader.release.set()
 
     assert stale == [], "GetConnection answered (connection, emitted version, version seen) from an older snapshot"
 
@@ -1000,7 +1009,7 @@ async def test_reflection_lists_and_describes_the_service(daemon: Daemon) -> Non
 
 async def test_traceparent_is_stored_on_the_records(stub: Stub) -> None:
     """The caller's traceparent metadata is stored on the lifecycle record and the facts it causes."""
-    response = await emit(stub, VALIDATE, metadata=[("traceparent", TRACEPARENT)])
+    response = await emit(stub, VALIDATE, traceparent=TRACEPARENT)
     await emit(stub, CREATE)
 
     records = await read_events(stub)

@@ -18,58 +18,21 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
+from tests.support.process import Daemon, Result, drained, run
+
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
 CLIENT = HERE / "client.js"
-STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
-CALL_TIMEOUT = 60.0
-SERVING = re.compile(r"serving orchestrator\.v1\.Orchestrator on (127\.0\.0\.1:\d+)")
-
-
-@dataclass
-class Daemon:
-    """A running ``orchestrator serve`` process and what it has logged so far."""
-
-    address: str
-    log: list[str] = field(default_factory=list)
-
-    def logged(self) -> str:
-        """The daemon's stderr so far, for failure messages."""
-        return "".join(self.log)
-
-
-def _wait_for_address(lines: queue.Queue[str | None], log: list[str]) -> str:
-    """Read stderr lines until the daemon says where it serves (fails if it exits or takes too long)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            line = lines.get(timeout=max(remaining, 0.0))
-        except queue.Empty:
-            pytest.fail(f"the daemon did not report its address within {STARTUP_TIMEOUT:.0f}s:\n{''.join(log)}")
-        if line is None:
-            pytest.fail(f"the daemon exited before serving:\n{''.join(log)}")
-        match = SERVING.search(line)
-        if match:
-            return match.group(1)
 
 
 @pytest.fixture(scope="module")
@@ -77,58 +40,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """``orchestrator serve`` on 127.0.0.1:0 with a fresh SQLite log; SIGTERM must stop it with exit code 0."""
     executable = Path(sys.executable).with_name("orchestrator")
     assert executable.exists(), f"{executable} is missing: install the project (`pip install -e '.[dev]'`)"
-    workdir = tmp_path_factory.mktemp("daemon")
-    # The test's own settings only: a developer's ORCHESTRATOR_* must not leak in.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
-    command = [
-        str(executable),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        # sqlite:// + an absolute path: three slashes in all, as the daemon's own default.
-        "--database",
-        f"sqlite://{workdir / 'events.db'}",
-        "--grace-period",
-        "5",
-    ]
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-    with subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        cwd=workdir,
-        env=env,
-    ) as process:
-        stderr = process.stderr
-        assert stderr is not None
-
-        def pump() -> None:
-            # Keeps draining stderr for the daemon's whole life so it never blocks on a full pipe.
-            for line in stderr:
-                log.append(line)
-                lines.put(line)
-            lines.put(None)
-
-        reader = threading.Thread(target=pump, name="daemon-stderr", daemon=True)
-        reader.start()
-        try:
-            yield Daemon(_wait_for_address(lines, log), log)
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise
-            finally:
-                reader.join(timeout=STOP_TIMEOUT)
-    assert code == 0, f"the daemon exited with {code} after SIGTERM:\n{''.join(log)}"
+    with drained(tmp_path_factory.mktemp("daemon") / "events.db") as running:
+        yield running
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -165,29 +78,14 @@ def grpcurl() -> str:
     return binary
 
 
-def _run(*command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=CALL_TIMEOUT,
-        check=False,
-    )
-
-
-def _call(grpcurl: str, daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
+def _call(grpcurl: str, daemon: Daemon, *args: str) -> Result:
     """Run ``grpcurl -plaintext [args before the address] ADDRESS [rest]`` (``--`` splits the two)."""
     split = args.index("--") if "--" in args else len(args)
-    return _run(grpcurl, "-plaintext", "-max-time", "30", *args[:split], daemon.address, *args[split + 1 :])
+    return run("-plaintext", "-max-time", "30", *args[:split], daemon.address, *args[split + 1 :], command=(grpcurl,))
 
 
-def _explain(result: subprocess.CompletedProcess[str], daemon: Daemon) -> str:
-    return (
-        f"exit code {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
-        f"\n--- daemon\n{daemon.logged()}"
-    )
+def _explain(result: Result, daemon: Daemon) -> str:
+    return f"{result}\n--- daemon\n{daemon.stderr.text}"
 
 
 @pytest.fixture(scope="module")
@@ -203,31 +101,31 @@ def node() -> str:
 
 def test_node_grpc_js_client_drives_a_connection_lifecycle(node: str, daemon: Daemon) -> None:
     """A Node @grpc/grpc-js client emits all three events, reads state and the log, and sees what the proto promises."""
-    result = _run(node, str(CLIENT), daemon.address)
-    assert result.returncode == 0, _explain(result, daemon)
-    assert result.stdout.startswith("interop: ok"), _explain(result, daemon)
+    result = run(str(CLIENT), daemon.address, command=(node,))
+    assert result.code == 0, _explain(result, daemon)
+    assert result.out.startswith("interop: ok"), _explain(result, daemon)
 
 
 def test_grpcurl_lists_services_through_reflection(grpcurl: str, daemon: Daemon) -> None:
     """Server reflection lists the orchestrator and health services, and health says SERVING."""
     listed = _call(grpcurl, daemon, "--", "list")
-    assert listed.returncode == 0, _explain(listed, daemon)
-    services = listed.stdout.split()
+    assert listed.code == 0, _explain(listed, daemon)
+    services = listed.out.split()
     assert "orchestrator.v1.Orchestrator" in services
     assert "grpc.health.v1.Health" in services
 
     health = _call(
         grpcurl, daemon, "-d", '{"service": "orchestrator.v1.Orchestrator"}', "--", "grpc.health.v1.Health/Check"
     )
-    assert health.returncode == 0, _explain(health, daemon)
-    assert json.loads(health.stdout) == {"status": "SERVING"}
+    assert health.code == 0, _explain(health, daemon)
+    assert json.loads(health.out) == {"status": "SERVING"}
 
 
 def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: Daemon) -> None:
     """Reflection describes the four public RPCs with their request and response types."""
     described = _call(grpcurl, daemon, "--", "describe", "orchestrator.v1.Orchestrator")
-    assert described.returncode == 0, _explain(described, daemon)
-    text = " ".join(described.stdout.split())
+    assert described.code == 0, _explain(described, daemon)
+    text = " ".join(described.out.split())
     for rpc in (
         "rpc EmitLifecycleEvent ( .orchestrator.v1.EmitLifecycleEventRequest ) "
         "returns ( .orchestrator.v1.EmitLifecycleEventResponse );",
@@ -237,7 +135,7 @@ def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: 
         "returns ( .orchestrator.v1.ListConnectionsResponse );",
         "rpc ReadEvents ( .orchestrator.v1.ReadEventsRequest ) returns ( stream .orchestrator.v1.EventRecord );",
     ):
-        assert rpc in text, f"{rpc!r} not in:\n{described.stdout}"
+        assert rpc in text, f"{rpc!r} not in:\n{described.out}"
 
 
 def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemon) -> None:
@@ -249,8 +147,8 @@ def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemo
         "idempotency_key": "validate-1",
     }
     result = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/EmitLifecycleEvent")
-    assert result.returncode == 0, _explain(result, daemon)
-    response = json.loads(result.stdout)
+    assert result.code == 0, _explain(result, daemon)
+    response = json.loads(result.out)
     assert response["state"] == "CONNECTION_STATE_PENDING"
     assert response["version"] == "1"  # int64 is a JSON string in the proto3 JSON mapping
     assert int(response["position"]) >= 1
@@ -276,6 +174,6 @@ def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemo
 def test_grpcurl_bad_request_is_invalid_argument(grpcurl: str, daemon: Daemon, body: dict[str, object]) -> None:
     """A refused request comes back to grpcurl as Code: InvalidArgument with a message, not a traceback."""
     result = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/EmitLifecycleEvent")
-    assert result.returncode != 0, _explain(result, daemon)
-    assert "Code: InvalidArgument" in result.stderr, _explain(result, daemon)
-    assert "Traceback" not in result.stderr
+    assert result.code != 0, _explain(result, daemon)
+    assert "Code: InvalidArgument" in result.err, _explain(result, daemon)
+    assert "Traceback" not in result.err

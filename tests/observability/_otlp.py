@@ -5,8 +5,9 @@
         ...
         span = await receiver.wait_for(lambda s: s.name == "append")
 
-It serves from its own threads, so a daemon subprocess can export to it while
-the test's event loop waits. Every span received is kept as a :class:`Span`
+It serves from its own threads (the HTTP one is a
+:class:`~tests.support.provider.ProviderServer`), so a daemon subprocess can
+export to it while the test's event loop waits. Every span received is kept as a :class:`Span`
 (ids in lower-case hex, attributes as plain Python values, its resource's
 attributes); :meth:`Receiver.wait_for` waits on a condition the export
 handler notifies, never by sleeping.
@@ -20,7 +21,6 @@ import zlib
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
@@ -28,6 +28,8 @@ import anyio.to_thread
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
+
+from tests.support.provider import ProviderServer, Reply, Request
 
 WAIT = 20.0
 """Seconds a test waits for spans a daemon exports within a fraction of a second (OTEL_BSP_SCHEDULE_DELAY=100)."""
@@ -185,41 +187,19 @@ class Receiver:
         self._stop = lambda: server.stop(None).wait()
 
     def _serve_http(self) -> None:
-        receiver = self
+        http = ProviderServer().__enter__()
+        http.route("POST", "/v1/traces", self._export_http)
+        self.port = http.port
+        self._stop = lambda: http.__exit__(None, None, None)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                encoding = self.headers.get("Content-Encoding", "")
-                if encoding == "gzip":
-                    body = gzip.decompress(body)
-                elif encoding == "deflate":
-                    body = zlib.decompress(body)
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                receiver.accept(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
-                payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args: Any) -> None:
-                pass  # the tests look at the spans instead
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.port = int(server.server_address[1])
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            server.shutdown()
-            server.server_close()
-            thread.join()
-
-        self._stop = stop
+    def _export_http(self, request: Request) -> Reply:
+        """``POST /v1/traces``: an ExportTraceServiceRequest, maybe compressed."""
+        body = request.body
+        encoding = request.headers.get("content-encoding", "")
+        if encoding == "gzip":
+            body = gzip.decompress(body)
+        elif encoding == "deflate":
+            body = zlib.decompress(body)
+        self.accept(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+        payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+        return Reply(200, payload, headers={"Content-Type": "application/x-protobuf"})

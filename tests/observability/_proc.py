@@ -1,56 +1,21 @@
-"""Subprocess daemons with telemetry: ``orchestrator serve`` exporting to a test receiver, its Prometheus endpoint.
+"""The Prometheus endpoint of an ``orchestrator serve --metrics-listen`` subprocess: where it is, and its text.
 
-The daemons themselves are :mod:`tests.acceptance._support`'s (``serve``,
-``start``, ``run``): they log JSON lines to stderr, which the tests read line
-by line. The functions they run are the example plugins installed in the
-development venv (salesforce's ``register-webhook``/``delete-webhook``,
-github's ``check-token-scopes``), pointed at a local provider by a TOML config.
+The daemons themselves are :mod:`tests.support.process`'s (``serve``): they
+log JSON lines to stderr, which the tests read line by line. The functions they
+run are the example plugins installed in the development venv, pointed at a
+local provider by :func:`tests.support.provider.write_config`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import anyio
-import grpc
 import httpx
 
-from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
-from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.acceptance._support import Running
+from tests.support.process import Running
 
 PROMETHEUS = re.compile(r"serving Prometheus metrics on (http://127\.0\.0\.1:\d+/metrics)")
-RPC_EMIT = "orchestrator.v1.Orchestrator/EmitLifecycleEvent"
 CALL_TIMEOUT = 20.0
-
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
-
-
-def write_config(path: Path, provider_url: str, *, auth: str = "bearer", **settings: Any) -> Path:
-    """A TOML config: salesforce at ``{provider_url}/{instance}`` and github at ``provider_url``, no proxy retries.
-
-    ``auth`` is salesforce's scheme (``none`` for jobs that resume after a restart, when the
-    daemon no longer holds the credentials); ``settings`` are top-level keys (``grace_period = 2``).
-    """
-    lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-    lines += [
-        "[integrations.salesforce]",
-        f'base_url = "{provider_url}/{{instance}}"',
-        f'auth = "{auth}"',
-        "retries = 0",
-        "[integrations.github]",
-        f'base_url = "{provider_url}"',
-        'auth = "bearer"',
-        "retries = 0",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def metrics_url(daemon: Running) -> str:
@@ -68,48 +33,3 @@ async def scrape(url: str) -> str:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     return response.text
-
-
-def ref(connection_id: str, integration: str) -> pb.ConnectionRef:
-    """A connection in environment dev."""
-    return pb.ConnectionRef(environment="dev", integration=integration, connection_id=connection_id)
-
-
-async def emit(
-    address: str,
-    event: int,
-    connection_id: str,
-    integration: str,
-    *,
-    traceparent: str = "",
-    **fields: Any,
-) -> pb.EmitLifecycleEventResponse:
-    """One EmitLifecycleEvent over a fresh channel (the caller's ``traceparent`` in the metadata when given)."""
-    request = pb.EmitLifecycleEventRequest(connection=ref(connection_id, integration), event=event, **fields)
-    metadata = (("traceparent", traceparent),) if traceparent else None
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.OrchestratorStub(channel)
-        return await stub.EmitLifecycleEvent(request, metadata=metadata, timeout=CALL_TIMEOUT)
-
-
-async def read_log(address: str) -> list[pb.EventRecord]:
-    """Every record of the daemon's log."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.OrchestratorStub(channel)
-        return [r async for r in stub.ReadEvents(pb.ReadEventsRequest(), timeout=CALL_TIMEOUT)]
-
-
-async def follow_until(address: str, predicate: Callable[[pb.EventRecord], bool]) -> list[pb.EventRecord]:
-    """Follow the daemon's log from the start until a record matches ``predicate``; the records read."""
-    seen: list[pb.EventRecord] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = pb_grpc.OrchestratorStub(channel).ReadEvents(pb.ReadEventsRequest(follow=True))
-        try:
-            with anyio.fail_after(CALL_TIMEOUT):
-                async for record in call:
-                    seen.append(record)
-                    if predicate(record):
-                        return seen
-        finally:
-            call.cancel()
-    raise AssertionError(f"the log ended after {[r.type for r in seen]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import signal
@@ -18,21 +19,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.acceptance._support import READY, run, serve, snapshot, sqlite_url, start
-from tests.support.provider import ProviderServer, Reply
-
-from . import _proc
+from tests.support.grpc import CREATE, VALIDATE, emit, follow_until, records, ref
+from tests.support.process import READY, arun, serve, snapshot, sqlite_url, start
+from tests.support.provider import ProviderServer, Reply, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 WORKERS = 6
-CALLS_PER_WORKER = 40
-"""A bound on each client's calls, should the daemon somehow never stop answering."""
+"""Clients emitting concurrently, each until a call of its own is refused (the test's fail_after bounds them)."""
 LOADED = 12
 """Acknowledged emits before SIGTERM is sent, so that it lands in the middle of the load."""
-GRACE = 3.0
-PROVIDER_DELAY = 0.2
-"""Each provider call takes this long: attempts are running when SIGTERM arrives, and fit in the grace period."""
+CONCURRENCY = 4
+"""The daemon's function concurrency: the attempts running (held at the provider) when SIGTERM is sent."""
+GRACE = 5.0
+"""The drain's grace period: the held attempts are released within milliseconds of the last refusal."""
 WAIT = 30.0
 STEP = 0.02
 """Seconds between looks at a log file (a file offers nothing to wait on)."""
@@ -40,9 +40,9 @@ STEP = 0.02
 
 @pytest.fixture
 def provider() -> Iterator[ProviderServer]:
-    """A salesforce provider answering every instance's webhook registration after a short delay."""
+    """A salesforce provider answering every instance's webhook registration."""
     with ProviderServer() as server:
-        server.route("POST", "/*/webhooks", Reply(201, {"id": "wh"}, delay=PROVIDER_DELAY))
+        server.route("POST", "/*/webhooks", Reply(201, {"id": "wh"}))
         yield server
 
 
@@ -55,35 +55,41 @@ class Load:
     failed: dict[str, grpc.StatusCode] = field(default_factory=dict)
     """Connection id -> the status of a call that got no response."""
     loaded: anyio.Event = field(default_factory=anyio.Event)
+    """Set once :data:`LOADED` calls are answered."""
+    refused: anyio.Event = field(default_factory=anyio.Event)
+    """Set once every client has had a call refused."""
 
 
 async def client(address: str, worker: int, load: Load) -> None:
-    """Emit post-connection-creation for fresh connections until a call fails (or the bound is reached)."""
+    """Emit post-connection-creation for fresh connections until a call fails."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.OrchestratorStub(channel)
-        for call in range(CALLS_PER_WORKER):
+        for call in itertools.count():
             connection_id = f"w{worker}-{call}"
             request = pb.EmitLifecycleEventRequest(
-                connection=_proc.ref(connection_id, "salesforce"),
-                event=_proc.CREATE,
+                connection=ref(connection_id, "salesforce"),
+                event=CREATE,
                 connection_config={"instance": connection_id},
             )
             try:
                 load.answered[connection_id] = await stub.EmitLifecycleEvent(request, timeout=WAIT)
             except grpc.aio.AioRpcError as exc:
                 load.failed[connection_id] = exc.code()
+                if len(load.failed) == WORKERS:
+                    load.refused.set()
                 return
             if len(load.answered) >= LOADED:
                 load.loaded.set()
 
 
-async def watch_health(address: str, seen: list[int]) -> None:
+async def watch_health(address: str, seen: list[int], watching: anyio.Event) -> None:
     """Record the health statuses the daemon reports, until it reports NOT_SERVING (or the stream ends)."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         try:
             async for update in call:
                 seen.append(update.status)
+                watching.set()
                 if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
                     return  # hanging on would hold the server's stop for the whole grace period
         except grpc.aio.AioRpcError:
@@ -97,22 +103,31 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
 ) -> None:
     """SIGTERM amid concurrent emits: exit 0 within the grace period, no INTERNAL, every job done after a restart."""
     database = tmp_path / "events.db"
-    config = _proc.write_config(tmp_path / "o.toml", provider.url, auth="none")
-    args = ("--config", str(config), "--grace-period", str(GRACE), "--concurrency", "4")
+    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
+    args = ("--config", str(config), "--grace-period", str(GRACE), "--concurrency", str(CONCURRENCY))
     load = Load()
     health: list[int] = []
+    watching = anyio.Event()
+    # The webhook registrations wait at the provider until the test lets them go: the attempts are
+    # provably running when SIGTERM comes, and the drain provably lasts until every client has been refused.
+    held = provider.hold("POST", "/*/webhooks")
     with anyio.fail_after(90):
         async with serve(database, *args) as daemon:
             stopped: dict[str, float] = {}
 
             async def terminate() -> None:
+                await watching.wait()
                 await load.loaded.wait()
+                await provider.wait_for(CONCURRENCY, "POST", "/*/webhooks")  # every attempt slot is busy
                 began = time.monotonic()
-                stopped["code"] = await daemon.stop(signal.SIGTERM)
+                daemon.process.send_signal(signal.SIGTERM)
+                await load.refused.wait()  # each client kept calling until the draining daemon refused it
+                held.release.set()
+                stopped["code"] = await daemon.wait()
                 stopped["took"] = time.monotonic() - began
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_health, daemon.address, health)
+                tg.start_soon(watch_health, daemon.address, health, watching)
                 for worker in range(WORKERS):
                     tg.start_soon(client, daemon.address, worker, load)
                 tg.start_soon(terminate)
@@ -145,8 +160,8 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
                     done.add(record.connection.connection_id)
                 return done >= set(load.answered)
 
-            await _proc.follow_until(again.address, all_done)
-            log = await _proc.read_log(again.address)
+            await follow_until(again.address, all_done)
+            log = await records(again.address)
             assert await again.stop() == 0, str(again)
 
     lifecycle = {r.connection.connection_id: r for r in log if r.type == "post-connection-creation"}
@@ -166,7 +181,7 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
     calls = Counter(r.path for r in provider.requests)
     assert calls == Counter(f"/{c}/webhooks" for c in load.answered), calls
     assert snapshot(database)["jobs"] == []
-    verified = await run("replay", "--database", sqlite_url(database), "--verify")
+    verified = await arun("replay", "--database", sqlite_url(database), "--verify")
     assert verified.code == 0, str(verified)
 
 
@@ -175,7 +190,7 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
     database = tmp_path / "events.db"
     good = tmp_path / "good.toml"
     good.write_text('listen = "127.0.0.1:0"\ngrace_period = 2\n[integrations.acme]\nbase_url = "https://x.test"\n')
-    checked = await run("serve", "--config", str(good), "--database", sqlite_url(database), "--check")
+    checked = await arun("serve", "--config", str(good), "--database", sqlite_url(database), "--check")
     assert checked.code == 0, str(checked)
     assert "configuration is valid: listen 127.0.0.1:0" in checked.out
     assert "integration acme: base_url https://x.test, auth none" in checked.out
@@ -184,14 +199,14 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
 
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('listen = "127.0.0.1:0"\nlisten_port = 50051\n')
-    refused = await run("serve", "--config", str(unknown), "--database", sqlite_url(database), "--check")
+    refused = await arun("serve", "--config", str(unknown), "--database", sqlite_url(database), "--check")
     assert refused.code == 2, str(refused)  # docs/cli.md: a bad option or config key is a usage error
     assert "unknown setting(s) listen_port" in refused.err
     assert refused.out == ""
 
     bad_value = tmp_path / "bad.toml"
     bad_value.write_text('[integrations.acme]\nauth = "magic"\n')
-    failed = await run("serve", "--config", str(bad_value), "--database", sqlite_url(database), "--check")
+    failed = await arun("serve", "--config", str(bad_value), "--database", sqlite_url(database), "--check")
     assert failed.code == 1, str(failed)
     assert failed.err.startswith("orchestrator: error: ")
     assert "integrations.acme.auth = 'magic'" in failed.err
@@ -223,13 +238,13 @@ async def test_sighup_reopens_the_log_file(tmp_path: Path) -> None:
         match = READY.search(str(ready["message"]))
         assert match is not None
         address = f"127.0.0.1:{match[1]}"
-        await _proc.emit(address, _proc.VALIDATE, "before", "plain")
+        await emit(address, VALIDATE, "before", "plain")
         await wait_for_line(log_file, "validate-connection dev/plain/before")
 
         log_file.rename(rotated)
         daemon.process.send_signal(signal.SIGHUP)
         await wait_for_line(log_file, "received SIGHUP: log file reopened")
-        await _proc.emit(address, _proc.VALIDATE, "after", "plain")
+        await emit(address, VALIDATE, "after", "plain")
         line = await wait_for_line(log_file, "validate-connection dev/plain/after")
         assert line["state"] == "pending"
         assert await daemon.stop() == 0

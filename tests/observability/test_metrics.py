@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.acceptance._support import serve
-from tests.support.provider import ProviderServer, Reply
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from tests.support.grpc import CREATE, DELETE, VALIDATE, as_dict, emit, follow_until
+from tests.support.process import serve
+from tests.support.provider import ProviderServer, Reply, write_config
 
 from . import _proc
 
 pytestmark = pytest.mark.anyio
 
 TOKEN = {"access_token": "tok-abcdef"}
+RETRY_CEILING = "1e9"
+"""Seconds (~32 years) the first retry's full jitter spans, cap included: sf-busy's retry is due within the
+test's few seconds with a probability of about 1e-8, and the test checks that it was not (from its record)."""
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -58,40 +64,39 @@ async def test_prometheus_text_has_emits_appends_attempts_jobs_and_connections(
 ) -> None:
     """Counters and histograms count this daemon's work; gauges (read at start) show the log's jobs and states."""
     database = tmp_path / "events.db"
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
-    args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", "--retry-initial-interval", "3600")
+    config = write_config(tmp_path / "o.toml", provider.url)
+    retry = ("--retry-initial-interval", RETRY_CEILING, "--retry-max-interval", RETRY_CEILING)
+    args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", *retry)
     async with serve(database, *args) as daemon:
         address = daemon.address
-        gh1 = await _proc.emit(address, _proc.VALIDATE, "gh-1", "github", credentials=TOKEN)
-        gh2 = await _proc.emit(
+        gh1 = await emit(address, VALIDATE, "gh-1", "github", credentials=TOKEN)
+        gh2 = await emit(
             address,
-            _proc.VALIDATE,
+            VALIDATE,
             "gh-2",
             "github",
             connection_config={"required_scopes": ["repo"]},
             credentials=TOKEN,
         )
-        ok = await _proc.emit(
+        ok = await emit(
             address,
-            _proc.CREATE,
+            CREATE,
             "sf-ok",
             "salesforce",
             connection_config={"instance": "ok"},
             credentials=TOKEN,
             wait=True,
         )
-        await _proc.emit(
-            address, _proc.CREATE, "sf-busy", "salesforce", connection_config={"instance": "busy"}, credentials=TOKEN
-        )
+        await emit(address, CREATE, "sf-busy", "salesforce", connection_config={"instance": "busy"}, credentials=TOKEN)
         # sf-busy's own failure (gh-1's rejection is a function-failed record too).
-        await _proc.follow_until(address, lambda r: r.type == "function-failed" and r.stream.endswith("/sf-busy"))
+        *_, busy = await follow_until(address, lambda r: r.type == "function-failed" and r.stream.endswith("/sf-busy"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await _proc.emit(address, _proc.DELETE, "nobody", "salesforce")
+            await emit(address, DELETE, "nobody", "salesforce")
         assert refused.value.code() is grpc.StatusCode.NOT_FOUND
         text = await _proc.scrape(_proc.metrics_url(daemon))
         assert await daemon.stop() == 0, str(daemon)
-    assert (gh1.state, gh2.state) == (_proc.pb.CONNECTION_STATE_REJECTED, _proc.pb.CONNECTION_STATE_PENDING)
-    assert [o.status for o in ok.outcomes] == [_proc.pb.FUNCTION_STATUS_SUCCEEDED]
+    assert (gh1.state, gh2.state) == (pb.CONNECTION_STATE_REJECTED, pb.CONNECTION_STATE_PENDING)
+    assert [o.status for o in ok.outcomes] == [pb.FUNCTION_STATUS_SUCCEEDED]
 
     found = samples(text)
     emits = "orchestrator_emits_total"
@@ -119,7 +124,10 @@ async def test_prometheus_text_has_emits_appends_attempts_jobs_and_connections(
 
     async with serve(database, *args) as again:
         text = await _proc.scrape(_proc.metrics_url(again))
+        scraped = datetime.now(UTC)
         assert await again.stop() == 0, str(again)
+    retry_in = timedelta(milliseconds=as_dict(busy.data)["retry_in_ms"])
+    assert busy.recorded_at.ToDatetime(UTC) + retry_in > scraped, f"sf-busy's retry came due {retry_in} after it failed"
     found = samples(text)
     connections = "orchestrator_connections"
     assert sorted(labelled(found, connections), key=str) == [

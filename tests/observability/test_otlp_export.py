@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance._support import environment, run, serve
-from tests.support.provider import ProviderServer, Reply
+from tests.support.grpc import CREATE, RPC_EMIT, emit
+from tests.support.process import arun, environment, serve
+from tests.support.provider import ProviderServer, Reply, write_config
 
-from . import _proc
 from ._inproc import new_traceparent
 from ._otlp import KIND_CLIENT, KIND_SERVER, Receiver, Span
 
@@ -34,13 +34,13 @@ def check_resource(span: Span) -> None:
 async def test_spans_arrive_over_otlp_grpc_in_the_callers_trace(tmp_path: Path, provider: ProviderServer) -> None:
     """OTEL_TRACES_EXPORTER=otlp (gRPC): the emit's RPC, append, attempt and provider spans reach the receiver."""
     traceparent, trace_id, caller_span = new_traceparent()
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
+    config = write_config(tmp_path / "o.toml", provider.url)
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         async with serve(tmp_path / "events.db", "--config", str(config), env=env) as daemon:
-            response = await _proc.emit(
+            response = await emit(
                 daemon.address,
-                _proc.CREATE,
+                CREATE,
                 "sf-1",
                 "salesforce",
                 traceparent=traceparent,
@@ -52,8 +52,8 @@ async def test_spans_arrive_over_otlp_grpc_in_the_callers_trace(tmp_path: Path, 
             assert await daemon.stop() == 0, str(daemon)
 
     by_name = {s.name: s for s in spans}
-    assert set(by_name) == {_proc.RPC_EMIT, "append", "function register-webhook", "HTTP POST"}
-    rpc = by_name[_proc.RPC_EMIT]
+    assert set(by_name) == {RPC_EMIT, "append", "function register-webhook", "HTTP POST"}
+    rpc = by_name[RPC_EMIT]
     assert rpc.kind == KIND_SERVER
     assert rpc.parent_span_id == caller_span
     assert rpc.attributes["rpc.method"] == "EmitLifecycleEvent"
@@ -77,11 +77,11 @@ async def test_spans_arrive_over_otlp_http_protobuf(tmp_path: Path, provider: Pr
     with Receiver.http() as receiver:
         env = environment(**receiver.environment())
         async with serve(tmp_path / "events.db", env=env) as daemon:
-            emitted = await run(
+            emitted = await arun(
                 "emit", "validate-connection", "c-1", "-i", "plain", "--json", "--address", daemon.address
             )
             assert emitted.code == 0, str(emitted)
-            [rpc] = await receiver.wait_for(lambda s: s.name == _proc.RPC_EMIT)
+            [rpc] = await receiver.wait_for(lambda s: s.name == RPC_EMIT)
             assert await daemon.stop() == 0, str(daemon)
     assert rpc.kind == KIND_SERVER
     assert rpc.parent_span_id == ""

@@ -3,58 +3,49 @@
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
-import anyio.to_thread
 import pytest
 
-from tests.acceptance._support import Provider, environment, serve, write_config
+from tests.support.grpc import CREATE, RPC_EMIT, emit, records
+from tests.support.process import environment, serve
+from tests.support.provider import WebhookProvider, reached, write_config
 
-from . import _proc
 from ._inproc import new_traceparent
 from ._otlp import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
-WAIT = 30.0
-
 
 @pytest.fixture
-def provider() -> Iterator[Provider]:
-    """The acceptance tests' webhook provider, which can hold a POST open."""
-    running = Provider()
-    yield running
-    running.close()
+def provider() -> Iterator[WebhookProvider]:
+    """The webhook provider, whose POSTs a test can hold open."""
+    with WebhookProvider() as running:
+        yield running
 
 
-async def reached(event: threading.Event) -> bool:
-    """Wait (bounded) for an event a provider thread sets."""
-    with anyio.fail_after(WAIT + 5):
-        return await anyio.to_thread.run_sync(event.wait, WAIT, abandon_on_cancel=True)
-
-
-async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(tmp_path: Path, provider: Provider) -> None:
+async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(
+    tmp_path: Path, provider: WebhookProvider
+) -> None:
     """SIGKILL mid-attempt, restart: the re-run's span has the caller's trace id and the first RPC span as parent."""
     traceparent, trace_id, caller_span = new_traceparent()
     database = tmp_path / "events.db"
-    config = write_config(tmp_path / "o.toml", provider, auth="none")
-    held = provider.hold_next_post()
+    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
+    held = provider.hold("POST")
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         async with serve(database, "--config", str(config), env=env) as first:
-            await _proc.emit(
+            await emit(
                 first.address,
-                _proc.CREATE,
+                CREATE,
                 "acme",
                 "salesforce",
                 traceparent=traceparent,
                 connection_config={"instance": "acme"},
             )
             assert await reached(held.arrived), "the provider never received the POST"
-            [rpc] = await receiver.wait_for(lambda s: s.name == _proc.RPC_EMIT and s.trace_id == trace_id)
+            [rpc] = await receiver.wait_for(lambda s: s.name == RPC_EMIT and s.trace_id == trace_id)
             assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
         held.release.set()
         assert await reached(held.answered)
@@ -63,7 +54,7 @@ async def test_the_attempt_resumed_after_a_restart_joins_the_original_trace(tmp_
             [resumed] = await receiver.wait_for(
                 lambda s: s.name == "function register-webhook" and s.attributes["orchestrator.outcome"] == "succeeded"
             )
-            log = await _proc.read_log(second.address)
+            log = await records(second.address)
             assert await second.stop() == 0, str(second)
 
     assert rpc.parent_span_id == caller_span

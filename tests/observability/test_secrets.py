@@ -19,20 +19,19 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from orchestrator import Context, NonRetryable, Rejected
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.config import Integration
-from tests.acceptance._support import environment, serve
-from tests.support.provider import ProviderServer, Reply, Request
+from tests.support.daemon import function, serving
+from tests.support.grpc import CREATE, DELETE, VALIDATE, emit, records, ref
+from tests.support.process import environment, serve
+from tests.support.provider import ProviderServer, Reply, Request, write_config
 
 from . import _proc
-from ._inproc import Spans, emit, function, records, ref, serving
+from ._inproc import Spans
 from ._otlp import Receiver
 
 pytestmark = pytest.mark.anyio
 
 SECRET = "s3cr3t-TOKEN-1234"
 CREDENTIALS = {"access_token": SECRET, "api_key": SECRET, "username": "acme-bot", "password": SECRET}
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
 
 
 def echo(status: int) -> Callable[[Request], Reply]:
@@ -178,13 +177,13 @@ async def test_a_daemon_process_writes_no_credential_to_stderr_traces_or_prometh
     """``orchestrator serve`` exporting OTLP, with --metrics-listen: stderr, spans and /metrics hold no credential."""
     provider.route("GET", "/user", echo(401))
     provider.route("POST", "/acme/webhooks", echo(400))
-    config = _proc.write_config(tmp_path / "o.toml", provider.url)
+    config = write_config(tmp_path / "o.toml", provider.url)
     with Receiver.grpc() as receiver:
         env = environment(**receiver.environment())
         args = ("--config", str(config), "--metrics-listen", "127.0.0.1:0", "--log-format", "json")
         async with serve(tmp_path / "events.db", *args, env=env) as daemon:
-            rejected = await _proc.emit(daemon.address, VALIDATE, "gh-1", "github", credentials=CREDENTIALS)
-            created = await _proc.emit(
+            rejected = await emit(daemon.address, VALIDATE, "gh-1", "github", credentials=CREDENTIALS)
+            created = await emit(
                 daemon.address,
                 CREATE,
                 "sf-1",
@@ -194,7 +193,7 @@ async def test_a_daemon_process_writes_no_credential_to_stderr_traces_or_prometh
                 wait=True,
             )
             prometheus = await _proc.scrape(_proc.metrics_url(daemon))
-            log = [json_format.MessageToJson(r) for r in await _proc.read_log(daemon.address)]
+            log = [json_format.MessageToJson(r) for r in await records(daemon.address)]
             assert await daemon.stop() == 0, str(daemon)
         # The exporter flushes at exit: every span is here now.
         spans = await receiver.wait_for(lambda s: s.name.startswith("function "), count=2)

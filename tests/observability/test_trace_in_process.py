@@ -19,30 +19,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from orchestrator import Context
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.config import Integration
+from tests.support.daemon import function, serving
+from tests.support.grpc import CREATE, DELETE, RPC_EMIT, VALIDATE, emit, follow_until, records, ref
 from tests.support.provider import ProviderServer, Reply
 
-from ._inproc import (
-    RPC_EMIT,
-    Spans,
-    emit,
-    follow_until,
-    function,
-    named,
-    new_traceparent,
-    parent_id,
-    records,
-    ref,
-    serving,
-    span_id,
-    spans_of,
-    wait_for_spans,
-)
+from ._inproc import Spans, named, new_traceparent, parent_id, span_id, spans_of, wait_for_spans
 
 pytestmark = pytest.mark.anyio
-
-CREATE = pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION
-VALIDATE = pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION
-DELETE = pb.LIFECYCLE_EVENT_PRE_CONNECTION_DELETION
 
 
 @pytest.fixture
@@ -71,6 +54,18 @@ def is_succeeded(record: pb.EventRecord) -> bool:
 def by_attempt(spans: list[ReadableSpan]) -> list[ReadableSpan]:
     """Attempt spans ordered by their attempt number."""
     return sorted(spans, key=lambda s: int(s.attributes["orchestrator.attempt"]))  # type: ignore[arg-type, index]
+
+
+async def register_in_a_new_trace(tmp_path: Path, provider: ProviderServer) -> tuple[str, list[pb.EventRecord]]:
+    """Emit a creation whose ``register`` succeeds, in a fresh caller trace; (trace id, the log once it succeeded)."""
+    provider.route("POST", "/webhooks", Reply(201, {"id": "wh_1"}))
+    traceparent, trace_id, _ = new_traceparent()
+    async with serving(
+        tmp_path, function("register", "post-connection-creation", register), integrations=acme(provider)
+    ) as daemon:
+        await emit(daemon.stub, CREATE, "conn-1", traceparent=traceparent, credentials={"access_token": "tok-abcdef"})
+        await follow_until(daemon.stub, is_succeeded)
+        return trace_id, await records(daemon.stub)
 
 
 def traceparent_header(value: str) -> tuple[str, str, str, str]:
@@ -166,14 +161,7 @@ async def test_records_of_an_emit_store_the_rpc_spans_traceparent(
     tmp_path: Path, provider: ProviderServer, exporter: Spans
 ) -> None:
     """The lifecycle record and the function facts carry the traceparent of the RPC span (which a restart resumes)."""
-    provider.route("POST", "/webhooks", Reply(201, {"id": "wh_1"}))
-    traceparent, trace_id, _ = new_traceparent()
-    async with serving(
-        tmp_path, function("register", "post-connection-creation", register), integrations=acme(provider)
-    ) as daemon:
-        await emit(daemon.stub, CREATE, "conn-1", traceparent=traceparent, credentials={"access_token": "tok-abcdef"})
-        await follow_until(daemon.stub, is_succeeded)
-        log = await records(daemon.stub)
+    trace_id, log = await register_in_a_new_trace(tmp_path, provider)
     spans = await wait_for_spans(exporter, trace_id, lambda spans: bool(named(spans, RPC_EMIT)))
     [rpc] = named(spans, RPC_EMIT)
     expected = f"00-{trace_id}-{span_id(rpc):016x}-01"
@@ -186,14 +174,7 @@ async def test_metadata_written_by_a_job_stores_the_emits_traceparent(
     tmp_path: Path, provider: ProviderServer, exporter: Spans
 ) -> None:
     """Every record an emit causes, including a job's metadata-updated, carries the emit's traceparent."""
-    provider.route("POST", "/webhooks", Reply(201, {"id": "wh_1"}))
-    traceparent, trace_id, _ = new_traceparent()
-    async with serving(
-        tmp_path, function("register", "post-connection-creation", register), integrations=acme(provider)
-    ) as daemon:
-        await emit(daemon.stub, CREATE, "conn-1", traceparent=traceparent, credentials={"access_token": "tok-abcdef"})
-        await follow_until(daemon.stub, is_succeeded)
-        log = await records(daemon.stub)
+    trace_id, log = await register_in_a_new_trace(tmp_path, provider)
     assert [r.type for r in log] == ["post-connection-creation", "metadata-updated", "function-succeeded"]
     assert all(trace_id in r.traceparent for r in log), [(r.type, r.traceparent) for r in log]
 
@@ -295,13 +276,7 @@ async def test_a_job_attempts_log_line_carries_the_emits_trace(
     tmp_path: Path, provider: ProviderServer, exporter: Spans, log_lines: list[str]
 ) -> None:
     """The log line of an asynchronous attempt has the trace id of the emit that caused it (and a span id)."""
-    provider.route("POST", "/webhooks", Reply(201, {"id": "wh_1"}))
-    traceparent, trace_id, _ = new_traceparent()
-    async with serving(
-        tmp_path, function("register", "post-connection-creation", register), integrations=acme(provider)
-    ) as daemon:
-        await emit(daemon.stub, CREATE, "conn-1", traceparent=traceparent, credentials={"access_token": "tok-abcdef"})
-        await follow_until(daemon.stub, is_succeeded)
+    trace_id, _ = await register_in_a_new_trace(tmp_path, provider)
     [attempt_line] = [json.loads(line) for line in log_lines if '"function": "register"' in line]
     assert attempt_line["outcome"] == "succeeded"
     assert attempt_line.get("trace_id") == trace_id, attempt_line

@@ -1,1 +1,2 @@
-"""Helpers shared by several test suites (a scriptable local HTTP provider, ...)."""
+"""The tests' one harness: the subprocess runner (:mod:`.process`), the gRPC helpers (:mod:`.grpc`), the in-process
+daemon (:mod:`.daemon`), the fake HTTP provider (:mod:`.provider`) and the fake clock (:mod:`.clock`)."""

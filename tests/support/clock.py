@@ -3,8 +3,9 @@
     clock = FakeClock()                       # 2025-06-01 12:00 UTC, frozen
     store = MemoryEventStore(clock=clock)     # anything that takes a Clock
     ...
-    await clock.wait_for_sleepers(1)          # the code under test is parked on clock.sleep()
+    await clock.wait_for_sleepers(1)          # the code under test is parked on clock.sleep() (or: sleeping())
     clock.advance(5)                          # five seconds pass; sleepers due by then wake up
+    clock.set(when)                           # jump, even back, as a corrected wall clock does
 
 Nothing here reads the wall clock or sleeps in real time: :meth:`FakeClock.sleep`
 parks its caller until :meth:`FakeClock.advance` (or :meth:`FakeClock.advance_to`)
@@ -42,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import anyio.lowlevel
 
-EPOCH = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+EPOCH = START = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 """Where a :class:`FakeClock` starts unless told otherwise."""
 
 _order = itertools.count()
@@ -112,6 +113,13 @@ class FakeClock:
         self._now = when
         self._wake_due()
 
+    def set(self, when: datetime) -> None:
+        """Jump to ``when``, forward or back (a wall clock corrected by NTP); wake every sleeper due by then."""
+        if when.tzinfo is None:
+            raise ValueError(f"FakeClock times must be timezone-aware, not {when!r}")
+        self._now = when
+        self._wake_due()
+
     # -- observing sleepers ---------------------------------------------------------------
 
     @property
@@ -139,6 +147,10 @@ class FakeClock:
             if self._changed is None:
                 self._changed = anyio.Event()
             await self._changed.wait()
+
+    async def sleeping(self, count: int = 1) -> None:
+        """Return once at least ``count`` callers are parked in :meth:`sleep` (so that moving time wakes them)."""
+        await self.wait_for_sleepers(count)
 
     def _count(self, until: datetime | None) -> int:
         return sum(1 for s in self._sleepers if until is None or s.wake_at <= until)

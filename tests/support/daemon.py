@@ -1,31 +1,38 @@
-"""A real daemon for the integration tests, and a way to seed its log before it starts.
+"""A real daemon in the test's process, the event functions it runs, and a way to seed its log before it starts.
 
 The daemon runs in-process (:func:`orchestrator.daemon.serve`) in a task group
 of the test's event loop, on an ephemeral loopback port and an SQLite file;
-the tests talk to it over TCP with grpc.aio clients.
+the tests talk to it over TCP with grpc.aio clients (:mod:`tests.support.grpc`).
+Its functions are the test's own (:func:`function`), given as the registry
+instead of plugin discovery.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
 
+from orchestrator import RetryPolicy, on_event
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration, ServeConfig
 from orchestrator.daemon import serve
 from orchestrator.model import ConnectionRef
-from orchestrator.plugins import Registry
+from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import open_store
 
 STARTUP_TIMEOUT = 30
 """Seconds the daemon may take to report ready (it takes milliseconds)."""
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.01, backoff=2, max_interval=0.05)
+"""The retries of :func:`serving`'s daemons: three attempts, milliseconds apart."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ async def run_daemon(
     failure: Exception | None = None
 
     def on_ready(port: int) -> None:
+        """Note the port the daemon serves on."""
         ports.append(port)
         ready.set()
 
@@ -86,6 +94,32 @@ async def run_daemon(
             stop.set()
     if failure is not None:
         raise failure
+
+
+def function(
+    name: str, event: str, handler: Callable[..., Any], integration: str = "acme", **options: Any
+) -> Installed:
+    """``handler`` as an installed event function of ``integration``, from plugin test-plugin 1.0."""
+    decorated = on_event(event, integration=integration, **options)(handler)
+    return Installed(name, decorated, "test-plugin", "1.0", f"tests:{name}")
+
+
+@asynccontextmanager
+async def serving(
+    tmp_path: Path, *functions: Installed, integrations: Mapping[str, Integration] | None = None, **dispatch: Any
+) -> AsyncIterator[Daemon]:
+    """A daemon on ``tmp_path/events.db`` running ``functions``, with fast retries and 5 s deadlines.
+
+    ``dispatch`` overrides :class:`~orchestrator.config.DispatchConfig` fields.
+    """
+    settings: dict[str, Any] = {"validate_deadline": 5.0, "deletion_deadline": 5.0, "retry": FAST_RETRY, **dispatch}
+    async with run_daemon(
+        f"sqlite://{tmp_path}/events.db",
+        registry=Registry.of(functions),
+        integrations=integrations,
+        dispatch=DispatchConfig(**settings),
+    ) as daemon:
+        yield daemon
 
 
 async def seed(database: str, ref: ConnectionRef, *appends: Sequence[NewEvent]) -> list[Record]:
