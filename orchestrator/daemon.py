@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime
 from functools import partial
 
 import anyio
@@ -69,18 +68,17 @@ async def _serve(
     stop: anyio.Event | None,
     clock: Clock | None,
 ) -> None:
+    clock = clock or SystemClock()
     async with (
         telemetry.telemetry(config.telemetry),
-        open_store(database) as store,
+        open_store(database, clock=clock) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):
-        engine = assemble(
-            store, registry, clock or SystemClock(), http=http, integrations=integrations, config=config.dispatch
-        )
+        engine = assemble(store, registry, clock, http=http, integrations=integrations, config=config.dispatch)
         server = GrpcServer(engine.service)
         port = await server.start(config.listen)
-        gauges = _Gauges(store)
+        gauges = _Gauges(store, clock)
         await gauges.refresh()
         tg.start_soon(gauges.run)
         tg.start_soon(engine.worker.run)
@@ -125,8 +123,9 @@ class _Gauges:
 
     INTERVAL = 10.0
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, clock: Clock) -> None:
         self._store = store
+        self._clock = clock
         self._stats = Stats(0, None, {})
         meter = metrics.get_meter(__name__)
         meter.create_observable_gauge(
@@ -147,7 +146,7 @@ class _Gauges:
 
     async def run(self) -> None:
         while True:
-            await anyio.sleep(self.INTERVAL)
+            await self._clock.sleep(self.INTERVAL)
             try:
                 await self.refresh()
             except OrchestratorError as exc:
@@ -158,7 +157,7 @@ class _Gauges:
 
     def _oldest(self, options: CallbackOptions) -> Iterable[Observation]:
         oldest = self._stats.oldest_job_at
-        age = max((datetime.now(UTC) - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+        age = max((self._clock.now() - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
         return [Observation(age)]
 
     def _connections(self, options: CallbackOptions) -> Iterable[Observation]:
