@@ -38,6 +38,17 @@ def _unmark(data: JSONObject) -> Mark:
     return Mark(data["event_id"], data["type"], int(data["position"]), int(data["version"]))
 
 
+def outcome_to_json(outcome: Outcome) -> JSONObject:
+    """A JSON document of one function outcome."""
+    return {
+        "name": outcome.name,
+        "status": outcome.status.value,
+        "attempts": outcome.attempts,
+        "error": outcome.error,
+        "duration_ms": outcome.duration_ms,
+    }
+
+
 def connection_to_json(connection: Connection) -> JSONObject:
     """A JSON document holding every field of ``connection``."""
     return {
@@ -59,16 +70,7 @@ def connection_to_json(connection: Connection) -> JSONObject:
         "config": connection.config,
         "rejection_reason": connection.rejection_reason,
         "deletion": _mark(connection.deletion) if connection.deletion else None,
-        "outcomes": [
-            {
-                "name": o.name,
-                "status": o.status.value,
-                "attempts": o.attempts,
-                "error": o.error,
-                "duration_ms": o.duration_ms,
-            }
-            for o in connection.outcomes
-        ],
+        "outcomes": [outcome_to_json(o) for o in connection.outcomes],
     }
 
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from orchestrator import codec
 from orchestrator.cli._common import (
     address,
     checked_name,
@@ -85,16 +86,7 @@ def _result_json(result: EmitResult) -> dict[str, Any]:
         "state": result.state.value,
         "rejection_reason": result.rejection_reason,
         "deduplicated": result.deduplicated,
-        "outcomes": [
-            {
-                "name": o.name,
-                "status": o.status.value,
-                "attempts": o.attempts,
-                "error": o.error,
-                "duration_ms": o.duration_ms,
-            }
-            for o in result.outcomes
-        ],
+        "outcomes": [codec.outcome_to_json(o) for o in result.outcomes],
     }
 
 
