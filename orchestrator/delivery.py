@@ -69,7 +69,7 @@ class Delivery:
         self._new_id = new_id
         self._config = dispatcher.config
 
-    def functions(self, request: EmitRequest) -> tuple[Installed, ...]:
+    def _functions(self, request: EmitRequest) -> tuple[Installed, ...]:
         """The functions installed for the request's integration and event."""
         return self._registry.for_event(request.ref.integration, request.event)
 
@@ -131,16 +131,12 @@ class Delivery:
             traceparent=plan.lifecycle.traceparent,
         )
 
-    def _results(self, run: SyncRun, plan: Plan) -> list[NewEvent]:
-        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-        return [records.new(r.outcome(), causation_id=cause, traceparent=trace) for r in run.results]
-
     def _metadata(self, run: SyncRun, plan: Plan) -> list[NewEvent]:
         return [self._fact(update, plan) for update in run.metadata_updates]
 
     async def _validate(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
         """Run every validate function concurrently; the first failure or the deadline rejects."""
-        functions = self.functions(request)
+        functions = self._functions(request)
         if not functions:
             plan.events.append(self._fact(records.ConnectionValidated(), plan))
             return
@@ -153,7 +149,7 @@ class Delivery:
             stop_on_failure=True,
         )
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-        plan.events += self._results(run, plan)
+        plan.events += [records.new(r.outcome(), causation_id=cause, traceparent=trace) for r in run.results]
         plan.events += [
             records.new(records.FunctionCancelled(f.name, VALIDATION_CANCELLED), causation_id=cause, traceparent=trace)
             for f in run.cancelled
@@ -177,7 +173,7 @@ class Delivery:
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
         plan.jobs = [
             NewJob(str(uuid7()), f.name, request.event, cause, request.payload, now, trace)
-            for f in self.functions(request)
+            for f in self._functions(request)
         ]
 
     async def _delete(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
@@ -198,7 +194,7 @@ class Delivery:
         ]
         plan.cancel_jobs = [j.job_id for j in pending]
         run = await self._dispatcher.run_sync(
-            self.functions(request),
+            self._functions(request),
             info,
             EventInfo(request.event, request.payload, cause),
             metadata,

@@ -27,6 +27,7 @@ from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
 from orchestrator.credentials import Credentials
+from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
 from orchestrator.provider import Provider, redact
 from orchestrator.records import MetadataUpdated
@@ -194,7 +195,7 @@ class Dispatcher:
         functions: Sequence[Installed],
         info: ConnectionInfo,
         event: EventInfo,
-        metadata: Mapping[str, object],
+        metadata: JSONObject,
         *,
         deadline: float,
         stop_on_failure: bool,
@@ -206,7 +207,7 @@ class Dispatcher:
         at the deadline fails with a timeout.
         """
         out = SyncRun()
-        buffer = Buffered(dict(metadata))
+        buffer = Buffered(metadata)
         done: set[str] = set()
         started = self.clock.now()
 

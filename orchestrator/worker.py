@@ -63,7 +63,7 @@ class _Immediate:
         self._metadata = dict(appended.connection.metadata)
 
 
-async def first(*waiters: anyio.Event) -> None:
+async def _first(*waiters: anyio.Event) -> None:
     """Return when any of ``waiters`` is set."""
     async with anyio.create_task_group() as tg:
         for event in waiters:
@@ -126,7 +126,7 @@ class Worker:
             finished, changed = self._finished, self._store.jobs_changed()
             if not any(j.causation_id == cause for j in await self._store.jobs(ref)):
                 return
-            await first(finished, changed)  # a job ended, or jobs were added, moved or cancelled
+            await _first(finished, changed)  # a job ended, or jobs were added, moved or cancelled
 
     def stop_claiming(self) -> None:
         """Start draining: claim nothing more; running attempts go on (see :meth:`idle`)."""
@@ -174,7 +174,7 @@ class Worker:
                 tg.cancel_scope.cancel()
 
             async def signal() -> None:
-                await first(*signals)
+                await _first(*signals)
                 tg.cancel_scope.cancel()
 
             if next_at is not None:
