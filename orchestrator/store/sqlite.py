@@ -118,8 +118,8 @@ class SQLiteEventStore:
     async def _check_schema(self, db: aiosqlite.Connection) -> set[int]:
         try:
             rows = await db.execute_fetchall("SELECT version FROM schema_migrations")
-        except sqlite3.OperationalError as exc:
-            raise StoreError(f"{self._path} is not an orchestrator event log ({exc})") from exc
+        except sqlite3.DatabaseError as exc:  # no such table, not a database, a damaged file
+            raise StoreError(f"{self._path} is not an orchestrator event log, or it is damaged ({exc})") from exc
         await anyio.to_thread.run_sync(migrations, "sqlite")  # reads package files: off the loop, once
         return check_known("sqlite", {row[0] for row in rows}, self._path)
 
