@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio.from_thread
+import anyio.lowlevel
 import httpx
 from pydantic import BaseModel, ValidationError
 
@@ -242,16 +243,17 @@ class SyncContext:
     Each method blocks the thread, not the event loop, while the call runs on the loop.
     """
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, token: anyio.lowlevel.EventLoopToken | None = None) -> None:
         self.connection = ctx.connection
         self.event = ctx.event
         self._ctx = ctx
+        self._token = token
 
     def _run(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
         async def call() -> Any:
             return await fn(*args, **kwargs)
 
-        return anyio.from_thread.run(call)
+        return anyio.from_thread.run(call, token=self._token)
 
     def get(self, endpoint: str, **kwargs: Any) -> httpx.Response:
         """See :meth:`Context.get`."""

@@ -32,7 +32,7 @@ from orchestrator.plugins import Installed
 from orchestrator.provider import Provider, redact
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
-from orchestrator.runner import TIMEOUT, AttemptResult, run_attempt
+from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -74,7 +74,7 @@ class Dispatcher:
         self._http = http
         self._integrations = dict(integrations or {})
         self._limiter = anyio.CapacityLimiter(self.config.concurrency)
-        self._threads = anyio.CapacityLimiter(self.config.concurrency)
+        self.threads = ThreadSlots(self.config.concurrency)
 
     @property
     def free(self) -> int:
@@ -154,7 +154,7 @@ class Dispatcher:
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
             async with self._limiter:
                 result = await run_attempt(
-                    function, make, attempt=event.attempt, time_limit=limit, limiter=self._threads
+                    function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
                 )
             # Whatever a function raised or logged, the connection's secrets never reach the log.
             secrets = self.credentials.get(ref)

@@ -62,8 +62,9 @@ class EventFunction:
 
     @property
     def is_async(self) -> bool:
-        """Coroutine functions run on the loop; plain ones in a worker thread."""
-        return inspect.iscoroutinefunction(self.handler)
+        """Coroutine functions (and objects with an ``async def __call__``) run on the loop; plain ones in a thread."""
+        call = type(self.handler).__call__ if not inspect.isroutine(self.handler) else None
+        return inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(call)
 
     @property
     def qualname(self) -> str:

@@ -1,20 +1,32 @@
 """Running one attempt of one event function, whatever the function does.
 
-An attempt always ends in an :class:`AttemptResult`: a function that raises,
-hangs past its timeout, returns junk, floods its log or calls ``sys.exit``
-is recorded as such and harms nothing else. Coroutine functions run on the
-loop under ``fail_after``; plain functions run in a worker thread (bounded by
-a capacity limiter) so they cannot block the loop, and a thread that outlives
-its timeout is abandoned, not waited for.
+An attempt always ends in an :class:`AttemptResult`: a function that raises
+anything (``BaseException`` and ``CancelledError`` included), hangs past its
+timeout, blocks the event loop, returns junk, floods its log or calls
+``sys.exit`` is recorded as such and harms nothing else. Coroutine functions
+run on the loop under a deadline; plain functions run in worker threads,
+bounded by :class:`ThreadSlots`, so they cannot block the loop, and a
+thread that outlives its timeout is abandoned, not waited for.
+
+What Python cannot do: pre-empt code that never yields. An ``async def``
+that calls ``time.sleep(30)`` holds the whole event loop for 30 s; its
+attempt is then recorded as timed out, and the loop watchdog names it in the
+log, but the daemon was frozen meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from orchestrator.context import AttemptLog, Context, SyncContext
@@ -25,6 +37,8 @@ from orchestrator.records import FunctionFailed, FunctionSucceeded
 
 TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
+MAX_ERROR = 8192
+"""Characters of a function's error message kept in its record (a longer one is cut)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,15 +89,111 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     return True, False
 
 
+class ThreadSlots:
+    """Worker threads for plain ``def`` functions: at most ``size`` alive at once, hung ones included.
+
+    A thread that outlives its attempt's timeout is abandoned, not waited for,
+    but it keeps its slot until it returns: hung functions can fill the pool
+    (new sync attempts then time out waiting for a slot) but never grow it.
+    ``orchestrator serve`` exits after its drain even if some are still hung.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots = anyio.CapacityLimiter(size)
+        self._threads = anyio.CapacityLimiter(size)
+
+    @property
+    def busy(self) -> int:
+        """Slots held, by running and by abandoned threads."""
+        return int(self._slots.borrowed_tokens)
+
+    async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """``fn(arg)`` in a worker thread; cancelling the wait abandons the thread, whose slot stays held."""
+        borrower = object()
+        await self._slots.acquire_on_behalf_of(borrower)
+        loop = asyncio.get_running_loop()
+        lock = threading.Lock()
+        state = ["pending"]  # pending -> running -> done, or pending -> dropped (cancelled before it began)
+
+        def release() -> None:
+            self._slots.release_on_behalf_of(borrower)
+
+        def call(arg: Any) -> Any:
+            with lock:
+                if state[0] == "dropped":
+                    return None
+                state[0] = "running"
+            try:
+                return fn(arg)
+            finally:
+                with lock:
+                    state[0] = "done"
+                with contextlib.suppress(RuntimeError):  # the loop is gone: there is nothing to release
+                    loop.call_soon_threadsafe(release)
+
+        try:
+            return await anyio.to_thread.run_sync(call, arg, abandon_on_cancel=True, limiter=self._threads)
+        except BaseException:
+            with lock:
+                never_began = state[0] == "pending"
+                if never_began:
+                    state[0] = "dropped"
+            if never_began:
+                release()
+            raise
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (ours), rather than a function raising one itself."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return True
+    return task is None or task.cancelling() > 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """How the function itself ended: what it returned, or what it raised."""
+
+    returned: Any = None
+    raised: BaseException | None = None
+
+
+async def _invoke(function: Installed, ctx: Context, threads: ThreadSlots | None) -> _Ended:
+    """Call the handler and catch whatever it raises, except a cancellation of the attempt itself."""
+    handler = function.function.handler
+    try:
+        if function.function.is_async:
+            return _Ended(returned=await handler(ctx))
+        sync = SyncContext(ctx, anyio.lowlevel.current_token())
+        if threads is None:
+            return _Ended(returned=await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
+        return _Ended(returned=await threads.run(handler, sync))
+    except anyio.get_cancelled_exc_class() as exc:
+        if _being_cancelled():
+            raise  # the attempt's deadline, or the daemon stopping: not the function's doing
+        return _Ended(raised=exc)  # the function raised a cancellation of its own: a failure like any other
+    except BaseException as exc:  # any exception of a plugin's, BaseException included, is its outcome
+        return _Ended(raised=exc)
+
+
 async def run_attempt(
     function: Installed,
     make_context: Callable[[AttemptLog], Context],
     *,
     attempt: int,
     time_limit: float,
-    limiter: anyio.CapacityLimiter | None = None,
+    threads: ThreadSlots | None = None,
 ) -> AttemptResult:
-    """Run ``function`` once within ``time_limit`` seconds; never raises (except cancellation)."""
+    """Run ``function`` once within ``time_limit`` seconds; never raises (except the attempt's own cancellation).
+
+    Whatever the function does ends in a result: an exception of any kind
+    (``BaseException`` and a cancellation it raised itself included) is a
+    failure; running past ``time_limit`` is a timeout, also when it blocked
+    the event loop so long that the deadline could not interrupt it.
+    """
     log = AttemptLog()
     started = time.monotonic()
 
@@ -92,13 +202,14 @@ async def run_attempt(
         if exc is None and ok:
             return AttemptResult(function, attempt, True, duration_ms, logs=log.export())
         retryable, rejected = _classify(exc) if exc is not None else (True, False)
+        error = message or (str(exc) if exc is not None else "") or type(exc).__name__
         return AttemptResult(
             function,
             attempt,
             False,
             duration_ms,
             error_type=type(exc).__name__ if exc is not None else TIMEOUT,
-            error=message or (str(exc) if exc is not None else "") or type(exc).__name__,
+            error=error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…",
             retryable=retryable,
             rejected=rejected,
             logs=log.export(),
@@ -106,18 +217,22 @@ async def run_attempt(
 
     try:
         ctx = make_context(log)
-        handler = function.function.handler
-        with anyio.fail_after(time_limit):
-            if function.function.is_async:
-                returned = await handler(ctx)
-            else:
-                returned = await anyio.to_thread.run_sync(
-                    handler, SyncContext(ctx), abandon_on_cancel=True, limiter=limiter
-                )
-    except TimeoutError:
-        return result(False, message=f"timed out after {time_limit:g}s")
-    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # a plugin must not take the daemon down
+    except Exception as exc:  # our own context could not be built (a configuration error): the attempt fails
         return result(False, exc)
-    if returned is not None:
-        log.add(f"warning: the function returned {type(returned).__name__}, which is ignored")
+    with anyio.move_on_after(time_limit) as scope:
+        ended = await _invoke(function, ctx, threads)
+    elapsed = time.monotonic() - started
+    if scope.cancelled_caught:
+        return result(False, message=f"timed out after {time_limit:g}s")
+    if elapsed > time_limit:
+        # It held the event loop (a blocking call in an async function), so the deadline could not interrupt it.
+        return result(False, message=f"timed out after {time_limit:g}s: it ran {elapsed:.1f}s without yielding")
+    if ended.raised is not None:
+        return result(False, ended.raised)
+    if inspect.isawaitable(ended.returned):
+        if inspect.iscoroutine(ended.returned):
+            ended.returned.close()
+        return result(False, TypeError("the function returned an awaitable it never awaited: make it async def"))
+    if ended.returned is not None:
+        log.add(f"warning: the function returned {type(ended.returned).__name__}, which is ignored")
     return result(True)

@@ -34,6 +34,7 @@ from orchestrator.store import EventStore
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "the function is no longer installed"
+POISON = "{n} attempt(s) began and never ended: the daemon stopped during each (a crash or a kill); not run again"
 
 
 class _Immediate:
@@ -213,6 +214,17 @@ class Worker:
                 job, [records.new(gone, causation_id=job.causation_id, traceparent=job.traceparent)]
             )
             return
+        policy = self._dispatcher.policy(function)
+        if job.attempt > policy.max_attempts:
+            # More attempts began than the policy allows, and none ended in a give-up: the daemon
+            # stopped (crashed, was killed) during each. A job that takes the daemon down is parked.
+            unfinished = job.attempt - 1
+            parked = records.FunctionGaveUp(function.name, unfinished, POISON.format(n=unfinished), "parked")
+            await self._store.finish_job(
+                job, [records.new(parked, causation_id=job.causation_id, traceparent=job.traceparent)]
+            )
+            log.error("job %s (%s on %s) parked: %s", job.job_id, job.function, job.stream, parked.error)
+            return
         connection = await self._store.get_connection(job.ref)
         config = connection.config if connection is not None else {}
         metadata = connection.metadata if connection is not None else {}
@@ -221,7 +233,6 @@ class Worker:
         result = await self._dispatcher.attempt(
             function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent
         )
-        policy = self._dispatcher.policy(function)
         retry_at = None
         bodies: list[records.Body] = []
         if not result.ok and result.retryable and not policy.gives_up_after(job.attempt):

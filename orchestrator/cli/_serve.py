@@ -196,3 +196,25 @@ def serve(
     except ImportError:
         pass
     anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
+    _leave_hung_threads()
+
+
+def _leave_hung_threads() -> None:
+    """Exit now even if plain ``def`` functions still hang in their threads (Python cannot stop a thread).
+
+    The drain is over and the log is closed; waiting for such threads (as the
+    interpreter does at exit) would keep the process alive for ever.
+    """
+    import logging
+    import sys
+    import threading
+
+    hung = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if hung:
+        logging.getLogger("orchestrator.daemon").warning(
+            "exiting with %d function thread(s) still running past their timeout; they are abandoned", len(hung)
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
