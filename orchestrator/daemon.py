@@ -114,6 +114,7 @@ async def _serve(
             with anyio.move_on_after(config.grace_period):
                 await engine.service.idle()
                 await engine.worker.idle()
+            engine.service.abort()
             await server.stop(STOP_GRACE)
         tg.cancel_scope.cancel()
 

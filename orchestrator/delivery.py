@@ -26,12 +26,12 @@ from orchestrator import records
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher, SyncRun
 from orchestrator.ids import uuid7
-from orchestrator.model import Connection, EmitRequest, JSONObject, LifecycleEvent, NewJob
+from orchestrator.model import Connection, EmitRequest, Job, JSONObject, LifecycleEvent, NewJob
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent
 from orchestrator.runner import TIMEOUT, AttemptResult
 from orchestrator.store import EventStore
-from orchestrator.worker import Worker, gave_up
+from orchestrator.worker import Hold, Worker, gave_up
 
 VALIDATION_CANCELLED = "another validation failed"
 DELETION_CANCELLED = "the connection is being deleted"
@@ -45,7 +45,7 @@ class Plan:
     events: list[NewEvent] = field(default_factory=list)
     """Every record, the lifecycle record first."""
     jobs: list[NewJob] = field(default_factory=list)
-    cancel_jobs: list[str] = field(default_factory=list)
+    cancel_jobs: list[Job] = field(default_factory=list)
 
 
 class Delivery:
@@ -74,19 +74,20 @@ class Delivery:
         return self._registry.for_event(request.ref.integration, request.event)
 
     @asynccontextmanager
-    async def exclusive(self, request: EmitRequest) -> AsyncIterator[None]:
-        """Hold what the plan depends on until it is appended: a deletion keeps the worker off its jobs."""
+    async def exclusive(self, request: EmitRequest) -> AsyncIterator[Hold]:
+        """Hold what the plan depends on until it is appended: a deletion is a barrier for its creation jobs."""
         if request.event is LifecycleEvent.PRE_CONNECTION_DELETION:
-            async with self._worker.hold(request.ref):
-                yield
+            async with self._worker.hold(request.ref) as hold:
+                yield hold
         else:
-            yield
+            yield Hold()
 
-    async def plan(self, request: EmitRequest, current: Connection | None, *, fresh: bool) -> Plan:
+    async def plan(self, request: EmitRequest, current: Connection | None, *, fresh: bool, hold: Hold) -> Plan:
         """Run what runs synchronously and return the records and jobs to append.
 
         ``current`` is the connection before the event; ``fresh`` says the
-        event starts a new incarnation (no earlier config or metadata).
+        event starts a new incarnation (no earlier config or metadata);
+        ``hold`` is what :meth:`exclusive` found.
         """
         lifecycle = records.new(
             records.Lifecycle(request.event, request.config, request.payload),
@@ -104,7 +105,7 @@ class Delivery:
         elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
             self._create(request, plan)
         else:
-            await self._delete(request, plan, info, metadata)
+            await self._delete(request, plan, info, metadata, hold)
         return plan
 
     def scheduled(self, plan: Plan) -> None:
@@ -176,14 +177,17 @@ class Delivery:
             for f in self._functions(request)
         ]
 
-    async def _delete(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
-        """Cancel pending creation jobs, await running ones (bounded), run the cleanup functions, delete."""
+    async def _delete(
+        self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject, hold: Hold
+    ) -> None:
+        """Cancel creation jobs (pending, and those the hold stopped), run the cleanup functions, delete."""
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
         pending = [
             j
             for j in await self._store.jobs(request.ref)
             if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
         ]
+        pending += hold.stopped
         plan.events += [
             records.new(
                 records.FunctionCancelled(j.function, DELETION_CANCELLED, j.attempt),
@@ -192,7 +196,7 @@ class Delivery:
             )
             for j in pending
         ]
-        plan.cancel_jobs = [j.job_id for j in pending]
+        plan.cancel_jobs = pending
         run = await self._dispatcher.run_sync(
             self._functions(request),
             info,

@@ -19,8 +19,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -111,10 +111,27 @@ class Service:
         self._inflight = 0
         self._idle = anyio.Event()
         self._idle.set()
+        self._working: set[anyio.CancelScope] = set()
 
     def drain(self) -> None:
         """Begin shutting down: new calls and followers of the log end with UNAVAILABLE."""
         self._draining.set()
+
+    def abort(self) -> None:
+        """The drain's grace period is over: stop the emits still at work (nothing of theirs is written)."""
+        for scope in list(self._working):
+            scope.cancel()
+
+    @contextmanager
+    def _shielded(self) -> Iterator[anyio.CancelScope]:
+        """A scope the caller's cancellation does not reach, which :meth:`abort` can still cancel."""
+        scope = anyio.CancelScope(shield=True)
+        self._working.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._working.discard(scope)
 
     async def idle(self) -> None:
         """Return once no emit is in flight (after :meth:`drain`, none can start)."""
@@ -204,9 +221,15 @@ class Service:
                     outcomes=current.outcomes,
                 )
             fresh = current is None or rule.verdict is state.Verdict.NEW_INCARNATION
-            async with self._delivery.exclusive(request):
-                plan = await self._delivery.plan(request, current, fresh=fresh)
-                appended = await self._append(request, plan)
+            # Once admitted, the event's work is done and recorded even if the caller goes away
+            # (a deletion whose client deadline is shorter than its cleanup); the drain's
+            # deadline still stops it (see abort()).
+            with self._shielded() as scope:
+                async with self._delivery.exclusive(request) as hold:
+                    plan = await self._delivery.plan(request, current, fresh=fresh, hold=hold)
+                    appended = await self._append(request, plan)
+            if scope.cancelled_caught:
+                raise Unavailable("the daemon stopped before the event was recorded; nothing was written")
         lifecycle = appended.records[0]
         connection = appended.connection
         outcomes = connection.outcomes

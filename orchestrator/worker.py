@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import anyio
@@ -26,7 +27,7 @@ from orchestrator.clock import Clock
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import LeaseLost, OrchestratorError
-from orchestrator.model import ConnectionRef, Job, JSONObject
+from orchestrator.model import ConnectionRef, Job, JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent
 from orchestrator.store import EventStore
@@ -76,6 +77,29 @@ async def _first(*waiters: anyio.Event) -> None:
             tg.start_soon(wait)
 
 
+@dataclass(eq=False, slots=True)
+class _Running:
+    """A job whose attempt is running, and how to stop it."""
+
+    job: Job
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    recorded: bool = False
+    """Its outcome reached the store (also when a stop came too late to prevent that)."""
+
+
+@dataclass(slots=True)
+class Hold:
+    """What holding a connection found: creation jobs whose running attempts it had to stop.
+
+    Their claims are still theirs (the lease and fencing token of the claim);
+    the holder cancels them in its own append, and no outcome of theirs is
+    ever recorded.
+    """
+
+    stopped: list[Job] = field(default_factory=list)
+
+
 class Worker:
     """Claims and runs due jobs until told to stop; unfinished jobs stay in the store for the next start."""
 
@@ -95,7 +119,9 @@ class Worker:
         self._config = dispatcher.config
         self._rng = rng or random.Random()
         self._held: dict[str, int] = {}
-        self._running: dict[str, dict[str, anyio.Event]] = {}
+        self._running: dict[str, dict[str, _Running]] = {}
+        self._claimed = anyio.Event()  # set when no claim is on its way to the store
+        self._claimed.set()
         self._wake = anyio.Event()
         self._finished = anyio.Event()
         self._stopping = anyio.Event()
@@ -106,15 +132,34 @@ class Worker:
         self._wake.set()
 
     @asynccontextmanager
-    async def hold(self, ref: ConnectionRef) -> AsyncIterator[None]:
-        """Claim no job of ``ref`` while held; on entry, wait (bounded) for its running attempts."""
+    async def hold(self, ref: ConnectionRef) -> AsyncIterator[Hold]:
+        """Claim no job of ``ref`` while held: a barrier for a deletion.
+
+        On entry: a claim already on its way to the store is waited for (it may
+        lease a job of ``ref``), then the running attempts of ``ref`` get
+        ``running_wait`` seconds to finish and record their outcome; creation
+        attempts still running then are stopped, and returned in the
+        :class:`Hold` for the holder to cancel. Other attempts (a cleanup of
+        an earlier incarnation) are not stopped.
+        """
         self._held[ref.stream] = self._held.get(ref.stream, 0) + 1
+        hold = Hold()
         try:
+            await self._claimed.wait()
             running = list(self._running.get(ref.stream, {}).values())
             with anyio.move_on_after(self._config.running_wait):
-                for finished in running:
-                    await finished.wait()
-            yield
+                for attempt in running:
+                    await attempt.done.wait()
+            stopping = [
+                a for a in running if not a.done.is_set() and a.job.event is LifecycleEvent.POST_CONNECTION_CREATION
+            ]
+            for attempt in stopping:
+                attempt.scope.cancel()
+            with anyio.CancelScope(shield=True):  # a stopped attempt ends at its next checkpoint
+                for attempt in stopping:
+                    await attempt.done.wait()
+            hold.stopped = [a.job for a in stopping if not a.recorded]
+            yield hold
         finally:
             self._held[ref.stream] -= 1
             if not self._held[ref.stream]:
@@ -155,10 +200,14 @@ class Worker:
                 free = self._dispatcher.free
                 claimed: list[Job] = []
                 if free > 0:
-                    claimed = await self._store.claim_jobs(limit=free, lease=lease, exclude=frozenset(self._held))
-                    for job in claimed:
-                        self._running.setdefault(job.stream, {})[job.job_id] = anyio.Event()
-                        tg.start_soon(self._run_job, job)
+                    self._claimed = anyio.Event()
+                    try:
+                        claimed = await self._store.claim_jobs(limit=free, lease=lease, exclude=frozenset(self._held))
+                        for job in claimed:
+                            running = self._running.setdefault(job.stream, {})[job.job_id] = _Running(job)
+                            tg.start_soon(self._run_job, running)
+                    finally:
+                        self._claimed.set()
                 if claimed and len(claimed) == free:
                     await finished.wait()  # every slot is busy: wait for one to free up
                     continue
@@ -182,9 +231,12 @@ class Worker:
                 tg.start_soon(timer, next_at)
             tg.start_soon(signal)
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, running: _Running) -> None:
+        job = running.job
         try:
-            await self._attempt_job(job)
+            with running.scope:  # cancelled by a deletion's hold: the attempt is dropped, nothing recorded
+                await self._attempt_job(job)
+                running.recorded = True
         except LeaseLost as exc:
             log.warning("%s", exc)
         except OrchestratorError as exc:
@@ -194,7 +246,8 @@ class Worker:
             # A bug of ours must not end the worker; the job is retried when its lease runs out.
             log.exception("job %s (%s on %s) failed unexpectedly", job.job_id, job.function, job.stream)
         finally:
-            self._running.get(job.stream, {}).pop(job.job_id, anyio.Event()).set()
+            running.done.set()
+            self._running.get(job.stream, {}).pop(job.job_id, None)
             if not self._running.get(job.stream):
                 self._running.pop(job.stream, None)
             finished, self._finished = self._finished, anyio.Event()

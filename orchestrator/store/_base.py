@@ -42,13 +42,14 @@ class EventStore(Protocol):
         events: Sequence[NewEvent],
         *,
         jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
+        cancel_jobs: Sequence[Job] = (),
     ) -> Appended:
         """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version`` (None: any).
 
         In the same transaction, ``jobs`` are scheduled (the outbox) and the
-        unclaimed jobs ``cancel_jobs`` are removed (:class:`~orchestrator.errors.LeaseLost`
-        if one was claimed meanwhile). Returns once all of it is durable. Raises
+        jobs ``cancel_jobs`` are removed, each as it was read or claimed: one
+        whose fencing token has moved on since (claimed again) refuses the
+        whole append with :class:`~orchestrator.errors.LeaseLost`. Returns once all of it is durable. Raises
         :class:`~orchestrator.errors.VersionConflict` when the stream moved,
         :class:`~orchestrator.errors.InvalidTransition` when the fold refuses a
         record, :class:`~orchestrator.errors.IdempotencyConflict` when a key is

@@ -81,7 +81,7 @@ class _Append(_Op):
     expected_version: int | None = None
     events: Sequence[NewEvent] = ()
     jobs: Sequence[NewJob] = ()
-    cancel_jobs: Sequence[str] = ()
+    cancel_jobs: Sequence[Job] = ()
 
 
 @dataclass(eq=False)
@@ -219,7 +219,7 @@ class Writer:
         events: Sequence[NewEvent],
         *,
         jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
+        cancel_jobs: Sequence[Job] = (),
     ) -> Appended:
         """Append through the group commit (see :meth:`~orchestrator.store.EventStore.append`)."""
         op = _Append(
@@ -349,15 +349,15 @@ class Writer:
 
     def _apply_append(self, db: sqlite3.Connection, txn: _Txn, op: _Append) -> Appended:
         if op.cancel_jobs:
-            marks = ",".join("?" * len(op.cancel_jobs))
-            sql = f"SELECT job_id FROM jobs WHERE job_id IN ({marks}) AND lease_until IS NULL"
-            free = {row[0] for row in db.execute(sql, list(op.cancel_jobs))}
-            if free != set(op.cancel_jobs):
-                raise LeaseLost(f"{op.ref}: a job to cancel has started meanwhile; retry")
+            wanted = {j.job_id: j.lease_token for j in op.cancel_jobs}
+            marks = ",".join("?" * len(wanted))
+            sql = f"SELECT job_id, lease_token FROM jobs WHERE job_id IN ({marks})"
+            if dict(db.execute(sql, list(wanted)).fetchall()) != wanted:
+                raise LeaseLost(f"{op.ref}: a job to cancel was claimed again meanwhile; nothing was written")
         created = codec.to_micros(txn.recorded_at)
         job_rows = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
         appended = self._add_records(txn, op.ref, op.expected_version, op.events)
-        txn.deleted_jobs.extend(op.cancel_jobs)
+        txn.deleted_jobs.extend(j.job_id for j in op.cancel_jobs)
         txn.job_rows.extend(job_rows)
         return appended
 

@@ -41,17 +41,21 @@ class MemoryEventStore:
         events: Sequence[NewEvent],
         *,
         jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
+        cancel_jobs: Sequence[Job] = (),
     ) -> Appended:
         """See :meth:`EventStore.append`."""
         async with self._lock:
             if self._closed:
                 raise Unavailable("the event store is closed")
-            if any(self._jobs.get(j) is None or self._jobs[j].leased for j in cancel_jobs):
-                raise LeaseLost(f"{ref}: a job to cancel has started meanwhile; retry")
+            if any(
+                self._jobs.get(j.job_id) is None or self._jobs[j.job_id].lease_token != j.lease_token
+                for j in cancel_jobs
+            ):
+                raise LeaseLost(f"{ref}: a job to cancel was claimed again meanwhile; nothing was written")
             appended = self._append_locked(ref, expected_version, events)
-            for job_id in cancel_jobs:
-                del self._jobs[job_id]
+            for job in cancel_jobs:
+                del self._jobs[job.job_id]
+                del self._leases[job.job_id]
             for new in jobs:
                 self._jobs[new.job_id] = Job(
                     new.job_id,

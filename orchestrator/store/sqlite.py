@@ -137,7 +137,7 @@ class SQLiteEventStore:
         events: Sequence[NewEvent],
         *,
         jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
+        cancel_jobs: Sequence[Job] = (),
     ) -> Appended:
         """See :meth:`EventStore.append`. Waits for the group commit that includes it."""
         return await self._writing().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs)

@@ -18,13 +18,14 @@ from orchestrator import codec, state
 from orchestrator.errors import (
     IdempotencyConflict,
     InvalidArgument,
+    LeaseLost,
     NotFound,
     StoreError,
     Unavailable,
     VersionConflict,
 )
 from orchestrator.ids import uuid7
-from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent
+from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent, NewJob
 from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.store import Appended, EventStore, open_store
 from tests.support.clock import FakeClock
@@ -36,6 +37,8 @@ GLOBEX = ConnectionRef("dev", "salesforce", "globex")
 INITECH = ConnectionRef("dev", "hubspot", "initech")
 UMBRELLA = ConnectionRef("prod", "salesforce", "umbrella")
 LIMIT_ALL = 100_000
+T0 = datetime(2000, 1, 1, tzinfo=UTC)
+"""A due time long past: jobs due at it are claimable at once."""
 
 
 def lifecycle(event: LifecycleEvent, *, key: str = "", config: dict[str, Any] | None = None) -> NewEvent:
@@ -52,6 +55,11 @@ def lifecycle(event: LifecycleEvent, *, key: str = "", config: dict[str, Any] | 
 def fact(kind: Fact, cause: NewEvent, data: dict[str, Any] | None = None) -> NewEvent:
     """A fact caused by the lifecycle record ``cause``."""
     return NewEvent(event_id=str(uuid7()), type=kind.value, data=data or {}, causation_id=cause.event_id)
+
+
+def job(cause: NewEvent, function: str = "register") -> NewJob:
+    """A creation job for ``cause``, due at once."""
+    return NewJob(str(uuid7()), function, LifecycleEvent.POST_CONNECTION_CREATION, cause.event_id, {}, T0)
 
 
 def validated() -> list[NewEvent]:
@@ -492,8 +500,41 @@ class StoreContract:
         assert times == sorted(times)
         assert times[-1] == t + timedelta(seconds=20)
 
+    # Run in a child process: if the writer task dies, the caller's shielded wait can never be cancelled.
 
-# Run in a child process: if the writer task dies, the caller's shielded wait can never be cancelled.
+    async def test_cancelling_a_job_as_listed_removes_it_with_the_append(self, store: EventStore) -> None:
+        """A job cancelled with the token it was listed with is removed in the same transaction as the records."""
+        created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, None, [created], jobs=[job(created)])
+        (listed,) = await store.jobs(ACME)
+        deletion = lifecycle(LifecycleEvent.PRE_CONNECTION_DELETION)
+        await store.append(ACME, None, [deletion], cancel_jobs=[listed])
+        assert await store.jobs(ACME) == []
+        assert [r.type for r in await everything(store)] == [created.type, deletion.type]
+
+    async def test_a_job_claimed_since_it_was_listed_refuses_the_cancelling_append(self, store: EventStore) -> None:
+        """Fencing: a job whose token moved on since it was listed refuses the whole append (LeaseLost)."""
+        created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, None, [created], jobs=[job(created)])
+        (listed,) = await store.jobs(ACME)
+        (claimed,) = await store.claim_jobs(limit=1, lease=60)
+        head = await store.head()
+        with pytest.raises(LeaseLost):
+            await store.append(ACME, None, [lifecycle(LifecycleEvent.PRE_CONNECTION_DELETION)], cancel_jobs=[listed])
+        assert await store.head() == head
+        assert [j.job_id for j in await store.jobs(ACME)] == [claimed.job_id]
+
+    async def test_a_claimed_job_cancelled_with_its_claim_is_removed_and_fenced(self, store: EventStore) -> None:
+        """A claim's holder may cancel its job; the claim's outcome is then refused (LeaseLost)."""
+        created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, None, [created], jobs=[job(created)])
+        (claimed,) = await store.claim_jobs(limit=1, lease=60)
+        await store.append(ACME, None, [lifecycle(LifecycleEvent.PRE_CONNECTION_DELETION)], cancel_jobs=[claimed])
+        assert await store.jobs(ACME) == []
+        with pytest.raises(LeaseLost):
+            await store.finish_job(claimed, [fact(Fact.FUNCTION_SUCCEEDED, created, {"function": "f"})])
+
+
 UNENCODABLE_APPEND = """
 import sys, anyio
 from orchestrator.errors import OrchestratorError

@@ -30,7 +30,7 @@ import httpx
 from orchestrator import records
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.functions import on_event
-from orchestrator.model import ConnectionRef, EmitRequest, EmitResult, LifecycleEvent, NewJob
+from orchestrator.model import ConnectionRef, EmitRequest, EmitResult, Job, LifecycleEvent, NewJob
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent, Record
 from orchestrator.retry import RetryPolicy
@@ -99,7 +99,7 @@ class SpyStore(MemoryEventStore):
         events: Sequence[NewEvent],
         *,
         jobs: Sequence[NewJob] = (),
-        cancel_jobs: Sequence[str] = (),
+        cancel_jobs: Sequence[Job] = (),
     ) -> Appended:
         """See :meth:`MemoryEventStore.append`; a committed append is noted in :attr:`appends`."""
         appended = await super().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs)

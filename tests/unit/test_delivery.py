@@ -10,7 +10,6 @@ import pytest
 from orchestrator.config import DispatchConfig
 from orchestrator.context import Context
 from orchestrator.delivery import DELETION_CANCELLED, VALIDATION_CANCELLED
-from orchestrator.errors import LeaseLost
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.model import ConnectionState, FunctionStatus, Job, LifecycleEvent, Outcome
 from orchestrator.records import (
@@ -424,13 +423,6 @@ class ClaimPausingStore(SpyStore):
         return await super().claim_jobs(limit=limit, lease=lease, exclude=exclude)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LeaseLost,
-    reason="Worker.hold only affects claims made after it: a claim already on its way to the store (its exclude set"
-    " taken before the hold) leases the creation job the deletion has planned to cancel, so the deletion fails with"
-    " LeaseLost after its cleanups ran, while the creation function runs alongside them",
-)
 async def test_a_deletion_is_not_failed_by_a_claim_already_in_flight() -> None:
     """A deletion that begins while the worker is claiming still completes (it waits for or cancels that job)."""
     claim, cleaning = Gate(), Gate()
@@ -455,8 +447,66 @@ async def test_a_deletion_is_not_failed_by_a_claim_already_in_flight() -> None:
         await h.emit(CREATE)
         await claim.arrivals(1)  # the worker is claiming; nothing is held yet
         deletion = Call(tg, lambda: h.emit(DELETE))
-        await cleaning.arrivals(1)  # the deletion holds the connection and has planned to cancel the job
-        claim.open()
+        await settle()  # the deletion holds the connection and waits for the claim on its way
+        assert ran == []
+        claim.open()  # the claim leases the creation job, whose attempt the hold then awaits
+        await cleaning.arrivals(1)
+        cleaning.open()
+        assert (await deletion.result()).state is S.DELETED
+        types = await h.types()
+    assert ran == ["register", "cleanup"]
+    assert types.index("function-succeeded") < types.index("pre-connection-deletion"), types
+
+
+async def test_a_deletion_stops_a_creation_attempt_that_outlives_its_wait() -> None:
+    """A creation attempt still running after running_wait is stopped: recorded cancelled, never succeeded."""
+    provisioning = Gate()
+    ran: list[str] = []
+
+    async def register(ctx: Context) -> None:
+        await provisioning.enter()  # never opened: a provider that hangs
+        ran.append("register finished")
+
+    async def cleanup(ctx: Context) -> None:
+        ran.append("cleanup")
+
+    functions = [function("register", CREATE, register), function("cleanup", DELETE, cleanup)]
+    async with running(*functions, worker=True, config=DispatchConfig(running_wait=0.01)) as h:
+        await h.emit(CREATE)
+        await provisioning.arrivals(1)
+        deleted = await h.emit(DELETE)
+        assert deleted.state is S.DELETED
+        types = await h.types()
+        bodies = await h.bodies()
+        assert await h.store.jobs() == []
+    assert ran == ["cleanup"]
+    assert "function-succeeded" not in types[: types.index("pre-connection-deletion")]
+    cancelled = [b for b in bodies if isinstance(b, FunctionCancelled)]
+    assert [(c.function, c.reason, c.attempt) for c in cancelled] == [("register", DELETION_CANCELLED, 1)]
+    assert types[-1] == "connection-deleted"
+
+
+async def test_a_deletion_completes_when_its_caller_goes_away() -> None:
+    """The caller's cancellation (a client deadline) does not stop an admitted deletion: it is recorded."""
+    cleaning = Gate()
+
+    async def cleanup(ctx: Context) -> None:
+        await cleaning.enter()
+
+    async with running(function("cleanup", DELETE, cleanup)) as h, anyio.create_task_group() as tg:
+        await h.emit(CREATE)
+        caller = anyio.CancelScope()
+
+        async def delete() -> None:
+            with caller:
+                await h.emit(DELETE)
+
+        tg.start_soon(delete)
+        await cleaning.arrivals(1)
+        caller.cancel()  # the client gives up while the cleanup runs
         await settle()
         cleaning.open()
-    assert (await deletion.result()).state is S.DELETED
+        head = await h.head()
+        await h.store.wait_for(head + 1)
+        connection = await h.service.get_connection(ACME)
+    assert connection.state is S.DELETED
