@@ -19,6 +19,7 @@ import anyio.lowlevel
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from orchestrator import limits
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
 from orchestrator.provider import Provider
@@ -220,14 +221,22 @@ class Context:
             raise InvalidArgument(f"stored metadata does not match {self._model.__name__}: {exc}") from None
 
     async def set_metadata(self, value: BaseModel | JSONObject) -> None:
-        """Replace the connection's metadata (validated by the model; recorded as ``metadata-updated``)."""
+        """Replace the connection's metadata (validated by the model; recorded as ``metadata-updated``).
+
+        At most 64 KiB as JSON per write and 256 KiB in all: beyond, ``ResourceExhausted`` names the
+        limit, and the attempt fails without retries.
+        """
         data = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
-        await self._sink.write(self._validate(data), merge=False)
+        validated = self._validate(data)
+        limits.check_metadata(validated, validated)
+        await self._sink.write(validated, merge=False)
 
     async def update_metadata(self, value: BaseModel | JSONObject) -> None:
-        """Merge keys into the connection's metadata (validated; recorded as ``metadata-updated``)."""
+        """Merge keys into the connection's metadata (validated and bounded as :meth:`set_metadata`)."""
         patch = value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
-        self._validate({**self._sink.current(), **patch})
+        merged = {**self._sink.current(), **patch}
+        self._validate(merged)
+        limits.check_metadata(patch, merged)
         await self._sink.write(patch, merge=True)
 
     # -- logging ---------------------------------------------------------------

@@ -15,6 +15,12 @@ MAX_CREDENTIAL_NAME = 128
 MAX_CREDENTIAL_VALUE = 16 * 1024
 MAX_MESSAGE_BYTES = 1024 * 1024
 """The largest gRPC message the daemon accepts (the sum of the above fits)."""
+MAX_METADATA_WRITE_BYTES = 64 * 1024
+"""The largest metadata a function may write at once (as JSON)."""
+MAX_METADATA_BYTES = 256 * 1024
+"""The largest metadata a connection may hold (as JSON), so that every reply that carries it stays small."""
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+"""A ListConnections page stops growing past this many bytes of metadata and config (a shorter page, a token)."""
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -48,6 +54,17 @@ def check_emit(request: EmitRequest) -> None:
     _json_size("connection_config", request.config, MAX_CONFIG_BYTES)
     _json_size("payload", request.payload, MAX_PAYLOAD_BYTES)
     _credentials(request.credentials)
+
+
+def check_metadata(write: JSONObject, after: JSONObject) -> None:
+    """Raise :class:`ResourceExhausted` naming the limit when a metadata write, or the metadata after it, is too big."""
+    _json_size("a metadata write", write, MAX_METADATA_WRITE_BYTES)
+    _json_size("the connection's metadata after this write", after, MAX_METADATA_BYTES)
+
+
+def page_bytes(metadata: JSONObject, config: JSONObject) -> int:
+    """What one connection weighs in a page (its metadata and config as JSON)."""
+    return len(codec.dumps(metadata).encode()) + len(codec.dumps(config).encode())
 
 
 def clamp_page_size(page_size: int) -> int:

@@ -30,7 +30,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from orchestrator.context import AttemptLog, Context, SyncContext
-from orchestrator.errors import InvalidArgument, ProviderError
+from orchestrator.errors import InvalidArgument, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
 from orchestrator.records import FunctionFailed, FunctionSucceeded
@@ -82,7 +82,7 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     """(retryable, rejected) for an exception a function raised."""
     if isinstance(exc, Rejected):
         return False, True
-    if isinstance(exc, NonRetryable | InvalidArgument):
+    if isinstance(exc, NonRetryable | InvalidArgument | ResourceExhausted):
         return False, False
     if isinstance(exc, ProviderError) and 400 <= exc.status < 500 and exc.status not in (408, 429):
         return False, False

@@ -343,6 +343,13 @@ class Service:
         )
         more = len(rows) > limit
         rows = rows[:limit]
+        # A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
+        weight = 0
+        for kept, row in enumerate(rows):
+            weight += limits.page_bytes(row.metadata, row.config)
+            if kept and weight > limits.MAX_PAGE_BYTES:
+                rows, more = rows[:kept], True
+                break
         token = _encode_token(rows[-1].ref.stream) if more and rows else ""
         return Page(rows, token)
 
