@@ -24,6 +24,7 @@ from orchestrator.plugins import Registry, discover
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
 from orchestrator.store import EventStore, Stats, open_store
+from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,11 @@ async def _serve(
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):
-        engine = assemble(store, registry, clock, http=http, integrations=integrations, config=config.dispatch)
+        watchdog = LoopWatchdog()
+        tg.start_soon(watchdog.run)
+        engine = assemble(
+            store, registry, clock, http=http, integrations=integrations, config=config.dispatch, watchdog=watchdog
+        )
         server = GrpcServer(engine.service)
         port = await server.start(config.listen)
         gauges = _Gauges(store, clock)

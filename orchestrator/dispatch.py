@@ -13,6 +13,7 @@ results into records.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,7 @@ from orchestrator.provider import Provider, redact
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
+from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -67,8 +69,10 @@ class Dispatcher:
         integrations: Mapping[str, Integration] | None = None,
         config: DispatchConfig | None = None,
         credentials: Credentials | None = None,
+        watchdog: LoopWatchdog | None = None,
     ) -> None:
         self.clock = clock
+        self._watchdog = watchdog
         self.config = config or DispatchConfig()
         self.credentials = credentials or Credentials()
         self._http = http
@@ -152,10 +156,12 @@ class Dispatcher:
             "orchestrator.plugin": f"{function.distribution} {function.version}",
         }
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
+            watched = self._watchdog.watching(function) if self._watchdog else contextlib.nullcontext()
             async with self._limiter:
-                result = await run_attempt(
-                    function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
-                )
+                with watched:
+                    result = await run_attempt(
+                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
+                    )
             # Whatever a function raised or logged, the connection's secrets never reach the log.
             secrets = self.credentials.get(ref)
             result = dataclasses.replace(

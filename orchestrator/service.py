@@ -56,6 +56,7 @@ from orchestrator.model import (
 from orchestrator.plugins import Registry
 from orchestrator.records import Fact, Record
 from orchestrator.store import Appended, EventStore, scan
+from orchestrator.watchdog import LoopWatchdog
 from orchestrator.worker import Worker
 
 READ_PAGE = 500
@@ -430,9 +431,12 @@ def assemble(
     credentials: Credentials | None = None,
     rng: random.Random | None = None,
     new_id: Callable[[], str] = lambda: str(uuid7()),
+    watchdog: LoopWatchdog | None = None,
 ) -> Engine:
     """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()``."""
-    dispatcher = Dispatcher(clock, http=http, integrations=integrations, config=config, credentials=credentials)
+    dispatcher = Dispatcher(
+        clock, http=http, integrations=integrations, config=config, credentials=credentials, watchdog=watchdog
+    )
     worker = Worker(store, registry, dispatcher, clock, rng=rng)
     delivery = Delivery(store, registry, dispatcher, worker, rng=rng, new_id=new_id)
     return Engine(Service(store, delivery), worker, dispatcher)
