@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "the function is no longer installed"
 POISON = "{n} attempt(s) began and never ended: the daemon stopped during each (a crash or a kill); not run again"
+CLAIM_RETRY = 5.0
+"""Seconds before the worker looks for jobs again when the store failed to lease them (a full disk)."""
 
 
 class _Immediate:
@@ -199,21 +201,31 @@ class Worker:
                 changed, finished = self._store.jobs_changed(), self._finished
                 free = self._dispatcher.free
                 claimed: list[Job] = []
-                if free > 0:
-                    self._claimed = anyio.Event()
-                    try:
-                        claimed = await self._store.claim_jobs(limit=free, lease=lease, exclude=frozenset(self._held))
-                        for job in claimed:
-                            running = self._running.setdefault(job.stream, {})[job.job_id] = _Running(job)
-                            tg.start_soon(self._run_job, running)
-                    finally:
-                        self._claimed.set()
+                try:
+                    if free > 0:
+                        self._claimed = anyio.Event()
+                        try:
+                            claimed = await self._store.claim_jobs(
+                                limit=free, lease=lease, exclude=frozenset(self._held)
+                            )
+                            for job in claimed:
+                                running = self._running.setdefault(job.stream, {})[job.job_id] = _Running(job)
+                                tg.start_soon(self._run_job, running)
+                        finally:
+                            self._claimed.set()
+                    next_at = None if claimed else await self._store.next_job_at()
+                except OrchestratorError as exc:
+                    # The store failed (a full disk): the jobs stay in the outbox. Look again after a
+                    # pause, or at the next wake, rather than end the worker and the daemon with it.
+                    log.warning("could not look for due jobs (%s); trying again in %.0f s", exc, CLAIM_RETRY)
+                    await self._idle(self._clock.now() + timedelta(seconds=CLAIM_RETRY), woken, finished)
+                    continue
                 if claimed and len(claimed) == free:
                     await finished.wait()  # every slot is busy: wait for one to free up
                     continue
                 if claimed:
                     continue  # there may be more due than we saw
-                await self._idle(await self._store.next_job_at(), changed, woken, finished)
+                await self._idle(next_at, changed, woken, finished)
 
     async def _idle(self, next_at: datetime | None, *signals: anyio.Event) -> None:
         """Wait until the next job is due or any of ``signals`` is set."""

@@ -22,6 +22,7 @@ NON_BLOCKING = (
     "tests/integration/test_server.py",
     "tests/integration/test_functions_grpc.py",
     "tests/observability/test_trace_in_process.py",
+    "tests/reliability/test_storage_faults.py",
 )
 ROOT = Path(__file__).resolve().parent.parent
 

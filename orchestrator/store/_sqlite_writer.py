@@ -10,7 +10,9 @@ Positions are assigned here, so commit order is position order and a
 follower never misses a record. The queue is bounded: beyond it, writes are
 refused with RESOURCE_EXHAUSTED instead of growing memory. A commit in
 progress is shielded from cancellation, so shutdown never leaves a write's
-outcome unknown.
+outcome unknown. A full disk (SQLITE_FULL) fails the whole batch with
+UNAVAILABLE ("disk full: ..."), logged once at ERROR: nothing of it is
+stored, and writing resumes by itself once there is room.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class Writer:
     def __init__(self, path: Path, clock: Clock) -> None:
         self._path = path
         self._clock = clock
+        self._full = False
+        """Whether the last write failed for want of space (logged once, until a commit succeeds)."""
         self._db: sqlite3.Connection | None = None
         # Copies of recently written read-model rows (bounded, least recently used out).
         self._rows: OrderedDict[str, Connection] = OrderedDict()
@@ -263,14 +267,19 @@ class Writer:
         try:
             txn = await anyio.to_thread.run_sync(self._commit, batch, now, limiter=self._thread)
         except Exception as exc:  # the writer must outlive any one write; its callers get the error
-            if len(batch) == 1:
-                batch[0].error = self._wrap(exc, batch[0])
+            if len(batch) == 1 or _is_full(exc):
+                # A full disk fails every write alike: retrying them one by one would only fail again.
+                for op in batch:
+                    op.error = self._wrap(exc, op)
             else:
                 # One bad write must not fail its neighbours: retry each alone.
                 for op in batch:
                     await self._commit_isolating([op])
                 return
         else:
+            if self._full:
+                self._full = False
+                log.warning("the event log %s is written again: the disk has room", self._path)
             self._last_micros = now
             if txn.position - 1 > self.head:
                 self.head = txn.position - 1
@@ -285,6 +294,19 @@ class Writer:
         if isinstance(exc, sqlite3.IntegrityError) and "idempotency_key" in str(exc) and isinstance(op, _Append):
             keys = ", ".join(repr(e.idempotency_key) for e in op.events if e.idempotency_key)
             error = IdempotencyConflict(f"idempotency key {keys} is already used on {op.ref}")
+        elif _is_full(exc):
+            if not self._full:  # once per episode: every write fails alike until space returns
+                self._full = True
+                log.error(
+                    "disk full: the event log %s cannot be written (%s); writes are refused with UNAVAILABLE"
+                    " and nothing of them is stored, until space is freed (then writing resumes by itself)",
+                    self._path,
+                    exc,
+                )
+            error = Unavailable(
+                f"disk full: the event log could not be written ({exc}); nothing of this write was stored,"
+                " retry once the daemon's disk has room"
+            )
         else:
             log.error("write to %s failed: %r", op.stream, exc)
             error = StoreError(f"the event log could not be written: {exc}")
@@ -319,7 +341,10 @@ class Writer:
             self._flush(db, txn)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # On some errors (SQLITE_FULL, SQLITE_IOERR, ...) SQLite has rolled the transaction back
+            # itself: a ROLLBACK then fails ("no transaction is active") and would hide the cause.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         # Only the writer changes rows, so after a commit its copies are the truth.
         for stream in txn.touched:
@@ -433,3 +458,9 @@ class Writer:
     def _jobs_changed(self) -> None:
         changed, self._jobs_event = self._jobs_event, anyio.Event()
         changed.set()
+
+
+def _is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_FULL: the disk (or the database's page limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL

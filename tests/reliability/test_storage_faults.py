@@ -1,0 +1,267 @@
+"""Storage faults on the SQLite event log, each reproduced as an adversary caused it, and the daemon's answer.
+
+- a full disk: writes are refused with UNAVAILABLE ("disk full: ..."), the cause is logged once, nothing
+  acknowledged is lost, and writing resumes by itself once there is room;
+
+Disk-full faults are injected two ways: deterministically with ``PRAGMA
+max_page_count`` on the writer's own connection (SQLite then answers
+SQLITE_FULL, "database or disk is full", exactly as on a full disk), and for
+real on a small tmpfs when this process may mount one (root), skipped
+otherwise. In-process tests run under blockbuster (tests/conftest.py): their
+file I/O goes through ``anyio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from orchestrator import worker
+from orchestrator.errors import Unavailable
+from orchestrator.ids import uuid7
+from orchestrator.model import ConnectionRef, LifecycleEvent
+from orchestrator.records import NewEvent
+from orchestrator.store import EventStore, open_store
+from orchestrator.store._sqlite_writer import Writer
+from orchestrator.store.sqlite import SQLiteEventStore
+from tests.support import grpc as api
+from tests.support.clock import FakeClock
+from tests.support.daemon import serving
+from tests.support.engine import CREATE, SpyStore, function, running
+from tests.support.process import drained
+
+ACME = ConnectionRef("dev", "acme", "c1")
+GLOBEX = ConnectionRef("dev", "acme", "c2")
+BLOB = "x" * 20_000
+"""A payload that needs new pages (overflow pages) wherever it is stored."""
+NO_LIMIT = 1_073_741_823
+"""SQLite's largest max_page_count: no limit."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def lifecycle(event: LifecycleEvent, payload: dict[str, Any] | None = None) -> NewEvent:
+    """A lifecycle record as the service writes it."""
+    return NewEvent(event_id=str(uuid7()), type=event.value, data={"config": {}, "payload": payload or {}})
+
+
+def created(payload: dict[str, Any] | None = None) -> list[NewEvent]:
+    """A post-connection-creation record."""
+    return [lifecycle(LifecycleEvent.POST_CONNECTION_CREATION, payload)]
+
+
+def blob() -> struct_pb2.Struct:
+    """A payload of :data:`BLOB`, for an emit."""
+    payload = struct_pb2.Struct()
+    payload.update({"blob": BLOB})
+    return payload
+
+
+def writer_of(store: EventStore) -> Writer:
+    """The SQLite store's writer."""
+    assert isinstance(store, SQLiteEventStore) and store._writer is not None
+    return store._writer
+
+
+async def on_writer(writer: Writer, sql: str) -> Any:
+    """Run one statement on the writer's own connection, in its thread (the fault injector); its first value."""
+
+    def execute() -> Any:
+        assert writer._db is not None
+        row = writer._db.execute(sql).fetchone()
+        return row[0] if row else None
+
+    return await anyio.to_thread.run_sync(execute, limiter=writer._thread)
+
+
+async def fill_up(writer: Writer) -> None:
+    """Make the database full: SQLite answers SQLITE_FULL to a write that needs one more page."""
+    await on_writer(writer, f"PRAGMA max_page_count = {await on_writer(writer, 'PRAGMA page_count')}")
+
+
+async def free_space(writer: Writer) -> None:
+    """Lift the limit :func:`fill_up` set."""
+    await on_writer(writer, f"PRAGMA max_page_count = {NO_LIMIT}")
+
+
+def url(path: Path) -> str:
+    """The ``sqlite://`` URL of an absolute path (``sqlite_url`` resolves it: a blocking call, for sync tests)."""
+    assert path.is_absolute()
+    return f"sqlite://{path}"
+
+
+@contextmanager
+def tmpfs(
+    path: Path, size: str, *, files: Callable[[Path], None] | None = None, readonly: bool = False
+) -> Iterator[Path]:
+    """A small tmpfs at ``path`` for the block (``files`` put in it first, then remounted read-only if asked)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root, and this test runs as another user")
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        if files is not None:
+            files(path)
+        if readonly:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# -- a full disk ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_disk_full_refuses_appends_with_unavailable_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLITE_FULL fails a whole batch with Unavailable 'disk full', logged once at ERROR; writes resume with space."""
+    async with open_store(url(tmp_path / "events.db")) as store:
+        first = await store.append(ACME, 0, created())
+        await fill_up(writer_of(store))
+        refused: list[Exception] = []
+
+        async def append(ref: ConnectionRef) -> None:
+            try:
+                await store.append(ref, None, created({"blob": BLOB}))
+            except Exception as exc:
+                refused.append(exc)
+
+        for _ in range(2):  # two rounds of concurrent appends: group-committed batches
+            async with anyio.create_task_group() as tg:
+                for n in range(5):
+                    tg.start_soon(append, ConnectionRef("dev", "acme", f"full-{n}"))
+        assert len(refused) == 10
+        assert all(isinstance(e, Unavailable) and str(e).startswith("disk full: ") for e in refused), refused
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "database or disk is full" in errors[0].getMessage()
+        await free_space(writer_of(store))
+        again = await store.append(GLOBEX, 0, created({"blob": BLOB}))
+        assert again.records[0].position == 2
+        assert [r.event_id for r in await store.read()] == [first.records[0].event_id, again.records[0].event_id]
+
+
+@pytest.fixture
+def writers(monkeypatch: pytest.MonkeyPatch) -> list[Writer]:
+    """Every SQLite writer made during the test (to inject faults into an in-process daemon's)."""
+    made: list[Writer] = []
+    original = Writer.__init__
+
+    def init(self: Writer, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Writer, "__init__", init)
+    return made
+
+
+@pytest.mark.anyio
+async def test_disk_full_is_unavailable_over_grpc_and_nothing_acknowledged_is_lost(
+    tmp_path: Path, writers: list[Writer]
+) -> None:
+    """With the disk full an emit is UNAVAILABLE 'disk full: ...'; once space returns the daemon writes again."""
+    async with serving(tmp_path) as daemon:
+        acknowledged = [await api.emit(daemon.stub, api.VALIDATE, "c1")]
+        [writer] = writers
+        await fill_up(writer)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await api.emit(daemon.stub, api.CREATE, "c1", payload=blob())
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            assert refused.value.details().startswith("disk full: "), refused.value.details()
+        await free_space(writer)
+        acknowledged.append(await api.emit(daemon.stub, api.CREATE, "c1", payload=blob()))
+        log = await api.records(daemon.stub)  # what was acknowledged, and nothing of the refused emits
+        assert [r.type for r in log] == ["validate-connection", "connection-validated", "post-connection-creation"]
+        assert {(a.event_id, a.position) for a in acknowledged} <= {(r.event_id, r.position) for r in log}
+
+
+def fill(directory: Path) -> Path:
+    """Write a file in ``directory`` until its filesystem is full; the file."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as fh:  # unbuffered: nothing is left to flush on close
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_filesystem_refuses_emits_with_unavailable_until_space_returns(tmp_path: Path) -> None:
+    """On a real full disk (a 2 MiB tmpfs) emits are UNAVAILABLE 'disk full', logged once; then it recovers."""
+    with tmpfs(tmp_path / "disk", "2m") as disk, drained(disk / "events.db") as daemon:
+        client = api.Api(daemon.address)
+        try:
+            client.emit("validate-connection", "c1", "acme")
+            filler = fill(disk)
+            refused: list[grpc.RpcError] = []
+            for _ in range(200):  # the WAL grows until a frame finds no room
+                try:
+                    client.emit("post-connection-creation", "c1", "acme", config={"blob": BLOB})
+                except grpc.RpcError as exc:
+                    refused.append(exc)
+                    if len(refused) == 2:
+                        break
+            assert len(refused) == 2, "the disk never filled up"
+            for exc in refused:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                assert exc.details().startswith("disk full: "), exc.details()
+            filler.unlink()
+            after = client.emit("post-connection-creation", "c1", "acme")
+            assert after["state"] == "active"
+        finally:
+            client.close()
+    errors = [line for line in daemon.stderr.lines if '"level": "error"' in line]
+    assert len(errors) == 1 and "database or disk is full" in errors[0], errors
+
+
+class ClaimsRefused(SpyStore):
+    """The memory store whose job claims fail with Unavailable (a full disk) while ``full`` is set."""
+
+    full = False
+
+    async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> Any:
+        """See :meth:`MemoryEventStore.claim_jobs`; Unavailable while :attr:`full`."""
+        if self.full:
+            raise Unavailable("disk full: the event log could not be written (database or disk is full)")
+        return await super().claim_jobs(limit=limit, lease=lease, exclude=exclude)
+
+
+@pytest.mark.anyio
+async def test_a_refused_claim_pauses_the_worker_instead_of_ending_it() -> None:
+    """A job claim refused by the store (disk full) is retried after a pause: the daemon's worker does not end."""
+    clock = FakeClock()
+    store = ClaimsRefused(clock)
+
+    async def register(ctx: Any) -> None:
+        """Succeeds."""
+
+    async with running(function("register", CREATE, register), worker=True, store=store, clock=clock) as h:
+        store.full = True
+        await h.emit(CREATE)  # schedules the job and wakes the worker, whose claim is refused
+        await clock.sleeping()  # the worker waits out its pause on the clock
+        store.full = False
+        clock.advance(worker.CLAIM_RETRY + 1)
+        log = await h.records_up_to(2)
+        assert [r.type for r in log] == ["post-connection-creation", "function-succeeded"]
