@@ -3,15 +3,13 @@
 Durability: ``synchronous=FULL``, so an append is acknowledged only after
 its transaction is on disk. Writes go through the :class:`~orchestrator.store._sqlite_writer.Writer`
 (group commit); reads use their own read-only connection, whose snapshot
-never blocks the writer. One daemon owns a file (an ``flock`` on
-``<file>.lock``); any number of read-only readers (``orchestrator replay``)
-may open it while it runs.
+never blocks the writer. One daemon owns a file (an ``flock`` on the database
+file itself, see :mod:`orchestrator.store._sqlite_file`); any number of
+read-only readers (``orchestrator replay``) may open it while it runs.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -29,6 +27,7 @@ from orchestrator.clock import Clock
 from orchestrator.errors import StoreError, Unavailable
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
 from orchestrator.records import NewEvent, Record
+from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
 from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
@@ -80,7 +79,6 @@ class SQLiteEventStore:
                 with anyio.CancelScope(shield=True):  # closed even when the owner is cancelled
                     await self._reader.close()
             return
-        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
         async with _exclusive(path):
             try:
                 await writer.start()
@@ -255,9 +253,8 @@ class SQLiteEventStore:
 
 @asynccontextmanager
 async def _exclusive(path: Path) -> AsyncIterator[None]:
-    """Hold ``<path>.lock`` so that a second daemon on the same file refuses to start."""
-    lock = _LockFile(path.with_name(path.name + ".lock"))
-    await anyio.to_thread.run_sync(lock.acquire)  # file I/O stays off the event loop
+    """Own the log at ``path`` for the block: a second daemon on the same file refuses to start."""
+    lock = await anyio.to_thread.run_sync(_own, path)  # file I/O stays off the event loop
     try:
         yield
     finally:
@@ -265,27 +262,12 @@ async def _exclusive(path: Path) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(lock.release)
 
 
-class _LockFile:
-    """An ``flock``-ed file holding the owner's pid."""
-
-    def __init__(self, lock_path: Path) -> None:
-        self._lock_path = lock_path
-        self._fd = -1
-
-    def acquire(self) -> None:
-        self._fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self._fd, 32).decode(errors="replace").strip() or "another process"
-            os.close(self._fd)
-            raise StoreError(
-                f"the event log {self._lock_path.with_suffix('')} is in use by pid {holder}:"
-                " one daemon owns an SQLite log (use PostgreSQL to run several)"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
+def _own(path: Path) -> _sqlite_file.Lock:
+    try:
+        real = path.resolve()  # a symlink leads to the file it names: one lock per file, whatever the path
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise StoreError(f"cannot find the event log {path}: {exc}") from exc
+    real.parent.mkdir(parents=True, exist_ok=True)
+    lock = _sqlite_file.Lock(real, shown=path)
+    lock.acquire()
+    return lock

@@ -2,6 +2,8 @@
 
 - a full disk: writes are refused with UNAVAILABLE ("disk full: ..."), the cause is logged once, nothing
   acknowledged is lost, and writing resumes by itself once there is room;
+- a second daemon on the same file, through a symlink or after ``events.db.lock`` was deleted: refused,
+  and the first one's job leases are left alone;
 
 Disk-full faults are injected two ways: deterministically with ``PRAGMA
 max_page_count`` on the writer's own connection (SQLite then answers
@@ -15,9 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,9 @@ import pytest
 from google.protobuf import struct_pb2
 
 from orchestrator import worker
-from orchestrator.errors import Unavailable
+from orchestrator.errors import StoreError, Unavailable
 from orchestrator.ids import uuid7
-from orchestrator.model import ConnectionRef, LifecycleEvent
+from orchestrator.model import ConnectionRef, LifecycleEvent, NewJob
 from orchestrator.records import NewEvent
 from orchestrator.store import EventStore, open_store
 from orchestrator.store._sqlite_writer import Writer
@@ -38,7 +43,7 @@ from tests.support import grpc as api
 from tests.support.clock import FakeClock
 from tests.support.daemon import serving
 from tests.support.engine import CREATE, SpyStore, function, running
-from tests.support.process import drained
+from tests.support.process import READY, STARTUP_TIMEOUT, Process, drained, sqlite_url
 
 ACME = ConnectionRef("dev", "acme", "c1")
 GLOBEX = ConnectionRef("dev", "acme", "c2")
@@ -66,6 +71,12 @@ def blob() -> struct_pb2.Struct:
     payload = struct_pb2.Struct()
     payload.update({"blob": BLOB})
     return payload
+
+
+def a_job() -> NewJob:
+    """A creation job, due at once."""
+    due = datetime(2020, 1, 1, tzinfo=UTC)
+    return NewJob(str(uuid7()), "register", LifecycleEvent.POST_CONNECTION_CREATION, "", {}, due)
 
 
 def writer_of(store: EventStore) -> Writer:
@@ -101,6 +112,37 @@ def url(path: Path) -> str:
     return f"sqlite://{path}"
 
 
+@dataclass(frozen=True)
+class Start:
+    """How one ``serve`` went: whether it reached SERVING (then it was stopped), its exit code and stderr."""
+
+    served: bool
+    code: int
+    err: str
+
+    def error_line(self) -> str:
+        """The one ``orchestrator: error:`` line a refused start ends with (exit 1, no traceback)."""
+        assert not self.served, f"it started serving:\n{self.err}"
+        assert self.code == 1, self.err
+        assert "Traceback" not in self.err, self.err
+        lines = self.err.rstrip("\n").splitlines()
+        assert lines and lines[-1].startswith("orchestrator: error: "), self.err
+        assert sum(line.startswith("orchestrator: error: ") for line in lines) == 1, self.err
+        return lines[-1]
+
+
+def start(url: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> Start:
+    """``orchestrator serve`` on ``url``: stopped (SIGTERM) if it reaches SERVING, else left to exit by itself."""
+    process = Process("serve", "--listen", "127.0.0.1:0", "--database", url, *args, cwd=cwd, env=env)
+    try:
+        process.stderr.wait_for(READY, STARTUP_TIMEOUT)
+    except EOFError:  # it exited without serving
+        code = process.wait()
+        return Start(False, code, process.stderr.text)
+    code = process.signal(signal.SIGTERM)
+    return Start(True, code, process.stderr.text)
+
+
 @contextmanager
 def tmpfs(
     path: Path, size: str, *, files: Callable[[Path], None] | None = None, readonly: bool = False
@@ -125,6 +167,61 @@ def tmpfs(
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+# -- a second daemon on the same file -------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_second_writer_through_a_symlink_is_refused_and_leases_are_kept(tmp_path: Path) -> None:
+    """Opening the log through a symlink while it is open for writing raises 'in use'; the owner's job lease stays."""
+    database = tmp_path / "events.db"
+    link = tmp_path / "elsewhere" / "link.db"
+    await anyio.Path(link.parent).mkdir()
+    await anyio.Path(link).symlink_to(database)
+    async with open_store(url(database)) as first:
+        await first.append(ACME, 0, created(), jobs=[a_job()])
+        [claimed] = await first.claim_jobs(limit=1, lease=600)
+        with pytest.raises(StoreError, match="in use"):
+            async with open_store(url(link)):
+                pass
+        [job] = await first.jobs()
+        assert job.leased and job.lease_token == claimed.lease_token
+        assert (await first.append(GLOBEX, 0, created())).records[0].position == 2
+
+
+@pytest.mark.anyio
+async def test_a_second_writer_is_refused_after_the_lock_file_is_removed(tmp_path: Path) -> None:
+    """Deleting events.db.lock does not let a second writer in: the lock is held on the database file itself."""
+    database = tmp_path / "events.db"
+    async with open_store(url(database)) as first:
+        await first.append(ACME, 0, created(), jobs=[a_job()])
+        await first.claim_jobs(limit=1, lease=600)
+        await anyio.Path(tmp_path / "events.db.lock").unlink()
+        with pytest.raises(StoreError, match="in use"):
+            async with open_store(url(database)):
+                pass
+        [job] = await first.jobs()
+        assert job.leased
+
+
+def test_a_second_daemon_is_refused_through_a_symlink_and_without_the_lock_file(tmp_path: Path) -> None:
+    """serve through a symlink, or after events.db.lock was removed, exits 1 'in use by pid N'; the first serves on."""
+    database = tmp_path / "events.db"
+    link = tmp_path / "link.db"
+    link.symlink_to(database)
+    with drained(database) as first:
+        pid = first.process.pid
+        through_link = start(url(link), cwd=tmp_path).error_line()  # not resolved: through the link
+        assert f"is in use by pid {pid}" in through_link, through_link
+        (tmp_path / "events.db.lock").unlink()
+        without_lock = start(sqlite_url(database), cwd=tmp_path).error_line()
+        assert f"the event log {database} is in use by pid {pid}" in without_lock, without_lock
+        client = api.Api(first.address)
+        try:
+            assert client.emit("validate-connection", "c1", "acme")["position"] == 1
+        finally:
+            client.close()
 
 
 # -- a full disk ----------------------------------------------------------------------------------------

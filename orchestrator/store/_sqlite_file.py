@@ -1,0 +1,140 @@
+"""The SQLite log's file, owned by one daemon.
+
+One daemon owns a log: it holds an ``flock`` on the database file itself,
+found through any symlinks, so neither another path to the same file nor a
+deleted lock file lets a second daemon in. ``<file>.lock`` beside it holds
+the owner's pid (for the refusal message) and is locked too, as releases
+before this one locked only it.
+
+Everything here blocks: callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import threading
+from pathlib import Path
+
+from orchestrator.errors import StoreError
+
+FILE_MODE = 0o600
+
+
+def _os_error(action: str, exc: OSError) -> StoreError:
+    where = f" {exc.filename}" if exc.filename else ""
+    return StoreError(f"cannot {action}{where}: {exc.strerror or exc}")
+
+
+# -- owning ---------------------------------------------------------------------------------
+
+
+_held: set[tuple[int, int]] = set()
+"""The (device, inode) of every database file this process holds locked."""
+_held_guard = threading.RLock()
+
+
+class Lock:
+    """An ``flock`` on the database file itself (symlinks resolved), and on ``<file>.lock``, which holds our pid.
+
+    Closing any descriptor of the database file drops every POSIX lock this
+    process holds on it, SQLite's included. So :meth:`release` comes after
+    every SQLite connection of the owner is closed, and a file this process
+    already holds is refused without being opened again.
+    """
+
+    def __init__(self, path: Path, shown: Path) -> None:
+        self.path = path
+        """The database file's real path."""
+        self._shown = shown
+        self._pid_path = path.with_name(path.name + ".lock")
+        self._fds: list[int] = []
+        self._key: tuple[int, int] | None = None
+        self.status: os.stat_result | None = None
+        """The database file's status, taken once it is locked."""
+
+    def acquire(self) -> None:
+        """Take both locks, or raise :class:`StoreError` (in use, or not a file)."""
+        with _held_guard:
+            self._acquire()
+
+    def _acquire(self) -> None:
+        try:
+            if self.path.exists():
+                known = os.stat(self.path)
+                if (known.st_dev, known.st_ino) in _held:
+                    raise self._in_use(known)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise _os_error("open the event log", exc) from exc
+        self._fds.append(fd)
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise StoreError(f"{self._shown} is not a file: --database names the event log's file")
+            if not _try_lock(fd):
+                raise self._in_use(status)
+            try:
+                pid_fd = os.open(self._pid_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            except OSError as exc:
+                # SQLite must create the -wal and -shm files there too: the directory must be writable.
+                raise _os_error("create the lock file", exc) from exc
+            self._fds.append(pid_fd)
+            if not _try_lock(pid_fd):  # a release before this one, which locks only this file
+                raise self._in_use(status)
+            os.ftruncate(pid_fd, 0)
+            os.write(pid_fd, str(os.getpid()).encode())
+            self.status = os.fstat(fd)
+            self._key = (status.st_dev, status.st_ino)
+            _held.add(self._key)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Drop both locks (closing the descriptors releases them)."""
+        with _held_guard:
+            while self._fds:
+                os.close(self._fds.pop())
+            if self._key is not None:
+                _held.discard(self._key)
+                self._key = None
+
+    def _in_use(self, status: os.stat_result) -> StoreError:
+        holder = _pid_in(self._pid_path) or _flock_holder(status) or "another process"
+        also = f" (that is {self.path})" if self.path != self._shown else ""
+        return StoreError(
+            f"the event log {self._shown}{also} is in use by pid {holder}:"
+            " one daemon owns an SQLite log (use PostgreSQL to run several)"
+        )
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _pid_in(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
+
+
+def _flock_holder(status: os.stat_result) -> str:
+    """The pid holding an ``flock`` on the file (Linux's /proc/locks), or ``""``."""
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if "->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
+            return fields[4]
+    return ""
