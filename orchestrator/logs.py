@@ -7,8 +7,10 @@ One line per lifecycle event and per function attempt (see ``service`` and
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +55,12 @@ class TextFormatter(logging.Formatter):
 
 
 class ReopenableFileHandler(logging.FileHandler):
-    """A file handler whose file is closed and opened again on :meth:`reopen` (SIGHUP)."""
+    """A file handler whose file is closed and opened again on :meth:`reopen` (SIGHUP); a new file is made 0600."""
+
+    def _open(self) -> io.TextIOWrapper:
+        # The log names connections and functions: readable by the daemon's user only, like the event log.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
 
     def reopen(self) -> None:
         """Reopen the file (after logrotate moved it)."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from orchestrator import config
+from orchestrator.cli import _exit
 from orchestrator.cli._common import apply_toml, configured_integrations, database
 
 if TYPE_CHECKING:
@@ -160,7 +161,10 @@ def serve(
     from orchestrator.config import TelemetryConfig
     from orchestrator.store import sqlite_path
 
-    file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
+    try:
+        file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
+    except OSError as exc:
+        _exit.fail(f"cannot open the log file {log_file}: {exc.strerror or exc}")
     if metrics_listen:
         config.split_host_port(metrics_listen)
     integrations = configured_integrations(ctx)

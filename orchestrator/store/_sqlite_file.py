@@ -1,10 +1,12 @@
-"""The SQLite log's file, owned by one daemon.
+"""The SQLite log's file: private, owned by one daemon.
 
-One daemon owns a log: it holds an ``flock`` on the database file itself,
-found through any symlinks, so neither another path to the same file nor a
-deleted lock file lets a second daemon in. ``<file>.lock`` beside it holds
-the owner's pid (for the refusal message) and is locked too, as releases
-before this one locked only it.
+- **Creating.** Directories made for the log are ``0700``, its files
+  ``0600`` (SQLite gives ``-wal`` and ``-shm`` the database file's mode).
+- **Owning.** One daemon owns a log: it holds an ``flock`` on the database
+  file itself, found through any symlinks, so neither another path to the
+  same file nor a deleted lock file lets a second daemon in. ``<file>.lock``
+  beside it holds the owner's pid (for the refusal message) and is locked
+  too, as releases before this one locked only it.
 
 Everything here blocks: callers run it off the event loop.
 """
@@ -20,11 +22,31 @@ from pathlib import Path
 from orchestrator.errors import StoreError
 
 FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
 
 
 def _os_error(action: str, exc: OSError) -> StoreError:
     where = f" {exc.filename}" if exc.filename else ""
     return StoreError(f"cannot {action}{where}: {exc.strerror or exc}")
+
+
+# -- creating -------------------------------------------------------------------------------
+
+
+def make_directories(directory: Path) -> None:
+    """Create ``directory`` and any missing parents, each ``0700`` (existing ones are left as they are)."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=DIRECTORY_MODE)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _os_error("create the directory", exc) from exc
 
 
 # -- owning ---------------------------------------------------------------------------------

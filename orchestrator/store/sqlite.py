@@ -267,7 +267,7 @@ def _own(path: Path) -> _sqlite_file.Lock:
         real = path.resolve()  # a symlink leads to the file it names: one lock per file, whatever the path
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise StoreError(f"cannot find the event log {path}: {exc}") from exc
-    real.parent.mkdir(parents=True, exist_ok=True)
+    _sqlite_file.make_directories(real.parent)
     lock = _sqlite_file.Lock(real, shown=path)
     lock.acquire()
     return lock

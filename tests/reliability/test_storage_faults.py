@@ -4,6 +4,7 @@
   acknowledged is lost, and writing resumes by itself once there is room;
 - a second daemon on the same file, through a symlink or after ``events.db.lock`` was deleted: refused,
   and the first one's job leases are left alone;
+- files are created private (0600, directories 0700), and an unwritable directory is one line on stderr;
 
 Disk-full faults are injected two ways: deterministically with ``PRAGMA
 max_page_count`` on the writer's own connection (SQLite then answers
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +34,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from orchestrator import worker
+from orchestrator import logs, worker
 from orchestrator.errors import StoreError, Unavailable
 from orchestrator.ids import uuid7
 from orchestrator.model import ConnectionRef, LifecycleEvent, NewJob
@@ -43,10 +46,11 @@ from tests.support import grpc as api
 from tests.support.clock import FakeClock
 from tests.support.daemon import serving
 from tests.support.engine import CREATE, SpyStore, function, running
-from tests.support.process import READY, STARTUP_TIMEOUT, Process, drained, sqlite_url
+from tests.support.process import READY, STARTUP_TIMEOUT, Process, drained, environment, run, sqlite_url
 
 ACME = ConnectionRef("dev", "acme", "c1")
 GLOBEX = ConnectionRef("dev", "acme", "c2")
+GOLDEN = Path(__file__).parent.parent / "golden" / "e915399-failures"
 BLOB = "x" * 20_000
 """A payload that needs new pages (overflow pages) wherever it is stored."""
 NO_LIMIT = 1_073_741_823
@@ -112,6 +116,17 @@ def url(path: Path) -> str:
     return f"sqlite://{path}"
 
 
+def golden_copy(path: Path) -> Path:
+    """A copy of a golden log written by an earlier release (48 records)."""
+    shutil.copyfile(GOLDEN / "events.db", path)
+    return path
+
+
+def mode(path: Path) -> int:
+    """The permission bits of ``path``."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 @dataclass(frozen=True)
 class Start:
     """How one ``serve`` went: whether it reached SERVING (then it was stopped), its exit code and stderr."""
@@ -167,6 +182,23 @@ def tmpfs(
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
+def read_only_directory(path: Path, *, files: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A directory this process cannot write to: a read-only tmpfs for root (who ignores modes), else mode 0555."""
+    if os.geteuid() == 0:
+        with tmpfs(path, "1m", files=files, readonly=True) as directory:
+            yield directory
+        return
+    path.mkdir()
+    if files is not None:
+        files(path)
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
 
 
 # -- a second daemon on the same file -------------------------------------------------------------------
@@ -362,3 +394,85 @@ async def test_a_refused_claim_pauses_the_worker_instead_of_ending_it() -> None:
         clock.advance(worker.CLAIM_RETRY + 1)
         log = await h.records_up_to(2)
         assert [r.type for r in log] == ["post-connection-creation", "function-succeeded"]
+
+
+# -- file modes and an unwritable directory ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_log_files_and_the_directories_made_for_them_are_private(tmp_path: Path) -> None:
+    """Directories created for the log are 0700; events.db, -wal, -shm and the lock file are 0600 (umask 022)."""
+    database = tmp_path / "a" / "b" / "events.db"
+    previous = os.umask(0o022)
+    try:
+        async with open_store(url(database)) as store:
+            await store.append(ACME, 0, created())
+            modes = await anyio.to_thread.run_sync(
+                lambda: {
+                    p.relative_to(tmp_path).as_posix(): mode(p)
+                    for p in (database.parent.parent, database.parent, *database.parent.iterdir())
+                }
+            )
+    finally:
+        os.umask(previous)
+    assert modes == {
+        "a": 0o700,
+        "a/b": 0o700,
+        "a/b/events.db": 0o600,
+        "a/b/events.db-wal": 0o600,
+        "a/b/events.db-shm": 0o600,
+        "a/b/events.db.lock": 0o600,
+    }
+
+
+def test_the_log_file_of_serve_is_private(tmp_path: Path) -> None:
+    """serve --log-file creates its log file 0600 (umask 022), and so does the reopen on SIGHUP after a rotation."""
+    log = tmp_path / "orchestrator.log"
+    env = environment()
+    checked = run("serve", "--check", "--log-file", str(log), cwd=tmp_path, env=env)
+    assert checked.code == 0, str(checked)
+    assert mode(log) == 0o600
+    log.rename(tmp_path / "orchestrator.log.1")  # logrotate moves it, then SIGHUP reopens it
+    previous = os.umask(0o022)
+    try:
+        handler = logs.ReopenableFileHandler(log, encoding="utf-8")
+        try:
+            log.unlink()
+            handler.reopen()
+            assert mode(log) == 0o600
+        finally:
+            handler.close()
+    finally:
+        os.umask(previous)
+
+
+def put_a_log(directory: Path) -> None:
+    """A golden log in ``directory``."""
+    golden_copy(directory / "events.db")
+
+
+@pytest.mark.parametrize(
+    ("what", "files", "args"),
+    [
+        ("a new log", None, ("--database", "{dir}/events.db")),
+        ("a new log in a new directory", None, ("--database", "{dir}/data/events.db")),
+        ("an existing log", put_a_log, ("--database", "{dir}/events.db")),
+        ("the log file", None, ("--log-file", "{dir}/orchestrator.log")),
+    ],
+    ids=["new-log", "new-directory", "existing-log", "log-file"],
+)
+def test_a_read_only_directory_is_one_line_and_exit_1(
+    tmp_path: Path, what: str, files: Callable[[Path], None] | None, args: tuple[str, ...]
+) -> None:
+    """serve with the log (or its log file) in an unwritable directory exits 1 with one error line, no traceback."""
+    with read_only_directory(tmp_path / "ro", files=files) as directory:
+        argv = [a.format(dir=directory) for a in args]
+        if "--database" not in argv:
+            argv += ["--database", sqlite_url(tmp_path / "events.db")]
+        result = run("serve", "--listen", "127.0.0.1:0", *argv, cwd=tmp_path)
+    assert result.code == 1, f"{what}: {result}"
+    assert "Traceback" not in result.err, str(result)
+    lines = result.err.strip().splitlines()
+    assert lines[-1].startswith("orchestrator: error: "), str(result)
+    assert str(directory) in lines[-1], str(result)
+    assert sum(line.startswith("orchestrator: error: ") for line in lines) == 1, str(result)
