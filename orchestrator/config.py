@@ -138,6 +138,8 @@ class ServeConfig:
     insecure: bool = False
     uvloop: bool = True
     skip_broken_plugins: bool = False
+    init: bool = False
+    """Start a new log in an existing file that holds none (0 bytes, or an SQLite database with no tables)."""
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     integrations: Mapping[str, Integration] = field(default_factory=dict)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

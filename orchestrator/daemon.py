@@ -72,7 +72,7 @@ async def _serve(
     clock = clock or SystemClock()
     async with (
         telemetry.telemetry(config.telemetry),
-        open_store(database, clock=clock) as store,
+        open_store(database, clock=clock, init=config.init) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):

@@ -109,6 +109,14 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     help="Start even when a plugin is broken (it is reported and left out).",
 )
 @click.option(
+    "--init",
+    envvar="ORCHESTRATOR_INIT",
+    show_envvar=True,
+    is_flag=True,
+    help="Start a new event log in an existing file that holds none (0 bytes, or an SQLite database with no"
+    " tables); without it such a file is refused. A missing file is created without it.",
+)
+@click.option(
     "--log-format",
     envvar="ORCHESTRATOR_LOG_FORMAT",
     show_envvar=True,
@@ -142,6 +150,7 @@ def serve(
     insecure: bool,
     log_level: str,
     skip_broken_plugins: bool,
+    init: bool,
     log_format: str,
     log_file: Path | None,
     metrics_listen: str,
@@ -174,6 +183,7 @@ def serve(
         grace_period=grace_period,
         insecure=insecure,
         skip_broken_plugins=skip_broken_plugins,
+        init=init,
         dispatch=_dispatch_config(dispatch),
         integrations=integrations,
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),

@@ -47,14 +47,20 @@ def sqlite_path(url: str) -> Path | None:
 
 
 @asynccontextmanager
-async def open_store(url: str, *, readonly: bool = False, clock: Clock | None = None) -> AsyncIterator[EventStore]:
-    """Open the store that ``url`` names for the duration of the ``async with`` block."""
+async def open_store(
+    url: str, *, readonly: bool = False, clock: Clock | None = None, init: bool = False
+) -> AsyncIterator[EventStore]:
+    """Open the store that ``url`` names for the duration of the ``async with`` block.
+
+    ``init`` lets a new log start in an existing file that holds none (``serve --init``);
+    a missing file is created without it.
+    """
     clock = clock or SystemClock()
     path = sqlite_path(url)
     if path is not None:
         from orchestrator.store.sqlite import SQLiteEventStore
 
-        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock) as store:
+        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock, init=init) as store:
             yield store
         return
     if url.startswith("memory:"):

@@ -1,25 +1,38 @@
-"""The SQLite log's file: private, owned by one daemon.
+"""The SQLite log's file: created whole and private, owned by one daemon, checked before it is written.
 
-- **Creating.** Directories made for the log are ``0700``, its files
-  ``0600`` (SQLite gives ``-wal`` and ``-shm`` the database file's mode).
+- **Creating.** A missing log is built complete (every migration applied)
+  under a temporary name beside it, then linked into place: no crash leaves
+  an empty or half-made file where a log is expected. Directories made for
+  it are ``0700``, the files ``0600`` (SQLite gives ``-wal`` and ``-shm`` the
+  database file's mode).
 - **Owning.** One daemon owns a log: it holds an ``flock`` on the database
   file itself, found through any symlinks, so neither another path to the
   same file nor a deleted lock file lets a second daemon in. ``<file>.lock``
   beside it holds the owner's pid (for the refusal message) and is locked
   too, as releases before this one locked only it.
+- **Checking.** An existing file with no log in it (0 bytes, or an SQLite
+  database with nothing in it) is refused unless ``init``; one holding other
+  tables is refused always.
 
 Everything here blocks: callers run it off the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import sqlite3
 import stat
 import threading
 from pathlib import Path
 
+from orchestrator.clock import Clock
 from orchestrator.errors import StoreError
+from orchestrator.store._migrations import migrate_sqlite
+
+log = logging.getLogger(__name__)
 
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -47,6 +60,51 @@ def make_directories(directory: Path) -> None:
             pass
         except OSError as exc:
             raise _os_error("create the directory", exc) from exc
+
+
+def create(path: Path, clock: Clock) -> None:
+    """Create a new log at ``path``, complete: built under a temporary name, then linked into place.
+
+    If another process created ``path`` meanwhile, theirs is kept (and this one discarded).
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.new")
+    try:
+        _remove(temporary)  # a leftover of a crash of a process that had this pid
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE))
+        # Rollback-journal mode while it is built: each commit is then in the file itself,
+        # so the link below never leaves committed pages behind in a -wal file.
+        db = sqlite3.connect(temporary, isolation_level=None)
+        try:
+            db.execute("PRAGMA synchronous = FULL")
+            migrate_sqlite(db, path, clock)
+        finally:
+            db.close()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            log.info("%s was created by another process meanwhile; using it", path)
+        _sync_directory(path.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot create the event log {path}: {exc.strerror or exc} (in {path.parent})") from exc
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot create the event log {path}: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):  # what could not be made cannot be removed either
+            _remove(temporary)
+
+
+def _remove(path: Path) -> None:
+    for name in (path, path.with_name(path.name + "-journal")):
+        with contextlib.suppress(FileNotFoundError):
+            name.unlink()
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- owning ---------------------------------------------------------------------------------
@@ -83,11 +141,10 @@ class Lock:
 
     def _acquire(self) -> None:
         try:
-            if self.path.exists():
-                known = os.stat(self.path)
-                if (known.st_dev, known.st_ino) in _held:
-                    raise self._in_use(known)
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            known = os.stat(self.path)
+            if (known.st_dev, known.st_ino) in _held:
+                raise self._in_use(known)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise _os_error("open the event log", exc) from exc
         self._fds.append(fd)
@@ -160,3 +217,39 @@ def _flock_holder(status: os.stat_result) -> str:
         if "->" not in fields and len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == device:
             return fields[4]
     return ""
+
+
+# -- checking -------------------------------------------------------------------------------
+
+
+def refuse_zero_length(path: Path, status: os.stat_result, *, init: bool) -> None:
+    """A 0-byte file where a log was expected: refused unless ``init`` (SQLite would take it for a new database)."""
+    if status.st_size == 0 and not init:
+        raise _empty(path, "is empty (0 bytes)")
+
+
+def check_is_a_log(db: sqlite3.Connection, path: Path, *, init: bool) -> None:
+    """Refuse a database that is not an event log: empty (unless ``init``), or holding other things."""
+    names = [row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE name NOT LIKE 'sqlite_%'")]
+    if "schema_migrations" in names:
+        return
+    if names:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise StoreError(
+            f"{path} is not an orchestrator event log (it holds {shown}, and no schema_migrations table):"
+            " point --database at the event log, or at a new file"
+        )
+    if not init:
+        raise _empty(path, "is empty (an SQLite database with no tables)")
+
+
+def _empty(path: Path, what: str) -> StoreError:
+    wal = path.with_name(path.name + "-wal")
+    leftover = ""
+    with contextlib.suppress(OSError):
+        if wal.stat().st_size:
+            leftover = f"; {wal.name} is not empty: keep a copy of it"
+    return StoreError(
+        f"{path} {what}, where an event log was expected{leftover}: if the log was lost, restore it from a backup"
+        f" (docs/operations.md); to start a new log in this file, run `orchestrator serve --init` once"
+    )

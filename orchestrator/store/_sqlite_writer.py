@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,7 @@ from orchestrator.records import NewEvent
 from orchestrator.store._append import plan_append
 from orchestrator.store._base import Appended
 from orchestrator.store._migrations import migrate_sqlite
+from orchestrator.store._sqlite_file import check_is_a_log, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     RECORD_COLUMNS,
@@ -118,9 +120,10 @@ class _Txn:
 class Writer:
     """The single writer of one SQLite file (the caller holds the file's lock)."""
 
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(self, path: Path, clock: Clock, *, init: bool = False) -> None:
         self._path = path
         self._clock = clock
+        self._init = init
         self._full = False
         """Whether the last write failed for want of space (logged once, until a commit succeeds)."""
         self._db: sqlite3.Connection | None = None
@@ -140,18 +143,26 @@ class Writer:
 
     # -- life ------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open, migrate and read the starting point (in the writer's thread)."""
-        await anyio.to_thread.run_sync(self._start, limiter=self._thread)
+    async def start(self, status: os.stat_result) -> None:
+        """Check, open, migrate and read the starting point (in the writer's thread).
 
-    def _start(self) -> None:
+        ``status`` is the database file's, taken under the file's lock (which the caller holds).
+        """
+        await anyio.to_thread.run_sync(self._start, status, limiter=self._thread)
+
+    def _start(self, status: os.stat_result) -> None:
+        path = self._path
+        # Before SQLite sees it: it would take a 0-byte file for a new database (and drop its -wal).
+        refuse_zero_length(path, status, init=self._init)
         try:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+            raise StoreError(f"cannot open the event log at {path}: {exc}") from exc
         self._db = db
         try:
             db.execute("PRAGMA busy_timeout = 5000")
+            # Nothing is written before this: a foreign file is left as it was.
+            check_is_a_log(db, path, init=self._init)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
             migrate_sqlite(db, self._path, self._clock)

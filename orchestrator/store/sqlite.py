@@ -4,12 +4,14 @@ Durability: ``synchronous=FULL``, so an append is acknowledged only after
 its transaction is on disk. Writes go through the :class:`~orchestrator.store._sqlite_writer.Writer`
 (group commit); reads use their own read-only connection, whose snapshot
 never blocks the writer. One daemon owns a file (an ``flock`` on the database
-file itself, see :mod:`orchestrator.store._sqlite_file`); any number of
+file itself, see :mod:`orchestrator.store._sqlite_file`, which also creates
+a missing log whole and refuses an empty one); any number of
 read-only readers (``orchestrator replay``) may open it while it runs.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -43,18 +45,24 @@ from orchestrator.store._sqlite_writer import Writer
 class SQLiteEventStore:
     """The :class:`~orchestrator.store.EventStore` contract on one SQLite file."""
 
-    def __init__(self, path: Path, *, clock: Clock, readonly: bool) -> None:
+    def __init__(self, path: Path, *, clock: Clock, readonly: bool, init: bool = False) -> None:
         self._path = path
         self._clock = clock
         self._reader: aiosqlite.Connection | None = None
-        self._writer = None if readonly else Writer(path, clock)
+        self._writer = None if readonly else Writer(path, clock, init=init)
         self._closed = False
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: Path, *, clock: Clock, readonly: bool = False) -> AsyncIterator[SQLiteEventStore]:
-        """Open (creating and migrating unless ``readonly``) the log at ``path``."""
-        store = cls(path, clock=clock, readonly=readonly)
+    async def open(
+        cls, path: Path, *, clock: Clock, readonly: bool = False, init: bool = False
+    ) -> AsyncIterator[SQLiteEventStore]:
+        """Open (creating and migrating unless ``readonly``) the log at ``path``.
+
+        An existing file with no log in it is refused unless ``init`` (see
+        :mod:`orchestrator.store._sqlite_file`); a missing one is created.
+        """
+        store = cls(path, clock=clock, readonly=readonly, init=init)
         try:
             async with store._open():
                 yield store
@@ -79,9 +87,9 @@ class SQLiteEventStore:
                 with anyio.CancelScope(shield=True):  # closed even when the owner is cancelled
                     await self._reader.close()
             return
-        async with _exclusive(path):
+        async with _exclusive(path, self._clock) as status:
             try:
-                await writer.start()
+                await writer.start(status)
                 self._reader = await self._connect_reader()
                 failed: Exception | None = None
                 async with anyio.create_task_group() as tg:
@@ -252,22 +260,28 @@ class SQLiteEventStore:
 
 
 @asynccontextmanager
-async def _exclusive(path: Path) -> AsyncIterator[None]:
-    """Own the log at ``path`` for the block: a second daemon on the same file refuses to start."""
-    lock = await anyio.to_thread.run_sync(_own, path)  # file I/O stays off the event loop
+async def _exclusive(path: Path, clock: Clock) -> AsyncIterator[os.stat_result]:
+    """Own the log at ``path`` (created whole if missing) for the block: a second daemon on it refuses to start.
+
+    Yields the database file's status, taken once it is locked.
+    """
+    lock = await anyio.to_thread.run_sync(_own, path, clock)  # file I/O stays off the event loop
     try:
-        yield
+        assert lock.status is not None
+        yield lock.status
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(lock.release)
 
 
-def _own(path: Path) -> _sqlite_file.Lock:
+def _own(path: Path, clock: Clock) -> _sqlite_file.Lock:
     try:
         real = path.resolve()  # a symlink leads to the file it names: one lock per file, whatever the path
     except (OSError, RuntimeError) as exc:  # a symlink loop
         raise StoreError(f"cannot find the event log {path}: {exc}") from exc
     _sqlite_file.make_directories(real.parent)
+    if not real.exists():
+        _sqlite_file.create(real, clock)
     lock = _sqlite_file.Lock(real, shown=path)
     lock.acquire()
     return lock

@@ -5,6 +5,7 @@
 - a second daemon on the same file, through a symlink or after ``events.db.lock`` was deleted: refused,
   and the first one's job leases are left alone;
 - files are created private (0600, directories 0700), and an unwritable directory is one line on stderr;
+- an empty file where a log was expected is refused unless ``serve --init``;
 
 Disk-full faults are injected two ways: deterministically with ``PRAGMA
 max_page_count`` on the writer's own connection (SQLite then answers
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,6 +202,92 @@ def read_only_directory(path: Path, *, files: Callable[[Path], None] | None = No
         yield path
     finally:
         path.chmod(0o755)
+
+
+# -- an empty file where a log was expected ---------------------------------------------------------------
+
+
+def zero_length(path: Path) -> None:
+    """A file of 0 bytes, as a failed copy or a truncation leaves it."""
+    path.write_bytes(b"")
+
+
+def empty_database(path: Path) -> None:
+    """An SQLite database with nothing in it (its header only)."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.execute("DROP TABLE t")
+
+
+def foreign_database(path: Path) -> None:
+    """Some other program's SQLite database."""
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.commit()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [zero_length, empty_database], ids=["zero-length", "empty-database"])
+async def test_an_empty_file_is_refused_unless_init(tmp_path: Path, make: Callable[[Path], None]) -> None:
+    """An existing file with no log in it is refused (StoreError saying --init); with init it becomes a new log."""
+    database = tmp_path / "events.db"
+    await anyio.to_thread.run_sync(make, database)
+    before = await anyio.Path(database).read_bytes()
+    with pytest.raises(StoreError, match=rf"{re.escape(str(database))} is empty.*--init"):
+        async with open_store(url(database)):
+            pass
+    assert await anyio.Path(database).read_bytes() == before  # untouched
+    async with open_store(url(database), init=True) as store:
+        await store.append(ACME, 0, created())
+    async with open_store(url(database)) as store:  # a log now: no --init needed
+        assert await store.head() == 1
+
+
+@pytest.mark.anyio
+async def test_a_foreign_database_is_refused_even_with_init(tmp_path: Path) -> None:
+    """An SQLite database holding other tables is not an event log: refused, with or without init, and left alone."""
+    database = tmp_path / "events.db"
+    await anyio.to_thread.run_sync(foreign_database, database)
+    before = await anyio.Path(database).read_bytes()
+    for init in (False, True):
+        with pytest.raises(StoreError, match=rf"{re.escape(str(database))} is not an orchestrator event log.*users"):
+            async with open_store(url(database), init=init):
+                pass
+    assert await anyio.Path(database).read_bytes() == before
+
+
+@pytest.mark.anyio
+async def test_a_missing_log_is_created_whole_without_init(tmp_path: Path) -> None:
+    """A missing file is created as before (no --init), complete, leaving no temporary file behind."""
+    database = tmp_path / "data" / "events.db"
+    async with open_store(url(database)) as store:
+        await store.append(ACME, 0, created())
+    names = sorted(p.name for p in await anyio.to_thread.run_sync(lambda: list(database.parent.iterdir())))
+    assert names == ["events.db", "events.db.lock"], names
+
+
+@pytest.mark.parametrize("how", ["flag", "environment", "config file"])
+def test_serve_init_starts_a_log_in_an_empty_file(tmp_path: Path, how: str) -> None:
+    """serve refuses a 0-byte file naming --init; --init, ORCHESTRATOR_INIT=1 or TOML init = true start a log in it."""
+    database = tmp_path / "events.db"
+    database.write_bytes(b"")
+    log_url = sqlite_url(database)
+    line = start(log_url, cwd=tmp_path).error_line()
+    assert line.startswith(f"orchestrator: error: {database} is empty (0 bytes)"), line
+    assert "--init" in line, line
+    args: tuple[str, ...] = ()
+    env = environment()
+    if how == "flag":
+        args = ("--init",)
+    elif how == "environment":
+        env["ORCHESTRATOR_INIT"] = "1"
+    else:
+        (tmp_path / "orchestrator.toml").write_text("init = true\n")
+        args = ("--config", str(tmp_path / "orchestrator.toml"))
+    initialised = start(log_url, *args, cwd=tmp_path, env=env)
+    assert initialised.served and initialised.code == 0, initialised.err
+    again = start(log_url, cwd=tmp_path)  # a log now: it starts without --init
+    assert again.served and again.code == 0, again.err
 
 
 # -- a second daemon on the same file -------------------------------------------------------------------
