@@ -1,7 +1,8 @@
 """The daemon's life: open the log, serve, drain on SIGTERM/SIGINT, close the log.
 
 Startup does not replay the log (the read model is kept up to date by every
-append), so it takes the same time whatever the log's size.
+append); its one pass over the file is SQLite's ``quick_check``, which is
+quick and bounded in time (see :mod:`orchestrator.store._sqlite_file`).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from orchestrator.records import NewEvent
 from orchestrator.store._append import plan_append
 from orchestrator.store._base import Appended
 from orchestrator.store._migrations import migrate_sqlite
-from orchestrator.store._sqlite_file import check_is_a_log, refuse_zero_length
+from orchestrator.store._sqlite_file import check_is_a_log, check_quickly, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     RECORD_COLUMNS,
@@ -161,7 +161,8 @@ class Writer:
         self._db = db
         try:
             db.execute("PRAGMA busy_timeout = 5000")
-            # Nothing is written before this: a foreign file is left as it was.
+            # Nothing is written before these: a damaged or foreign file is left as it was.
+            check_quickly(db, path)
             check_is_a_log(db, path, init=self._init)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")

@@ -3,10 +3,10 @@
 Durability: ``synchronous=FULL``, so an append is acknowledged only after
 its transaction is on disk. Writes go through the :class:`~orchestrator.store._sqlite_writer.Writer`
 (group commit); reads use their own read-only connection, whose snapshot
-never blocks the writer. One daemon owns a file (an ``flock`` on the database
-file itself, see :mod:`orchestrator.store._sqlite_file`, which also creates
-a missing log whole and refuses an empty one); any number of
-read-only readers (``orchestrator replay``) may open it while it runs.
+never blocks the writer. One daemon owns a file (an ``flock`` on the
+database file itself, see :mod:`orchestrator.store._sqlite_file`, which also
+creates a missing log whole and refuses an empty or damaged one); any number
+of read-only readers (``orchestrator replay``) may open it while it runs.
 """
 
 from __future__ import annotations

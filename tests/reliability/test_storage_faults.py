@@ -6,6 +6,7 @@
   and the first one's job leases are left alone;
 - files are created private (0600, directories 0700), and an unwritable directory is one line on stderr;
 - an empty file where a log was expected is refused unless ``serve --init``;
+- a damaged file is refused at start, naming it and the recovery, whose documented steps are run here.
 
 Disk-full faults are injected two ways: deterministically with ``PRAGMA
 max_page_count`` on the writer's own connection (SQLite then answers
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -54,6 +56,8 @@ from tests.support.process import READY, STARTUP_TIMEOUT, Process, drained, envi
 ACME = ConnectionRef("dev", "acme", "c1")
 GLOBEX = ConnectionRef("dev", "acme", "c2")
 GOLDEN = Path(__file__).parent.parent / "golden" / "e915399-failures"
+GOLDEN_RECORDS = 48
+SCRIBBLE = 4096
 BLOB = "x" * 20_000
 """A payload that needs new pages (overflow pages) wherever it is stored."""
 NO_LIMIT = 1_073_741_823
@@ -117,6 +121,13 @@ def url(path: Path) -> str:
     """The ``sqlite://`` URL of an absolute path (``sqlite_url`` resolves it: a blocking call, for sync tests)."""
     assert path.is_absolute()
     return f"sqlite://{path}"
+
+
+def scribble(path: Path, offset: int, *, seed: int = 7) -> None:
+    """Overwrite 4 KiB of ``path`` at ``offset`` with random bytes, as a bad disk or a stray write would."""
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(random.Random(seed).randbytes(SCRIBBLE))
 
 
 def golden_copy(path: Path) -> Path:
@@ -202,6 +213,137 @@ def read_only_directory(path: Path, *, files: Callable[[Path], None] | None = No
         yield path
     finally:
         path.chmod(0o755)
+
+
+# -- a damaged file -----------------------------------------------------------------------------
+
+
+def middle(database: Path) -> int:
+    """The offset of the middle of the file (in the golden log: a page of an index)."""
+    return database.stat().st_size // 2
+
+
+def across_pages(database: Path) -> int:
+    """An offset from which 4 KiB straddle two pages (SQLite then reports several problems)."""
+    return database.stat().st_size // 2 - 2048
+
+
+def records_page(database: Path) -> int:
+    """The offset of a page of the events table's records (found with SQLite's dbstat table), or skip."""
+    with closing(sqlite3.connect(f"file:{database}?mode=ro&immutable=1", uri=True)) as db:
+        try:
+            pages = db.execute("SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf'").fetchall()
+        except sqlite3.OperationalError as exc:
+            pytest.skip(f"this SQLite has no dbstat table to find a page of records with ({exc})")
+    return int((pages[0][0] - 1) * 4096)
+
+
+@pytest.mark.parametrize("where", [middle, across_pages, records_page], ids=["middle", "across-pages", "records"])
+def test_a_scribbled_log_is_refused_at_start_naming_it_and_the_way_out(
+    tmp_path: Path, where: Callable[[Path], int]
+) -> None:
+    """A golden log with 4 KiB of garbage in it: serve exits 1 saying it is damaged and how to recover it."""
+    database = golden_copy(tmp_path / "events.db")
+    scribble(database, where(database))
+    damaged = database.read_bytes()
+    line = start(sqlite_url(database), cwd=tmp_path).error_line()
+    assert line.startswith(f"orchestrator: error: the event log {database} is damaged"), line
+    assert "docs/operations.md" in line, line
+    assert database.read_bytes() == damaged  # not migrated, not written
+
+
+@pytest.mark.anyio
+async def test_a_damaged_log_is_refused_by_a_writer_with_a_store_error(tmp_path: Path) -> None:
+    """Opening a scribbled log for writing raises StoreError naming the file, before anything is written."""
+    database = tmp_path / "events.db"
+    await anyio.to_thread.run_sync(golden_copy, database)
+    await anyio.to_thread.run_sync(lambda: scribble(database, middle(database)))
+    with pytest.raises(StoreError, match=rf"the event log {re.escape(str(database))} is damaged .*operations\.md"):
+        async with open_store(url(database)):
+            pass
+
+
+@pytest.mark.anyio
+async def test_the_start_check_is_bounded_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When quick_check outlasts its budget the log is opened anyway, with a warning saying it was checked in part."""
+    database = tmp_path / "events.db"
+    await anyio.to_thread.run_sync(golden_copy, database)
+    from orchestrator.store import _sqlite_file
+
+    monkeypatch.setattr(_sqlite_file, "CHECK_BUDGET", 0.0)
+    async with open_store(url(database)) as store:
+        assert await store.head() == GOLDEN_RECORDS
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("checked in part" in w and str(database) in w for w in warnings), warnings
+
+
+# -- the documented recovery ------------------------------------------------------------------------
+
+
+# The commands of docs/operations.md, "A damaged event log", step 3, as written there (run in the copy's folder).
+RECOVER = 'sqlite3 events.db ".recover" > recovered.sql'
+DUMP = "sqlite3 events.db \".dump\" | sed 's/^ROLLBACK; -- due to errors$/COMMIT;/' > recovered.sql"
+LOAD = "sqlite3 recovered.db < recovered.sql"
+
+
+def test_the_recovery_commands_tested_here_are_those_of_the_docs() -> None:
+    """The salvage commands run below appear word for word in docs/operations.md."""
+    docs = (Path(__file__).parent.parent.parent / "docs" / "operations.md").read_text()
+    for command in (RECOVER, DUMP, LOAD, "chmod 600 recovered.db"):
+        assert command in docs, command
+
+
+def salvage(folder: Path) -> Path:
+    """Step 3 in ``folder`` (which holds the copy, events.db): .recover, or .dump where the shell cannot recover."""
+    if shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 command-line shell is not installed (apt-get install sqlite3)")
+    recovered = subprocess.run(["bash", "-c", RECOVER], cwd=folder, capture_output=True, text=True, check=False)
+    if recovered.returncode != 0:  # a shell built without sqlite_dbpage (Debian's): "SQL logic error"
+        subprocess.run(["bash", "-o", "pipefail", "-c", DUMP], cwd=folder, check=True)
+    subprocess.run(["bash", "-c", f"{LOAD} && chmod 600 recovered.db"], cwd=folder, check=True)
+    return folder / "recovered.db"
+
+
+def copy_aside(database: Path) -> Path:
+    """Step 2: the log and its -wal and -shm files, if any, copied to a new folder beside it."""
+    aside = database.parent / "damaged"
+    aside.mkdir(mode=0o700)
+    for file in database.parent.glob(database.name + "*"):
+        shutil.copy2(file, aside / file.name)
+    return aside
+
+
+def test_the_documented_recovery_brings_a_damaged_log_back(tmp_path: Path) -> None:
+    """The recovery steps of docs/operations.md, run for real on a scribbled golden log: verify passes, serve starts."""
+    database = golden_copy(tmp_path / "events.db")
+    scribble(database, middle(database))  # a page of an index: every record survives
+    assert not start(sqlite_url(database), cwd=tmp_path).served  # 1. it is refused (stopped)
+    recovered = salvage(copy_aside(database))  # 2. and 3.
+    verified = run("replay", "--database", sqlite_url(recovered), "--verify", cwd=tmp_path)  # 4.
+    assert verified.code == 0, str(verified)
+    for stale in ("events.db", "events.db-wal", "events.db-shm"):  # 5.
+        (tmp_path / stale).unlink(missing_ok=True)
+    recovered.rename(database)
+    assert mode(database) == 0o600
+    with drained(database) as daemon:
+        client = api.Api(daemon.address)
+        try:
+            assert len(list(client.stub.ReadEvents(api.read_request(), timeout=api.WAIT))) == GOLDEN_RECORDS
+        finally:
+            client.close()
+
+
+def test_a_recovery_that_lost_records_fails_verify(tmp_path: Path) -> None:
+    """When the scribble hit records, the recovered file lacks them and replay --verify exits 1, as the docs warn."""
+    database = golden_copy(tmp_path / "events.db")
+    scribble(database, records_page(database))  # a page of records: they are lost
+    assert not start(sqlite_url(database), cwd=tmp_path).served
+    recovered = salvage(copy_aside(database))
+    verified = run("replay", "--database", sqlite_url(recovered), "--verify", cwd=tmp_path)
+    assert verified.code == 1, str(verified)
+    assert "difference(s)" in verified.out + verified.err, str(verified)
 
 
 # -- an empty file where a log was expected ---------------------------------------------------------------
