@@ -222,8 +222,13 @@ def _leave_hung_threads() -> None:
     import logging
     import sys
     import threading
+    import time
 
-    hung = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    deadline = time.monotonic() + 1.0  # idle worker threads are told to stop as the loop closes: let them
+    for thread in others:
+        thread.join(max(deadline - time.monotonic(), 0))
+    hung = [t for t in others if t.is_alive()]
     if hung:
         logging.getLogger("orchestrator.daemon").warning(
             "exiting with %d function thread(s) still running past their timeout; they are abandoned", len(hung)
