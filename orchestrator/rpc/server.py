@@ -28,6 +28,7 @@ from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_MESSAGE_BYTES
+from orchestrator.logs import Throttle
 from orchestrator.model import check_name
 from orchestrator.records import Record
 from orchestrator.rpc import wire
@@ -77,7 +78,7 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Excepti
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Self = TypeVar("Self")
+Self = TypeVar("Self", bound="OrchestratorServicer")
 Ctx = grpc.aio.ServicerContext[object, object]
 
 
@@ -85,10 +86,27 @@ def _metadata(context: Ctx) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
+def _traceparent(context: Ctx) -> str:
+    """The caller's ``traceparent``; ``""`` when absent or not a valid W3C traceparent (then never stored or used)."""
+    return tracing.valid_traceparent(_metadata(context).get("traceparent", ""))
+
+
 @contextmanager
-def _server_span(name: str, context: Ctx) -> Iterator[trace.Span]:
+def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.Span]:
     """The RPC's span, continuing the caller's ``traceparent``; failures set its status."""
-    parent = tracing.context_from(_metadata(context).get("traceparent", ""))
+    sent = _metadata(context).get("traceparent", "")
+    traceparent = tracing.valid_traceparent(sent)
+    if sent and not traceparent:
+        # Its value is not logged: it can be anything, of any length.
+        throttle.log(
+            logging.WARNING,
+            "invalid traceparent",
+            "%s from %s: ignored a traceparent that is not a W3C traceparent (%d characters)",
+            name,
+            context.peer(),
+            len(sent),
+        )
+    parent = tracing.context_from(traceparent)
     with tracer.start_as_current_span(
         f"{SERVICE_NAME}/{name}",
         context=parent,
@@ -118,7 +136,7 @@ def _unary(
 ) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
     @wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
-        with _server_span(method.__name__, context) as span:
+        with _server_span(method.__name__, context, self.throttle) as span:
             try:
                 response = await method(self, request, context)
             except Exception as exc:
@@ -133,15 +151,13 @@ def _unary(
     return wrapper
 
 
-def _traceparent(context: Ctx) -> str:
-    return _metadata(context).get("traceparent", "")
-
-
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     """``orchestrator.v1.Orchestrator`` over a :class:`Service`."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, throttle: Throttle | None = None) -> None:
         self._service = service
+        self.throttle = throttle or Throttle(log)
+        """What a caller can repeat at will (an invalid traceparent) is logged at most every few seconds."""
 
     @_unary
     async def EmitLifecycleEvent(
@@ -185,7 +201,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     # fails to detach the span's context and logs an ERROR with a traceback for every dropped stream.)
     async def ReadEvents(self, request: pb.ReadEventsRequest, context: Ctx) -> None:  # type: ignore[override]
         """See the proto."""
-        with _server_span("ReadEvents", context) as span:
+        with _server_span("ReadEvents", context, self.throttle) as span:
             try:
                 ref = wire.ref_from_proto(request.connection) if request.HasField("connection") else None
                 records = cast(
@@ -214,15 +230,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
 def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
     """A server with the orchestrator, health and reflection services (not yet bound or started)."""
+    throttle = Throttle(log)
     server = grpc.aio.server(
-        interceptors=[WireGuard()],
+        interceptors=[WireGuard(throttle)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
         ],
     )
-    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service), server)
+    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, throttle), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -98,9 +98,9 @@ async def test_a_body_that_does_not_decode_is_invalid_argument(
     }
     assert answers == {path: (grpc.StatusCode.INVALID_ARGUMENT, details) for path, details in expected.items()}
     assert errors(log) == []
-    warnings = [r for r in log.records if r.levelno == logging.WARNING and r.name == "orchestrator.rpc.guard"]
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, "six bad requests within the throttle's interval: one line"
-    assert "is not a valid" in warnings[0].getMessage()
+    assert "is not a valid" in warnings[0]
 
 
 async def test_followers_that_go_away_are_not_errors(tmp_path: Path, log: pytest.LogCaptureFixture) -> None:
@@ -131,3 +131,32 @@ async def test_followers_that_go_away_are_not_errors(tmp_path: Path, log: pytest
     assert errors(log) == []
     gone = [r for r in log.records if r.name == "orchestrator.rpc.server" and "went away" in r.getMessage()]
     assert gone and all(r.levelno == logging.DEBUG for r in gone)
+
+
+JUNK_TRACEPARENTS = {
+    "junk-7023": "x" * 7023,
+    "valid-then-junk": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" + "-junk" * 1000,
+    "zero-trace-id": "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+    "zero-parent-id": "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+    "version-ff": "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "uppercase": "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+    "short": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902-01",
+}
+
+
+@pytest.mark.parametrize("traceparent", JUNK_TRACEPARENTS.values(), ids=JUNK_TRACEPARENTS.keys())
+async def test_an_invalid_traceparent_is_dropped(
+    tmp_path: Path, log: pytest.LogCaptureFixture, traceparent: str
+) -> None:
+    """An invalid traceparent is treated as absent: no record stores it, no span continues it, one WARNING says so."""
+    async with run_daemon(f"sqlite:///{tmp_path}/events.db", registry=Registry()) as daemon:
+        await emit(daemon.stub, VALIDATE, "conn-1", traceparent=traceparent)
+        stored = {record.traceparent async for record in daemon.stub.ReadEvents(read_request(), timeout=WAIT)}
+
+    # Tracing off: nothing stored. Tracing on (another module installed the SDK): the RPC's own span, a new trace.
+    (value,) = stored
+    assert value == "" or (len(value) == 55 and value[3:35] not in traceparent), value
+    assert errors(log) == []
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "not a W3C traceparent" in warnings[0], warnings
+    assert traceparent not in warnings[0]
