@@ -2,7 +2,9 @@
 
 One line per lifecycle event and per function attempt (see ``service`` and
 ``dispatch``), never a secret (only names, ids and outcomes are logged).
-``--log-file`` writes to a file that SIGHUP reopens (for logrotate).
+``--log-file`` writes to a file that SIGHUP reopens (for logrotate). What a
+caller can repeat at will (a request that does not decode) is logged through a
+:class:`Throttle`, so that a flood of bad requests cannot flood the log.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,3 +103,35 @@ def set_levels(level: str) -> None:
     # the provider proxy records its calls itself, without them.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class Throttle:
+    """At most one line per ``interval`` seconds for each kind of line; the next one says how many were left out.
+
+    Kinds are a few fixed strings chosen by the caller (never a value a client
+    sends), so that the table stays small.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, *, interval: float = 10.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._logger = logger
+        self.interval = interval
+        self._monotonic = monotonic
+        self._kinds: dict[str, tuple[float, int]] = {}
+        """kind -> (when its last line was written, lines left out since)."""
+
+    def log(self, level: int, kind: str, message: str, *args: object) -> bool:
+        """Write ``message % args`` unless a line of ``kind`` was written less than ``interval`` seconds ago."""
+        now = self._monotonic()
+        last = self._kinds.get(kind)
+        if last is not None and now - last[0] < self.interval:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return False
+        suppressed = last[1] if last is not None else 0
+        self._kinds[kind] = (now, 0)
+        if suppressed:
+            message += " (%d more like it were not logged in the last %.0f s)"
+            args = (*args, suppressed, now - last[0] if last is not None else 0.0)
+        self._logger.log(level, message, *args, extra={"kind": kind, "suppressed": suppressed})
+        return True

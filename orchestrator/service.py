@@ -159,7 +159,9 @@ class Service:
         )
         # Records carry the RPC span's context, so that later attempts (even after a
         # restart) join this trace; without tracing, the caller's own traceparent.
-        request = dataclasses.replace(request, traceparent=tracing.current_traceparent() or request.traceparent)
+        # A traceparent that is not a valid W3C one is dropped, never stored (the RPC edge drops it already).
+        traceparent = tracing.current_traceparent() or tracing.valid_traceparent(request.traceparent)
+        request = dataclasses.replace(request, traceparent=traceparent)
         try:
             self._open()
             self._inflight += 1

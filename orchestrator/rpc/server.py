@@ -2,18 +2,21 @@
 
 Errors are mapped to status codes here and only here (:data:`STATUS_CODES`);
 an unexpected exception becomes INTERNAL with a reference to the daemon's
-log, never a traceback on the wire. :class:`GrpcServer` is the server's life
-as the daemon sees it: bind, serve (health SERVING), drain (health
-NOT_SERVING, new calls refused by the service), stop.
+log, never a traceback on the wire. A request that does not decode is
+INVALID_ARGUMENT (:mod:`orchestrator.rpc.guard`); a caller that goes away is
+a DEBUG line, not an error. :class:`GrpcServer` is the server's life as the
+daemon sees it: bind, serve (health SERVING), drain (health NOT_SERVING, new
+calls refused by the service), stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,8 +28,11 @@ from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_MESSAGE_BYTES
+from orchestrator.logs import Throttle
 from orchestrator.model import check_name
+from orchestrator.records import Record
 from orchestrator.rpc import wire
+from orchestrator.rpc.guard import WireGuard
 from orchestrator.service import Service
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,7 @@ def status_code(exc: errors.OrchestratorError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Exception) -> NoReturn:
     if isinstance(exc, errors.OrchestratorError):
         await context.abort(status_code(exc), str(exc))
     incident = uuid7()
@@ -72,7 +78,7 @@ async def _abort(context: grpc.aio.ServicerContext[object, object], exc: Excepti
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Self = TypeVar("Self")
+Self = TypeVar("Self", bound="OrchestratorServicer")
 Ctx = grpc.aio.ServicerContext[object, object]
 
 
@@ -80,10 +86,27 @@ def _metadata(context: Ctx) -> dict[str, str]:
     return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
 
 
+def _traceparent(context: Ctx) -> str:
+    """The caller's ``traceparent``; ``""`` when absent or not a valid W3C traceparent (then never stored or used)."""
+    return tracing.valid_traceparent(_metadata(context).get("traceparent", ""))
+
+
 @contextmanager
-def _server_span(name: str, context: Ctx) -> Iterator[trace.Span]:
+def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.Span]:
     """The RPC's span, continuing the caller's ``traceparent``; failures set its status."""
-    parent = tracing.context_from(_metadata(context).get("traceparent", ""))
+    sent = _metadata(context).get("traceparent", "")
+    traceparent = tracing.valid_traceparent(sent)
+    if sent and not traceparent:
+        # Its value is not logged: it can be anything, of any length.
+        throttle.log(
+            logging.WARNING,
+            "invalid traceparent",
+            "%s from %s: ignored a traceparent that is not a W3C traceparent (%d characters)",
+            name,
+            context.peer(),
+            len(sent),
+        )
+    parent = tracing.context_from(traceparent)
     with tracer.start_as_current_span(
         f"{SERVICE_NAME}/{name}",
         context=parent,
@@ -92,7 +115,13 @@ def _server_span(name: str, context: Ctx) -> Iterator[trace.Span]:
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        yield span
+        try:
+            yield span
+        except asyncio.CancelledError:
+            # The caller cancelled or went away (grpc cancels the call's task): nothing failed here.
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
+            log.debug("%s from %s ended: the caller cancelled or went away", name, context.peer())
+            raise
 
 
 def _failed(span: trace.Span, exc: Exception) -> None:
@@ -107,7 +136,7 @@ def _unary(
 ) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
     @wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
-        with _server_span(method.__name__, context) as span:
+        with _server_span(method.__name__, context, self.throttle) as span:
             try:
                 response = await method(self, request, context)
             except Exception as exc:
@@ -122,15 +151,13 @@ def _unary(
     return wrapper
 
 
-def _traceparent(context: Ctx) -> str:
-    return _metadata(context).get("traceparent", "")
-
-
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     """``orchestrator.v1.Orchestrator`` over a :class:`Service`."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, throttle: Throttle | None = None) -> None:
         self._service = service
+        self.throttle = throttle or Throttle(log)
+        """What a caller can repeat at will (an invalid traceparent) is logged at most every few seconds."""
 
     @_unary
     async def EmitLifecycleEvent(
@@ -167,32 +194,52 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def ReadEvents(self, request: pb.ReadEventsRequest, context: Ctx) -> AsyncIterator[pb.EventRecord]:
+    # grpc.aio's reader/writer form (a coroutine that writes) rather than an async generator: when the
+    # caller goes away, grpc cancels this coroutine's task where it waits, so the span and the log's
+    # reader are closed right there, in the call's own context. (An async generator suspended at a
+    # yield would be closed later by the loop's finaliser, in another context, where OpenTelemetry
+    # fails to detach the span's context and logs an ERROR with a traceback for every dropped stream.)
+    async def ReadEvents(self, request: pb.ReadEventsRequest, context: Ctx) -> None:  # type: ignore[override]
         """See the proto."""
-        with _server_span("ReadEvents", context) as span:
+        with _server_span("ReadEvents", context, self.throttle) as span:
             try:
                 ref = wire.ref_from_proto(request.connection) if request.HasField("connection") else None
-                async for record in self._service.read_events(
-                    from_position=request.from_position, ref=ref, follow=request.follow
-                ):
-                    yield wire.record_to_proto(record)
+                records = cast(
+                    AsyncGenerator[Record, None],
+                    self._service.read_events(from_position=request.from_position, ref=ref, follow=request.follow),
+                )
             except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
                 _failed(span, exc)
                 await _abort(context, exc)
+            async with aclosing(records):
+                while True:
+                    try:
+                        record = await anext(records, None)
+                        if record is None:
+                            break
+                        message = wire.record_to_proto(record)
+                    except Exception as exc:
+                        if isinstance(exc, grpc.aio.AbortError):
+                            raise
+                        _failed(span, exc)
+                        await _abort(context, exc)
+                    # Outside the mapping above: a write to a caller that went away is grpc's to handle.
+                    await context.write(message)
+            span.set_attribute("rpc.grpc.status_code", 0)
 
 
 def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
     """A server with the orchestrator, health and reflection services (not yet bound or started)."""
+    throttle = Throttle(log)
     server = grpc.aio.server(
+        interceptors=[WireGuard(throttle)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
-        ]
+        ],
     )
-    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service), server)
+    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, throttle), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -170,6 +170,29 @@ async def test_an_echoed_basic_auth_header_is_redacted(
     assert leaks(everywhere, SECRET, encoded) == []
 
 
+async def test_a_credential_with_quotes_and_backslashes_echoed_in_json_is_redacted(
+    tmp_path: Path, provider: ProviderServer, exporter: Spans, log_lines: list[str]
+) -> None:
+    """A token that JSON escapes, echoed in a JSON error body, reaches no record, span or log line in any form."""
+    token = 'tok"en\\with/quotes+and %41 &amp;'
+
+    async def whoami(ctx: Context) -> None:
+        await ctx.get("/me")  # 401, echoing the Authorization header, JSON-escaped
+
+    integrations = {"acme": Integration("acme", base_url=provider.url, auth="bearer", retries=0)}
+    async with serving(
+        tmp_path, function("whoami", "validate-connection", whoami), integrations=integrations
+    ) as daemon:
+        response = await emit(daemon.stub, VALIDATE, "conn-j", credentials={"access_token": token})
+        log = [json_format.MessageToJson(r) for r in await records(daemon.stub)]
+    assert response.state == pb.CONNECTION_STATE_REJECTED
+    assert [r.headers["authorization"] for r in provider.requests] == [f"Bearer {token}"]
+    everywhere = "\n".join([everything_exported(exporter, None, log_lines), *log, str(response)])
+    assert "[redacted]" in everywhere
+    escaped = json.dumps(token)[1:-1]
+    assert leaks(everywhere, token, escaped, json.dumps(escaped)[1:-1], token.replace('"', "&quot;")) == []
+
+
 @pytest.mark.slow
 async def test_a_daemon_process_writes_no_credential_to_stderr_traces_or_prometheus(
     tmp_path: Path, provider: ProviderServer

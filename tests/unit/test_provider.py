@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from orchestrator.config import Integration
 from orchestrator.errors import InvalidArgument, ProviderError
 from orchestrator.provider import BODY_EXCERPT, Provider
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, Request
 
 pytestmark = pytest.mark.anyio
 
@@ -317,3 +319,45 @@ async def test_a_credential_echoed_by_the_provider_is_redacted(server: ProviderS
     assert SECRET not in str(info.value)
     assert SECRET not in info.value.body
     assert "invalid api key" in str(info.value), "the rest of the answer is kept"
+
+
+NASTY_TOKEN = 'tok"en\\with/quotes+and %41 &amp;'
+"""A credential (ASCII, to fit in a header) that JSON, URLs and HTML all escape differently."""
+
+
+@pytest.mark.parametrize("auth", ["bearer", "header:X-Api-Key", "query:key"], ids=["bearer", "header", "query"])
+async def test_a_credential_echoed_json_escaped_is_redacted(
+    server: ProviderServer, http: httpx.AsyncClient, auth: str
+) -> None:
+    """A JSON error body echoing what was sent (a token with quotes and backslashes, escaped) leaks no form of it."""
+
+    def echo(request: Request) -> Reply:
+        headers = request.headers
+        sent = {"authorization": headers.get("authorization", ""), "api_key": headers.get("x-api-key", "")}
+        return Reply(401, {"error": "denied", "you_sent": sent, "query": request.query})
+
+    server.route("GET", "/me", echo)
+    credentials = {"access_token": NASTY_TOKEN, "api_key": NASTY_TOKEN}
+
+    with pytest.raises(ProviderError) as info:
+        await provider(http, server.url, auth, credentials).request("GET", "/me")
+
+    assert "[redacted]" in info.value.body
+    shown = str(info.value)
+    for form in (NASTY_TOKEN, json.dumps(NASTY_TOKEN)[1:-1], quote(NASTY_TOKEN, safe=""), quote_plus(NASTY_TOKEN)):
+        assert form not in shown, form
+    assert '"error": "denied"' in shown, "the rest of the answer is kept"
+
+
+async def test_a_credential_across_the_excerpts_end_is_not_halved(
+    server: ProviderServer, http: httpx.AsyncClient
+) -> None:
+    """A credential the excerpt's cut would halve is redacted before the cut, so no part of it is shown."""
+    body = "e" * (BODY_EXCERPT - 5) + SECRET + "e" * 1000
+    server.route("GET", "/me", Reply(400, body))
+
+    with pytest.raises(ProviderError) as info:
+        await provider(http, server.url, "bearer", {"access_token": SECRET}).request("GET", "/me")
+
+    assert info.value.body == "e" * (BODY_EXCERPT - 5) + "[redacted]"[:5]
+    assert SECRET[:5] not in str(info.value)
