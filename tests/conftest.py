@@ -29,6 +29,21 @@ NON_BLOCKING = (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--long``: the long mode of the reliability tests (tests/reliability; see docs/reliability.md).
+
+    It is registered here, at the tests' root, because pytest reads options before it
+    collects a subfolder's conftest: ``pytest --long`` from the repository's root would
+    not know an option registered in tests/reliability/conftest.py.
+    """
+    parser.addoption(
+        "--long",
+        action="store_true",
+        default=False,
+        help="run the long mode of the reliability tests (tests/reliability): more cycles, more cases",
+    )
+
+
 @pytest.fixture(autouse=True)
 def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test of NON_BLOCKING whose code makes a blocking call on the event loop (blockbuster)."""
