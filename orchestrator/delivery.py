@@ -96,6 +96,10 @@ class Delivery:
             idempotency_key=request.idempotency_key,
         )
         plan = Plan(lifecycle, [lifecycle])
+        if request.event is LifecycleEvent.PRE_CONNECTION_DELETION and current is not None:
+            # The creation attempts the hold awaited may have written metadata (a webhook's id)
+            # since the caller read the connection: the cleanup must see it.
+            current = await self._store.get_connection(request.ref) or current
         old = None if fresh else current
         info = ConnectionInfo(request.ref, request.config if old is None or request.config else old.config)
         metadata = {} if old is None else old.metadata

@@ -510,3 +510,26 @@ async def test_a_deletion_completes_when_its_caller_goes_away() -> None:
         await h.store.wait_for(head + 1)
         connection = await h.service.get_connection(ACME)
     assert connection.state is S.DELETED
+
+
+async def test_a_cleanup_sees_the_metadata_written_by_the_attempt_the_deletion_awaited() -> None:
+    """The deletion reads the connection after its wait, so the cleanup gets the webhook id a late creation wrote."""
+    provisioning = Gate()
+    seen: list[object] = []
+
+    async def register(ctx: Context) -> None:
+        await provisioning.enter()
+        await ctx.set_metadata({"webhook_id": "wh_1"})
+
+    async def cleanup(ctx: Context) -> None:
+        seen.append((await ctx.get_metadata()).get("webhook_id"))
+
+    functions = [function("register", CREATE, register), function("cleanup", DELETE, cleanup)]
+    async with running(*functions, worker=True) as h, anyio.create_task_group() as tg:
+        await h.emit(CREATE)
+        await provisioning.arrivals(1)
+        deletion = Call(tg, lambda: h.emit(DELETE))
+        await settle()  # the deletion has read the connection and waits for the running attempt
+        provisioning.open()
+        assert (await deletion.result()).state is S.DELETED
+    assert seen == ["wh_1"]
