@@ -105,18 +105,6 @@ KNOWN_ERRORS = ("Failed to detach context",)
 """Errors the daemon logs today that the crash loop reports without failing: when a client cancels a follow
 (``ReadEvents``, as :func:`settle` does), the RPC's span, opened in the async generator, is closed from another
 context and OpenTelemetry logs "Failed to detach context" with a traceback (orchestrator/rpc/server.py)."""
-RACE = (
-    "known bug, being fixed in the package: a deletion racing a just-claimed creation job neither cancels nor awaits"
-    " it, so the job succeeds after the deletion and registers at the provider after the cleanup call (on main at"
-    " 168480a: 29-39 such successes and 20-34 such registrations in each of 3 runs of 30 cycles; 179 and 129 in 200)"
-)
-STALE = (
-    "the deletion reads the connection (its metadata) before it waits for the running creation attempts, so its"
-    " cleanup misses a webhook they recorded meanwhile and leaves it at the provider (on main at 168480a: 217-271"
-    " of 829-959 cleanups in each of 3 runs of 30 cycles; 1,563 of 5,433 in 200)"
-)
-
-
 # -- the plugin, installed for a subprocess without pip ------------------------------------
 
 
@@ -610,7 +598,6 @@ def test_the_daemon_answered_and_exited_as_expected(crash_loop: Outcome) -> None
     assert crash_loop.errors == [], f"seed {crash_loop.seed}: the daemons logged errors"
 
 
-@pytest.mark.xfail(strict=False, reason=RACE)
 def test_no_creation_succeeds_or_provisions_after_its_cleanup_began(crash_loop: Outcome) -> None:
     """No creation function succeeds after its incarnation's deletion record, nor registers after the cleanup call."""
     assert crash_loop.ledger is not None
@@ -622,7 +609,6 @@ def test_no_creation_succeeds_or_provisions_after_its_cleanup_began(crash_loop: 
     )
 
 
-@pytest.mark.xfail(strict=False, reason=STALE)
 def test_a_cleanup_sees_the_webhook_the_creations_it_awaited_recorded(crash_loop: Outcome) -> None:
     """Each deletion's cleanup asks to delete the webhook the log held just before the deletion record."""
     stale = stale_cleanups(crash_loop)
