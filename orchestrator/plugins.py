@@ -97,7 +97,7 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
             continue
         try:
             target = ep.load()
-        except Exception as exc:  # a plugin's import may raise anything; it is reported, not fatal
+        except (Exception, SystemExit) as exc:  # a plugin's import may raise anything (even sys.exit): reported
             fail(f"import failed: {type(exc).__name__}: {exc}")
             continue
         if not isinstance(target, EventFunction):

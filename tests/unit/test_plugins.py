@@ -92,6 +92,15 @@ def test_an_import_error_is_reported_not_raised() -> None:
     assert len(registry.functions) == len(GOOD)
 
 
+def test_a_plugin_calling_sys_exit_at_import_is_reported_by_name() -> None:
+    """A plugin whose import calls sys.exit is a broken plugin named like any other; discovery goes on."""
+    registry = discover([*GOOD, ep("exits", "tests.unit._plugin_exits:check")])
+
+    broken = broken_by_name(registry)
+    assert broken["exits"][0].reason == "import failed: SystemExit: 3"
+    assert len(registry.functions) == len(GOOD)
+
+
 @pytest.mark.parametrize("target", ["undecorated", "NOT_A_FUNCTION"])
 def test_an_object_that_is_not_an_event_function_is_reported(target: str) -> None:
     """An entry point naming anything but an @on_event function is broken, with a hint to decorate it."""
