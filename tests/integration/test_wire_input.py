@@ -196,3 +196,16 @@ async def test_a_config_nested_too_deep_is_refused_and_the_log_stays_readable(tm
     assert [r.event_id for r in records[:1]] == [accepted.event_id]
     assert len(records) == 2, "the refused emits wrote nothing"
     assert as_dict(shown.connection.config) == nested(MAX_JSON_DEPTH)
+
+
+async def test_a_page_token_that_is_not_ascii_is_invalid_argument(
+    tmp_path: Path, log: pytest.LogCaptureFixture
+) -> None:
+    """A page token with characters base64 cannot hold is refused like any other bad token, not an internal error."""
+    async with run_daemon(f"sqlite:///{tmp_path}/events.db", registry=Registry()) as daemon:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await daemon.stub.ListConnections(pb.ListConnectionsRequest(page_token="\x80é"), timeout=WAIT)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "page_token is not a token this server returned"
+    assert errors(log) == []
