@@ -14,7 +14,6 @@ dispatcher over one store.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import logging
 import random
@@ -408,7 +407,7 @@ def _decode_token(token: str) -> str:
     try:
         stream = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
         ConnectionRef.from_stream(stream)
-    except (binascii.Error, UnicodeDecodeError, InvalidArgument):
+    except (ValueError, InvalidArgument):  # binascii.Error, UnicodeDecodeError, or not ASCII at all
         raise InvalidArgument("page_token is not a token this server returned") from None
     return stream
 

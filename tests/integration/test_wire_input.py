@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import grpc
@@ -20,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.limits import MAX_JSON_DEPTH
 from orchestrator.plugins import Registry
 from tests.support.daemon import Daemon, run_daemon
-from tests.support.grpc import CREATE, VALIDATE, emit, read_request
+from tests.support.grpc import CREATE, VALIDATE, as_dict, emit, emit_request, read_request, ref
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +162,50 @@ async def test_an_invalid_traceparent_is_dropped(
     warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not a W3C traceparent" in warnings[0], warnings
     assert traceparent not in warnings[0]
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A JSON object ``levels`` objects deep."""
+    value: dict[str, Any] = {}
+    for _ in range(levels - 1):
+        value = {"n": value}
+    return value
+
+
+async def test_a_config_nested_too_deep_is_refused_and_the_log_stays_readable(tmp_path: Path) -> None:
+    """Config and payload nest at most 20 levels: deeper was stored, then no read of the log could serve it."""
+    async with run_daemon(f"sqlite:///{tmp_path}/events.db", registry=Registry()) as daemon:
+        deepest = emit_request(VALIDATE, "deepest")
+        deepest.connection_config.update(nested(MAX_JSON_DEPTH))
+        deepest.payload.update({"list": [nested(MAX_JSON_DEPTH - 2)]})  # arrays count as levels too
+        accepted = await daemon.stub.EmitLifecycleEvent(deepest, timeout=WAIT)
+        refusals = []
+        for field, levels in [("connection_config", MAX_JSON_DEPTH + 1), ("payload", 31), ("connection_config", 32)]:
+            message = emit_request(VALIDATE, f"deep-{levels}")
+            getattr(message, field).update(nested(levels))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await daemon.stub.EmitLifecycleEvent(message, timeout=WAIT)
+            refusals.append((info.value.code(), info.value.details()))
+        records = [r async for r in daemon.stub.ReadEvents(read_request(), timeout=WAIT)]
+        shown = await daemon.stub.GetConnection(pb.GetConnectionRequest(connection=ref("deepest")), timeout=WAIT)
+
+    assert refusals == [
+        (grpc.StatusCode.INVALID_ARGUMENT, f"{field} nests objects and arrays {levels} levels deep; the limit is 20")
+        for field, levels in [("connection_config", 21), ("payload", 31), ("connection_config", 32)]
+    ]
+    assert [r.event_id for r in records[:1]] == [accepted.event_id]
+    assert len(records) == 2, "the refused emits wrote nothing"
+    assert as_dict(shown.connection.config) == nested(MAX_JSON_DEPTH)
+
+
+async def test_a_page_token_that_is_not_ascii_is_invalid_argument(
+    tmp_path: Path, log: pytest.LogCaptureFixture
+) -> None:
+    """A page token with characters base64 cannot hold is refused like any other bad token, not an internal error."""
+    async with run_daemon(f"sqlite:///{tmp_path}/events.db", registry=Registry()) as daemon:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await daemon.stub.ListConnections(pb.ListConnectionsRequest(page_token="\x80é"), timeout=WAIT)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "page_token is not a token this server returned"
+    assert errors(log) == []
