@@ -336,10 +336,6 @@ class FunctionCancelled:
         return cls(_str(data, "function"), _str(data, "reason"), _int(data, "attempt"))
 
 
-FunctionOutcome: TypeAlias = FunctionSucceeded | FunctionFailed | FunctionGaveUp | FunctionCancelled
-"""The bodies that state how a function run ended (or will not happen)."""
-
-
 @dataclass(frozen=True, slots=True)
 class OutcomeSummary:
     """What the fold reads of any ``function-*`` record, whichever of the four it is."""
