@@ -4,6 +4,8 @@
 - :mod:`orchestrator.store.memory`: in-process, for tests;
 - :mod:`orchestrator.store.sqlite`: the embedded default (its group-committing writer in
   :mod:`orchestrator.store._sqlite_writer`, row mapping in :mod:`orchestrator.store._sqlite_rows`);
+- :mod:`orchestrator.store._tail`: the last committed records in memory, which every backend fills
+  at commit time and serves caught-up followers from (:meth:`EventStore.read_tail`);
 - :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``.
 
 Every backend passes ``tests/contract/test_store_contract.py``. Backends are
@@ -19,8 +21,9 @@ from pathlib import Path
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.store._base import Appended, EventStore, Stats, scan
+from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
-__all__ = ["Appended", "EventStore", "Stats", "open_store", "scan", "sqlite_path"]
+__all__ = ["Appended", "EventStore", "Stats", "TailBounds", "TailPage", "open_store", "scan", "sqlite_path"]
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -48,25 +51,31 @@ def sqlite_path(url: str) -> Path | None:
 
 @asynccontextmanager
 async def open_store(
-    url: str, *, readonly: bool = False, clock: Clock | None = None, init: bool = False
+    url: str,
+    *,
+    readonly: bool = False,
+    clock: Clock | None = None,
+    init: bool = False,
+    tail: TailBounds = DEFAULT_TAIL,
 ) -> AsyncIterator[EventStore]:
     """Open the store that ``url`` names for the duration of the ``async with`` block.
 
     ``init`` lets a new log start in an existing file that holds none (``serve --init``);
-    a missing file is created without it.
+    a missing file is created without it. ``tail`` bounds the in-memory tail of recent
+    commits that caught-up followers are served from.
     """
     clock = clock or SystemClock()
     path = sqlite_path(url)
     if path is not None:
         from orchestrator.store.sqlite import SQLiteEventStore
 
-        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock, init=init) as store:
+        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock, init=init, tail=tail) as store:
             yield store
         return
     if url.startswith("memory:"):
         from orchestrator.store.memory import MemoryEventStore
 
-        memory = MemoryEventStore(clock=clock)
+        memory = MemoryEventStore(clock=clock, tail=tail)
         try:
             yield memory
         finally:

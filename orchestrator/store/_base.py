@@ -11,6 +11,7 @@ import anyio
 
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
 from orchestrator.records import NewEvent, Record
+from orchestrator.store._tail import TailPage
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +109,24 @@ class EventStore(Protocol):
         """Up to ``limit`` records at or after ``from_position``, of one stream or all, in log order."""
         ...
 
+    def read_tail(
+        self, *, from_position: int = 1, ref: ConnectionRef | None = None, limit: int = 1000
+    ) -> TailPage | None:
+        """What :meth:`read` returns, from the in-memory tail of the last commits: no query, no wait.
+
+        None when ``from_position`` is older than the tail's first record (or the store
+        keeps no tail, as a read-only one): then :meth:`read` the log. A page also
+        stops at :data:`~orchestrator.limits.MAX_PAGE_BYTES` (see
+        :class:`~orchestrator.store._tail.Tail`).
+        """
+        ...
+
     async def head(self) -> int:
         """The position of the last committed record (0 when the log is empty)."""
         ...
 
     async def wait_for(self, position: int) -> None:
-        """Return once a record at ``position`` or later is committed.
+        """Return once a record at ``position`` or later is committed; each commit wakes every waiter once.
 
         Raises :class:`~orchestrator.errors.Unavailable` when the store closes.
         """

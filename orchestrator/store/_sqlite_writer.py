@@ -7,8 +7,11 @@ checked and folded on its own: a refused one fails alone while its
 neighbours commit; a database error fails the batch, which is then retried
 one write at a time so that a poisoned write cannot fail the others.
 Positions are assigned here, so commit order is position order and a
-follower never misses a record. The queue is bounded: beyond it, writes are
-refused with RESOURCE_EXHAUSTED instead of growing memory. A commit in
+follower never misses a record: the records of each commit go to the
+store's :class:`~orchestrator.store._tail.Tail` before any of its writes is
+acknowledged, and the tail wakes every follower once right after (so that
+the writers' callers are answered first). The queue is bounded: beyond it,
+writes are refused with RESOURCE_EXHAUSTED instead of growing memory. A commit in
 progress is shielded from cancellation, so shutdown never leaves a write's
 outcome unknown. A full disk (SQLITE_FULL) fails the whole batch with
 UNAVAILABLE ("disk full: ..."), logged once at ERROR: nothing of it is
@@ -44,7 +47,7 @@ from orchestrator.errors import (
     Unavailable,
 )
 from orchestrator.model import Connection, ConnectionRef, Job, NewJob
-from orchestrator.records import NewEvent
+from orchestrator.records import NewEvent, Record
 from orchestrator.store._append import plan_append
 from orchestrator.store._base import Appended
 from orchestrator.store._migrations import migrate_sqlite
@@ -58,6 +61,7 @@ from orchestrator.store._sqlite_rows import (
     job_to_row,
     record_to_row,
 )
+from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, weight
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,9 @@ class _Txn:
     position: int
     recorded_at: datetime
     event_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    """The records staged, in position order, and their weights in the tail."""
     touched: set[str] = field(default_factory=set)
     job_rows: list[tuple[Any, ...]] = field(default_factory=list)
     deleted_jobs: list[str] = field(default_factory=list)
@@ -120,10 +127,11 @@ class _Txn:
 class Writer:
     """The single writer of one SQLite file (the caller holds the file's lock)."""
 
-    def __init__(self, path: Path, clock: Clock, *, init: bool = False) -> None:
+    def __init__(self, path: Path, clock: Clock, *, init: bool = False, tail: TailBounds = DEFAULT_TAIL) -> None:
         self._path = path
         self._clock = clock
         self._init = init
+        self._bounds = tail
         self._full = False
         """Whether the last write failed for want of space (logged once, until a commit succeeds)."""
         self._db: sqlite3.Connection | None = None
@@ -134,10 +142,9 @@ class Writer:
         send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
         self._send: MemoryObjectSendStream[_Op] = send
         self._receive: MemoryObjectReceiveStream[_Op] = receive
-        self.head = 0
-        """The position of the last committed record."""
+        self.tail = Tail(0, tail)
+        """The last committed records (its head is the last position committed); set anew by :meth:`start`."""
         self._last_micros = 0
-        self._changed = anyio.Event()
         self._jobs_event = anyio.Event()
         self._closed = False
 
@@ -148,9 +155,10 @@ class Writer:
 
         ``status`` is the database file's, taken under the file's lock (which the caller holds).
         """
-        await anyio.to_thread.run_sync(self._start, status, limiter=self._thread)
+        head = await anyio.to_thread.run_sync(self._start, status, limiter=self._thread)
+        self.tail = Tail(head, self._bounds)
 
-    def _start(self, status: os.stat_result) -> None:
+    def _start(self, status: os.stat_result) -> int:
         path = self._path
         # Before SQLite sees it: it would take a 0-byte file for a new database (and drop its -wal).
         refuse_zero_length(path, status, init=self._init)
@@ -170,10 +178,11 @@ class Writer:
             # We hold the file's lock, so whoever leased a job before is dead:
             # its attempt is retried now rather than after the lease runs out.
             db.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
-            self.head = db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
+            head: int = db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
             self._last_micros = db.execute("SELECT COALESCE(MAX(recorded_at), 0) FROM events").fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+        return head
 
     def stop_taking(self) -> None:
         """Take no more writes; :meth:`run` commits what is queued, then returns."""
@@ -184,23 +193,13 @@ class Writer:
         self._closed = True
         self._send.close()
         self._receive.close()
-        self._notify()
+        self.tail.close()
 
     async def close(self) -> None:
         """Close the database connection (shielded: also when the owner is cancelled)."""
         with anyio.CancelScope(shield=True):
             if self._db is not None:
                 await anyio.to_thread.run_sync(self._db.close, limiter=self._thread)
-
-    @property
-    def changed(self) -> anyio.Event:
-        """An event set at the next commit that adds records (or when the store closes)."""
-        return self._changed
-
-    @property
-    def is_closed(self) -> bool:
-        """Whether the store has closed."""
-        return self._closed
 
     def jobs_changed(self) -> anyio.Event:
         """An event set at the next commit that schedules, reschedules or removes jobs."""
@@ -276,6 +275,7 @@ class Writer:
 
     async def _commit_isolating(self, batch: list[_Op]) -> None:
         now = max(codec.to_micros(self._clock.now()), self._last_micros)
+        added = False
         try:
             txn = await anyio.to_thread.run_sync(self._commit, batch, now, limiter=self._thread)
         except Exception as exc:  # the writer must outlive any one write; its callers get the error
@@ -293,13 +293,15 @@ class Writer:
                 self._full = False
                 log.warning("the event log %s is written again: the disk has room", self._path)
             self._last_micros = now
-            if txn.position - 1 > self.head:
-                self.head = txn.position - 1
-                self._notify()
+            # Before any write of the batch is acknowledged: whoever hears of one reads it in the tail.
+            added = self.tail.add(txn.records, txn.weights)
             if txn.job_rows or txn.rescheduled or txn.deleted_jobs:
                 self._jobs_changed()
         for op in batch:
             op.done.set()
+        if added:
+            # The followers after the writers: an emit is answered before its record goes out to them all.
+            self.tail.wake()
 
     def _wrap(self, exc: Exception, op: _Op) -> OrchestratorError:
         error: OrchestratorError
@@ -335,7 +337,7 @@ class Writer:
         try:
             txn = _Txn(
                 current=self._load_connections(db, {op.stream for op in batch if op.stream}),
-                position=self.head + 1,
+                position=self.tail.head + 1,
                 recorded_at=codec.from_micros(now),
             )
             for op in batch:
@@ -382,6 +384,8 @@ class Writer:
         txn.touched.add(ref.stream)
         txn.position += len(records)
         txn.event_rows.extend(rows)
+        txn.records.extend(records)
+        txn.weights.extend(weight(record, row[5]) for record, row in zip(records, rows, strict=True))
         return Appended(tuple(records), connection)
 
     def _apply_append(self, db: sqlite3.Connection, txn: _Txn, op: _Append) -> Appended:
@@ -462,10 +466,6 @@ class Writer:
                 connection = connection_from_body(body)
                 found[connection.ref.stream] = connection
         return found
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
 
     def _jobs_changed(self) -> None:
         changed, self._jobs_event = self._jobs_event, anyio.Event()

@@ -15,19 +15,20 @@ from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, 
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import Appended, Stats
 from orchestrator.store._append import plan_append
+from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, TailPage, weight
 
 
 class MemoryEventStore:
     """The :class:`~orchestrator.store.EventStore` contract kept in lists and dicts."""
 
-    def __init__(self, clock: Clock | None = None) -> None:
+    def __init__(self, clock: Clock | None = None, tail: TailBounds = DEFAULT_TAIL) -> None:
         self._clock = clock or SystemClock()
         self._log: list[Record] = []
+        self._tail = Tail(0, tail)
         self._streams: dict[str, list[Record]] = {}
         self._connections: dict[str, Connection] = {}
         self._keys: dict[tuple[str, str], Record] = {}
         self._lock = anyio.Lock()
-        self._changed = anyio.Event()
         self._jobs: dict[str, Job] = {}
         self._leases: dict[str, datetime | None] = {}
         self._jobs_event = anyio.Event()
@@ -77,9 +78,10 @@ class MemoryEventStore:
 
     def _append_locked(self, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]) -> Appended:
         """Check, number and fold ``events``, then keep them (the caller holds the lock)."""
+        texts = []
         for event in events:
             try:
-                codec.dumps(event.data)
+                texts.append(codec.dumps(event.data))
             except (TypeError, ValueError) as exc:  # as the SQLite backend refuses it
                 raise InvalidArgument(f"the record cannot be stored: {exc}") from None
         keys = [e.idempotency_key for e in events if e.idempotency_key]
@@ -101,7 +103,8 @@ class MemoryEventStore:
         for record in records:
             if record.idempotency_key:
                 self._keys[(ref.stream, record.idempotency_key)] = record
-        self._notify()
+        self._tail.add(records, [weight(r, text) for r, text in zip(records, texts, strict=True)])
+        self._tail.wake()
         return Appended(tuple(records), connection)
 
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
@@ -207,25 +210,24 @@ class MemoryEventStore:
         stream = self._streams.get(ref.stream, [])
         return [r for r in stream if r.position >= from_position][:limit]
 
+    def read_tail(
+        self, *, from_position: int = 1, ref: ConnectionRef | None = None, limit: int = 1000
+    ) -> TailPage | None:
+        """See :meth:`EventStore.read_tail`."""
+        return self._tail.read(from_position=from_position, ref=ref, limit=limit)
+
     async def head(self) -> int:
         """See :meth:`EventStore.head`."""
         return len(self._log)
 
     async def wait_for(self, position: int) -> None:
         """See :meth:`EventStore.wait_for`."""
-        while len(self._log) < position:
-            if self._closed:
-                raise Unavailable("the event store is closed")
-            await self._changed.wait()
+        await self._tail.wait_for(position)
 
     def close(self) -> None:
         """Refuse further appends and wake every waiter."""
         self._closed = True
-        self._notify()
-
-    def _notify(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        self._tail.close()
 
 
 def _lease_free(lease_until: datetime | None, now: datetime) -> bool:

@@ -40,29 +40,33 @@ from orchestrator.store._sqlite_rows import (
     record_from_row,
 )
 from orchestrator.store._sqlite_writer import Writer
+from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
 
 class SQLiteEventStore:
     """The :class:`~orchestrator.store.EventStore` contract on one SQLite file."""
 
-    def __init__(self, path: Path, *, clock: Clock, readonly: bool, init: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, clock: Clock, readonly: bool, init: bool = False, tail: TailBounds = DEFAULT_TAIL
+    ) -> None:
         self._path = path
         self._clock = clock
         self._reader: aiosqlite.Connection | None = None
-        self._writer = None if readonly else Writer(path, clock, init=init)
+        self._writer = None if readonly else Writer(path, clock, init=init, tail=tail)
         self._closed = False
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, path: Path, *, clock: Clock, readonly: bool = False, init: bool = False
+        cls, path: Path, *, clock: Clock, readonly: bool = False, init: bool = False, tail: TailBounds = DEFAULT_TAIL
     ) -> AsyncIterator[SQLiteEventStore]:
         """Open (creating and migrating unless ``readonly``) the log at ``path``.
 
         An existing file with no log in it is refused unless ``init`` (see
-        :mod:`orchestrator.store._sqlite_file`); a missing one is created.
+        :mod:`orchestrator.store._sqlite_file`); a missing one is created. ``tail``
+        bounds the writer's in-memory tail of recent commits (a read-only store has none).
         """
-        store = cls(path, clock=clock, readonly=readonly, init=init)
+        store = cls(path, clock=clock, readonly=readonly, init=init, tail=tail)
         try:
             async with store._open():
                 yield store
@@ -214,6 +218,14 @@ class SQLiteEventStore:
             rows = await self._fetch(sql, (ref.stream, from_position, limit))
         return [record_from_row(row) for row in rows]
 
+    def read_tail(
+        self, *, from_position: int = 1, ref: ConnectionRef | None = None, limit: int = 1000
+    ) -> TailPage | None:
+        """See :meth:`EventStore.read_tail` (a read-only store sees no commits: it keeps no tail)."""
+        if self._writer is None or self._closed:
+            return None
+        return self._writer.tail.read(from_position=from_position, ref=ref, limit=limit)
+
     async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
         """See :meth:`EventStore.jobs`."""
         if ref is None:
@@ -244,19 +256,15 @@ class SQLiteEventStore:
     async def head(self) -> int:
         """See :meth:`EventStore.head`."""
         if self._writer is not None:
-            return self._writer.head
+            return self._writer.tail.head
         rows = await self._fetch("SELECT MAX(position) FROM events", ())
         return int(rows[0][0] or 0)
 
     async def wait_for(self, position: int) -> None:
         """See :meth:`EventStore.wait_for` (a read-only store sees no commits: it waits until closed)."""
-        writer = self._writer
-        if writer is None:
+        if self._writer is None:
             raise Unavailable("the event store is read-only: it is told of no commits")
-        while writer.head < position:
-            if writer.is_closed:
-                raise Unavailable("the event store is closed")
-            await writer.changed.wait()
+        await self._writer.tail.wait_for(position)
 
 
 @asynccontextmanager

@@ -27,7 +27,7 @@ from orchestrator.errors import (
 from orchestrator.ids import uuid7
 from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent, NewJob
 from orchestrator.records import Fact, NewEvent, Record
-from orchestrator.store import Appended, EventStore, open_store
+from orchestrator.store import Appended, EventStore, TailBounds, open_store
 from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -37,6 +37,8 @@ GLOBEX = ConnectionRef("dev", "salesforce", "globex")
 INITECH = ConnectionRef("dev", "hubspot", "initech")
 UMBRELLA = ConnectionRef("prod", "salesforce", "umbrella")
 LIMIT_ALL = 100_000
+SMALL_TAIL = 8
+"""Records the tail of the ``small`` store holds, so that a few appends evict from it."""
 T0 = datetime(2000, 1, 1, tzinfo=UTC)
 """A due time long past: jobs due at it are claimable at once."""
 
@@ -94,6 +96,44 @@ async def append_next(store: EventStore, ref: ConnectionRef, events: Sequence[Ne
 async def everything(store: EventStore) -> list[Record]:
     """The whole log."""
     return await store.read(from_position=1, limit=LIMIT_ALL)
+
+
+def activity(index: int, config: dict[str, Any] | None = None) -> list[NewEvent]:
+    """One to three records, by ``index``: a (re)creation, then its metadata update and its function's success."""
+    creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION, config=config)
+    events = [
+        creation,
+        fact(Fact.METADATA_UPDATED, creation, {"metadata": {"n": index}}),
+        fact(Fact.FUNCTION_SUCCEEDED, creation, {"function": "register", "attempt": 1}),
+    ]
+    return events[: 1 + index % 3]
+
+
+async def interleave(store: EventStore, appends: int, refs: Sequence[ConnectionRef] = (ACME, GLOBEX, INITECH)) -> None:
+    """``appends`` appends of one to three records, round-robin over ``refs``."""
+    for i in range(appends):
+        await store.append(refs[i % len(refs)], None, activity(i))
+
+
+async def assert_tail_reads_as_the_log(store: EventStore, first: int) -> None:
+    """From every position, of every stream and of all, at every limit: the tail answers as the log, from ``first``."""
+    head = await store.head()
+    for position in range(1, head + 2):
+        for ref in (None, ACME, GLOBEX, UMBRELLA):
+            for limit in (1, 2, 1000):
+                page = store.read_tail(from_position=position, ref=ref, limit=limit)
+                if position < first:
+                    assert page is None, (position, ref, limit)
+                    continue
+                assert page is not None, (position, ref, limit)
+                logged = await store.read(from_position=position, ref=ref, limit=LIMIT_ALL)
+                if page.more:
+                    assert page.records == logged[:limit]
+                    assert len(page.records) == limit
+                    assert page.next_position == page.records[-1].position + 1
+                else:
+                    assert page.records == logged, (position, ref, limit)
+                    assert page.next_position == max(position, head + 1)
 
 
 def assert_gap_free(records: Sequence[Record]) -> None:
@@ -352,6 +392,78 @@ class StoreContract:
         await store.append(ACME, 3, deleted())
         row = await store.get_connection(ACME)
         assert row is not None and (row.state, row.version) == (ConnectionState.DELETED, 5)
+
+    @pytest.fixture
+    async def small(self, url: str) -> AsyncIterator[EventStore]:
+        """An open store whose in-memory tail holds :data:`SMALL_TAIL` records at most."""
+        async with open_store(url, tail=TailBounds(records=SMALL_TAIL)) as store:
+            yield store
+
+    async def test_the_tail_reads_as_the_log_across_its_eviction(self, small: EventStore) -> None:
+        """read_tail returns what read returns (order, positions, streams, limits) from the tail's first record on.
+
+        Before it, None: those records are in the log only. Appends of one to three records, streams
+        interleaved, so that evictions cut through appends and a stream's records are spread out.
+        """
+        assert small.read_tail(from_position=1) is not None  # an empty log: every position is ahead
+        for appends in (1, 4, 9, 17):
+            await interleave(small, appends)
+            head = await small.head()
+            await assert_tail_reads_as_the_log(small, first=max(1, head - SMALL_TAIL + 1))
+
+    async def test_the_tail_is_bounded_by_bytes_too(self, url: str) -> None:
+        """With a byte bound only a few large records fit: the oldest go first, and what is kept reads as the log."""
+        big = {"blob": "x" * 3000}
+        async with open_store(url, tail=TailBounds(records=1000, bytes=10_000)) as store:
+            for i in range(12):
+                await store.append([ACME, GLOBEX][i % 2], None, activity(0, config=big))
+            head = await store.head()
+            first = next(p for p in range(1, head + 2) if store.read_tail(from_position=p) is not None)
+            assert head - 3 < first <= head  # one to three records of over 3,000 bytes each in 10,000
+            await assert_tail_reads_as_the_log(store, first)
+
+    async def test_one_commit_wakes_every_waiter_once(self, store: EventStore) -> None:
+        """Twenty waiters for the next position all return after one append; one waiting further stays."""
+        await store.append(ACME, 0, created())
+        woken: list[int] = []
+
+        async def waiter(position: int) -> None:
+            await store.wait_for(position)
+            woken.append(position)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(waiter, 2)
+                tg.start_soon(waiter, 3)
+                await anyio.wait_all_tasks_blocked()
+                assert woken == []
+                await store.append(GLOBEX, 0, created())
+                await anyio.wait_all_tasks_blocked()
+                assert woken == [2] * 20
+                await store.append(INITECH, 0, created())
+        assert woken == [2] * 20 + [3]
+
+    async def test_a_waiter_cancelled_does_not_stop_the_others_being_woken(self, store: EventStore) -> None:
+        """Waiters are woken in turn; one cancelled meanwhile (first, middle or last) is skipped, not waited for."""
+        woken: list[int] = []
+        scopes = [anyio.CancelScope() for _ in range(5)]
+
+        async def waiter(index: int) -> None:
+            with scopes[index]:
+                await store.wait_for(1)
+                woken.append(index)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for index in range(5):
+                    tg.start_soon(waiter, index)
+                await anyio.wait_all_tasks_blocked()
+                for index in (0, 2, 4):
+                    scopes[index].cancel()
+                await anyio.wait_all_tasks_blocked()
+                await store.append(ACME, 0, created())
+        assert sorted(woken) == [1, 3]
 
     async def test_head_follows_appends(self, store: EventStore) -> None:
         """head() is the position of the last committed record."""
