@@ -112,10 +112,14 @@ class Service:
         self._idle = anyio.Event()
         self._idle.set()
         self._working: set[anyio.CancelScope] = set()
+        self._following: set[anyio.CancelScope] = set()
+        """The waits of the log's followers, cancelled by :meth:`drain`."""
 
     def drain(self) -> None:
         """Begin shutting down: new calls and followers of the log end with UNAVAILABLE."""
         self._draining.set()
+        for scope in list(self._following):
+            scope.cancel()
 
     def abort(self) -> None:
         """The drain's grace period is over: stop the emits still at work (nothing of theirs is written)."""
@@ -358,42 +362,49 @@ class Service:
     async def read_events(
         self, *, from_position: int = 0, ref: ConnectionRef | None = None, follow: bool = False
     ) -> AsyncIterator[Record]:
-        """Records from ``from_position`` (inclusive; 0 = the start); with ``follow``, then new ones as committed."""
+        """Records from ``from_position`` (inclusive; 0 = the start); with ``follow``, then new ones as committed.
+
+        A reader within the store's in-memory tail of recent commits (a caught-up
+        follower) is served from it, with no query; one behind it pages through the
+        log until it is back within the tail. Each commit wakes a follower once.
+        """
         self._open()
         if from_position < 0:
             raise InvalidArgument(f"from_position must be 0 or more, not {from_position}")
         position = max(from_position, 1)
         while True:
-            head = await self._store.head()
-            records = await self._store.read(from_position=position, ref=ref, limit=READ_PAGE)
+            page = self._store.read_tail(from_position=position, ref=ref, limit=READ_PAGE)
+            if page is not None:
+                records, more, after = page.records, page.more, page.next_position
+            else:
+                # Behind the tail: a page of the log. The head is taken before the read, so that a
+                # record committed meanwhile is either in this page or at or after ``after``.
+                head = await self._store.head()
+                records = await self._store.read(from_position=position, ref=ref, limit=READ_PAGE)
+                more = len(records) == READ_PAGE
+                after = records[-1].position + 1 if records else position
+                if not more:
+                    after = max(after, head + 1)
             for record in records:
                 yield record
-            if records:
-                position = records[-1].position + 1
-            if len(records) == READ_PAGE:
+            position = after
+            if more:
                 continue
             if not follow:
                 return
-            await self._wait_for(max(position, head + 1))
+            await self._wait_for(position)
 
     async def _wait_for(self, position: int) -> None:
         """Wait for a commit at ``position`` or later, or raise :class:`Unavailable` when draining."""
-        drained = False
-        async with anyio.create_task_group() as tg:
-
-            async def commit() -> None:
-                await self._store.wait_for(position)
-                tg.cancel_scope.cancel()
-
-            async def drain() -> None:
-                nonlocal drained
-                await self._draining.wait()
-                drained = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(commit)
-            tg.start_soon(drain)
-        if drained:
+        scope = anyio.CancelScope()
+        self._following.add(scope)
+        try:
+            with scope:
+                if not self._draining.is_set():
+                    await self._store.wait_for(position)
+        finally:
+            self._following.discard(scope)
+        if self._draining.is_set():
             raise Unavailable(f"the daemon is shutting down; resume reading from position {position}")
 
 
