@@ -158,6 +158,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._service = service
         self.throttle = throttle or Throttle(log)
         """What a caller can repeat at will (an invalid traceparent) is logged at most every few seconds."""
+        self._encoded = wire.EncodedRecords()
+        """ReadEvents writes each record as bytes encoded once for every follower (see :func:`handlers`)."""
 
     @_unary
     async def EmitLifecycleEvent(
@@ -217,7 +219,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                         record = await anext(records, None)
                         if record is None:
                             break
-                        message = wire.record_to_proto(record)
+                        message = self._encoded(record)
                     except Exception as exc:
                         if isinstance(exc, grpc.aio.AbortError):
                             raise
@@ -226,6 +228,38 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                     # Outside the mapping above: a write to a caller that went away is grpc's to handle.
                     await context.write(message)
             span.set_attribute("rpc.grpc.status_code", 0)
+
+
+MethodHandler = Any  # grpc.RpcMethodHandler, generic in grpc-stubs only
+
+
+class _Collect:
+    """Stands in for the server in the generated registration, to keep its method handlers."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, MethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, generic: Any) -> None:
+        """The same handlers as :meth:`add_registered_method_handlers` gives: taken from there."""
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, MethodHandler]) -> None:
+        """Keep the service's handlers."""
+        self.methods.update(methods)
+
+
+def handlers(servicer: OrchestratorServicer) -> dict[str, MethodHandler]:
+    """The servicer's method handlers, as generated, but for ReadEvents' serialiser: there is none.
+
+    ReadEvents writes each record as the bytes of its ``EventRecord``, encoded once
+    for every follower (:class:`~orchestrator.rpc.wire.EncodedRecords`).
+    """
+    collect = _Collect()
+    pb_grpc.add_OrchestratorServicer_to_server(servicer, cast(grpc.aio.Server, collect))
+    read = collect.methods["ReadEvents"]
+    collect.methods["ReadEvents"] = grpc.unary_stream_rpc_method_handler(
+        read.unary_stream, request_deserializer=read.request_deserializer, response_serializer=None
+    )
+    return collect.methods
 
 
 def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
@@ -239,7 +273,9 @@ def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
             ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail, not share it
         ],
     )
-    pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(service, throttle), server)
+    methods = handlers(OrchestratorServicer(service, throttle))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
+    cast(Any, server).add_registered_method_handlers(SERVICE_NAME, methods)  # newer than grpc-stubs
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -8,6 +8,7 @@ ints so that ``{"port": 443}`` round-trips as written.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,10 @@ from orchestrator.model import (
 from orchestrator.records import Record
 
 _MAX_SAFE_INT = 2**53
+ENCODED_RECORDS = 4096
+"""Records :class:`EncodedRecords` keeps encoded at most (as many as the store's tail holds)."""
+ENCODED_BYTES = 8 * 1024 * 1024
+"""Bytes of encoded records :class:`EncodedRecords` keeps at most."""
 
 EVENTS: dict[LifecycleEvent, pb.LifecycleEvent.ValueType] = {
     LifecycleEvent.VALIDATE_CONNECTION: pb.LIFECYCLE_EVENT_VALIDATE_CONNECTION,
@@ -268,6 +273,39 @@ def record_to_proto(record: Record) -> pb.EventRecord:
         idempotency_key=record.idempotency_key,
         schema_version=record.schema_version,
     )
+
+
+class EncodedRecords:
+    """Records as serialised ``EventRecord`` messages, each encoded once while it is recent.
+
+    Every follower of the log sends the same records: the first to send one
+    encodes it, the others send the same bytes. Kept by position (one cache per
+    log), the most recently used first out beyond :data:`ENCODED_RECORDS`
+    records or :data:`ENCODED_BYTES` bytes.
+    """
+
+    def __init__(self, records: int = ENCODED_RECORDS, max_bytes: int = ENCODED_BYTES) -> None:
+        self._max_records = records
+        self._max_bytes = max_bytes
+        self._encoded: OrderedDict[int, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def __call__(self, record: Record) -> bytes:
+        """``record`` as the wire bytes of its ``EventRecord``."""
+        encoded = self._encoded.get(record.position)
+        if encoded is not None:
+            self._encoded.move_to_end(record.position)
+            return encoded
+        encoded = record_to_proto(record).SerializeToString()
+        self._encoded[record.position] = encoded
+        self._bytes += len(encoded)
+        while len(self._encoded) > self._max_records or self._bytes > self._max_bytes:
+            _, dropped = self._encoded.popitem(last=False)
+            self._bytes -= len(dropped)
+        return encoded
+
+    def __len__(self) -> int:
+        return len(self._encoded)
 
 
 def record_from_proto(message: pb.EventRecord) -> Record:

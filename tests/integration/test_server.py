@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_CONFIG_BYTES, MAX_CREDENTIAL_VALUE, MAX_CREDENTIALS, MAX_PAYLOAD_BYTES
 from orchestrator.model import ConnectionRef
@@ -941,6 +942,52 @@ async def test_follow_sees_every_record_once_in_order_under_concurrent_emits(stu
 
     assert len(committed) == 100
     assert followed == committed
+
+
+async def test_fifty_followers_each_receive_every_record_once_in_order(daemon: Daemon) -> None:
+    """Fifty ReadEvents(follow) streams over five connections each receive every record of 100 emits, once, in order.
+
+    The emits come from ten concurrent clients, so commits carry one record or several; the
+    followers are caught up (served from the daemon's tail) and share each record's encoding.
+    """
+    followers, channels, clients, emits = 50, 5, 10, 100
+    first = await emit(daemon.stub, VALIDATE, conn("first"))  # every stream's first record: it is open
+    options = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
+    opened = [grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}", options=options) for _ in range(channels)]
+    stubs = [pb_grpc.OrchestratorStub(channel) for channel in opened]
+    calls = [
+        stubs[i % channels].ReadEvents(read_request(follow=True, from_position=first.position))
+        for i in range(followers)
+    ]
+    try:
+        for call in calls:
+            assert (await next_record(call)).position == first.position
+
+        async def reconnect_often(client: int) -> None:
+            for n in range(emits // clients):
+                await emit(stubs[client % channels], CREATE, conn(f"c{client}-{n % 3}"))
+
+        async with anyio.create_task_group() as tg:
+            for client in range(clients):
+                tg.start_soon(reconnect_often, client)
+        committed = await read_events(daemon.stub, from_position=first.position + 1)
+        received: list[list[pb.EventRecord]] = [[] for _ in calls]
+
+        async def drain(index: int) -> None:
+            received[index] = [await next_record(calls[index]) for _ in committed]
+
+        async with anyio.create_task_group() as tg:
+            for index in range(followers):
+                tg.start_soon(drain, index)
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in opened:
+            await channel.close()
+
+    assert len(committed) == emits + 1  # the first validation's verdict, then one record per emit
+    assert [r.position for r in committed] == list(range(first.position + 1, first.position + 2 + emits))
+    assert all(records == committed for records in received)
 
 
 async def test_follow_ends_unavailable_when_the_daemon_stops(daemon: Daemon) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pytest
 
@@ -17,6 +18,7 @@ from orchestrator.model import (
     LifecycleEvent,
     Outcome,
 )
+from orchestrator.records import Record
 from orchestrator.rpc import wire
 
 
@@ -89,3 +91,39 @@ def test_emit_result_round_trip() -> None:
         deduplicated=True,
     )
     assert wire.emit_response_from_proto(wire.emit_response_to_proto(result)) == result
+
+
+NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def log_record(position: int, data: dict[str, object] | None = None) -> Record:
+    """A record of the log at ``position``."""
+    return Record(
+        position, "dev/salesforce/acme", position, f"e{position}", "post-connection-creation", data or {}, NOW
+    )
+
+
+def test_a_record_is_encoded_once_and_the_bytes_shared() -> None:
+    """EncodedRecords gives the EventRecord's bytes, the same object to every caller while it is kept."""
+    encoded = wire.EncodedRecords()
+    record = log_record(7, {"config": {"instance_url": "acme"}, "payload": {"n": 1}})
+    first = encoded(record)
+    assert pb.EventRecord.FromString(first) == wire.record_to_proto(record)
+    assert encoded(log_record(7, {"config": {"instance_url": "acme"}, "payload": {"n": 1}})) is first
+    assert len(encoded) == 1
+
+
+def test_encoded_records_are_bounded_by_count_and_bytes() -> None:
+    """Beyond either bound the least recently used go: a record sent again is encoded again."""
+    by_count = wire.EncodedRecords(records=2)
+    kept = by_count(log_record(1))
+    by_count(log_record(2))
+    assert by_count(log_record(1)) is kept  # used again: now the most recent
+    by_count(log_record(3))
+    assert len(by_count) == 2
+    assert by_count(log_record(1)) is kept  # 2 went, not 1
+    size = len(kept)
+    by_bytes = wire.EncodedRecords(max_bytes=2 * size)
+    for position in range(1, 10):
+        by_bytes(log_record(position))
+    assert len(by_bytes) == 2
