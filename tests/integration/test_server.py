@@ -33,7 +33,8 @@ from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_CONFIG_BYTES, MAX_CREDENTIAL_VALUE, MAX_CREDENTIALS, MAX_PAYLOAD_BYTES
 from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Registry
-from orchestrator.records import NewEvent
+from orchestrator.records import NewEvent, Record
+from orchestrator.rpc import wire
 from tests.support import grpc as rpc
 from tests.support.daemon import Daemon, run_daemon, seed
 from tests.support.grpc import (
@@ -988,6 +989,35 @@ async def test_fifty_followers_each_receive_every_record_once_in_order(daemon: D
     assert len(committed) == emits + 1  # the first validation's verdict, then one record per emit
     assert [r.position for r in committed] == list(range(first.position + 1, first.position + 2 + emits))
     assert all(records == committed for records in received)
+
+
+async def test_a_follower_whose_client_does_not_read_stops_pulling(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC flow control holds a follower whose client reads nothing: it pulls a few records, not the whole log.
+
+    30 MB are committed while the client reads nothing; the daemon's follower stops at what the
+    connection's windows take (it holds no more than that). Once the client reads, it gets every
+    record, in order (from the log: the tail has long moved on).
+    """
+    pulled: list[int] = []
+    encode = wire.EncodedRecords.__call__
+
+    def encoded(self: wire.EncodedRecords, record: Record) -> bytes:
+        pulled.append(record.position)
+        return encode(self, record)
+
+    monkeypatch.setattr(wire.EncodedRecords, "__call__", encoded)
+    emits = 300
+    call = daemon.stub.ReadEvents(read_request(follow=True))
+    try:
+        payload = struct(blob="x" * 100_000)
+        for n in range(emits):
+            await emit(daemon.stub, CREATE, conn(f"c{n}"), payload=payload)
+        assert len(pulled) < emits // 2
+        assert [(await next_record(call)).position for _ in range(emits)] == list(range(1, emits + 1))
+    finally:
+        call.cancel()
 
 
 async def test_follow_ends_unavailable_when_the_daemon_stops(daemon: Daemon) -> None:
