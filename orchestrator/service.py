@@ -366,7 +366,8 @@ class Service:
 
         A reader within the store's in-memory tail of recent commits (a caught-up
         follower) is served from it, with no query; one behind it pages through the
-        log until it is back within the tail. Each commit wakes a follower once.
+        log until it is back within the tail. Each commit wakes a follower once (a
+        follower of one connection, only a commit of that connection).
         """
         self._open()
         if from_position < 0:
@@ -392,16 +393,16 @@ class Service:
                 continue
             if not follow:
                 return
-            await self._wait_for(position)
+            await self._wait_for(position, ref)
 
-    async def _wait_for(self, position: int) -> None:
-        """Wait for a commit at ``position`` or later, or raise :class:`Unavailable` when draining."""
+    async def _wait_for(self, position: int, ref: ConnectionRef | None) -> None:
+        """Wait for a commit at ``position`` or later (of ``ref``), or raise :class:`Unavailable` when draining."""
         scope = anyio.CancelScope()
         self._following.add(scope)
         try:
             with scope:
                 if not self._draining.is_set():
-                    await self._store.wait_for(position)
+                    await self._store.wait_for(position, ref)
         finally:
             self._following.discard(scope)
         if self._draining.is_set():

@@ -125,10 +125,12 @@ class EventStore(Protocol):
         """The position of the last committed record (0 when the log is empty)."""
         ...
 
-    async def wait_for(self, position: int) -> None:
-        """Return once a record at ``position`` or later is committed; each commit wakes every waiter once.
+    async def wait_for(self, position: int, ref: ConnectionRef | None = None) -> None:
+        """Return once a record at ``position`` or later is committed (of ``ref``'s stream, when given).
 
-        Raises :class:`~orchestrator.errors.Unavailable` when the store closes.
+        One commit wakes each of its waiters once; a waiter for one stream is woken only
+        by a commit of that stream. Raises :class:`~orchestrator.errors.Unavailable` when
+        the store closes.
         """
         ...
 

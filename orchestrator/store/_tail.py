@@ -12,11 +12,12 @@ The tail is bounded by :data:`TAIL_RECORDS` records and :data:`TAIL_BYTES`
 bytes (each record weighed by :func:`weight`); the oldest records are evicted
 first, so it always holds a contiguous run of positions ending at the head.
 
-Each commit wakes every waiter once, one after the other: the first waiter
+Each commit wakes its waiters once, one after the other: the first waiter
 woken wakes the next as soon as it runs, and so on (a relay). The waiters of
 one commit are thus never all runnable at once: with hundreds of followers,
 whatever else the event loop has to do (the next emit) waits behind one or
-two of them, not behind all of them.
+two of them, not behind all of them. A waiter for one stream is woken only
+by a commit with a record of that stream.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class Tail:
         self._bytes = 0
         self._waiting: deque[anyio.Event] = deque()
         """Waiters for the next commit, in the order they came."""
+        self._streams: dict[str, deque[anyio.Event]] = {}
+        """Waiters for the next commit of one stream, by stream."""
+        self._touched: set[str] = set()
+        """The streams of the records added since the last :meth:`wake`."""
         self._relay: deque[anyio.Event] = deque()
         """Waiters the last commit wakes, each woken by the one before it."""
         self._closed = False
@@ -130,6 +135,7 @@ class Tail:
             raise AssertionError(f"the tail at {self._head} was given positions from {records[0].position}")
         self._records.extend(records)
         self._weights.extend(weights)
+        self._touched.update(record.stream for record in records)
         self._bytes += sum(weights)
         self._head = records[-1].position
         evict = max(0, len(self._records) - self._bounds.records)
@@ -172,27 +178,52 @@ class Tail:
     @property
     def waiters(self) -> int:
         """Waiters not woken yet."""
-        return len(self._waiting) + len(self._relay)
+        return len(self._waiting) + sum(len(q) for q in self._streams.values()) + len(self._relay)
 
-    async def wait_for(self, position: int) -> None:
-        """Return once a record at ``position`` or later is committed; :class:`Unavailable` once closed."""
-        while self._head < position:
+    def _arrived(self, position: int, ref: ConnectionRef | None) -> bool:
+        """Whether a record at ``position`` or later (of ``ref``'s stream, when given) is committed."""
+        if self._head < position:
+            return False
+        first = self.first
+        if ref is None or position < first:
+            return True  # a record is committed; or the tail cannot tell, but the log can
+        held = self._records
+        return any(held[index].stream == ref.stream for index in range(position - first, len(held)))
+
+    async def wait_for(self, position: int, ref: ConnectionRef | None = None) -> None:
+        """Return once a record at ``position`` or later is committed (of ``ref``'s stream, when given).
+
+        Raises :class:`Unavailable` once the tail is closed.
+        """
+        while not self._arrived(position, ref):
             if self._closed:
                 raise Unavailable("the event store is closed")
             woken = anyio.Event()
-            self._waiting.append(woken)
+            queue = self._waiting if ref is None else self._streams.setdefault(ref.stream, deque())
+            queue.append(woken)
             try:
                 await woken.wait()
             finally:
                 if woken.is_set():
                     self._pass()  # even when cancelled once woken: the relay goes on
                 else:  # cancelled while waiting: leave the queues
-                    (self._waiting if woken in self._waiting else self._relay).remove(woken)
+                    self._leave(woken, queue, ref)
+
+    def _leave(self, woken: anyio.Event, queue: deque[anyio.Event], ref: ConnectionRef | None) -> None:
+        if woken in self._relay:
+            self._relay.remove(woken)
+            return
+        queue.remove(woken)
+        if ref is not None and not queue:
+            del self._streams[ref.stream]
 
     def wake(self) -> None:
-        """Wake every waiter once, in turn (after :meth:`add`)."""
+        """Wake, once and in turn, the waiters of every stream and those of the streams just added to."""
         self._relay.extend(self._waiting)
         self._waiting.clear()
+        for stream in self._touched:
+            self._relay.extend(self._streams.pop(stream, ()))
+        self._touched.clear()
         self._pass()
 
     def close(self) -> None:
@@ -200,6 +231,9 @@ class Tail:
         self._closed = True
         self._relay.extend(self._waiting)
         self._waiting.clear()
+        for queue in self._streams.values():
+            self._relay.extend(queue)
+        self._streams.clear()
         while self._relay:
             self._relay.popleft().set()
 

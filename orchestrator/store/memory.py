@@ -220,9 +220,9 @@ class MemoryEventStore:
         """See :meth:`EventStore.head`."""
         return len(self._log)
 
-    async def wait_for(self, position: int) -> None:
+    async def wait_for(self, position: int, ref: ConnectionRef | None = None) -> None:
         """See :meth:`EventStore.wait_for`."""
-        await self._tail.wait_for(position)
+        await self._tail.wait_for(position, ref)
 
     def close(self) -> None:
         """Refuse further appends and wake every waiter."""

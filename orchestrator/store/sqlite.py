@@ -260,11 +260,11 @@ class SQLiteEventStore:
         rows = await self._fetch("SELECT MAX(position) FROM events", ())
         return int(rows[0][0] or 0)
 
-    async def wait_for(self, position: int) -> None:
+    async def wait_for(self, position: int, ref: ConnectionRef | None = None) -> None:
         """See :meth:`EventStore.wait_for` (a read-only store sees no commits: it waits until closed)."""
         if self._writer is None:
             raise Unavailable("the event store is read-only: it is told of no commits")
-        await self._writer.tail.wait_for(position)
+        await self._writer.tail.wait_for(position, ref)
 
 
 @asynccontextmanager

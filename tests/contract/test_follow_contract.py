@@ -25,7 +25,7 @@ from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Registry
 from orchestrator.records import Record
 from orchestrator.service import Service, assemble
-from orchestrator.store import EventStore, TailBounds, open_store
+from orchestrator.store import EventStore, TailBounds, TailPage, open_store
 from tests.contract.test_store_contract import (
     ACME,
     GLOBEX,
@@ -50,6 +50,7 @@ class Watched:
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self.reads = 0
+        self.tail_reads = 0
         self.during_read: Callable[[], Awaitable[None]] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -63,6 +64,11 @@ class Watched:
         if hook is not None:
             await hook()
         return records
+
+    def read_tail(self, **query: Any) -> TailPage | None:
+        """The tail's records, as the store reads them (counted: each is a follower awake)."""
+        self.tail_reads += 1
+        return self.store.read_tail(**query)
 
 
 class Queries:
@@ -133,6 +139,32 @@ class FollowContract:
         logged = await everything(store)
         assert len(logged) == emits
         assert all(records == logged for records in received)
+
+    async def test_followers_of_one_connection_are_woken_by_its_commits_only(
+        self, store: EventStore, watched: Watched, service: Service
+    ) -> None:
+        """Twenty followers of one connection sleep through fifty commits of others, and wake once for theirs."""
+        followers = 20
+        received: list[list[Record]] = [[] for _ in range(followers)]
+
+        async def follow(index: int) -> None:
+            async for record in service.read_events(ref=ACME, follow=True):
+                received[index].append(record)
+                return
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                for index in range(followers):
+                    tg.start_soon(follow, index)
+                await anyio.wait_all_tasks_blocked()
+                before = watched.tail_reads
+                for i in range(50):
+                    await store.append([GLOBEX, INITECH][i % 2], None, created())
+                await anyio.wait_all_tasks_blocked()
+                assert watched.tail_reads == before
+                appended = await store.append(ACME, None, created())
+        assert watched.tail_reads == before + followers
+        assert received == [list(appended.records)] * followers
 
     @pytest.mark.parametrize("one", [False, True], ids=["every-connection", "one-connection"])
     @pytest.mark.parametrize("committed", [1, 3 * SMALL_TAIL], ids=["within-the-tail", "beyond-the-tail"])

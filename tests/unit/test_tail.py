@@ -23,14 +23,17 @@ ACME = ConnectionRef("dev", "salesforce", "acme")
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
 
 
+GLOBEX = ConnectionRef("dev", "salesforce", "globex")
+
+
 def record(position: int, stream: str = ACME.stream) -> Record:
     """A record at ``position`` (its content does not matter here)."""
     return Record(position, stream, position, f"e{position}", "post-connection-creation", {}, T0)
 
 
-def commit(tail: Tail, *positions: int, weight_each: int = 1) -> None:
-    """Add records at ``positions`` as one commit, and wake the waiters."""
-    tail.add([record(p) for p in positions], [weight_each] * len(positions))
+def commit(tail: Tail, *positions: int, weight_each: int = 1, stream: str = ACME.stream) -> None:
+    """Add records of ``stream`` at ``positions`` as one commit, and wake the waiters."""
+    tail.add([record(p, stream) for p in positions], [weight_each] * len(positions))
     tail.wake()
 
 
@@ -144,15 +147,52 @@ async def test_a_waiter_cancelled_once_woken_passes_the_turn_on() -> None:
     assert tail.waiters == 0
 
 
+async def test_a_waiter_for_one_stream_is_woken_by_a_commit_of_it_only() -> None:
+    """Commits of other streams leave it waiting; one with a record of its stream wakes it."""
+    tail = Tail(0, TailBounds(records=2))
+    woken: list[str] = []
+
+    async def waiter(ref: ConnectionRef) -> None:
+        await tail.wait_for(1, ref)
+        woken.append(ref.connection_id)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter, ACME)
+            tg.start_soon(waiter, GLOBEX)
+            await anyio.wait_all_tasks_blocked()
+            commit(tail, 1, 2, 3, stream=GLOBEX.stream)  # evicts position 1 too
+            await anyio.wait_all_tasks_blocked()
+            assert woken == ["globex"]
+            assert tail.waiters == 1
+            commit(tail, 4)
+    assert woken == ["globex", "acme"]
+
+
+async def test_a_stream_waiter_returns_at_once_when_the_tail_cannot_tell() -> None:
+    """Its position is committed but evicted: whether its stream has a record there, the log will say."""
+    tail = Tail(0, TailBounds(records=1))
+    commit(tail, 1, 2, stream=GLOBEX.stream)
+    with anyio.fail_after(5):
+        await tail.wait_for(1, ACME)  # position 1 is evicted: the caller reads the log
+    with anyio.fail_after(5), anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tail.wait_for, 2, ACME)  # position 2 is held and is not ACME's: it waits
+            await anyio.wait_all_tasks_blocked()
+            assert tail.waiters == 1
+            scope.cancel()
+    assert tail.waiters == 0
+
+
 async def test_closing_wakes_every_waiter_with_unavailable() -> None:
     """Once closed, waiters (and later ones) get Unavailable; a position already committed still returns."""
     tail = Tail()
     commit(tail, 1)
     refused: list[str] = []
 
-    async def waiter() -> None:
+    async def waiter(ref: ConnectionRef | None = None) -> None:
         try:
-            await tail.wait_for(2)
+            await tail.wait_for(2, ref)
         except Unavailable as exc:
             refused.append(str(exc))
 
@@ -160,9 +200,11 @@ async def test_closing_wakes_every_waiter_with_unavailable() -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(3):
                 tg.start_soon(waiter)
+            tg.start_soon(waiter, ACME)
             await anyio.wait_all_tasks_blocked()
             tail.close()
-    assert refused == ["the event store is closed"] * 3
+    assert refused == ["the event store is closed"] * 4
+    assert tail.waiters == 0
     await tail.wait_for(1)
     with pytest.raises(Unavailable):
         await tail.wait_for(2)
