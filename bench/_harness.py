@@ -254,6 +254,12 @@ class Server:
         """``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (for its CPU time in ``/proc``)."""
+        assert self._process is not None
+        return self._process.pid
+
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
         # Drains stderr until the process ends so that it never blocks on a full pipe.

@@ -1,6 +1,6 @@
 """Benchmark the orchestrator against baselines measured in the same run; report ratios.
 
-Usage: ``python bench/run.py [--quick] [--only SECTION ...] [--output PATH]``.
+Usage: ``python bench/run.py [--quick] [--only SECTION ...] [--output PATH] [--follower-rate N]``.
 Prints a Markdown table on stdout (progress goes to stderr) and writes every
 figure, round by round, to ``bench/results.json``. ``--quick`` (CI smoke)
 takes well under a minute, the default mode a few minutes. Nothing listens
@@ -31,9 +31,9 @@ if not __package__:
     # root (and keep bench/ itself off the path, so its modules shadow nothing).
     sys.path[0] = str(ROOT)
 
-from bench import _harness, append, fold, rpc, startup  # noqa: E402 - needs the path set just above
+from bench import _harness, append, fold, followers, rpc, startup  # noqa: E402 - needs the path set just above
 
-SECTIONS = ("grpc", "append", "replay", "startup")
+SECTIONS = ("grpc", "followers", "append", "replay", "startup")
 
 
 def _machine() -> dict[str, Any]:
@@ -96,6 +96,18 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     f"{_n(r['p50_ms'], 2)} / {_n(r['p99_ms'], 2)}",
                 )
             )
+    if "followers" in results and "error" not in results["followers"]:
+        fig = results["followers"]
+        none, some, r = fig["none"], fig["followers"], fig["ratio"]
+        rows.append(
+            (
+                f"Emit latency p50 / p99 ms, {_n(fig['rate'])} emits/s, {fig['followers_count']} followers",
+                f"{_n(none['p50_ms'], 2)} / {_n(none['p99_ms'], 2)} (no follower)",
+                f"{_n(some['p50_ms'], 2)} / {_n(some['p99_ms'], 2)} (followers; every record at every follower"
+                f" in {_n(some['lag_p50_ms'], 1)} / {_n(some['lag_p99_ms'], 1)} ms){_errors(none, some)}",
+                f"{_n(r['p50_ms'], 2)} / {_n(r['p99_ms'], 2)}",
+            )
+        )
     if "append" in results and "error" not in results["append"]:
         fig = results["append"]
         base = fig["baseline"]
@@ -189,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=Path(__file__).with_name("results.json"), help="where to write the JSON"
     )
     parser.add_argument("--records", type=int, help="records in the replay/startup log (default 100,000)")
+    parser.add_argument(
+        "--follower-rate",
+        type=float,
+        default=followers.RATE,
+        help=f"emits per second in the followers section (default {followers.RATE:g})",
+    )
     args = parser.parse_args(argv)
     settings = _harness.QUICK if args.quick else _harness.FULL
     if args.records:
@@ -205,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         if "grpc" in args.only:
             _section(results, "grpc", rpc.measure, settings, workdir)
+        if "followers" in args.only:
+            _section(results, "followers", followers.measure, settings, workdir, args.follower_rate)
         if "append" in args.only:
             _section(results, "append", append.measure, settings, workdir)
         if {"replay", "startup"} & set(args.only):
