@@ -78,6 +78,14 @@ class Queries:
         self.count = 0
 
 
+async def follow(service: Service, received: list[Record], count: int, ref: ConnectionRef | None = None) -> None:
+    """Follow the log (of ``ref``'s connection, when given) into ``received`` until it holds ``count`` records."""
+    async for record in service.read_events(ref=ref, follow=True):
+        received.append(record)
+        if len(received) == count:
+            return
+
+
 async def take(follower: AsyncGenerator[Record, None], count: int) -> list[Record]:
     """The follower's next ``count`` records (already committed, so they come at once)."""
     with anyio.fail_after(WAIT):
@@ -118,19 +126,12 @@ class FollowContract:
         self, store: EventStore, watched: Watched, service: Service, queries: Queries
     ) -> None:
         """Twenty caught-up followers each receive all fifty records, in order, without one read of the log."""
-        followers, emits = 20, 50
-        received: list[list[Record]] = [[] for _ in range(followers)]
-
-        async def follow(index: int) -> None:
-            async for record in service.read_events(follow=True):
-                received[index].append(record)
-                if len(received[index]) == emits:
-                    return
-
+        emits = 50
+        received: list[list[Record]] = [[] for _ in range(20)]
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tg:
-                for index in range(followers):
-                    tg.start_soon(follow, index)
+                for records in received:
+                    tg.start_soon(follow, service, records, emits)
                 await anyio.wait_all_tasks_blocked()
                 before = (watched.reads, queries.count)
                 for i in range(emits):
@@ -144,18 +145,11 @@ class FollowContract:
         self, store: EventStore, watched: Watched, service: Service
     ) -> None:
         """Twenty followers of one connection sleep through fifty commits of others, and wake once for theirs."""
-        followers = 20
-        received: list[list[Record]] = [[] for _ in range(followers)]
-
-        async def follow(index: int) -> None:
-            async for record in service.read_events(ref=ACME, follow=True):
-                received[index].append(record)
-                return
-
+        received: list[list[Record]] = [[] for _ in range(20)]
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tg:
-                for index in range(followers):
-                    tg.start_soon(follow, index)
+                for records in received:
+                    tg.start_soon(follow, service, records, 1, ACME)
                 await anyio.wait_all_tasks_blocked()
                 before = watched.tail_reads
                 for i in range(50):
@@ -163,8 +157,8 @@ class FollowContract:
                 await anyio.wait_all_tasks_blocked()
                 assert watched.tail_reads == before
                 appended = await store.append(ACME, None, created())
-        assert watched.tail_reads == before + followers
-        assert received == [list(appended.records)] * followers
+        assert watched.tail_reads == before + len(received)
+        assert received == [list(appended.records)] * len(received)
 
     @pytest.mark.parametrize("one", [False, True], ids=["every-connection", "one-connection"])
     @pytest.mark.parametrize("committed", [1, 3 * SMALL_TAIL], ids=["within-the-tail", "beyond-the-tail"])
@@ -229,7 +223,7 @@ class FollowContract:
         await store.append(GLOBEX, None, created())
         ended: list[str] = []
 
-        async def follow(ref: ConnectionRef | None) -> None:
+        async def until_drained(ref: ConnectionRef | None) -> None:
             try:
                 async for _ in service.read_events(ref=ref, follow=True):
                     pass
@@ -239,7 +233,7 @@ class FollowContract:
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tg:
                 for ref in (None, ACME, GLOBEX, INITECH) * 5:
-                    tg.start_soon(follow, ref)
+                    tg.start_soon(until_drained, ref)
                 await anyio.wait_all_tasks_blocked()
                 service.drain()
         assert ended == ["the daemon is shutting down; resume reading from position 3"] * 20
