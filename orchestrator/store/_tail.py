@@ -114,11 +114,6 @@ class Tail:
         """What the records held weigh (see :func:`weight`)."""
         return self._bytes
 
-    @property
-    def closed(self) -> bool:
-        """Whether the store has closed (waiters are woken and refused)."""
-        return self._closed
-
     def __len__(self) -> int:
         return len(self._records)
 
