@@ -29,7 +29,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from orchestrator.context import AttemptLog, Context, SyncContext
+from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
 from orchestrator.errors import InvalidArgument, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
@@ -186,15 +186,17 @@ async def run_attempt(
     attempt: int,
     time_limit: float,
     threads: ThreadSlots | None = None,
+    scrub: Scrub = cut,
 ) -> AttemptResult:
     """Run ``function`` once within ``time_limit`` seconds; never raises (except the attempt's own cancellation).
 
     Whatever the function does ends in a result: an exception of any kind
     (``BaseException`` and a cancellation it raised itself included) is a
     failure; running past ``time_limit`` is a timeout, also when it blocked
-    the event loop so long that the deadline could not interrupt it.
+    the event loop so long that the deadline could not interrupt it. Its
+    error message and log lines are kept through ``scrub``.
     """
-    log = AttemptLog()
+    log = AttemptLog(scrub)
     started = time.monotonic()
 
     def result(ok: bool, exc: BaseException | None = None, message: str = "") -> AttemptResult:
@@ -209,7 +211,7 @@ async def run_attempt(
             False,
             duration_ms,
             error_type=type(exc).__name__ if exc is not None else TIMEOUT,
-            error=error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…",
+            error=scrub(error, MAX_ERROR),
             retryable=retryable,
             rejected=rejected,
             logs=log.export(),
