@@ -1,5 +1,6 @@
-"""``orchestrator emit`` fails (exit 1, the answer still printed) when the connection was rejected or,
-with ``--wait``, when a function did not succeed: a script can trust its exit code."""
+"""Failures as the CLI shows them: ``orchestrator emit`` fails (exit 1, the answer still printed) when the
+connection was rejected or, with ``--wait``, when a function did not succeed, so a script can trust its
+exit code; ``events`` and ``replay --connection`` print each failure's error on its line."""
 
 from __future__ import annotations
 
@@ -56,3 +57,13 @@ def test_an_awaited_function_that_gave_up_exits_1(cli: Cli) -> None:
 def test_without_wait_a_scheduled_function_does_not_fail_the_command(cli: Cli) -> None:
     result = cli("emit", "post-connection-creation", "c3", "-i", "picky")
     assert (result.code, result.err) == (0, ""), str(result)
+
+
+def test_events_and_replay_print_each_failures_error_on_its_line(cli: Cli) -> None:
+    cli("emit", "post-connection-creation", "c4", "-i", "picky", "--wait")
+    failure = "register attempt 1: NonRetryable: the provider refuses webhooks"
+    gave_up = "register after attempt 1: not retryable: the provider refuses webhooks"
+    events = cli.ok("events", "--connection", "c4", "-i", "picky").out.splitlines()
+    assert [line.split("  ")[-1] for line in events if "function-" in line] == [failure, gave_up]
+    replay = cli.ok("replay", "--connection", "c4", "-i", "picky", "--database", cli.daemon.url).out
+    assert failure in replay and gave_up in replay
