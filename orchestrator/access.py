@@ -96,7 +96,7 @@ def parse_tokens(text: str, source: str) -> Tokens:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        where = f"{source} line {number}"
+        where = f"{source}, line {number}"
         token, _, scope = line.partition(" ")
         scope = scope.strip()
         if not _TOKEN.fullmatch(token):
