@@ -130,7 +130,7 @@ def parse_tokens(text: str, source: str) -> Tokens:
 
 
 def read_token_file(path: Path) -> tuple[Tokens, str]:
-    """The tokens of the file at ``path``, and a warning (empty for none) when others than its owner may read it.
+    """The tokens of the file at ``path``, and a warning (empty for none) when others may read or change it.
 
     Raises :class:`InvalidArgument` when it cannot be read, holds no token, or a line is malformed.
     """
@@ -143,10 +143,11 @@ def read_token_file(path: Path) -> tuple[Tokens, str]:
         raise InvalidArgument(f"the token file {path} is not UTF-8 text") from None
     tokens = parse_tokens(text, f"the token file {path}")
     warning = ""
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    # Group read is allowed (a Kubernetes Secret volume with fsGroup is 0440 root:<the daemon's group>).
+    if mode & (stat.S_IRWXO | stat.S_IWGRP | stat.S_IXGRP):
         warning = (
-            f"the token file {path} can be read or changed by others than its owner (mode {stat.S_IMODE(mode):04o});"
-            f" `chmod 600 {path}` unless a group is meant to read it"
+            f"the token file {path} can be read or changed by others than its owner and group"
+            f" (mode {stat.S_IMODE(mode):04o}): `chmod 600 {path}` (or 640)"
         )
     return tokens, warning
 

@@ -64,16 +64,18 @@ def test_a_malformed_file_is_refused_naming_the_line_never_the_token(text: str, 
 
 
 def test_a_file_others_may_read_is_served_with_a_warning(tmp_path: Path) -> None:
-    """Mode 0600 is quiet; 0640 and 0644 are read, with a warning naming the fix."""
+    """Modes 0600, 0400, 0640 and 0440 are quiet; 0644, 0604 and 0660 are read, with a warning naming the fix."""
     path = tmp_path / "tokens"
     path.write_text(f"{ADMIN}\n")
-    path.chmod(0o600)
-    assert read_token_file(path)[1] == ""
-    for mode in (0o640, 0o644):
+    for mode in (0o600, 0o400, 0o640, 0o440):
+        path.chmod(mode)
+        assert read_token_file(path)[1] == ""
+    for mode in (0o644, 0o604, 0o660):
         path.chmod(mode)
         tokens, warning = read_token_file(path)
         assert len(tokens) == 1
         assert f"mode {mode:04o}" in warning and f"chmod 600 {path}" in warning
+    path.chmod(0o600)
 
 
 def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
