@@ -184,6 +184,19 @@ async def test_a_missing_or_wrong_token_is_unauthenticated(
     assert await rpc.records(guarded.stub, metadata=bearer(ADMIN)) == []
 
 
+async def test_a_request_that_does_not_decode_is_unauthenticated_without_a_token(guarded: Daemon) -> None:
+    """Without a token, even bytes that are not the method's message are UNAUTHENTICATED: nothing is told."""
+    path = "/orchestrator.v1.Orchestrator/EmitLifecycleEvent"
+    call = guarded.channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"\xff\xff\xff not protobuf", timeout=WAIT)
+    assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.details() == MESSAGE
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"\xff\xff\xff not protobuf", metadata=bearer(ADMIN), timeout=WAIT)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_a_known_token_gets_through(guarded: Daemon) -> None:
     """The right token, with the scheme in any case, is let in."""
     for n, header in enumerate((f"Bearer {ADMIN}", f"bearer {ADMIN}")):
