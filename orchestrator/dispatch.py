@@ -14,7 +14,6 @@ results into records.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from opentelemetry import metrics, trace
 from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
-from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
+from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink, cut
 from orchestrator.credentials import Credentials
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
-from orchestrator.provider import Provider, redact
+from orchestrator.provider import Provider, redact_excerpt
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
@@ -155,18 +154,19 @@ class Dispatcher:
             "orchestrator.attempt": event.attempt,
             "orchestrator.plugin": f"{function.distribution} {function.version}",
         }
+        # Whatever a function raises or logs, the connection's secrets never reach the log: redacted, then cut.
+        secrets = self.credentials.get(ref)
+
+        def scrub(text: str, limit: int) -> str:
+            return cut(redact_excerpt(text, secrets, limit + 1), limit)
+
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
             watched = self._watchdog.watching(function) if self._watchdog else contextlib.nullcontext()
             async with self._limiter:
                 with watched:
                     result = await run_attempt(
-                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
+                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads, scrub=scrub
                     )
-            # Whatever a function raised or logged, the connection's secrets never reach the log.
-            secrets = self.credentials.get(ref)
-            result = dataclasses.replace(
-                result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
-            )
             outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
             span.set_attribute("orchestrator.outcome", outcome)
             if not result.ok:

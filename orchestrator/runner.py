@@ -17,19 +17,24 @@ log, but the daemon was frozen meanwhile.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
+import os
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from orchestrator.context import AttemptLog, Context, SyncContext
+from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
 from orchestrator.errors import InvalidArgument, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
@@ -39,6 +44,44 @@ TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
 MAX_ERROR = 8192
 """Characters of a function's error message kept in its record (a longer one is cut)."""
+MAX_TRACEBACK = 8192
+"""Characters of a failure's traceback kept in its record (frames from the middle go first)."""
+_MAX_EXCEPTION_LINE = 1000
+_PLUMBING = (
+    *(
+        str(Path(module.__file__).parent) + os.sep
+        for module in (sys.modules["orchestrator"], anyio, asyncio)
+        if module.__file__
+    ),
+    str(Path(concurrent.futures.__file__).parent) + os.sep,
+    threading.__file__,
+    contextlib.__file__,
+)
+"""Where the frames that call a function come from: the orchestrator's, anyio's, asyncio's, the thread pools'."""
+
+
+def own_traceback(exc: BaseException, handler: Callable[..., Any]) -> str:
+    """The traceback of ``exc`` from the function's own first frame on (the frames that called it are ours,
+    not the author's), at most :data:`MAX_TRACEBACK` characters: the outermost frame and as many of the
+    innermost as fit, the exception's line last. Empty when ``exc`` carries no frames of the function."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    home = getattr(getattr(handler, "__code__", None), "co_filename", None)
+    start = next((i for i, frame in enumerate(frames) if frame.filename == home), None)
+    if start is None:  # a wrapped handler: skip the frames of the machinery that called it
+        start = next((i for i, frame in enumerate(frames) if not frame.filename.startswith(_PLUMBING)), len(frames))
+    lines = traceback.format_list(frames[start:])
+    if not lines:
+        return ""
+    last = "".join(traceback.format_exception_only(exc))
+    last = last if len(last) <= _MAX_EXCEPTION_LINE else last[:_MAX_EXCEPTION_LINE] + "…\n"
+    head = "Traceback (most recent call last):\n"
+    omitted = 0
+    while len(lines) > 2 and len(head) + sum(map(len, lines)) + len(last) + 40 > MAX_TRACEBACK:
+        del lines[1]
+        omitted += 1
+    if omitted:
+        lines.insert(1, f"  ... {omitted} frame(s) omitted ...\n")
+    return head + "".join(lines) + last
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +98,8 @@ class AttemptResult:
     rejected: bool = False
     """The function raised :class:`Rejected` (a clean verdict for validate-connection)."""
     logs: list[str] = field(default_factory=list)
+    traceback: str = ""
+    """Where the function raised: its own frames (see :func:`own_traceback`)."""
 
     def outcome(self, *, retry_in_ms: int | None = None, dryrun: bool = False) -> FunctionSucceeded | FunctionFailed:
         """The body of this attempt's ``function-succeeded`` or ``function-failed`` record."""
@@ -75,6 +120,7 @@ class AttemptResult:
             tuple(self.logs),
             retry_in_ms,
             dryrun,
+            self.traceback,
         )
 
 
@@ -186,16 +232,20 @@ async def run_attempt(
     attempt: int,
     time_limit: float,
     threads: ThreadSlots | None = None,
+    scrub: Scrub = cut,
 ) -> AttemptResult:
     """Run ``function`` once within ``time_limit`` seconds; never raises (except the attempt's own cancellation).
 
     Whatever the function does ends in a result: an exception of any kind
     (``BaseException`` and a cancellation it raised itself included) is a
     failure; running past ``time_limit`` is a timeout, also when it blocked
-    the event loop so long that the deadline could not interrupt it.
+    the event loop so long that the deadline could not interrupt it. Its
+    error message and log lines are kept through ``scrub``.
     """
-    log = AttemptLog()
+    log = AttemptLog(scrub)
     started = time.monotonic()
+
+    handler = function.function.handler
 
     def result(ok: bool, exc: BaseException | None = None, message: str = "") -> AttemptResult:
         duration_ms = int((time.monotonic() - started) * 1000)
@@ -209,10 +259,11 @@ async def run_attempt(
             False,
             duration_ms,
             error_type=type(exc).__name__ if exc is not None else TIMEOUT,
-            error=error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…",
+            error=scrub(error, MAX_ERROR),
             retryable=retryable,
             rejected=rejected,
             logs=log.export(),
+            traceback="" if exc is None or rejected else scrub(own_traceback(exc, handler), MAX_TRACEBACK),
         )
 
     try:

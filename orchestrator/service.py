@@ -218,7 +218,7 @@ class Service:
                 return EmitResult(
                     event_id=current.deletion.event_id,
                     position=current.deletion.position,
-                    version=current.deletion.version,
+                    version=current.version,
                     state=current.state,
                     outcomes=current.outcomes,
                 )
@@ -248,7 +248,7 @@ class Service:
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
-            version=lifecycle.version,
+            version=connection.version,  # after every record this call appended: pass it back as expected_version
             state=connection.state,
             outcomes=outcomes,
             rejection_reason=connection.rejection_reason,
@@ -298,7 +298,7 @@ class Service:
         return EmitResult(
             event_id=earlier.event_id,
             position=earlier.position,
-            version=earlier.version,
+            version=connection.version,
             state=connection.state,
             outcomes=connection.outcomes,
             rejection_reason=connection.rejection_reason,

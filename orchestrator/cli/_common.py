@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from click.core import ParameterSource
 
-from orchestrator import codec, config
+from orchestrator import codec, config, records
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import Connection, ConnectionRef, Outcome, check_connection_id, check_name
 
@@ -346,3 +346,29 @@ def outcome_row(o: Outcome) -> tuple[str, str]:
     """A function's outcome as a FIELD/VALUE row."""
     attempts = f"{o.attempts} attempt{'' if o.attempts == 1 else 's'}"
     return f"function {o.name}", f"{o.status.value} ({attempts}) {o.error}".rstrip()
+
+
+def detail(record: records.Record) -> str:
+    """What a person wants to see of a record on its line: a failure's error, a rejection's reason, ..."""
+    if record.idempotency_key:
+        return f"key={record.idempotency_key}"
+    body = records.parse(record.type, record.data)
+    if isinstance(body, records.MetadataUpdated):
+        merge = "merge " if body.merge else ""
+        return f"{body.function}: {merge}{_line(codec.dumps(body.metadata))}"
+    if isinstance(body, records.FunctionFailed):
+        retry = f" (retry in {body.retry_in_ms / 1000:g}s)" if body.retry_in_ms is not None else ""
+        return f"{body.function} attempt {body.attempt}: {body.error_type}: {_line(body.error)}{retry}"
+    if isinstance(body, records.FunctionGaveUp | records.FunctionCancelled):
+        said = f"{body.reason}: {body.error}" if isinstance(body, records.FunctionGaveUp) else body.reason
+        return f"{body.function} after attempt {body.attempt}: {_line(said)}"
+    if isinstance(body, records.FunctionSucceeded):
+        return f"{body.function} attempt {body.attempt} ({body.duration_ms} ms)"
+    reason = getattr(body, "reason", "")
+    return f"reason={_line(reason)}" if reason else ""
+
+
+def _line(text: str, limit: int = 200) -> str:
+    """``text`` on one line of at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import click
 
 from orchestrator import codec
-from orchestrator.cli._common import Daemon, checked_name, client_options, connection_ref, environment, when
+from orchestrator.cli._common import Daemon, checked_name, client_options, connection_ref, detail, environment, when
 from orchestrator.records import Record
 
 
 def _event_line(record: Record) -> str:
-    return f"{record.position:>8}  {when(record.recorded_at)}  {record.stream}  v{record.version}  {record.type}"
+    line = f"{record.position:>8}  {when(record.recorded_at)}  {record.stream}  v{record.version}  {record.type}"
+    said = detail(record)
+    return f"{line}  {said}" if said else line
 
 
 @click.command()

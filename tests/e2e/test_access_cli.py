@@ -240,7 +240,7 @@ def test_client_commands_take_tls_and_token_by_flag_variable_and_config(
         daemon, "emit", "validate-connection", "c-1", "-i", "acme", "-e", "prod", "--json", *flags, cwd=tmp_path
     )
     assert emitted.code == 0, str(emitted)
-    assert emitted.json()["version"] == 1
+    assert emitted.json()["state"] == "pending"
 
     variables = {
         "ORCHESTRATOR_TLS_CA": str(ca_file),

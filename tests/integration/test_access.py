@@ -26,7 +26,7 @@ from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.plugins import Registry
 from tests.support import grpc as rpc
 from tests.support.daemon import Daemon, run_daemon
-from tests.support.grpc import CREATE, VALIDATE, WAIT
+from tests.support.grpc import CREATE, PENDING, VALIDATE, WAIT
 from tests.support.tls import Authority, Pair
 
 pytestmark = pytest.mark.anyio
@@ -115,7 +115,7 @@ async def test_tls_calls_succeed_with_the_ca_and_fail_without(database: str, mat
     """Over TLS a client trusting the CA gets through; a plaintext client and one trusting another CA do not."""
     async with tls_daemon(database, material) as daemon:
         response = await rpc.emit(daemon.stub, VALIDATE, "tls-1")
-        assert response.version == 1
+        assert response.state == PENDING
         address = f"127.0.0.1:{daemon.port}"
         async with grpc.aio.insecure_channel(address) as plaintext:
             assert await get_status(plaintext) is grpc.StatusCode.UNAVAILABLE
@@ -203,7 +203,7 @@ async def test_a_known_token_gets_through(guarded: Daemon) -> None:
         response = await guarded.stub.EmitLifecycleEvent(
             rpc.emit_request(VALIDATE, f"in-{n}"), metadata=(("authorization", header),), timeout=WAIT
         )
-        assert response.version == 1
+        assert response.state == PENDING
 
 
 async def test_unauthenticated_calls_are_logged_once_without_the_token(
@@ -269,7 +269,7 @@ async def test_a_scoped_token_cannot_touch_another_environment(guarded: Daemon) 
     assert await rpc.records(stub, metadata=bearer(ADMIN)) == before, "a refused emit wrote something"
     assert (await stub.GetConnection(get, metadata=bearer(ADMIN), timeout=WAIT)).connection.version == version
     dev = await stub.EmitLifecycleEvent(rpc.emit_request(VALIDATE, "d-1"), metadata=bearer(DEV), timeout=WAIT)
-    assert dev.version == 1
+    assert dev.state == PENDING
 
 
 async def test_a_scoped_token_lists_only_its_environments_page_by_page(guarded: Daemon) -> None:
@@ -340,4 +340,4 @@ async def test_without_a_token_file_no_token_is_asked_for(database: str) -> None
     """A daemon on loopback without a token file lets every caller in, as before."""
     async with run_daemon(database, registry=Registry()) as daemon:
         response = await rpc.emit(daemon.stub, VALIDATE, "open-1")
-        assert response.version == 1
+        assert response.state == PENDING

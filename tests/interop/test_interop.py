@@ -188,7 +188,8 @@ def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: 
 
 
 def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemon) -> None:
-    """A JSON validate-connection for a fresh connection answers state CONNECTION_STATE_PENDING at version 1."""
+    """A JSON validate-connection for a fresh connection answers state CONNECTION_STATE_PENDING at version 2
+    (the stream's after the verdict)."""
     body = {
         "connection": {"environment": "dev", "integration": "grpcurl", "connection_id": f"acme-{uuid.uuid4()}"},
         "event": "LIFECYCLE_EVENT_VALIDATE_CONNECTION",
@@ -199,7 +200,7 @@ def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemo
     assert result.code == 0, _explain(result, daemon)
     response = json.loads(result.out)
     assert response["state"] == "CONNECTION_STATE_PENDING"
-    assert response["version"] == "1"  # int64 is a JSON string in the proto3 JSON mapping
+    assert response["version"] == "2"  # int64 is a JSON string in the proto3 JSON mapping
     assert int(response["position"]) >= 1
     assert uuid.UUID(response["event_id"]).version == 7
 

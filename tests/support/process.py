@@ -324,9 +324,9 @@ class Daemon(Process):
 
 
 @contextmanager
-def drained(database: Path, *args: str) -> Iterator[Daemon]:
+def drained(database: Path, *args: str, env: Mapping[str, str] | None = None) -> Iterator[Daemon]:
     """A :class:`Daemon` on ``database`` for the block; at its end SIGTERM must drain it to exit code 0."""
-    daemon = Daemon(database, *args)
+    daemon = Daemon(database, *args, env=env)
     try:
         yield daemon
     finally:
