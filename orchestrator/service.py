@@ -335,14 +335,31 @@ class Service:
         state: ConnectionState | None = None,
         page_size: int = 0,
         page_token: str = "",
+        environments: frozenset[str] | None = None,
     ) -> Page:
-        """One page of the read model, ordered by stream."""
+        """One page of the read model, ordered by stream.
+
+        ``environments`` (a caller's scope; None: all) leaves out the rows of
+        other environments when no ``environment`` is asked for: each
+        environment of the scope is read in stream order, so pages and page
+        tokens work as without it.
+        """
         self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_token(page_token)
-        rows = await self._store.list_connections(
-            ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
-        )
+        if environment or environments is None:
+            rows = await self._store.list_connections(
+                ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
+            )
+        else:
+            rows = []
+            # Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
+            for name in sorted(environments, key=lambda e: e + "/"):
+                rows += await self._store.list_connections(
+                    ConnectionQuery(name, integration, state, after_stream=after, limit=limit + 1 - len(rows))
+                )
+                if len(rows) > limit:
+                    break
         more = len(rows) > limit
         rows = rows[:limit]
         # A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).

@@ -8,8 +8,9 @@ import click
 
 from orchestrator import codec
 from orchestrator.cli._common import (
-    address,
+    Daemon,
     checked_name,
+    client_options,
     connection_ref,
     credentials,
     environment,
@@ -41,7 +42,7 @@ from orchestrator.model import ConnectionState, EmitRequest, EmitResult, Functio
 @click.option("--idempotency-key", default="", help="Makes retrying this command safe.")
 @click.option("--expected-version", type=click.IntRange(min=0), help="Refuse unless the connection is at it.")
 @click.option("--wait", is_flag=True, help="Also wait for asynchronous functions.")
-@address
+@client_options
 @json_flag
 def emit(
     event: str,
@@ -55,7 +56,7 @@ def emit(
     idempotency_key: str,
     expected_version: int | None,
     wait: bool,
-    address: str,
+    daemon: Daemon,
     as_json: bool,
 ) -> None:
     """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...).
@@ -63,8 +64,6 @@ def emit(
     Exits 1 (after printing the answer) when the connection was rejected, or, with --wait, when a
     function did not succeed.
     """
-    from orchestrator.rpc.client import Client
-
     request = EmitRequest(
         ref=connection_ref(connection_id, integration, environment),
         event=LifecycleEvent(event),
@@ -75,7 +74,7 @@ def emit(
         expected_version=expected_version,
         wait=wait,
     )
-    with Client(address) as client:
+    with daemon.client() as client:
         result = client.emit(request)
     if as_json:
         print_json(_result_json(result))

@@ -11,7 +11,7 @@ import click
 
 from orchestrator import config
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml, configured_integrations, database
+from orchestrator.cli._common import apply_toml, configured_integrations, database, quiet_grpc
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
@@ -95,6 +95,35 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     help="Allow a non-loopback listen address without TLS or a token.",
 )
 @click.option(
+    "--tls-cert",
+    envvar="ORCHESTRATOR_TLS_CERT",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve TLS with this certificate (PEM, the chain after it); with --tls-key. SIGHUP rereads it.",
+)
+@click.option(
+    "--tls-key",
+    envvar="ORCHESTRATOR_TLS_KEY",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The private key of --tls-cert (PEM, unencrypted). SIGHUP rereads it.",
+)
+@click.option(
+    "--tls-client-ca",
+    envvar="ORCHESTRATOR_TLS_CLIENT_CA",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Mutual TLS: require a client certificate signed by the CA in this PEM file. SIGHUP rereads it.",
+)
+@click.option(
+    "--auth-token-file",
+    envvar="ORCHESTRATOR_AUTH_TOKEN_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Require a bearer token of this file: one per line, optionally followed by a space and the"
+    " comma-separated environments it may touch; '#' comments. SIGHUP rereads it.",
+)
+@click.option(
     "--log-level",
     envvar="ORCHESTRATOR_LOG_LEVEL",
     show_envvar=True,
@@ -148,6 +177,10 @@ def serve(
     database: str | None,
     grace_period: float,
     insecure: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_token_file: Path | None,
     log_level: str,
     skip_broken_plugins: bool,
     init: bool,
@@ -163,6 +196,7 @@ def serve(
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
     OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
     """
+    quiet_grpc()
     import anyio
 
     from orchestrator import daemon, logs
@@ -188,8 +222,13 @@ def serve(
         integrations=integrations,
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),
         on_sighup=file_handler.reopen if file_handler is not None else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token_file=auth_token_file,
     )
     if check:
+        access = daemon.load_access(settings)  # refuses unreadable or bad TLS files and token files
         registry = daemon.load_plugins(skip_broken=skip_broken_plugins)
         url = settings.database or config.default_database()
         sqlite_path(url)  # refuses a malformed URL
@@ -201,6 +240,9 @@ def serve(
             f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
             + (f", Prometheus on {metrics_listen}" if metrics_listen else "")
         )
+        click.echo(f"tls: {access.tls.material.summary() if access.tls is not None else 'off'}")
+        tokens = access.tokens
+        click.echo(f"bearer tokens: {len(tokens.tokens)} from {tokens.path}" if tokens else "bearer tokens: none asked")
         return
     backend_options: dict[str, Any] = {}
     try:
