@@ -11,7 +11,13 @@ thread that outlives its timeout is abandoned, not waited for.
 What Python cannot do: pre-empt code that never yields. An ``async def``
 that calls ``time.sleep(30)`` holds the whole event loop for 30 s; its
 attempt is then recorded as timed out, and the loop watchdog names it in the
-log, but the daemon was frozen meanwhile.
+log, but the daemon was frozen meanwhile. Nor can it stop a hung thread, or
+survive a function that calls ``os._exit`` or crashes the interpreter. For
+that, ``serve --isolation process`` runs each attempt in a supervised worker
+process (:mod:`orchestrator.isolation`), which is killed at the attempt's
+timeout: :func:`run_attempt` then takes the pool's ``invoke`` in place of
+:func:`invoke` (the function called here, in the daemon), and the result is
+built the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,29 +160,69 @@ def _being_cancelled() -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Ended:
-    """How the function itself ended: what it returned, or what it raised."""
+class Raised:
+    """What a function raised, as its record names it: the type, the message, and whether it is retried."""
 
-    returned: Any = None
-    raised: BaseException | None = None
+    type: str
+    message: str
+    retryable: bool = True
+    rejected: bool = False
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Raised:
+        """``exc`` as its record names it (its message cut to :data:`MAX_ERROR` characters)."""
+        retryable, rejected = _classify(exc)
+        name = type(exc).__name__
+        return cls(name, _cut(str(exc) or name), retryable, rejected)
 
 
-async def _invoke(function: Installed, ctx: Context, threads: ThreadSlots | None) -> _Ended:
-    """Call the handler and catch whatever it raises, except a cancellation of the attempt itself."""
+def _cut(error: str) -> str:
+    return error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How the function itself ended: what it raised, or the type of what it returned."""
+
+    returned: str | None = None
+    """The type of a value other than ``None`` that it returned (ignored, with a warning)."""
+    awaitable: bool = False
+    """What it returned was an awaitable it never awaited (a coroutine function without ``async def``)."""
+    raised: Raised | None = None
+
+    @classmethod
+    def returning(cls, value: Any) -> Ended:
+        """A function that returned ``value`` (a coroutine it returned is closed, never run)."""
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            return cls(type(value).__name__, awaitable=True)
+        return cls(None if value is None else type(value).__name__)
+
+
+Invoke = Callable[[Installed, Context], Awaitable[Ended]]
+"""Calls a function with its context and reports how it ended: :func:`invoke` here, or a worker process pool's."""
+
+
+async def invoke(function: Installed, ctx: Context, threads: ThreadSlots | None = None) -> Ended:
+    """Call the handler here and catch whatever it raises, except a cancellation of the attempt itself.
+
+    Coroutine functions run on the event loop, plain ones in ``threads`` (or anyio's default threads).
+    """
     handler = function.function.handler
     try:
         if function.function.is_async:
-            return _Ended(returned=await handler(ctx))
+            return Ended.returning(await handler(ctx))
         sync = SyncContext(ctx, anyio.lowlevel.current_token())
         if threads is None:
-            return _Ended(returned=await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
-        return _Ended(returned=await threads.run(handler, sync))
+            return Ended.returning(await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
+        return Ended.returning(await threads.run(handler, sync))
     except anyio.get_cancelled_exc_class() as exc:
         if _being_cancelled():
             raise  # the attempt's deadline, or the daemon stopping: not the function's doing
-        return _Ended(raised=exc)  # the function raised a cancellation of its own: a failure like any other
+        return Ended(raised=Raised.of(exc))  # the function raised a cancellation of its own: a failure like any other
     except BaseException as exc:  # any exception of a plugin's, BaseException included, is its outcome
-        return _Ended(raised=exc)
+        return Ended(raised=Raised.of(exc))
 
 
 async def run_attempt(
@@ -186,53 +232,55 @@ async def run_attempt(
     attempt: int,
     time_limit: float,
     threads: ThreadSlots | None = None,
+    invoke_with: Invoke | None = None,
 ) -> AttemptResult:
     """Run ``function`` once within ``time_limit`` seconds; never raises (except the attempt's own cancellation).
 
     Whatever the function does ends in a result: an exception of any kind
     (``BaseException`` and a cancellation it raised itself included) is a
     failure; running past ``time_limit`` is a timeout, also when it blocked
-    the event loop so long that the deadline could not interrupt it.
+    the event loop so long that the deadline could not interrupt it. The
+    function is called by ``invoke_with`` (a worker process pool's), by
+    default by :func:`invoke` in this process with ``threads``.
     """
     log = AttemptLog()
     started = time.monotonic()
 
-    def result(ok: bool, exc: BaseException | None = None, message: str = "") -> AttemptResult:
+    def result(raised: Raised | None = None) -> AttemptResult:
         duration_ms = int((time.monotonic() - started) * 1000)
-        if exc is None and ok:
+        if raised is None:
             return AttemptResult(function, attempt, True, duration_ms, logs=log.export())
-        retryable, rejected = _classify(exc) if exc is not None else (True, False)
-        error = message or (str(exc) if exc is not None else "") or type(exc).__name__
         return AttemptResult(
             function,
             attempt,
             False,
             duration_ms,
-            error_type=type(exc).__name__ if exc is not None else TIMEOUT,
-            error=error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…",
-            retryable=retryable,
-            rejected=rejected,
+            error_type=raised.type,
+            error=_cut(raised.message),
+            retryable=raised.retryable,
+            rejected=raised.rejected,
             logs=log.export(),
         )
 
     try:
         ctx = make_context(log)
     except Exception as exc:  # our own context could not be built (a configuration error): the attempt fails
-        return result(False, exc)
+        return result(Raised.of(exc))
     with anyio.move_on_after(time_limit) as scope:
-        ended = await _invoke(function, ctx, threads)
+        if invoke_with is None:
+            ended = await invoke(function, ctx, threads)
+        else:
+            ended = await invoke_with(function, ctx)
     elapsed = time.monotonic() - started
     if scope.cancelled_caught:
-        return result(False, message=f"timed out after {time_limit:g}s")
+        return result(Raised(TIMEOUT, f"timed out after {time_limit:g}s"))
     if elapsed > time_limit:
         # It held the event loop (a blocking call in an async function), so the deadline could not interrupt it.
-        return result(False, message=f"timed out after {time_limit:g}s: it ran {elapsed:.1f}s without yielding")
+        return result(Raised(TIMEOUT, f"timed out after {time_limit:g}s: it ran {elapsed:.1f}s without yielding"))
     if ended.raised is not None:
-        return result(False, ended.raised)
-    if inspect.isawaitable(ended.returned):
-        if inspect.iscoroutine(ended.returned):
-            ended.returned.close()
-        return result(False, TypeError("the function returned an awaitable it never awaited: make it async def"))
+        return result(ended.raised)
+    if ended.awaitable:
+        return result(Raised.of(TypeError("the function returned an awaitable it never awaited: make it async def")))
     if ended.returned is not None:
-        log.add(f"warning: the function returned {type(ended.returned).__name__}, which is ignored")
-    return result(True)
+        log.add(f"warning: the function returned {ended.returned}, which is ignored")
+    return result()
