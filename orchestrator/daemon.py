@@ -21,6 +21,7 @@ from orchestrator import plugins, telemetry
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration, ServeConfig, default_database
 from orchestrator.errors import OrchestratorError, PluginError
+from orchestrator.isolation import ProcessPool
 from orchestrator.plugins import Registry, discover
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
@@ -79,8 +80,20 @@ async def _serve(
     ):
         watchdog = LoopWatchdog()
         tg.start_soon(watchdog.run)
+        pool = ProcessPool(config.dispatch.pool_size) if config.dispatch.pool_size else None
+        if pool is not None:
+            # Its processes start in the background: a pool that cannot start any fails attempts, not the daemon.
+            tg.start_soon(pool.run)
+            log.info("event functions run in %d worker process(es)", pool.size)
         engine = assemble(
-            store, registry, clock, http=http, integrations=integrations, config=config.dispatch, watchdog=watchdog
+            store,
+            registry,
+            clock,
+            http=http,
+            integrations=integrations,
+            config=config.dispatch,
+            watchdog=watchdog,
+            pool=pool,
         )
         server = GrpcServer(engine.service)
         port = await server.start(config.listen)
