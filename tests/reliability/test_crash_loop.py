@@ -41,6 +41,7 @@ import pytest
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from tests.support.plugins import install, pythonpath
 from tests.support.process import STOP_TIMEOUT, Daemon, Result, environment, run, sqlite_url
 
 from . import _log
@@ -110,12 +111,7 @@ context and OpenTelemetry logs "Failed to detach context" with a traceback (orch
 
 def plugin_path(directory: Path) -> str:
     """Write a ``*.dist-info`` naming the plugin's functions; the ``PYTHONPATH`` that lets a daemon discover them."""
-    info = directory / "orchestrator_crashloop-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: orchestrator-crashloop\nVersion: 1.0\n")
-    lines = [f"{name} = {target}" for name, target in FUNCTIONS.items()]
-    (info / "entry_points.txt").write_text("[orchestrator.functions]\n" + "\n".join(lines) + "\n")
-    return os.pathsep.join(filter(None, [str(PLUGIN), str(directory), os.environ.get("PYTHONPATH", "")]))
+    return pythonpath(PLUGIN, install(directory, "orchestrator-crashloop", FUNCTIONS))
 
 
 def write_config(path: Path, provider_url: str) -> Path:
