@@ -31,9 +31,9 @@ if not __package__:
     # root (and keep bench/ itself off the path, so its modules shadow nothing).
     sys.path[0] = str(ROOT)
 
-from bench import _harness, append, fold, rpc, startup  # noqa: E402 - needs the path set just above
+from bench import _harness, append, fold, isolation, rpc, startup  # noqa: E402 - needs the path set just above
 
-SECTIONS = ("grpc", "append", "replay", "startup")
+SECTIONS = ("grpc", "append", "replay", "startup", "isolation")
 
 
 def _machine() -> dict[str, Any]:
@@ -129,10 +129,54 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _n(fig["ratio"], 2),
             )
         )
+    if "isolation" in results and "error" not in results["isolation"]:
+        rows.extend(_isolation_rows(results["isolation"]))
     rows.extend(
         (f"{name}: FAILED", "", str(results[name]["error"]).splitlines()[0], "")
         for name in SECTIONS
         if name in results and "error" in results[name]
+    )
+    return rows
+
+
+def _isolation_rows(fig: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    for function, label in isolation.FUNCTIONS.items():
+        for in_flight in isolation.IN_FLIGHT:
+            run = fig[function][str(in_flight)]
+            thread, process, r = run["thread"], run["process"], run["ratio"]
+            rows.append(
+                (
+                    f"Attempts/s, {label}, {in_flight} in flight",
+                    f"{_n(thread['rate'])} (thread){_errors(thread)}",
+                    f"{_n(process['rate'])} (process, {fig['pool']} workers){_errors(process)}",
+                    _n(r["rate"], 2),
+                )
+            )
+            rows.append(
+                (
+                    f"Attempt latency p50 / p99 ms, {label}, {in_flight} in flight",
+                    f"{_n(thread['p50_ms'], 2)} / {_n(thread['p99_ms'], 2)}",
+                    f"{_n(process['p50_ms'], 2)} / {_n(process['p99_ms'], 2)}",
+                    f"{_n(r['p50_ms'], 2)} / {_n(r['p99_ms'], 2)}",
+                )
+            )
+    started, rss = fig["seconds"], fig["rss_mib"]
+    rows.append(
+        (
+            "Worker process start to ready, s",
+            f"{_n(started['bare'], 3)} (python -c)",
+            f"{_n(started['worker'], 3)} (worker, plugins imported)",
+            _n(started["ratio"], 2),
+        )
+    )
+    rows.append(
+        (
+            "Worker process memory, MiB RSS",
+            f"{_n(rss['bare'], 1)} (python -c)",
+            f"{_n(rss['worker'], 1)} (worker, plugins imported)",
+            _n(rss["ratio"], 2),
+        )
     )
     return rows
 
@@ -218,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             if "startup" in args.only:
                 _harness.in_child(fold.create_empty, str(empty), timeout=60)
                 _section(results, "startup", startup.measure, settings, empty, large, built["records"])
+        if "isolation" in args.only:
+            _section(results, "isolation", isolation.measure, settings, workdir)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     table = _markdown(results)
