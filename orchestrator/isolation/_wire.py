@@ -9,11 +9,14 @@ process is replaced). What the daemon sends is trusted by the worker.
 ::
 
     daemon -> worker                              worker -> daemon
-    attempt {function, connection, event,         ready   {functions, broken}   once, after importing the plugins
-             metadata}                            call    {id, op, args}        a context operation (OPERATIONS)
-    reply   {id, value} or {id, error}            cancel  {id}                  the function stopped waiting for it
-                                                  log     {line}
-                                                  ended   {returned, awaitable, raised, dropped}
+    attempt {n, function, connection, event,      ready   {functions, broken}   once, after importing the plugins
+             metadata}                            call    {n, id, op, args}     a context operation (OPERATIONS)
+    reply   {id, value} or {id, error}            cancel  {n, id}               the function stopped waiting for it
+                                                  log     {n, line}
+                                                  ended   {n, returned, awaitable, raised, dropped}
+
+``n`` is the attempt's number (counted per worker): a message of an earlier
+attempt's (a thread a function left behind, still using its context) is dropped.
 
 A worker process's context forwards what it cannot do itself through a few
 operations (:data:`OPERATIONS`), each served by the daemon with the attempt's
@@ -163,11 +166,17 @@ def ended_from(message: JSONObject) -> tuple[Ended, int]:
 # -- what the daemon sends, and the worker's side of it ----------------------------
 
 
-def attempt(function: Installed, connection: ConnectionInfo, event: EventInfo, metadata: JSONObject) -> JSONObject:
-    """The ``attempt`` message: which function, for which connection and event, with which metadata."""
+def attempt(
+    number: int, function: Installed, connection: ConnectionInfo, event: EventInfo, metadata: JSONObject
+) -> JSONObject:
+    """The ``attempt`` message: which function, for which connection and event, with which metadata.
+
+    ``number`` counts the worker's attempts: every message it sends for this one carries it as ``n``.
+    """
     ref = connection.ref
     return {
         "t": "attempt",
+        "n": number,
         "function": {
             "name": function.name,
             "integration": function.function.integration,

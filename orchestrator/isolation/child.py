@@ -76,45 +76,60 @@ class _Channel:
         return _wire.parse(body) if body is not None else None
 
 
-class _Calls:
-    """Operations forwarded to the daemon, each awaited until its reply comes."""
+class _Replies:
+    """The replies the daemon owes this process's calls, whichever attempt made them."""
 
-    def __init__(self, channel: _Channel, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.numbers = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future[JSONObject]] = {}
+
+    def answer(self, message: JSONObject) -> None:
+        """A reply came (on the loop's thread): hand it to its caller, if it still waits."""
+        reply = self.waiting.get(message["id"])
+        if reply is not None and not reply.done():
+            reply.set_result(message)
+
+
+class _Link:
+    """One attempt's messages to the daemon: each names the attempt, so that none is taken for a later one's.
+
+    (A thread a function leaves behind may still use its context after the attempt: the daemon drops that.)
+    """
+
+    def __init__(self, channel: _Channel, replies: _Replies, attempt: int) -> None:
         self._channel = channel
-        self._loop = loop
-        self._numbers = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[JSONObject]] = {}
+        self._replies = replies
+        self._attempt = attempt
+
+    def send(self, message: JSONObject) -> None:
+        """Send ``message`` as this attempt's."""
+        self._channel.send({**message, "n": self._attempt})
 
     async def call(self, op: str, args: JSONObject) -> Any:
         """The daemon's answer to ``op(args)``; the exception its context raised, raised here."""
-        number = next(self._numbers)
-        self._channel.send({"t": "call", "id": number, "op": op, "args": args})
+        number = next(self._replies.numbers)
+        self.send({"t": "call", "id": number, "op": op, "args": args})
         # Its reply is handed over on this thread, so it cannot come before this line.
-        reply = self._waiting[number] = self._loop.create_future()
+        reply = self._replies.waiting[number] = self._replies.loop.create_future()
         try:
             answer = await reply
         except BaseException:
             if not reply.done():
-                self._channel.send({"t": "cancel", "id": number})  # the function stopped waiting
+                self.send({"t": "cancel", "id": number})  # the function stopped waiting
             raise
         finally:
-            self._waiting.pop(number, None)
+            self._replies.waiting.pop(number, None)
         if "error" in answer:
             raise _wire.error_from(answer["error"])
         return answer["value"]
-
-    def answer(self, message: JSONObject) -> None:
-        """A reply came (on the loop's thread): hand it to its caller, if it still waits."""
-        reply = self._waiting.get(message["id"])
-        if reply is not None and not reply.done():
-            reply.set_result(message)
 
 
 class _Provider:
     """Provider calls, made by the daemon's proxy (with the credentials, which stay there)."""
 
-    def __init__(self, calls: _Calls) -> None:
-        self._calls = calls
+    def __init__(self, link: _Link) -> None:
+        self._link = link
 
     async def request(
         self,
@@ -137,30 +152,30 @@ class _Provider:
             args["data_b64"] = base64.b64encode(data).decode()
         else:
             args["data"] = data
-        return _wire.response_from(await self._calls.call(_wire.REQUEST, args))
+        return _wire.response_from(await self._link.call(_wire.REQUEST, args))
 
 
 class _Sink:
     """Metadata writes, made by the daemon's context; reads see what the daemon last answered."""
 
-    def __init__(self, calls: _Calls, metadata: JSONObject) -> None:
-        self._calls = calls
+    def __init__(self, link: _Link, metadata: JSONObject) -> None:
+        self._link = link
         self._metadata = dict(metadata)
 
     def current(self) -> JSONObject:
         return dict(self._metadata)
 
     async def write(self, metadata: JSONObject, *, merge: bool) -> None:
-        answer = await self._calls.call(_wire.WRITE, {"metadata": metadata, "merge": merge})
+        answer = await self._link.call(_wire.WRITE, {"metadata": metadata, "merge": merge})
         self._metadata = dict(answer["current"])
 
 
 class _Log(AttemptLog):
     """Log lines, sent to the daemon as they are made (kept there even if this process is killed)."""
 
-    def __init__(self, channel: _Channel) -> None:
+    def __init__(self, link: _Link) -> None:
         super().__init__()
-        self._channel = channel
+        self._link = link
         self._sent = 0
 
     def add(self, line: str) -> None:
@@ -168,7 +183,7 @@ class _Log(AttemptLog):
             self.dropped += 1
             return
         self._sent += 1
-        self._channel.send({"t": "log", "line": line[: MAX_LOG_LINE + 1]})
+        self._link.send({"t": "log", "line": line[: MAX_LOG_LINE + 1]})
 
 
 def _find(registry: Registry, wanted: JSONObject) -> Installed:
@@ -190,8 +205,8 @@ def _find(registry: Registry, wanted: JSONObject) -> Installed:
     return ours
 
 
-async def _attempt(message: JSONObject, registry: Registry, channel: _Channel, calls: _Calls) -> None:
-    log = _Log(channel)
+async def _attempt(message: JSONObject, registry: Registry, link: _Link) -> None:
+    log = _Log(link)
     try:
         function = _find(registry, message["function"])
     except PluginError as exc:
@@ -202,23 +217,23 @@ async def _attempt(message: JSONObject, registry: Registry, channel: _Channel, c
         ctx = Context(
             connection=ConnectionInfo(ref, connection["config"]),
             event=EventInfo(LifecycleEvent(event["type"]), event["payload"], event["event_id"], event["attempt"]),
-            provider=_Provider(calls),
+            provider=_Provider(link),
             metadata_model=function.function.metadata,
-            sink=_Sink(calls, message["metadata"]),
+            sink=_Sink(link, message["metadata"]),
             log=log,
         )
         ended = await invoke(function, ctx)
-    channel.send(_wire.ended(ended, log.dropped))
+    link.send(_wire.ended(ended, log.dropped))
 
 
 async def _serve(channel: _Channel, registry: Registry) -> None:
     loop = asyncio.get_running_loop()
-    calls = _Calls(channel, loop)
+    replies = _Replies(loop)
     attempts_in, attempts = anyio.create_memory_object_stream[JSONObject](1)
 
     def deliver(message: JSONObject) -> None:  # on the loop's thread
         if message["t"] == "reply":
-            calls.answer(message)
+            replies.answer(message)
         else:
             attempts_in.send_nowait(message)
 
@@ -230,7 +245,7 @@ async def _serve(channel: _Channel, registry: Registry) -> None:
     threading.Thread(target=read, name="orchestrator worker pipe", daemon=True).start()
     async with attempts:
         async for message in attempts:
-            await _attempt(message, registry, channel, calls)
+            await _attempt(message, registry, _Link(channel, replies, message["n"]))
 
 
 def _exit_with_daemon(daemon: int) -> None:

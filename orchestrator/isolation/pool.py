@@ -45,6 +45,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.buffered import BufferedByteReceiveStream
 from opentelemetry import metrics
 
@@ -177,7 +178,8 @@ class _Child:
         outcome: Ended | _Broken
         async with anyio.create_task_group() as tg:
             try:
-                await self.send(_wire.attempt(function, ctx.connection, ctx.event, parts.sink.current()))
+                message = _wire.attempt(self.attempts, function, ctx.connection, ctx.event, parts.sink.current())
+                await self.send(message)
                 outcome = await self._converse(ctx, parts, tg)
             except Garbage as exc:
                 outcome = _Broken(WORKER_ERROR, f"the function's worker process sent {exc}; it was replaced")
@@ -192,6 +194,9 @@ class _Child:
         calls: dict[int, anyio.CancelScope] = {}
         while True:
             message = await self.receive()
+            await anyio.lowlevel.checkpoint()  # a worker that floods the pipe must not hold this loop
+            if _wire.field(message, "n", int) != self.attempts:
+                continue  # sent for an earlier attempt (by a thread its function left behind): dropped
             kind = message["t"]
             if kind == "log":
                 parts.log.add(_wire.field(message, "line", str))

@@ -215,15 +215,18 @@ async def test_a_hung_plain_def_is_killed_at_its_timeout_and_the_pool_keeps_its_
         pytest.param(frame(["not", "a", "message"]), "a frame that is not a message", id="not-a-message"),
         pytest.param(struct.pack(">I", 5) + b"\xff\xfe{{{", "a frame that is not JSON", id="not-json"),
         pytest.param(struct.pack(">I", 2**32 - 1), "a frame of 4294967295 bytes", id="too-large"),
-        pytest.param(frame({"t": "surprise"}), "a message of type 'surprise'", id="unknown-type"),
-        pytest.param(frame({"t": "call", "id": 1, "op": "exec", "args": {}}), "operation 'exec'", id="unknown-call"),
+        pytest.param(frame({"t": "surprise", "n": 1}), "a message of type 'surprise'", id="unknown-type"),
+        pytest.param(frame({"t": "log", "line": "x"}), "'log'.n is NoneType", id="no-attempt-number"),
         pytest.param(
-            frame({"t": "call", "id": 1, "op": "request", "args": {"method": "TRACE", "endpoint": "/"}}),
+            frame({"t": "call", "n": 1, "id": 1, "op": "exec", "args": {}}), "operation 'exec'", id="unknown-call"
+        ),
+        pytest.param(
+            frame({"t": "call", "n": 1, "id": 1, "op": "request", "args": {"method": "TRACE", "endpoint": "/"}}),
             "request method 'TRACE'",
             id="bad-method",
         ),
         pytest.param(
-            frame({"t": "ended", "returned": None, "awaitable": "no", "raised": None, "dropped": 0}),
+            frame({"t": "ended", "n": 1, "returned": None, "awaitable": "no", "raised": None, "dropped": 0}),
             "'ended'.awaitable is str",
             id="bad-field",
         ),
@@ -241,6 +244,20 @@ async def test_what_a_worker_should_not_send_fails_the_attempt_and_replaces_it(
         assert result.error.startswith("the function's worker process sent ")
         assert says in result.error
     assert pool.starts == 2, "each attempt had a process of its own"
+    assert provider.requests == []
+
+
+async def test_what_a_worker_sends_for_an_earlier_attempt_is_dropped(
+    functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """A call and a log line of attempt 0 (a thread a function left behind) reach neither provider nor record."""
+    stale = frame({"t": "call", "n": 0, "id": 1, "op": "request", "args": {"method": "GET", "endpoint": "/started"}})
+    stale += frame({"t": "log", "n": 0, "line": "info: from before"})
+    ended = frame({"t": "ended", "n": 1, "returned": None, "awaitable": False, "raised": None, "dropped": 0})
+    command = [sys.executable, "-c", FAKE_WORKER, (stale + ended).hex()]
+    async with dispatching(provider, command=command) as (dispatcher, _):
+        result = await attempt(dispatcher, functions["registers"])
+    assert (result.ok, result.logs) == (True, [])
     assert provider.requests == []
 
 
@@ -310,13 +327,13 @@ def test_a_worker_exits_when_its_pipe_closes_even_while_a_function_holds_its_loo
     try:
         assert receive()["t"] == "ready"
         event = EventInfo(LifecycleEvent.POST_CONNECTION_CREATION, {}, "event-1")
-        send(_wire.attempt(functions["holds-the-loop"], ConnectionInfo(REF, {}), event, {}))
+        send(_wire.attempt(1, functions["holds-the-loop"], ConnectionInfo(REF, {}), event, {}))
         assert receive()["t"] == "log"
         call = receive()
         assert (call["t"], call["args"]["endpoint"]) == ("call", "/started")
         started = httpx.Response(200, request=httpx.Request("GET", "http://provider.test/started"))
         send({"t": "reply", "id": call["id"], "value": _wire.response(started)})
-        assert receive() == {"t": "log", "line": "info: holding the loop"}  # and then time.sleep(30)
+        assert receive() == {"t": "log", "line": "info: holding the loop", "n": 1}  # and then time.sleep(30)
         stdin.close()
         assert worker.wait(timeout=EXIT_WAIT) == 0
     finally:
