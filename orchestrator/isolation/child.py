@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -131,23 +130,14 @@ class _Provider:
     def __init__(self, link: _Link) -> None:
         self._link = link
 
-    async def request(
-        self,
-        method: str,
-        endpoint: str,
-        *,
-        params: Mapping[str, Any] | None = None,
-        json: Any = None,
-        data: Any = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        args: JSONObject = {
-            "method": method,
-            "endpoint": endpoint,
-            "params": dict(params) if params is not None else None,
-            "json": json,
-            "headers": dict(headers) if headers is not None else None,
-        }
+    async def request(self, method: str, endpoint: str, **options: Any) -> httpx.Response:
+        """See :meth:`orchestrator.provider.Provider.request` (``params``, ``json``, ``data``, ``headers``)."""
+        args: JSONObject = {"method": method, "endpoint": endpoint}
+        for name in ("params", "headers"):
+            value = options.get(name)
+            args[name] = dict(value) if value is not None else None
+        args["json"] = options.get("json")
+        data = options.get("data")
         if isinstance(data, bytes):
             args["data_b64"] = base64.b64encode(data).decode()
         else:
