@@ -38,7 +38,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -99,7 +98,7 @@ def describe(returncode: int) -> str:
 
 
 class _Broken(Exception):
-    """The attempt's worker process died or misbehaved: the attempt fails with ``type`` and ``message``."""
+    """The attempt's worker process died or misbehaved: the attempt fails with ``kind`` (its type) and ``message``."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -144,7 +143,6 @@ class _Child:
         self._rx = BufferedByteReceiveStream(process.stdout)
         self._tx = process.stdin
         self._sending = anyio.Lock()
-        self.started = time.monotonic()
         self.done = anyio.Event()
         """Set when its seat is to stop it: retired by an attempt, or exited."""
         self.busy = False
