@@ -82,8 +82,9 @@ async def _serve(
         tg.start_soon(watchdog.run)
         pool = ProcessPool(config.dispatch.pool_size) if config.dispatch.pool_size else None
         if pool is not None:
-            # Its processes start in the background: a pool that cannot start any fails attempts, not the daemon.
-            tg.start_soon(pool.run)
+            # Serving waits until each worker is ready or has failed to start: a pool that cannot start any
+            # fails attempts (and keeps trying), never the daemon.
+            await tg.start(pool.run)
             log.info("event functions run in %d worker process(es)", pool.size)
         engine = assemble(
             store,

@@ -302,13 +302,20 @@ class ProcessPool:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
-    async def run(self) -> None:
-        """Keep the pool's processes until cancelled; then stop them all."""
-        async with anyio.create_task_group() as tg:
-            for seat in range(self.size):
-                tg.start_soon(self._seat, seat)
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the pool's processes until cancelled; then stop them all.
 
-    async def _seat(self, seat: int) -> None:
+        Started (``tg.start``) once every seat has tried its first process: it is ready, or it failed.
+        """
+        async with anyio.create_task_group() as tg:
+            tried = [anyio.Event() for _ in range(self.size)]
+            for seat in range(self.size):
+                tg.start_soon(self._seat, seat, tried[seat])
+            for first in tried:
+                await first.wait()
+            task_status.started()
+
+    async def _seat(self, seat: int, tried: anyio.Event) -> None:
         failures = 0
         while True:
             if failures:
@@ -316,12 +323,14 @@ class ProcessPool:
             try:
                 child = await self._start()
             except _StartFailed as exc:
+                tried.set()
                 failures += 1
                 pause = min(FIRST_BACKOFF * 2 ** (failures - 1), MAX_BACKOFF)
                 log.warning("a worker process could not start: %s; starting another in %.1f s", exc, pause)
                 self._failing[seat] = str(exc)
                 self._notify()
                 continue
+            tried.set()
             self._failing.pop(seat, None)
             self._children[seat] = child
             try:

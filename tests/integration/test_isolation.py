@@ -113,7 +113,7 @@ async def dispatching(
     credentials.remember(REF, {"access_token": TOKEN})
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
         processes = ProcessPool(size, **pool)
-        tg.start_soon(processes.run)
+        await tg.start(processes.run)  # each worker ready (or failed), as the daemon waits before serving
         clock: Clock = SystemClock()
         yield (
             Dispatcher(clock, http=http, integrations=integrations(provider), credentials=credentials, pool=processes),
@@ -191,9 +191,13 @@ async def test_a_hung_plain_def_is_killed_at_its_timeout_and_the_pool_keeps_its_
     functions: dict[str, Installed], provider: ProviderServer
 ) -> None:
     """A def that never returns times out; its process is killed and replaced, and the pool never grows."""
+    hung: list[AttemptResult] = []
+    after: list[AttemptResult] = []
     async with dispatching(provider) as (dispatcher, pool):
-        hung = [await attempt(dispatcher, functions["hangs"]) for _ in range(2)]
-        after = await attempt(dispatcher, functions["registers"])
+        for _ in range(2):
+            hung.append(await attempt(dispatcher, functions["hangs"]))
+            # The next attempt (a minute to run) waits for the replacement: the hung one then finds one ready.
+            after.append(await attempt(dispatcher, functions["registers"]))
         assert len(pool.pids) == 1
     for result in hung:
         assert (result.ok, result.error_type, result.error, result.retryable) == (
@@ -202,11 +206,11 @@ async def test_a_hung_plain_def_is_killed_at_its_timeout_and_the_pool_keeps_its_
             "timed out after 1s",
             True,
         )
-    # One seat: each process was reaped before the next one started, which served the next attempt.
+    assert [result.ok for result in after] == [True, True]
+    # One seat: each process was reaped before the next one started, which served the next attempts.
     assert pool.starts == 3
-    assert len({pid(hung[0]), pid(hung[1]), pid(after)}) == 3
+    assert pid(hung[0]) != pid(after[0]) == pid(hung[1]) != pid(after[1]) != pid(hung[0])
     assert not await alive(pid(hung[0])) and not await alive(pid(hung[1]))
-    assert after.ok
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,8 @@ RETRY_MESSAGE = "a job to cancel has started meanwhile; retry"
 RETRIES = 100
 """Times a client sends a deletion answered :data:`RETRY_MESSAGE` before it counts as unexpected."""
 SEED_ENV = "ORCHESTRATOR_RELIABILITY_SEED"
+ISOLATION_ENV = "ORCHESTRATOR_RELIABILITY_ISOLATION"
+"""``process``: the daemons run their functions in worker processes (``--isolation process``); ``thread`` else."""
 
 INTEGRATION = "crashloop"
 PLUGIN = Path(__file__).resolve().parent / "plugin"
@@ -342,7 +344,8 @@ def crash(tmp: Path, seed: int, cycles: int) -> Outcome:
     started = time.monotonic()
     rng = random.Random(seed)
     database = tmp / "events.db"
-    env = environment(PYTHONPATH=plugin_path(tmp / "site"))
+    isolation = os.environ.get(ISOLATION_ENV) or "thread"
+    env = environment(PYTHONPATH=plugin_path(tmp / "site"), ORCHESTRATOR_ISOLATION=isolation)
     outcome = Outcome(seed, cycles, [Client(n, seed) for n in range(CLIENTS)])
     with CrashLoopProvider(seed) as provider, ThreadPoolExecutor(CLIENTS) as pool:
         config = write_config(tmp / "orchestrator.toml", provider.url)
@@ -484,6 +487,7 @@ def figures(outcome: Outcome) -> dict[str, Any]:
     )
     return {
         "seed": outcome.seed,
+        "isolation": os.environ.get(ISOLATION_ENV) or "thread",
         "cycles": outcome.cycles,
         "kills": kills,
         "stops": sum(signum == signal.SIGTERM for _, signum, _ in outcome.exits[:-1]),
