@@ -426,3 +426,21 @@ async def test_a_job_whose_process_dies_is_retried_in_a_new_one(
     assert succeeded["attempt"] == 2
     assert failed["logs"] != succeeded["logs"], "another process (another pid) ran the retry"
     assert health.state == rpc.PENDING
+
+
+@pytest.mark.usefixtures("broken_in_workers")
+async def test_a_daemon_whose_workers_cannot_start_serves_and_fails_attempts_retryably(
+    tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """No worker can start: the daemon still serves; a job's attempts fail (WorkerUnavailable) until it gives up."""
+    async with serving(
+        tmp_path, functions["registers"], integrations=integrations(provider), isolation="process"
+    ) as daemon:
+        await rpc.emit(daemon.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
+        log = await rpc.follow_until(daemon.stub, first("function-gave-up"))
+        validated = await rpc.emit(daemon.stub, rpc.VALIDATE, "c2", INTEGRATION)
+    failures = [rpc.as_dict(r.data) for r in log if r.type == "function-failed"]
+    assert [(f["error_type"], f["retryable"]) for f in failures] == [(WORKER_UNAVAILABLE, True)] * 3
+    assert "exit code 3" in failures[0]["error"]
+    assert validated.state == rpc.PENDING
+    assert provider.requests == []
