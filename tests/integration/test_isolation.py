@@ -19,7 +19,7 @@ import signal
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -387,23 +387,37 @@ async def test_a_job_in_a_worker_process_is_recorded_as_one_run_in_the_daemon(
     assert f"pid {os.getpid()} " not in in_process
 
 
-def first(kind: str) -> Callable[[Any], bool]:
-    """A predicate: a record of type ``kind``."""
-    return lambda record: record.type == kind
+async def job(
+    tmp_path: Path,
+    provider: ProviderServer,
+    function: Installed,
+    until: str,
+    meanwhile: Callable[[], Awaitable[Any]] | None = None,
+    **dispatch: Any,
+) -> tuple[list[Any], Any]:
+    """A daemon running ``function`` in worker processes: a creation of c1, then (after ``meanwhile``) a validation
+    of c2; c1's records up to the first ``until`` (the log is followed), and the validation's answer."""
+    async with serving(
+        tmp_path, function, integrations=integrations(provider), isolation="process", **dispatch
+    ) as daemon:
+        await rpc.emit(daemon.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
+        if meanwhile is not None:
+            await meanwhile()
+        validated = await rpc.emit(daemon.stub, rpc.VALIDATE, "c2", INTEGRATION)
+        log = await rpc.follow_until(daemon.stub, lambda record: record.type == until)
+    return [record for record in log if record.connection.connection_id == "c1"], validated
 
 
 async def test_a_function_holding_its_loop_does_not_hold_the_daemon(
     tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
 ) -> None:
     """While an async def sleeps 30 s without yielding, another emit is answered; the attempt times out at 2 s."""
-    once = RetryPolicy(max_attempts=1)
-    async with serving(
-        tmp_path, functions["holds-the-loop"], integrations=integrations(provider), isolation="process", retry=once
-    ) as daemon:
-        await rpc.emit(daemon.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
+
+    async def started() -> None:
         await provider.wait_for(1, "GET", "/started")  # the function now blocks its worker's loop
-        answered = await rpc.emit(daemon.stub, rpc.VALIDATE, "c2", INTEGRATION)
-        log = await rpc.follow_until(daemon.stub, first("function-failed"))
+
+    once = RetryPolicy(max_attempts=1)
+    log, answered = await job(tmp_path, provider, functions["holds-the-loop"], "function-failed", started, retry=once)
     failed = rpc.as_dict(log[-1].data)
     assert (failed["error_type"], failed["error"]) == (TIMEOUT, "timed out after 2s")
     assert answered.position < log[-1].position, "the other emit was answered while the function held its loop"
@@ -413,19 +427,14 @@ async def test_a_job_whose_process_dies_is_retried_in_a_new_one(
     tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
 ) -> None:
     """os._exit in a job: a retryable failure, and the retry succeeds in a new process; the daemon is unharmed."""
-    async with serving(
-        tmp_path, functions["exits-once"], integrations=integrations(provider), isolation="process"
-    ) as daemon:
-        await rpc.emit(daemon.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
-        log = await rpc.follow_until(daemon.stub, first("function-succeeded"))
-        health = await rpc.emit(daemon.stub, rpc.VALIDATE, "c2", INTEGRATION)
+    log, validated = await job(tmp_path, provider, functions["exits-once"], "function-succeeded")
     failed, succeeded = (rpc.as_dict(r.data) for r in log[-2:])
     assert [r.type for r in log] == ["post-connection-creation", "function-failed", "function-succeeded"]
     assert (failed["error_type"], failed["retryable"], failed["attempt"]) == (WORKER_DIED, True, 1)
     assert "retry_in_ms" in failed
     assert succeeded["attempt"] == 2
     assert failed["logs"] != succeeded["logs"], "another process (another pid) ran the retry"
-    assert health.state == rpc.PENDING
+    assert validated.state == rpc.PENDING
 
 
 @pytest.mark.usefixtures("broken_in_workers")
@@ -433,12 +442,7 @@ async def test_a_daemon_whose_workers_cannot_start_serves_and_fails_attempts_ret
     tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
 ) -> None:
     """No worker can start: the daemon still serves; a job's attempts fail (WorkerUnavailable) until it gives up."""
-    async with serving(
-        tmp_path, functions["registers"], integrations=integrations(provider), isolation="process"
-    ) as daemon:
-        await rpc.emit(daemon.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
-        log = await rpc.follow_until(daemon.stub, first("function-gave-up"))
-        validated = await rpc.emit(daemon.stub, rpc.VALIDATE, "c2", INTEGRATION)
+    log, validated = await job(tmp_path, provider, functions["registers"], "function-gave-up")
     failures = [rpc.as_dict(r.data) for r in log if r.type == "function-failed"]
     assert [(f["error_type"], f["retryable"]) for f in failures] == [(WORKER_UNAVAILABLE, True)] * 3
     assert "exit code 3" in failures[0]["error"]
