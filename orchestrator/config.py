@@ -28,6 +28,10 @@ DEFAULT_ATTEMPT_TIMEOUT = 60.0
 """Seconds one attempt of an asynchronous function may take (a function may declare its own)."""
 AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
 EXPORTERS = ("otlp", "console", "none")
+ISOLATION = ("thread", "process")
+"""Where event functions run: in the daemon (plain ``def`` s in its threads), or in a pool of worker processes."""
+DEFAULT_PROCESSES = 4
+"""Worker processes with ``--isolation process`` (never more than ``--concurrency``)."""
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -48,6 +52,21 @@ class DispatchConfig:
     attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
     retry: RetryPolicy = DEFAULT_RETRY
     lease_margin: float = 30.0
+    isolation: str = "thread"
+    """``thread``: attempts run in the daemon; ``process``: in a supervised pool of worker processes."""
+    processes: int = DEFAULT_PROCESSES
+    """The pool's size with ``isolation="process"``; attempts then run at most this many at once."""
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION:
+            raise InvalidArgument(f"isolation {self.isolation!r} is not one of {', '.join(ISOLATION)}")
+        if self.processes < 1:
+            raise InvalidArgument(f"processes must be 1 or more, not {self.processes}")
+
+    @property
+    def pool_size(self) -> int:
+        """The worker processes to run: none with thread isolation, else ``processes`` (at most ``concurrency``)."""
+        return min(self.processes, self.concurrency) if self.isolation == "process" else 0
 
 
 @dataclass(frozen=True, slots=True)

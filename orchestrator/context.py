@@ -22,11 +22,27 @@ from pydantic import BaseModel, ValidationError
 from orchestrator import limits
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
-from orchestrator.provider import Provider
 from orchestrator.records import MetadataUpdated
 
 MAX_LOG_LINES = 200
 MAX_LOG_LINE = 2000
+
+
+class ProviderCalls(Protocol):
+    """Where a :class:`Context` sends provider calls: :class:`~orchestrator.provider.Provider`, or a stand-in."""
+
+    async def request(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send one request to the provider (see :meth:`orchestrator.provider.Provider.request`)."""
+        ...
 
 
 class MetadataSink(Protocol):
@@ -149,7 +165,7 @@ class Context:
         *,
         connection: ConnectionInfo,
         event: EventInfo,
-        provider: Provider,
+        provider: ProviderCalls,
         metadata_model: type[BaseModel] | None,
         sink: MetadataSink,
         log: AttemptLog | None = None,
@@ -258,6 +274,26 @@ class Context:
     def log(self, *parts: object, level: str = "info") -> None:
         """Keep a line with this attempt's outcome (bounded: a flood is truncated, never fatal)."""
         self._log.add(f"{level}: " + " ".join(str(p) for p in parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """What a :class:`Context` does its work with: provider calls, the metadata sink, the attempt's log.
+
+    A function run in a worker process (:mod:`orchestrator.isolation`) gets a
+    context built over stand-ins that forward each call to the daemon, which
+    serves it with the backends of the attempt's own context: so the provider
+    proxy, its credentials and the sink never leave the daemon.
+    """
+
+    provider: ProviderCalls
+    sink: MetadataSink
+    log: AttemptLog
+
+
+def backends(ctx: Context) -> Backends:
+    """The backends ``ctx`` was built over (for the worker process pool; not part of the plugin API)."""
+    return Backends(ctx._provider, ctx._sink, ctx._log)
 
 
 class SyncContext:

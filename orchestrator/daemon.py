@@ -22,6 +22,7 @@ from orchestrator.access import TokenFile
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration, ServeConfig, default_database, is_loopback, split_host_port
 from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
+from orchestrator.isolation import ProcessPool
 from orchestrator.plugins import Registry, discover
 from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
@@ -84,8 +85,21 @@ async def _serve(
     ):
         watchdog = LoopWatchdog()
         tg.start_soon(watchdog.run)
+        pool = ProcessPool(config.dispatch.pool_size) if config.dispatch.pool_size else None
+        if pool is not None:
+            # Serving waits until each worker is ready or has failed to start: a pool that cannot start any
+            # fails attempts (and keeps trying), never the daemon.
+            await tg.start(pool.run)
+            log.info("event functions run in %d worker process(es)", pool.size)
         engine = assemble(
-            store, registry, clock, http=http, integrations=integrations, config=config.dispatch, watchdog=watchdog
+            store,
+            registry,
+            clock,
+            http=http,
+            integrations=integrations,
+            config=config.dispatch,
+            watchdog=watchdog,
+            pool=pool,
         )
         tokens = access.tokens
         server = GrpcServer(

@@ -41,6 +41,7 @@ from orchestrator.errors import (
     VersionConflict,
 )
 from orchestrator.ids import uuid7
+from orchestrator.isolation import ProcessPool
 from orchestrator.model import (
     Connection,
     ConnectionQuery,
@@ -450,10 +451,20 @@ def assemble(
     rng: random.Random | None = None,
     new_id: Callable[[], str] = lambda: str(uuid7()),
     watchdog: LoopWatchdog | None = None,
+    pool: ProcessPool | None = None,
 ) -> Engine:
-    """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()``."""
+    """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()`` (and ``pool.run()``).
+
+    With a ``pool``, attempts run in its worker processes.
+    """
     dispatcher = Dispatcher(
-        clock, http=http, integrations=integrations, config=config, credentials=credentials, watchdog=watchdog
+        clock,
+        http=http,
+        integrations=integrations,
+        config=config,
+        credentials=credentials,
+        watchdog=watchdog,
+        pool=pool,
     )
     worker = Worker(store, registry, dispatcher, clock, rng=rng)
     delivery = Delivery(store, registry, dispatcher, worker, rng=rng, new_id=new_id)

@@ -16,7 +16,7 @@ from orchestrator.cli._common import apply_toml, configured_integrations, databa
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
 
-_DISPATCH_OPTIONS: list[tuple[str, Any, float | int, str]] = [
+_DISPATCH_OPTIONS: list[tuple[str, Any, float | int | str, str]] = [
     ("--concurrency", click.IntRange(min=1), 64, "Function attempts running at once, at most."),
     ("--validate-deadline", click.FloatRange(min=0.001), 30.0, "Seconds validate-connection functions get."),
     ("--deletion-deadline", click.FloatRange(min=0.001), 30.0, "Seconds cleanup functions get inside the RPC."),
@@ -25,6 +25,18 @@ _DISPATCH_OPTIONS: list[tuple[str, Any, float | int, str]] = [
     ("--retry-initial-interval", click.FloatRange(min=0), 1.0, "Seconds before the first retry (jittered)."),
     ("--retry-backoff", click.FloatRange(min=1), 2.0, "Factor by which each retry's delay grows."),
     ("--retry-max-interval", click.FloatRange(min=0), 60.0, "Longest delay between retries, in seconds."),
+    (
+        "--isolation",
+        click.Choice(config.ISOLATION),
+        "thread",
+        "Where functions run: thread (in the daemon) or process (a supervised pool of worker processes).",
+    ),
+    (
+        "--processes",
+        click.IntRange(min=1),
+        config.DEFAULT_PROCESSES,
+        "Worker processes with --isolation process (at most --concurrency).",
+    ),
 ]
 
 
@@ -44,6 +56,8 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
         validate_deadline=values["validate_deadline"],
         deletion_deadline=values["deletion_deadline"],
         attempt_timeout=values["attempt_timeout"],
+        isolation=values["isolation"],
+        processes=values["processes"],
         retry=RetryPolicy(
             max_attempts=values["retry_max_attempts"],
             initial_interval=values["retry_initial_interval"],
@@ -234,6 +248,8 @@ def serve(
         sqlite_path(url)  # refuses a malformed URL
         click.echo(f"configuration is valid: listen {settings.listen}, log {url}")
         click.echo(f"{len(registry.functions)} event function(s), {len(registry.broken)} broken plugin(s) skipped")
+        if settings.dispatch.pool_size:
+            click.echo(f"isolation: process, {settings.dispatch.pool_size} worker process(es)")
         for name, integration in sorted(integrations.items()):
             click.echo(f"integration {name}: base_url {integration.base_url or '(none)'}, auth {integration.auth}")
         click.echo(

@@ -29,7 +29,8 @@ def test_sigterm_ends_a_daemon_whose_sync_function_hangs(tmp_path: Path, timeout
     """Before the fix the interpreter waited for the hung thread at exit: the daemon never exited."""
     (tmp_path / "plugin").mkdir()
     (tmp_path / "plugin" / "hung_plugin.py").write_text(HUNG.format(timeout=timeout))
-    path = plugins.install(tmp_path / "site", "hung-plugin", {"hang": "hung_plugin:hang"}, tmp_path / "plugin")
+    site = plugins.install(tmp_path / "site", "hung-plugin", {"hang": "hung_plugin:hang"})
+    path = plugins.pythonpath(tmp_path / "plugin", site)
     daemon = Daemon(tmp_path / "events.db", "--grace-period", "1", env=environment(PYTHONPATH=path))
     try:
         Cli(daemon, tmp_path).ok("emit", "post-connection-creation", "c1", "-i", "hung")

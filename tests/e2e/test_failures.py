@@ -33,7 +33,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cli]:
     (tmp / "plugin").mkdir()
     (tmp / "plugin" / "picky_plugin.py").write_text(PLUGIN)
     functions = {"check": "picky_plugin:check", "register": "picky_plugin:register"}
-    path = plugins.install(tmp / "site", "picky-plugin", functions, tmp / "plugin")
+    path = plugins.pythonpath(tmp / "plugin", plugins.install(tmp / "site", "picky-plugin", functions))
     with drained(tmp / "events.db", env=environment(PYTHONPATH=path)) as daemon:
         yield Cli(daemon, tmp)
 

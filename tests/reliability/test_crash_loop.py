@@ -41,7 +41,7 @@ import pytest
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from tests.support import plugins
+from tests.support.plugins import install, pythonpath
 from tests.support.process import STOP_TIMEOUT, Daemon, Result, environment, run, sqlite_url
 
 from . import _log
@@ -72,6 +72,8 @@ RETRY_MESSAGE = "a job to cancel has started meanwhile; retry"
 RETRIES = 100
 """Times a client sends a deletion answered :data:`RETRY_MESSAGE` before it counts as unexpected."""
 SEED_ENV = "ORCHESTRATOR_RELIABILITY_SEED"
+ISOLATION_ENV = "ORCHESTRATOR_RELIABILITY_ISOLATION"
+"""``process``: the daemons run their functions in worker processes (``--isolation process``); ``thread`` else."""
 
 INTEGRATION = "crashloop"
 PLUGIN = Path(__file__).resolve().parent / "plugin"
@@ -110,8 +112,8 @@ context and OpenTelemetry logs "Failed to detach context" with a traceback (orch
 
 
 def plugin_path(directory: Path) -> str:
-    """The ``PYTHONPATH`` under which a daemon discovers the plugin's functions (a ``*.dist-info`` in ``directory``)."""
-    return plugins.install(directory, "orchestrator-crashloop", FUNCTIONS, PLUGIN)
+    """Write a ``*.dist-info`` naming the plugin's functions; the ``PYTHONPATH`` that lets a daemon discover them."""
+    return pythonpath(PLUGIN, install(directory, "orchestrator-crashloop", FUNCTIONS))
 
 
 def write_config(path: Path, provider_url: str) -> Path:
@@ -342,7 +344,8 @@ def crash(tmp: Path, seed: int, cycles: int) -> Outcome:
     started = time.monotonic()
     rng = random.Random(seed)
     database = tmp / "events.db"
-    env = environment(PYTHONPATH=plugin_path(tmp / "site"))
+    isolation = os.environ.get(ISOLATION_ENV) or "thread"
+    env = environment(PYTHONPATH=plugin_path(tmp / "site"), ORCHESTRATOR_ISOLATION=isolation)
     outcome = Outcome(seed, cycles, [Client(n, seed) for n in range(CLIENTS)])
     with CrashLoopProvider(seed) as provider, ThreadPoolExecutor(CLIENTS) as pool:
         config = write_config(tmp / "orchestrator.toml", provider.url)
@@ -484,6 +487,7 @@ def figures(outcome: Outcome) -> dict[str, Any]:
     )
     return {
         "seed": outcome.seed,
+        "isolation": os.environ.get(ISOLATION_ENV) or "thread",
         "cycles": outcome.cycles,
         "kills": kills,
         "stops": sum(signum == signal.SIGTERM for _, signum, _ in outcome.exits[:-1]),
