@@ -5,7 +5,8 @@ synchronous delivery contracts (validate-connection, pre-connection-deletion)
 through :meth:`Dispatcher.run_sync`, the job worker (:mod:`orchestrator.worker`)
 and ``orchestrator dryrun`` through :meth:`Dispatcher.attempt`. An attempt
 gets its context (the provider proxy with the connection's credentials, the
-metadata sink), runs within the daemon's function concurrency, is traced as
+metadata sink), runs within the daemon's function concurrency (in the daemon, or
+in a worker process of a :class:`~orchestrator.isolation.ProcessPool`), is traced as
 ``function NAME`` and counted, and its error and log lines are redacted of
 the connection's secrets. Nothing here writes to the log: callers turn
 results into records.
@@ -14,7 +15,6 @@ results into records.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +26,12 @@ from opentelemetry import metrics, trace
 from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
-from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
+from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink, cut
 from orchestrator.credentials import Credentials
+from orchestrator.isolation import ProcessPool
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
-from orchestrator.provider import Provider, redact
+from orchestrator.provider import Provider, redact_excerpt
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
@@ -70,6 +71,7 @@ class Dispatcher:
         config: DispatchConfig | None = None,
         credentials: Credentials | None = None,
         watchdog: LoopWatchdog | None = None,
+        pool: ProcessPool | None = None,
     ) -> None:
         self.clock = clock
         self._watchdog = watchdog
@@ -77,7 +79,9 @@ class Dispatcher:
         self.credentials = credentials or Credentials()
         self._http = http
         self._integrations = dict(integrations or {})
-        self._limiter = anyio.CapacityLimiter(self.config.concurrency)
+        self._pool = pool
+        # With a pool each attempt holds one of its processes: no more run at once than it has.
+        self._limiter = anyio.CapacityLimiter(pool.size if pool is not None else self.config.concurrency)
         self.threads = ThreadSlots(self.config.concurrency)
 
     @property
@@ -155,18 +159,27 @@ class Dispatcher:
             "orchestrator.attempt": event.attempt,
             "orchestrator.plugin": f"{function.distribution} {function.version}",
         }
+        # Whatever a function raises or logs, the connection's secrets never reach the log: redacted, then cut.
+        secrets = self.credentials.get(ref)
+
+        def scrub(text: str, limit: int) -> str:
+            return cut(redact_excerpt(text, secrets, limit + 1), limit)
+
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
-            watched = self._watchdog.watching(function) if self._watchdog else contextlib.nullcontext()
+            pool = self._pool
+            # In a worker process the function cannot hold this loop: nothing for the watchdog to name.
+            watched = self._watchdog.watching(function) if self._watchdog and not pool else contextlib.nullcontext()
             async with self._limiter:
                 with watched:
                     result = await run_attempt(
-                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
+                        function,
+                        make,
+                        attempt=event.attempt,
+                        time_limit=limit,
+                        threads=self.threads,
+                        invoke_with=pool.invoke if pool is not None else None,
+                        scrub=scrub,
                     )
-            # Whatever a function raised or logged, the connection's secrets never reach the log.
-            secrets = self.credentials.get(ref)
-            result = dataclasses.replace(
-                result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
-            )
             outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
             span.set_attribute("orchestrator.outcome", outcome)
             if not result.ok:

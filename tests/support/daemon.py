@@ -55,11 +55,15 @@ async def run_daemon(
     integrations: Mapping[str, Integration] | None = None,
     dispatch: DispatchConfig | None = None,
     clock: Clock | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Daemon]:
     """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it.
 
     ``registry`` replaces plugin discovery (the event functions to run), ``integrations``
-    and ``dispatch`` are the daemon's settings, ``clock`` its clock.
+    and ``dispatch`` are the daemon's settings, ``clock`` its clock; ``settings`` are more
+    :class:`~orchestrator.config.ServeConfig` fields (``tls_cert=``, ``auth_token_file=``, ...).
+    The daemon's channel uses ``credentials`` (TLS) when given, else plaintext.
     """
     ready = anyio.Event()
     stop = anyio.Event()
@@ -77,6 +81,7 @@ async def run_daemon(
         grace_period=1,
         dispatch=dispatch or DispatchConfig(),
         integrations=dict(integrations or {}),
+        **settings,
     )
     async with anyio.create_task_group() as tg:
         # If serve() fails before it is ready, the task group cancels this wait and re-raises.
@@ -84,7 +89,13 @@ async def run_daemon(
         with anyio.fail_after(STARTUP_TIMEOUT):
             await ready.wait()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+            address = f"127.0.0.1:{ports[0]}"
+            channel_of = (
+                grpc.aio.insecure_channel(address)
+                if credentials is None
+                else grpc.aio.secure_channel(address, credentials)
+            )
+            async with channel_of as channel:
                 yield Daemon(ports[0], database, channel, pb_grpc.OrchestratorStub(channel), stop)
         except Exception as exc:
             # Let the daemon drain and close its log before the test's failure propagates: cancelling
