@@ -238,6 +238,26 @@ def _apply_outcome(connection: Connection, record: Record, status: FunctionStatu
     return _advance(connection, record, outcomes=merge_outcome(connection.outcomes, outcome))
 
 
+def incarnation_outcomes(stream: Iterable[Record]) -> tuple[Outcome, ...]:
+    """The latest outcome of every function run for the current incarnation of one connection, from its
+    stream's records in order: those of earlier lifecycle events included (a creation's failure stays in
+    view once the connection is deleted), those of earlier incarnations not."""
+    connection: Connection | None = None
+    causes: set[str] = set()
+    outcomes: tuple[Outcome, ...] = ()
+    for record in stream:
+        incarnation = connection.incarnation if connection is not None else 0
+        connection = apply(connection, record)
+        if connection.incarnation != incarnation:
+            causes, outcomes = set(), ()
+        if record.type in _LIFECYCLE:
+            causes.add(record.event_id)
+        outcome = outcome_of(record)
+        if outcome is not None and record.causation_id in causes:
+            outcomes = merge_outcome(outcomes, outcome)
+    return outcomes
+
+
 def fold(records: Iterable[Record], connection: Connection | None = None) -> Connection | None:
     """Apply ``records`` of one stream in order."""
     for record in records:

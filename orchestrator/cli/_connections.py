@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import codec
+from orchestrator import codec, state
 from orchestrator.cli._common import (
     Daemon,
     checked_name,
@@ -72,10 +72,16 @@ def list_connections(environment: str, integration: str, state: str | None, daem
 @client_options
 @json_flag
 def get_connection(connection_id: str, integration: str, environment: str, daemon: Daemon, as_json: bool) -> None:
-    """Show one connection: state, version, metadata, config, outcomes."""
+    """Show one connection: state, version, metadata, config, and the last outcome of every function of its
+    current incarnation."""
+    ref = connection_ref(connection_id, integration, environment)
     with daemon.client() as client:
-        connection = client.get_connection(connection_ref(connection_id, integration, environment))
-    data = connection_json(connection)
+        connection = client.get_connection(ref)
+        # Every function of this incarnation, not only the latest event's: read from the connection's stream.
+        functions = state.incarnation_outcomes(
+            r for r in client.read_events(ref=ref) if r.position <= connection.last_position
+        )
+    data = {**connection_json(connection), "functions": [codec.outcome_to_json(o) for o in functions]}
     if as_json:
         print_json(data)
         return
@@ -95,6 +101,6 @@ def get_connection(connection_id: str, integration: str, environment: str, daemo
             out.add_row(key.replace("_", " "), str(data[key]))
     out.add_row("config", codec.dumps(data["config"]))
     out.add_row("metadata", codec.dumps(data["metadata"]))
-    for o in connection.outcomes:
+    for o in functions:
         out.add_row(*outcome_row(o))
     print_table(out)

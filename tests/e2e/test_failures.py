@@ -67,3 +67,12 @@ def test_events_and_replay_print_each_failures_error_on_its_line(cli: Cli) -> No
     assert [line.split("  ")[-1] for line in events if "function-" in line] == [failure, gave_up]
     replay = cli.ok("replay", "--connection", "c4", "-i", "picky", "--database", cli.daemon.url).out
     assert failure in replay and gave_up in replay
+
+
+def test_connections_get_lists_every_function_of_the_incarnation(cli: Cli) -> None:
+    """Each function's last outcome with its error, as text and as ``functions`` in JSON."""
+    cli("emit", "post-connection-creation", "c5", "-i", "picky", "--wait")
+    got = cli.ok("connections", "get", "c5", "-i", "picky", "--json").json()
+    assert [(f["name"], f["status"]) for f in got["functions"]] == [("register", "gave-up")]
+    text = cli.ok("connections", "get", "c5", "-i", "picky").out
+    assert "function register" in text and "gave-up (1 attempt) the provider refuses webhooks" in text
