@@ -27,7 +27,7 @@ import anyio.to_thread
 from orchestrator import codec
 from orchestrator.clock import Clock
 from orchestrator.errors import StoreError, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
@@ -35,9 +35,11 @@ from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     RECORD_COLUMNS,
+    SEALED_COLUMNS,
     connection_from_body,
     job_from_row,
     record_from_row,
+    sealed_from_row,
 )
 from orchestrator.store._sqlite_writer import Writer
 
@@ -144,17 +146,26 @@ class SQLiteEventStore:
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """See :meth:`EventStore.append`. Waits for the group commit that includes it."""
-        return await self._writing().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs)
+        return await self._writing().append(
+            ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs, seal=seal
+        )
 
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
         """See :meth:`EventStore.claim_jobs`."""
         return await self._writing().claim_jobs(limit=limit, lease=lease, exclude=exclude)
 
-    async def finish_job(self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None) -> Appended:
+    async def finish_job(
+        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
+    ) -> Appended | None:
         """See :meth:`EventStore.finish_job`."""
         return await self._writing().finish_job(job, events, retry_at=retry_at)
+
+    async def sweep_credentials(self) -> int:
+        """See :meth:`EventStore.sweep_credentials`."""
+        return await self._writing().sweep_credentials()
 
     def jobs_changed(self) -> anyio.Event:
         """See :meth:`EventStore.jobs_changed`."""
@@ -177,6 +188,16 @@ class SQLiteEventStore:
         """See :meth:`EventStore.get_connection`."""
         rows = await self._fetch("SELECT body FROM connections WHERE stream = ?", (ref.stream,))
         return connection_from_body(rows[0][0]) if rows else None
+
+    async def sealed_credentials(self, ref: ConnectionRef) -> SealedCredentials | None:
+        """See :meth:`EventStore.sealed_credentials`."""
+        rows = await self._fetch(f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream = ?", (ref.stream,))
+        return sealed_from_row(rows[0]) if rows else None
+
+    async def sealed_keys(self) -> dict[str, int]:
+        """See :meth:`EventStore.sealed_keys`."""
+        rows = await self._fetch("SELECT key_id, COUNT(*) FROM credentials GROUP BY key_id", ())
+        return {str(key): int(count) for key, count in rows}
 
     async def list_connections(self, query: ConnectionQuery) -> list[Connection]:
         """See :meth:`EventStore.list_connections`."""

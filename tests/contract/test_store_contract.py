@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator import codec, state
+from orchestrator import codec, records, sealing, state
 from orchestrator.errors import (
     IdempotencyConflict,
     InvalidArgument,
@@ -25,7 +25,14 @@ from orchestrator.errors import (
     VersionConflict,
 )
 from orchestrator.ids import uuid7
-from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent, NewJob
+from orchestrator.model import (
+    ConnectionQuery,
+    ConnectionRef,
+    ConnectionState,
+    LifecycleEvent,
+    NewJob,
+    SealedCredentials,
+)
 from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.store import Appended, EventStore, open_store
 from tests.support.clock import FakeClock
@@ -83,6 +90,16 @@ def rejected() -> list[NewEvent]:
     """A validation and its rejecting verdict."""
     request = lifecycle(LifecycleEvent.VALIDATE_CONNECTION)
     return [request, fact(Fact.CONNECTION_REJECTED, request, {"reason": "invalid API key"})]
+
+
+KEYS = sealing.Keyring.ephemeral()
+
+
+def sealed_for(ref: ConnectionRef, incarnation: int, credentials: dict[str, str]) -> tuple[NewEvent, SealedCredentials]:
+    """The credentials-updated record and the sealed row of ``credentials``, as the daemon makes them."""
+    sealed = sealing.seal(KEYS, ref, incarnation, credentials)
+    body = records.CredentialsUpdated(sealed.fingerprint, sealed.key_id, tuple(sorted(credentials)), "emit")
+    return records.new(body), sealed
 
 
 async def append_next(store: EventStore, ref: ConnectionRef, events: Sequence[NewEvent]) -> Appended:
@@ -533,6 +550,114 @@ class StoreContract:
         assert await store.jobs(ACME) == []
         with pytest.raises(LeaseLost):
             await store.finish_job(claimed, [fact(Fact.FUNCTION_SUCCEEDED, created, {"function": "f"})])
+
+    # -- sealed credentials (the sealing itself: tests/unit/test_sealing.py) --------------------
+
+    async def test_a_seal_is_stored_with_its_record_and_opens(self, store: EventStore) -> None:
+        """Sealed credentials are written with their credentials-updated record, carry its version and open."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        appended = await store.append(ACME, 0, [creation, update], seal=sealed)
+        stored = await store.sealed_credentials(ACME)
+        assert stored is not None
+        assert (stored.version, stored.key_id, stored.fingerprint) == (2, sealed.key_id, sealed.fingerprint)
+        assert sealing.open_sealed(KEYS, stored, ACME, 1) == {"access_token": "t0k3n-one"}
+        assert [r.type for r in appended.records] == [creation.type, Fact.CREDENTIALS_UPDATED]
+        assert appended.connection.state is ConnectionState.ACTIVE
+        assert await store.sealed_credentials(GLOBEX) is None
+        assert await store.sealed_keys() == {KEYS.sealing.id: 1}
+
+    async def test_a_later_seal_replaces_the_earlier(self, store: EventStore) -> None:
+        """One row per connection: the latest credentials win."""
+        update, first = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=first)
+        update, second = sealed_for(ACME, 1, {"access_token": "t0k3n-two"})
+        await store.append(ACME, None, [update], seal=second)
+        stored = await store.sealed_credentials(ACME)
+        assert stored is not None and stored.version == 3
+        assert sealing.open_sealed(KEYS, stored, ACME, 1) == {"access_token": "t0k3n-two"}
+
+    async def test_a_seal_without_its_record_or_for_another_connection_is_refused(self, store: EventStore) -> None:
+        """A seal must come with its credentials-updated record, for its own stream; nothing is written otherwise."""
+        _, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        with pytest.raises(InvalidArgument, match="credentials-updated"):
+            await store.append(ACME, 0, created(), seal=sealed)
+        update, other = sealed_for(GLOBEX, 1, {"access_token": "t0k3n-one"})
+        with pytest.raises(InvalidArgument, match="globex"):
+            await store.append(ACME, 0, [*created(), update], seal=other)
+        assert await store.head() == 0
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_a_deletion_with_no_job_left_shreds_in_its_own_append(self, store: EventStore) -> None:
+        """deleted + no job + a sealed row: the row goes and credentials-destroyed follows, in the same append."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        appended = await store.append(ACME, 2, deletion)
+        assert [r.type for r in appended.records] == [
+            deletion[0].type,
+            Fact.CONNECTION_DELETED,
+            Fact.CREDENTIALS_DESTROYED,
+        ]
+        destroyed = appended.records[-1]
+        assert destroyed.data["fingerprint"] == sealed.fingerprint
+        assert destroyed.data["key_id"] == sealed.key_id
+        assert destroyed.causation_id == appended.records[-2].event_id
+        assert appended.connection.state is ConnectionState.DELETED and appended.connection.version == 5
+        assert await store.sealed_credentials(ACME) is None
+        assert await everything(store) == [*(await store.read(ref=ACME))]
+        assert await store.sealed_keys() == {}
+
+    async def test_a_rejection_shreds(self, store: EventStore) -> None:
+        """A connection rejected with nothing of it left to run loses its sealed credentials at once."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*validated(), update], seal=sealed)
+        appended = await store.append(ACME, None, rejected())
+        assert appended.records[-1].type == Fact.CREDENTIALS_DESTROYED
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_the_last_job_of_a_deleted_connection_shreds_as_it_finishes(self, store: EventStore) -> None:
+        """A cleanup job keeps the row; rescheduling it keeps it still; its removal shreds in the same write."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        cleanup = NewJob(str(uuid7()), "cleanup", LifecycleEvent.PRE_CONNECTION_DELETION, deletion[0].event_id, {}, T0)
+        other = NewJob(str(uuid7()), "tidy", LifecycleEvent.PRE_CONNECTION_DELETION, deletion[0].event_id, {}, T0)
+        appended = await store.append(ACME, 2, deletion, jobs=[cleanup, other])
+        assert appended.records[-1].type == Fact.CONNECTION_DELETED
+        assert await store.sealed_credentials(ACME) is not None
+        first, second = await store.claim_jobs(limit=2, lease=60)
+        failed = fact(Fact.FUNCTION_FAILED, deletion[0], {"function": first.function})
+        assert await store.finish_job(first, [failed], retry_at=T0) is not None
+        assert await store.sealed_credentials(ACME) is not None
+        done = await store.finish_job(second, [fact(Fact.FUNCTION_SUCCEEDED, deletion[0], {"function": "x"})])
+        assert done is not None and done.records[-1].type == Fact.FUNCTION_SUCCEEDED
+        assert await store.sealed_credentials(ACME) is not None, "a job is still queued"
+        (again,) = await store.claim_jobs(limit=1, lease=60)
+        last = await store.finish_job(again, [fact(Fact.FUNCTION_SUCCEEDED, deletion[0], {"function": "y"})])
+        assert last is not None
+        assert [r.type for r in last.records] == [Fact.FUNCTION_SUCCEEDED, Fact.CREDENTIALS_DESTROYED]
+        assert await store.sealed_credentials(ACME) is None
+        assert await store.jobs(ACME) == []
+
+    async def test_a_cancelling_append_that_leaves_no_job_shreds(self, store: EventStore) -> None:
+        """Cancelling the last job in a deletion's own append shreds in that append."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [creation, update], jobs=[job(creation)], seal=sealed)
+        (listed,) = await store.jobs(ACME)
+        appended = await store.append(ACME, 2, deleted(), cancel_jobs=[listed])
+        assert appended.records[-1].type == Fact.CREDENTIALS_DESTROYED
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_an_active_connection_keeps_its_row_and_sweeping_changes_nothing(self, store: EventStore) -> None:
+        """Only ended connections are shredded; a sweep of a consistent store deletes nothing."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        head = await store.head()
+        assert await store.sweep_credentials() == 0
+        assert await store.head() == head
+        assert await store.sealed_credentials(ACME) is not None
 
 
 UNENCODABLE_APPEND = """
