@@ -145,6 +145,10 @@ class ServeConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     on_sighup: Callable[[], None] | None = None
     """What SIGHUP does (reopen the log file)."""
+    secret_key: str = field(default="", repr=False)
+    """``ORCHESTRATOR_SECRET_KEY``: base64 keys, comma-separated, the first sealing (empty: the key file)."""
+    secret_key_file: Path | None = None
+    """The key file when ``secret_key`` is empty (None: ``secret.key`` beside the SQLite log)."""
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)

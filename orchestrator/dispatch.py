@@ -4,10 +4,11 @@
 synchronous delivery contracts (validate-connection, pre-connection-deletion)
 through :meth:`Dispatcher.run_sync`, the job worker (:mod:`orchestrator.worker`)
 and ``orchestrator dryrun`` through :meth:`Dispatcher.attempt`. An attempt
-gets its context (the provider proxy with the connection's credentials, the
+gets its context (the provider proxy with the connection's credentials, as
+the caller opened them into a :class:`~orchestrator.provider.Secrets`; the
 metadata sink), runs within the daemon's function concurrency, is traced as
 ``function NAME`` and counted, and its error and log lines are redacted of
-the connection's secrets. Nothing here writes to the log: callers turn
+every credential it had. Nothing here writes to the log: callers turn
 results into records.
 """
 
@@ -27,10 +28,9 @@ from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
-from orchestrator.credentials import Credentials
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
-from orchestrator.provider import Provider, redact
+from orchestrator.provider import Provider, Secrets, redact
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
@@ -68,13 +68,11 @@ class Dispatcher:
         http: httpx.AsyncClient,
         integrations: Mapping[str, Integration] | None = None,
         config: DispatchConfig | None = None,
-        credentials: Credentials | None = None,
         watchdog: LoopWatchdog | None = None,
     ) -> None:
         self.clock = clock
         self._watchdog = watchdog
         self.config = config or DispatchConfig()
-        self.credentials = credentials or Credentials()
         self._http = http
         self._integrations = dict(integrations or {})
         self._limiter = anyio.CapacityLimiter(self.config.concurrency)
@@ -104,15 +102,17 @@ class Dispatcher:
         event: EventInfo,
         sink: MetadataSink,
         log: AttemptLog,
+        secrets: Secrets,
         calls: list[str] | None = None,
     ) -> Context:
         provider = Provider(
             self._http,
             self.integration(info.ref.integration),
             info.config,
-            self.credentials.get(info.ref),
+            secrets,
             calls=calls,
             clock=self.clock,
+            connection=str(info.ref),
         )
         return Context(
             connection=info,
@@ -133,17 +133,20 @@ class Dispatcher:
         time_limit: float | None = None,
         calls: list[str] | None = None,
         traceparent: str | None = None,
+        secrets: Secrets | None = None,
     ) -> AttemptResult:
         """One attempt, within the daemon's function concurrency, in its own span.
 
         The span's parent is the current span, or the span ``traceparent``
-        names (a job's emit, possibly from before a restart).
+        names (a job's emit, possibly from before a restart). ``secrets`` are
+        the connection's credentials (none when not given).
         """
+        secrets = secrets if secrets is not None else Secrets()
         limit = min(time_limit, self.timeout(function)) if time_limit is not None else self.timeout(function)
         parent = tracing.context_from(traceparent) if traceparent is not None else None
 
         def make(log: AttemptLog) -> Context:  # the runner owns the attempt's log
-            return self._context(function, info, event, sink, log, calls)
+            return self._context(function, info, event, sink, log, secrets, calls)
 
         ref = info.ref
         attributes = {
@@ -163,9 +166,8 @@ class Dispatcher:
                         function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
                     )
             # Whatever a function raised or logged, the connection's secrets never reach the log.
-            secrets = self.credentials.get(ref)
             result = dataclasses.replace(
-                result, error=redact(result.error, secrets), logs=[redact(line, secrets) for line in result.logs]
+                result, error=_redacted(result.error, secrets), logs=[_redacted(line, secrets) for line in result.logs]
             )
             outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
             span.set_attribute("orchestrator.outcome", outcome)
@@ -205,6 +207,7 @@ class Dispatcher:
         *,
         deadline: float,
         stop_on_failure: bool,
+        secrets: Secrets | None = None,
     ) -> SyncRun:
         """Run ``functions`` concurrently under one ``deadline``.
 
@@ -220,7 +223,7 @@ class Dispatcher:
         async def one(function: Installed, tg: anyio.abc.TaskGroup) -> None:
             remaining = deadline - (self.clock.now() - started).total_seconds()
             sink = buffer.for_function(function.name)
-            result = await self.attempt(function, info, event, sink, time_limit=max(remaining, 0.001))
+            result = await self.attempt(function, info, event, sink, time_limit=max(remaining, 0.001), secrets=secrets)
             done.add(function.name)
             out.results.append(result)
             # At the shared deadline every function still running times out alike:
@@ -234,3 +237,10 @@ class Dispatcher:
         out.cancelled = [f for f in functions if f.name not in done]
         out.metadata_updates = buffer.updates
         return out
+
+
+def _redacted(text: str, secrets: Secrets) -> str:
+    """``text`` redacted of every set of credentials the attempt had (before and after a refresh)."""
+    for seen in secrets.seen:
+        text = redact(text, seen)
+    return text

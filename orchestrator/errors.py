@@ -5,7 +5,8 @@
     ├── NotFound               the connection does not exist
     ├── FailedPrecondition     the event is not allowed in the connection's current state
     │   ├── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
-    │   └── SealError          sealed credentials do not open (altered, moved, or their key is not configured)
+    │   └── SealError          sealed credentials do not open (altered, or moved to another connection)
+    │       └── KeyMissing     they were sealed under a key that is not configured
     ├── VersionConflict        ``expected_version`` does not match (carries the current version)
     ├── IdempotencyConflict    an idempotency key was reused with a different request
     ├── ResourceExhausted      a limit or the write queue is full
@@ -51,6 +52,14 @@ class InvalidTransition(FailedPrecondition):
 
 class SealError(FailedPrecondition):
     """Sealed credentials could not be opened: altered, moved to another connection, or their key is missing."""
+
+
+class KeyMissing(SealError):
+    """Credentials were sealed under a key that is not in the key ring; ``key_id`` names it."""
+
+    def __init__(self, message: str, *, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 class VersionConflict(OrchestratorError):

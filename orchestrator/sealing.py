@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.errors import InvalidArgument, SealError
+from orchestrator.errors import InvalidArgument, KeyMissing, SealError
 from orchestrator.model import ConnectionRef, SealedCredentials
 
 log = logging.getLogger(__name__)
@@ -46,18 +46,6 @@ KEY_FILE_NAME = "secret.key"
 """The key file's name beside the SQLite log, by default."""
 _FORMAT = "orchestrator-credentials"
 _FORMAT_VERSION = 1
-
-
-class KeyMissing(SealError):
-    """A row was sealed under a key that is not in the key ring."""
-
-    def __init__(self, key_id: str, configured: Sequence[str]) -> None:
-        super().__init__(
-            f"the credentials were sealed under key id {key_id}, which is not configured (configured: "
-            f"{', '.join(configured) or 'none'}): add that key to ORCHESTRATOR_SECRET_KEY (or the key file)"
-            " after the sealing key, or supply the credentials again"
-        )
-        self.key_id = key_id
 
 
 def key_id(secret: bytes) -> str:
@@ -106,7 +94,12 @@ class Keyring:
         """The key ``wanted`` names; :class:`KeyMissing` when it is not configured."""
         found = self._by_id.get(wanted)
         if found is None:
-            raise KeyMissing(wanted, self.ids)
+            raise KeyMissing(
+                f"the credentials were sealed under key id {wanted}, which is not configured (configured:"
+                f" {', '.join(self.ids)}): add that key to ORCHESTRATOR_SECRET_KEY (or the key file) after the"
+                " sealing key, or supply the credentials again",
+                key_id=wanted,
+            )
         return found
 
     @classmethod
@@ -187,7 +180,8 @@ def _create_key_file(path: Path) -> Keyring:
     finally:
         os.close(fd)
     keyring = Keyring.parse(key, f"the key file {path}")
-    log.warning(
+    # INFO: a first start does this. A key lost later shows as rows under a missing key id (a WARNING at start).
+    log.info(
         "created a new secret key in %s (key id %s): back it up with the database; without it no sealed"
         " credential can be opened",
         path,

@@ -12,6 +12,7 @@ import click
 from orchestrator import config
 from orchestrator.cli import _exit
 from orchestrator.cli._common import apply_toml, configured_integrations, database
+from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
@@ -138,6 +139,7 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     default="",
     help="HOST:PORT for a Prometheus text endpoint at /metrics (default: none).",
 )
+@secret_key_file
 @click.option("--check", is_flag=True, help="Validate the configuration and plugins, print a summary, and exit.")
 @_dispatch_options
 @click.pass_context
@@ -154,6 +156,7 @@ def serve(
     log_format: str,
     log_file: Path | None,
     metrics_listen: str,
+    secret_key_file: Path | None,
     check: bool,
     **dispatch: Any,
 ) -> None:
@@ -162,6 +165,8 @@ def serve(
     Traces and metrics are exported as the standard OTEL_* variables say
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
     OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
+    Credentials are sealed under ORCHESTRATOR_SECRET_KEY (base64 of 32 bytes; a
+    comma-separated list rotates: the first seals, all open), else the key file.
     """
     import anyio
 
@@ -188,6 +193,8 @@ def serve(
         integrations=integrations,
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),
         on_sighup=file_handler.reopen if file_handler is not None else None,
+        secret_key=os.environ.get(SECRET_KEY_ENV, ""),  # the edge: read once, here, never a flag (ps shows flags)
+        secret_key_file=secret_key_file,
     )
     if check:
         registry = daemon.load_plugins(skip_broken=skip_broken_plugins)
@@ -201,6 +208,7 @@ def serve(
             f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
             + (f", Prometheus on {metrics_listen}" if metrics_listen else "")
         )
+        click.echo(_key_summary(settings, url))
         return
     backend_options: dict[str, Any] = {}
     try:
@@ -211,6 +219,18 @@ def serve(
         pass
     anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
     _leave_hung_threads()
+
+
+def _key_summary(settings: config.ServeConfig, url: str) -> str:
+    """Where the key ring comes from, checked (``--check`` creates no key file)."""
+    from orchestrator import daemon
+
+    key_file = daemon.key_file_for(settings, url)
+    if not settings.secret_key and key_file is not None and not key_file.exists():
+        return f"credentials: a new key file {key_file} (mode 0600) will be created at the first start"
+    keyring = daemon.keyring_for(settings, url, create=False)
+    source = SECRET_KEY_ENV if settings.secret_key else f"key file {key_file}" if key_file else "an ephemeral key"
+    return f"credentials: sealed under key id {keyring.sealing.id} ({len(keyring.ids)} key(s) from {source})"
 
 
 def _leave_hung_threads() -> None:

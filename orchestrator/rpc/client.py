@@ -1,8 +1,9 @@
-"""A small synchronous gRPC client for the CLI's ``emit``, ``connections`` and ``events``."""
+"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events`` and ``credentials``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
@@ -31,6 +32,16 @@ def _fail(exc: grpc.RpcError, address: str) -> ClientError:
     return ClientError(code.name, details)
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialsUpdate:
+    """What UpdateCredentials answered."""
+
+    fingerprint: str
+    key_id: str
+    version: int
+    changed: bool
+
+
 class Client:
     """``orchestrator.v1.Orchestrator`` over one channel."""
 
@@ -57,6 +68,16 @@ class Client:
         except grpc.RpcError as exc:
             raise _fail(exc, self._address) from None
         return wire.emit_response_from_proto(response)
+
+    def update_credentials(self, ref: ConnectionRef, credentials: Mapping[str, str]) -> CredentialsUpdate:
+        """Replace a connection's credentials."""
+        try:
+            response = self._stub.UpdateCredentials(
+                wire.update_credentials_to_proto(ref, credentials), timeout=self._timeout
+            )
+        except grpc.RpcError as exc:
+            raise _fail(exc, self._address) from None
+        return CredentialsUpdate(response.fingerprint, response.key_id, response.version, response.changed)
 
     def get_connection(self, ref: ConnectionRef) -> Connection:
         """One connection."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ import anyio.to_thread
 
 from orchestrator import codec
 from orchestrator.clock import Clock
-from orchestrator.errors import StoreError, Unavailable
+from orchestrator.errors import OrchestratorError, StoreError, Unavailable
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
@@ -306,3 +306,81 @@ def _own(path: Path, clock: Clock) -> _sqlite_file.Lock:
     lock = _sqlite_file.Lock(real, shown=path)
     lock.acquire()
     return lock
+
+
+RESEAL_BATCH = 200
+"""Rows resealed per transaction by :func:`reseal_sqlite` (short transactions: the daemon writes between them)."""
+
+
+def reseal_sqlite(
+    path: Path,
+    reseal: Callable[[SealedCredentials], SealedCredentials | None],
+    *,
+    clock: Clock,
+    batch: int = RESEAL_BATCH,
+) -> tuple[int, int, list[str]]:
+    """Run ``reseal`` over every sealed row of the log at ``path``, storing what it returns; safe while the daemon runs.
+
+    The daemon owns the log's records, not this table's rows one by one: each batch is one short
+    ``BEGIN IMMEDIATE`` transaction, and a row is replaced only if it is still the one that was
+    read (same nonce), so credentials the daemon sealed meanwhile are never overwritten. Returns
+    (rows resealed, rows that changed meanwhile and were left as they are, one problem per row
+    that ``reseal`` refused). Blocks: call it off the event loop.
+    """
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the event log at {path}: {exc}") from exc
+    resealed = skipped = 0
+    problems: list[str] = []
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA secure_delete = ON")  # the old ciphertexts are overwritten, not left in free pages
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        if "credentials" not in tables:
+            raise StoreError(
+                f"{path} has no credentials table: it is not an event log, or no daemon of this release has opened it"
+            )
+        after = ""
+        while True:
+            rows = db.execute(
+                f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream > ? ORDER BY stream LIMIT ?", (after, batch)
+            ).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            updates = []
+            for row in rows:
+                sealed = sealed_from_row(row)
+                try:
+                    fresh = reseal(sealed)
+                except OrchestratorError as exc:
+                    problems.append(f"{sealed.stream}: {exc}")
+                    continue
+                if fresh is not None:
+                    updates.append((fresh, sealed.nonce))
+            if not updates:
+                continue
+            now = codec.to_micros(clock.now())
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fresh, nonce in updates:
+                    cursor = db.execute(
+                        "UPDATE credentials SET key_id = ?, nonce = ?, ciphertext = ?, fingerprint = ?, updated_at = ?"
+                        " WHERE stream = ? AND nonce = ?",
+                        (fresh.key_id, fresh.nonce, fresh.ciphertext, fresh.fingerprint, now, fresh.stream, nonce),
+                    )
+                    if cursor.rowcount:
+                        resealed += 1
+                    else:
+                        skipped += 1
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+    except sqlite3.Error as exc:
+        raise StoreError(f"the credentials in {path} could not be resealed: {exc}") from exc
+    finally:
+        db.close()
+    return resealed, skipped, problems

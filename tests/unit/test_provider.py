@@ -14,7 +14,8 @@ import pytest
 
 from orchestrator.config import Integration
 from orchestrator.errors import InvalidArgument, ProviderError
-from orchestrator.provider import BODY_EXCERPT, Provider
+from orchestrator.functions import NonRetryable
+from orchestrator.provider import BODY_EXCERPT, CredentialsUnavailable, Provider
 from tests.support.provider import ProviderServer, Reply, Request
 
 pytestmark = pytest.mark.anyio
@@ -115,9 +116,11 @@ async def test_no_auth_sends_no_credentials(server: ProviderServer, http: httpx.
 
 
 async def test_a_missing_credential_is_a_clear_error(server: ProviderServer, http: httpx.AsyncClient) -> None:
-    """A connection without the credential its scheme needs fails before any call, naming the key."""
-    with pytest.raises(ProviderError, match="has no credential 'access_token'"):
+    """A connection without the credential its scheme needs fails before any call, not retried, saying how to fix it."""
+    with pytest.raises(CredentialsUnavailable, match="has no credential 'access_token'") as missing:
         await provider(http, server.url, "bearer", {"api_key": SECRET}).request("GET", "/me")
+    assert isinstance(missing.value, NonRetryable)
+    assert "auth 'bearer'" in str(missing.value) and "UpdateCredentials" in str(missing.value)
 
     assert server.requests == []
 
