@@ -182,6 +182,10 @@ def _detail(record: Record) -> str:
     if isinstance(body, records.MetadataUpdated):
         merge = "merge " if body.merge else ""
         return f"{body.function}: {merge}{codec.dumps(body.metadata)}"
+    if isinstance(body, records.CredentialsUpdated):
+        return f"{body.source}: {', '.join(body.names)} fingerprint {body.fingerprint} (key id {body.key_id})"
+    if isinstance(body, records.CredentialsDestroyed):
+        return f"fingerprint {body.fingerprint}: {body.reason}"
     for key in ("reason", "function", "error"):
         value = getattr(body, key, "")
         if value:
