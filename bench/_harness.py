@@ -254,6 +254,11 @@ class Server:
         """``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (0 before it is started)."""
+        return self._process.pid if self._process is not None else 0
+
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None
         # Drains stderr until the process ends so that it never blocks on a full pipe.

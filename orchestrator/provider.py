@@ -23,6 +23,7 @@ import email.utils
 import html
 import json
 import re
+import shlex
 from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from datetime import datetime
@@ -139,11 +140,17 @@ def _auth(
 
     def need(key: str) -> str:
         if key not in credentials:
-            who = f"connection {connection}" if connection else "the connection"
+            parts = connection.split("/", 2)
+            if len(parts) == 3:
+                who = f"connection {connection}"
+                command = f"orchestrator credentials set {shlex.quote(parts[2])} -i {parts[1]} -e {parts[0]}"
+            else:
+                who = "the connection"
+                command = f"orchestrator credentials set CONNECTION_ID -i {integration.name}"
             raise CredentialsUnavailable(
                 f"{who} has no credential {key!r}, which integration {integration.name}'s auth"
-                f" {integration.auth!r} needs: supply it with UpdateCredentials (`orchestrator credentials set"
-                f" CONNECTION_ID -i {integration.name} --credential {key}=...`) or with the connection's next emit"
+                f" {integration.auth!r} needs: supply it with UpdateCredentials (`{command} --credential {key}=...`)"
+                " or with the connection's next emit"
             )
         return credentials[key]
 

@@ -191,3 +191,27 @@ async def test_credentials_sealed_under_a_key_no_longer_configured_fail_naming_t
     async with run_daemon(database, registry=Registry(), secret_key=f"{second},{first}") as daemon:
         log = await records(daemon.stub)
     assert [r.type for r in log][-1] == "credentials-destroyed"
+
+
+async def test_a_job_without_the_credential_its_scheme_needs_gives_up_at_once_saying_how_to_supply_it(
+    tmp_path: Path, provider: ProviderServer
+) -> None:
+    """No credentials: one attempt, NonRetryable, naming the connection, the scheme and the command to run."""
+
+    async def whoami(ctx: Context) -> None:
+        await ctx.get("/me")
+
+    functions = [function("whoami", "post-connection-creation", whoami)]
+    async with serving(tmp_path, *functions, integrations=acme(provider)) as daemon:
+        created = await emit(daemon.stub, CREATE, "c 1", wait=True)
+        log = await records(daemon.stub)
+
+    assert [(o.status, o.attempts) for o in created.outcomes] == [(pb.FUNCTION_STATUS_GAVE_UP, 1)]
+    failed = next(as_dict(r.data) for r in log if r.type == "function-failed")
+    assert (failed["error_type"], failed["retryable"]) == ("CredentialsUnavailable", False)
+    assert failed["error"] == (
+        "connection dev/acme/c 1 has no credential 'access_token', which integration acme's auth 'bearer' needs:"
+        " supply it with UpdateCredentials (`orchestrator credentials set 'c 1' -i acme -e dev --credential"
+        " access_token=...`) or with the connection's next emit"
+    )
+    assert provider.requests == []
