@@ -79,7 +79,8 @@ def shredding(
     """The ``credentials-destroyed`` record to append when the shredding rule applies, else None.
 
     The rule: the connection is deleted or rejected, no job of it is queued or running, and a
-    sealed row is stored. ``after`` is the record the shredding follows from (its cause).
+    sealed row is stored. ``after`` is the last record of the write: the shredding's cause is the
+    request it answers (its causation, or the record itself when it is a request).
     """
     if connection is None or sealed is None or jobs_left or connection.state not in ENDED:
         return None
@@ -87,4 +88,4 @@ def shredding(
     body = bodies.CredentialsDestroyed(sealed.fingerprint, sealed.key_id, reason)
     if after is None:
         return bodies.new(body)
-    return bodies.new(body, causation_id=after.event_id, traceparent=after.traceparent)
+    return bodies.new(body, causation_id=after.causation_id or after.event_id, traceparent=after.traceparent)

@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import warnings
 from collections.abc import AsyncIterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from orchestrator.model import (
     SealedCredentials,
 )
 from orchestrator.records import Fact, NewEvent, Record
+from orchestrator.replay import verify as replay_verify
 from orchestrator.store import Appended, EventStore, open_store
 from tests.support.clock import FakeClock
 
@@ -602,7 +604,7 @@ class StoreContract:
         destroyed = appended.records[-1]
         assert destroyed.data["fingerprint"] == sealed.fingerprint
         assert destroyed.data["key_id"] == sealed.key_id
-        assert destroyed.causation_id == appended.records[-2].event_id
+        assert destroyed.causation_id == deletion[0].event_id, "caused by the request that ended the connection"
         assert appended.connection.state is ConnectionState.DELETED and appended.connection.version == 5
         assert await store.sealed_credentials(ACME) is None
         assert await everything(store) == [*(await store.read(ref=ACME))]
@@ -722,6 +724,26 @@ class TestSQLiteStore(StoreContract):
                 await store.append(ACME, 1, created(key="req-1"))
             appended = await store.append(GLOBEX, 2, created())
             assert [(r.position, r.version) for r in appended.records] == [(4, 3)]
+
+    async def test_the_sweep_at_start_shreds_a_row_an_ended_connection_kept(self, url: str, path: Path) -> None:
+        """A row of a deleted connection with no job (an old or hand-edited log) is shredded by the sweep."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        async with open_store(url) as store:
+            await store.append(ACME, 0, [*created(), update], seal=sealed)
+            await store.append(GLOBEX, 0, [*created(), *deleted()])
+
+        def move() -> None:  # what no daemon of this release leaves: an ended connection's row
+            with closing(sqlite3.connect(path)) as db, db:
+                db.execute("UPDATE credentials SET stream = ? WHERE stream = ?", (GLOBEX.stream, ACME.stream))
+
+        await anyio.to_thread.run_sync(move)
+        async with open_store(url) as store:
+            assert await store.sweep_credentials() == 1
+            assert await store.sealed_credentials(GLOBEX) is None
+            (last,) = (await store.read(ref=GLOBEX))[-1:]
+            assert last.type == Fact.CREDENTIALS_DESTROYED and last.data["fingerprint"] == sealed.fingerprint
+            assert await store.sweep_credentials() == 0
+            assert await replay_verify(store) == []
 
     async def test_second_writer_is_refused(self, store: EventStore, url: str) -> None:
         """Opening the same file for writing while it is open raises StoreError; the first writer goes on."""

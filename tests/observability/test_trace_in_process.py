@@ -175,7 +175,12 @@ async def test_metadata_written_by_a_job_stores_the_emits_traceparent(
 ) -> None:
     """Every record an emit causes, including a job's metadata-updated, carries the emit's traceparent."""
     trace_id, log = await register_in_a_new_trace(tmp_path, provider)
-    assert [r.type for r in log] == ["post-connection-creation", "metadata-updated", "function-succeeded"]
+    assert [r.type for r in log] == [
+        "post-connection-creation",
+        "credentials-updated",
+        "metadata-updated",
+        "function-succeeded",
+    ]
     assert all(trace_id in r.traceparent for r in log), [(r.type, r.traceparent) for r in log]
 
 
