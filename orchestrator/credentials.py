@@ -90,14 +90,21 @@ class Vault:
         except SealError as exc:
             return Secrets(unavailable=f"the credentials of {ref} cannot be opened: {exc}", refresh=refresh)
 
-    async def for_job(self, ref: ConnectionRef, incarnation: int, *, traceparent: str = "") -> Secrets:
-        """``ref``'s credentials for a job's attempt: fresh ones from the resolver are sealed at once."""
+    async def for_job(
+        self, ref: ConnectionRef, incarnation: int, *, causation_id: str = "", traceparent: str = ""
+    ) -> Secrets:
+        """``ref``'s credentials for a job's attempt: fresh ones from the resolver are sealed at once.
+
+        Their ``credentials-updated`` record is caused by the job's lifecycle record (``causation_id``).
+        """
         stale: list[Mapping[str, str]] = []
 
         async def refresh() -> Mapping[str, str] | None:
             fresh = await self.resolve(ref, stale[0] if stale else {})
             if fresh:
-                await self.update(ref, incarnation, fresh, source="resolver", traceparent=traceparent)
+                await self.update(
+                    ref, incarnation, fresh, source="resolver", causation_id=causation_id, traceparent=traceparent
+                )
             return fresh
 
         opened = await self.open(ref, incarnation, refresh=refresh if self._resolver is not None else None)
@@ -169,6 +176,7 @@ class Vault:
         credentials: Mapping[str, str],
         *,
         source: str,
+        causation_id: str = "",
         traceparent: str = "",
     ) -> Updated:
         """Seal ``credentials`` for ``ref`` now: one append of ``credentials-updated`` and the row."""
@@ -178,9 +186,10 @@ class Vault:
             if stored is not None:
                 return Updated(stored.fingerprint, stored.key_id, stored.version, changed=False)
             raise FailedPrecondition(f"the credentials of {ref} were destroyed meanwhile; {HOW_TO_SUPPLY}")
-        appended = await self._store.append(ref, None, [plan.record(traceparent=traceparent)], seal=plan.sealed)
-        record = next(r for r in appended.records if r.type == records.Fact.CREDENTIALS_UPDATED)
-        return Updated(plan.sealed.fingerprint, plan.sealed.key_id, record.version, changed=True)
+        record = plan.record(causation_id=causation_id, traceparent=traceparent)
+        appended = await self._store.append(ref, None, [record], seal=plan.sealed)
+        announced = next(r for r in appended.records if r.type == records.Fact.CREDENTIALS_UPDATED)
+        return Updated(plan.sealed.fingerprint, plan.sealed.key_id, announced.version, changed=True)
 
     async def check_keys(self) -> list[str]:
         """Warnings about sealed rows whose key is not configured (logged at start)."""

@@ -300,7 +300,9 @@ class Worker:
         event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
         # Opened from the store for each attempt: after any number of restarts, the connection's own.
         incarnation = connection.incarnation if connection is not None else 0
-        secrets = await self._vault.for_job(job.ref, incarnation, traceparent=job.traceparent)
+        secrets = await self._vault.for_job(
+            job.ref, incarnation, causation_id=job.causation_id, traceparent=job.traceparent
+        )
         result = await self._dispatcher.attempt(
             function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent, secrets=secrets
         )

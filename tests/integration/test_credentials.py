@@ -132,8 +132,9 @@ async def test_a_401_asks_the_resolver_once_reseals_and_the_job_succeeds(
     assert [o.status for o in created.outcomes] == [pb.FUNCTION_STATUS_SUCCEEDED]
     assert asked == [ConnectionRef("dev", "acme", "c1")]
     assert [r.headers["authorization"] for r in provider.requests] == [f"Bearer {OLD_TOKEN}", f"Bearer {NEW_TOKEN}"]
-    sources = [as_dict(r.data)["source"] for r in log if r.type == "credentials-updated"]
-    assert sources == ["emit", "resolver"]
+    updates = [r for r in log if r.type == "credentials-updated"]
+    assert [as_dict(r.data)["source"] for r in updates] == ["emit", "resolver"]
+    assert {r.causation_id for r in updates} == {created.event_id}, "both answer the creation"
     assert not [r for r in log if NEW_TOKEN in str(r) or OLD_TOKEN in str(r)]
 
 
