@@ -31,9 +31,9 @@ if not __package__:
     # root (and keep bench/ itself off the path, so its modules shadow nothing).
     sys.path[0] = str(ROOT)
 
-from bench import _harness, append, fold, rpc, startup  # noqa: E402 - needs the path set just above
+from bench import _harness, append, fold, isolation, rpc, startup  # noqa: E402 - needs the path set just above
 
-SECTIONS = ("grpc", "append", "replay", "startup")
+SECTIONS = ("grpc", "append", "replay", "startup", "isolation")
 
 
 def _machine() -> dict[str, Any]:
@@ -74,28 +74,37 @@ def _errors(*figures: dict[str, Any]) -> str:
     return f" **{count} errors**" if count else ""
 
 
+def _load_rows(
+    titles: tuple[str, str, str],
+    baseline: tuple[dict[str, Any], str],
+    subject: tuple[dict[str, Any], str],
+    r: dict[str, float],
+) -> list[tuple[str, str, str, str]]:
+    """A closed-loop figure's two rows, rate and latency: ``titles`` are theirs and the load's (``1 in flight``)."""
+    (rate, latency, load), (base, base_name), (ours, our_name) = titles, baseline, subject
+    return [
+        (
+            f"{rate}, {load}",
+            f"{_n(base['rate'])} ({base_name})",
+            f"{_n(ours['rate'])} ({our_name}){_errors(base, ours)}",
+            _n(r["rate"], 2),
+        ),
+        (
+            f"{latency}, {load}",
+            f"{_n(base['p50_ms'], 2)} / {_n(base['p99_ms'], 2)}",
+            f"{_n(ours['p50_ms'], 2)} / {_n(ours['p99_ms'], 2)}",
+            f"{_n(r['p50_ms'], 2)} / {_n(r['p99_ms'], 2)}",
+        ),
+    ]
+
+
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     if "grpc" in results and "error" not in results["grpc"]:
         for in_flight in rpc.CONCURRENCY:
             fig = results["grpc"][str(in_flight)]
-            echo, emit, r = fig["echo"], fig["emit"], fig["ratio"]
-            rows.append(
-                (
-                    f"gRPC calls/s, {in_flight} in flight",
-                    f"{_n(echo['rate'])} (echo)",
-                    f"{_n(emit['rate'])} (EmitLifecycleEvent){_errors(echo, emit)}",
-                    _n(r["rate"], 2),
-                )
-            )
-            rows.append(
-                (
-                    f"gRPC latency p50 / p99 ms, {in_flight} in flight",
-                    f"{_n(echo['p50_ms'], 2)} / {_n(echo['p99_ms'], 2)}",
-                    f"{_n(emit['p50_ms'], 2)} / {_n(emit['p99_ms'], 2)}",
-                    f"{_n(r['p50_ms'], 2)} / {_n(r['p99_ms'], 2)}",
-                )
-            )
+            titles = ("gRPC calls/s", "gRPC latency p50 / p99 ms", f"{in_flight} in flight")
+            rows += _load_rows(titles, (fig["echo"], "echo"), (fig["emit"], "EmitLifecycleEvent"), fig["ratio"])
     if "append" in results and "error" not in results["append"]:
         fig = results["append"]
         base = fig["baseline"]
@@ -129,10 +138,40 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _n(fig["ratio"], 2),
             )
         )
+    if "isolation" in results and "error" not in results["isolation"]:
+        rows.extend(_isolation_rows(results["isolation"]))
     rows.extend(
         (f"{name}: FAILED", "", str(results[name]["error"]).splitlines()[0], "")
         for name in SECTIONS
         if name in results and "error" in results[name]
+    )
+    return rows
+
+
+def _isolation_rows(fig: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    for function, label in isolation.FUNCTIONS.items():
+        for in_flight in isolation.IN_FLIGHT:
+            run = fig[function][str(in_flight)]
+            titles = ("Attempts/s", "Attempt latency p50 / p99 ms", f"{label}, {in_flight} in flight")
+            process = (run["process"], f"process, {fig['pool']} workers")
+            rows += _load_rows(titles, (run["thread"], "thread"), process, run["ratio"])
+    started, rss = fig["seconds"], fig["rss_mib"]
+    rows.append(
+        (
+            "Worker process start to ready, s",
+            f"{_n(started['bare'], 3)} (python -c)",
+            f"{_n(started['worker'], 3)} (worker, plugins imported)",
+            _n(started["ratio"], 2),
+        )
+    )
+    rows.append(
+        (
+            "Worker process memory, MiB RSS",
+            f"{_n(rss['bare'], 1)} (python -c)",
+            f"{_n(rss['worker'], 1)} (worker, plugins imported)",
+            _n(rss["ratio"], 2),
+        )
     )
     return rows
 
@@ -218,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             if "startup" in args.only:
                 _harness.in_child(fold.create_empty, str(empty), timeout=60)
                 _section(results, "startup", startup.measure, settings, empty, large, built["records"])
+        if "isolation" in args.only:
+            _section(results, "isolation", isolation.measure, settings, workdir)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     table = _markdown(results)

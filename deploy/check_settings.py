@@ -9,6 +9,11 @@ each of the four it fails when
 - a variable is named ``ORCHESTRATOR_*`` but ``serve`` reads no such variable
   (the command line ignores unknown variables, so a typo would go unnoticed);
 - ``ORCHESTRATOR_CONFIG`` names a file that no ConfigMap is mounted to provide;
+- a TLS file or the token file (:data:`SECRET_FILES`) is named, but no Secret
+  (Kubernetes) or secret (compose) is mounted to provide it. Their content is
+  never committed, so ``serve --check`` reads stand-ins made here instead: a
+  self-signed certificate and its key, and a token (and a throwaway key for
+  ``ORCHESTRATOR_SECRET_KEY``, which a Secret provides too);
 - ``orchestrator serve --check``, run with exactly that environment (and the
   ConfigMap's TOML file), refuses the settings or the installed plugins.
 
@@ -38,6 +43,45 @@ ENVIRONMENT_ONLY = {
     "ORCHESTRATOR_SECRET_KEY": "the credential sealing key (deploy/README.md, docs/security.md)",
 }
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
+SECRET_FILES = (
+    "ORCHESTRATOR_TLS_CERT",
+    "ORCHESTRATOR_TLS_KEY",
+    "ORCHESTRATOR_TLS_CLIENT_CA",
+    "ORCHESTRATOR_AUTH_TOKEN_FILE",
+)
+"""Settings naming files whose content comes from a secret at deploy time."""
+
+
+def stand_ins() -> dict[str, bytes]:
+    """What ``serve --check`` reads for each of :data:`SECRET_FILES`: a self-signed pair, it as the CA, a token."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "orchestrator")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    return {
+        "ORCHESTRATOR_TLS_CERT": cert_pem,
+        "ORCHESTRATOR_TLS_KEY": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        "ORCHESTRATOR_TLS_CLIENT_CA": cert_pem,
+        "ORCHESTRATOR_AUTH_TOKEN_FILE": b"stand-in-token-for-serve-check\n",
+    }
 
 
 def dockerfile_env(path: Path) -> dict[str, str]:
@@ -66,17 +110,23 @@ def dockerfile_env(path: Path) -> dict[str, str]:
     return env
 
 
-def compose_env(path: Path, service: str) -> dict[str, str]:
-    """One compose service's environment, with ``${...}`` interpolations replaced by a placeholder."""
+def compose_env(path: Path, service: str) -> tuple[dict[str, str], set[str]]:
+    """One compose service's environment (``${...}`` replaced by a placeholder), and the secret files it mounts."""
     document = yaml.safe_load(path.read_text())
     environment = document["services"][service].get("environment", {})
     if isinstance(environment, list):
         environment = dict(item.partition("=")[::2] for item in environment)
-    return {name: _INTERPOLATION.sub("placeholder", str(value)) for name, value in environment.items()}
+    secrets = set()
+    for secret in document["services"][service].get("secrets", []):
+        source, target = (secret, secret) if isinstance(secret, str) else (secret["source"], secret.get("target"))
+        target = target or source
+        secrets.add(target if target.startswith("/") else f"/run/secrets/{target}")
+    return {name: _INTERPOLATION.sub("placeholder", str(value)) for name, value in environment.items()}, secrets
 
 
-def kubernetes_env(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """The daemon container's environment and the files its ConfigMap volumes provide, by mount path."""
+def kubernetes_env(directory: Path) -> tuple[dict[str, str], dict[str, str], set[str]]:
+    """The daemon container's environment, the files its ConfigMap volumes provide (by mount path), and the
+    folders its Secret volumes are mounted at."""
     documents = [d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in documents if d["kind"] == "ConfigMap"}
     deployment = next(d for d in documents if d["kind"] == "Deployment")
@@ -89,12 +139,15 @@ def kubernetes_env(directory: Path) -> tuple[dict[str, str], dict[str, str]]:
         env[item["name"]] = str(item["value"]) if "value" in item else "placeholder"
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     files: dict[str, str] = {}
+    secret_folders: set[str] = set()
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
         if "configMap" in volume:
             for key, text in config_maps[volume["configMap"]["name"]].items():
                 files[f"{mount['mountPath'].rstrip('/')}/{key}"] = text
-    return env, files
+        if "secret" in volume:
+            secret_folders.add(mount["mountPath"].rstrip("/") + "/")
+    return env, files, secret_folders
 
 
 def systemd_env(path: Path) -> dict[str, str]:
@@ -117,8 +170,11 @@ def known_variables() -> set[str]:
     return names
 
 
-def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[str]) -> list[str]:
-    """The problems with one flavour's settings (empty when there are none)."""
+def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[str], secrets: set[str]) -> list[str]:
+    """The problems with one flavour's settings (empty when there are none).
+
+    ``secrets`` are the files (or, ending in ``/``, the folders) that secrets provide at deploy time.
+    """
     problems = [
         f"{flavour}: {name} is not a variable `orchestrator serve` reads"
         for name in sorted(env)
@@ -136,6 +192,18 @@ def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[s
         if "placeholder" in settings.get("ORCHESTRATOR_SECRET_KEY", ""):
             # The key comes from a Secret (or the operator's shell), never from these files: a throwaway stands in.
             settings["ORCHESTRATOR_SECRET_KEY"] = base64.b64encode(os.urandom(32)).decode()
+        content = stand_ins() if any(name in settings for name in SECRET_FILES) else {}
+        for name in SECRET_FILES:
+            path = settings.get(name)
+            if path is None:
+                continue
+            if not any(path == s or (s.endswith("/") and path.startswith(s)) for s in secrets):
+                problems.append(f"{flavour}: {name}={path}, but no Secret (or compose secret) is mounted there")
+                continue
+            local = Path(scratch, name.lower())
+            local.write_bytes(content[name])
+            local.chmod(0o600)
+            settings[name] = str(local)
         result = subprocess.run(
             [sys.executable, "-m", "orchestrator", "serve", "--check"],
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": scratch, "LANG": "C.UTF-8", **settings},
@@ -157,14 +225,21 @@ def main() -> int:
     """Check the four flavours; print the problems and return 1 if there are any."""
     known = known_variables()
     image = dockerfile_env(DEPLOY / "Dockerfile")
-    k8s_env, k8s_files = kubernetes_env(DEPLOY / "kubernetes")
-    flavours = {
-        "image (deploy/Dockerfile)": (image, {}),
-        "compose (deploy/compose.yaml)": ({**image, **compose_env(DEPLOY / "compose.yaml", "orchestrator")}, {}),
-        "kubernetes (deploy/kubernetes)": ({**image, **k8s_env}, k8s_files),
-        "systemd (deploy/systemd/orchestrator.service)": (systemd_env(DEPLOY / "systemd/orchestrator.service"), {}),
+    k8s_env, k8s_files, k8s_secrets = kubernetes_env(DEPLOY / "kubernetes")
+    compose, compose_secrets = compose_env(DEPLOY / "compose.yaml", "orchestrator")
+    flavours: dict[str, tuple[dict[str, str], dict[str, str], set[str]]] = {
+        "image (deploy/Dockerfile)": (image, {}, set()),
+        "compose (deploy/compose.yaml)": ({**image, **compose}, {}, compose_secrets),
+        "kubernetes (deploy/kubernetes)": ({**image, **k8s_env}, k8s_files, k8s_secrets),
+        "systemd (deploy/systemd/orchestrator.service)": (
+            systemd_env(DEPLOY / "systemd/orchestrator.service"),
+            {},
+            set(),
+        ),
     }
-    problems = [p for flavour, (env, files) in flavours.items() for p in check(flavour, env, files, known)]
+    problems = [
+        p for flavour, (env, files, secrets) in flavours.items() for p in check(flavour, env, files, known, secrets)
+    ]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -28,6 +28,10 @@ DEFAULT_ATTEMPT_TIMEOUT = 60.0
 """Seconds one attempt of an asynchronous function may take (a function may declare its own)."""
 AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
 EXPORTERS = ("otlp", "console", "none")
+ISOLATION = ("thread", "process")
+"""Where event functions run: in the daemon (plain ``def`` s in its threads), or in a pool of worker processes."""
+DEFAULT_PROCESSES = 4
+"""Worker processes with ``--isolation process`` (never more than ``--concurrency``)."""
 PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -48,6 +52,21 @@ class DispatchConfig:
     attempt_timeout: float = DEFAULT_ATTEMPT_TIMEOUT
     retry: RetryPolicy = DEFAULT_RETRY
     lease_margin: float = 30.0
+    isolation: str = "thread"
+    """``thread``: attempts run in the daemon; ``process``: in a supervised pool of worker processes."""
+    processes: int = DEFAULT_PROCESSES
+    """The pool's size with ``isolation="process"``; attempts then run at most this many at once."""
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ISOLATION:
+            raise InvalidArgument(f"isolation {self.isolation!r} is not one of {', '.join(ISOLATION)}")
+        if self.processes < 1:
+            raise InvalidArgument(f"processes must be 1 or more, not {self.processes}")
+
+    @property
+    def pool_size(self) -> int:
+        """The worker processes to run: none with thread isolation, else ``processes`` (at most ``concurrency``)."""
+        return min(self.processes, self.concurrency) if self.isolation == "process" else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +163,14 @@ class ServeConfig:
     integrations: Mapping[str, Integration] = field(default_factory=dict)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     on_sighup: Callable[[], None] | None = None
-    """What SIGHUP does (reopen the log file)."""
+    """What SIGHUP does besides rereading the token file and the TLS files (reopen the log file)."""
+    tls_cert: Path | None = None
+    """The daemon's TLS certificate (chain), PEM; with ``tls_key``, gRPC is served over TLS."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """Mutual TLS: clients must present a certificate signed by this CA (PEM)."""
+    auth_token_file: Path | None = None
+    """Bearer tokens, one per line (see :mod:`orchestrator.access`); without it no token is asked for."""
     secret_key: str = field(default="", repr=False)
     """``ORCHESTRATOR_SECRET_KEY``: base64 keys, comma-separated, the first sealing (empty: the key file)."""
     secret_key_file: Path | None = None
@@ -152,10 +178,16 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)
-        if not self.insecure and not is_loopback(host):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("--tls-cert", "--tls-key") if self.tls_cert is not None else ("--tls-key", "--tls-cert")
+            raise InvalidArgument(f"{given} needs {missing}: TLS takes a certificate and its key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
+        if not self.insecure and not is_loopback(host) and self.tls_cert is None and self.auth_token_file is None:
             raise InvalidArgument(
                 f"refusing to listen on {self.listen} without TLS or a token: anyone on the network could"
-                " emit events; listen on 127.0.0.1, or pass --insecure if a proxy in front secures it"
+                " emit events; pass --tls-cert and --tls-key, or --auth-token-file, or listen on 127.0.0.1,"
+                " or pass --insecure if a proxy in front secures it"
             )
         if self.grace_period < 0:
             raise InvalidArgument(f"grace period must be 0 or more seconds, not {self.grace_period}")

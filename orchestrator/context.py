@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import anyio.from_thread
 import anyio.lowlevel
@@ -24,11 +24,32 @@ from pydantic import BaseModel, ValidationError
 from orchestrator import limits
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
-from orchestrator.provider import Provider
 from orchestrator.records import MetadataUpdated
 
 MAX_LOG_LINES = 200
 MAX_LOG_LINE = 2000
+
+
+class ProviderCalls(Protocol):
+    """Where a :class:`Context` sends provider calls: :class:`~orchestrator.provider.Provider`, or a stand-in."""
+
+    @property
+    def credentials(self) -> Mapping[str, str]:
+        """The connection's credentials as ``ctx.credentials`` shows them (read-only, its ``repr`` redacted)."""
+        ...
+
+    async def request(
+        self,
+        method: str,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Send one request to the provider (see :meth:`orchestrator.provider.Provider.request`)."""
+        ...
 
 
 class MetadataSink(Protocol):
@@ -114,10 +135,21 @@ class EventInfo:
     attempt: int = 1
 
 
+def cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and "…" when it is longer."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+Scrub: TypeAlias = Callable[[str, int], str]
+"""Makes a function's text fit to keep: ``scrub(text, limit)`` is at most ``limit`` characters (and
+"…"), with the connection's credentials redacted before the cut, so that none is kept halved."""
+
+
 @dataclass(slots=True)
 class AttemptLog:
     """The lines a function logged in one attempt, bounded so a flood cannot exhaust memory."""
 
+    scrub: Scrub = cut
     lines: list[str] = field(default_factory=list)
     dropped: int = 0
 
@@ -125,7 +157,7 @@ class AttemptLog:
         if len(self.lines) >= MAX_LOG_LINES:
             self.dropped += 1
             return
-        self.lines.append(line if len(line) <= MAX_LOG_LINE else line[:MAX_LOG_LINE] + "…")
+        self.lines.append(self.scrub(line, MAX_LOG_LINE))
 
     def export(self) -> list[str]:
         """The lines, with a note of how many were dropped."""
@@ -140,7 +172,7 @@ class Context:
         *,
         connection: ConnectionInfo,
         event: EventInfo,
-        provider: Provider,
+        provider: ProviderCalls,
         metadata_model: type[BaseModel] | None,
         sink: MetadataSink,
         log: AttemptLog | None = None,
@@ -234,10 +266,12 @@ class Context:
     async def set_metadata(self, value: BaseModel | JSONObject) -> None:
         """Replace the connection's metadata (validated by the model; recorded as ``metadata-updated``).
 
-        At most 64 KiB as JSON per write and 256 KiB in all: beyond, ``ResourceExhausted`` names the
-        limit, and the attempt fails without retries.
+        At most 64 KiB as JSON per write and 256 KiB in all, nested at most 20 levels deep: beyond,
+        ``ResourceExhausted`` (``InvalidArgument`` for the nesting) names the limit, and the attempt
+        fails without retries.
         """
         data = value.model_dump(mode="json") if isinstance(value, BaseModel) else dict(value)
+        limits.check_depth("a metadata write", data)  # first: too deep a value never reaches recursive code
         validated = self._validate(data)
         limits.check_metadata(validated, validated)
         await self._sink.write(validated, merge=False)
@@ -246,6 +280,7 @@ class Context:
         """Merge keys into the connection's metadata (validated and bounded as :meth:`set_metadata`)."""
         patch = value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
         merged = {**self._sink.current(), **patch}
+        limits.check_depth("a metadata write", patch)
         self._validate(merged)
         limits.check_metadata(patch, merged)
         await self._sink.write(patch, merge=True)
@@ -255,6 +290,27 @@ class Context:
     def log(self, *parts: object, level: str = "info") -> None:
         """Keep a line with this attempt's outcome (bounded: a flood is truncated, never fatal)."""
         self._log.add(f"{level}: " + " ".join(str(p) for p in parts))
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """What a :class:`Context` does its work with: provider calls, the metadata sink, the attempt's log.
+
+    A function run in a worker process (:mod:`orchestrator.isolation`) gets a
+    context built over stand-ins that forward each call to the daemon, which
+    serves it with the backends of the attempt's own context: so the provider
+    proxy and the sink never leave the daemon, and the credentials enter a
+    worker only when its function reads ``ctx.credentials``.
+    """
+
+    provider: ProviderCalls
+    sink: MetadataSink
+    log: AttemptLog
+
+
+def backends(ctx: Context) -> Backends:
+    """The backends ``ctx`` was built over (for the worker process pool; not part of the plugin API)."""
+    return Backends(ctx._provider, ctx._sink, ctx._log)
 
 
 class SyncContext:

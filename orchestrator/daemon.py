@@ -22,11 +22,14 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from orchestrator import plugins, sealing, telemetry
+from orchestrator.access import TokenFile
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.config import Integration, ServeConfig, default_database
+from orchestrator.config import Integration, ServeConfig, default_database, is_loopback, split_host_port
 from orchestrator.credentials import Resolver
-from orchestrator.errors import OrchestratorError, PluginError
+from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
+from orchestrator.isolation import ProcessPool
 from orchestrator.plugins import Registry, discover
+from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
 from orchestrator.store import EventStore, Stats, open_store, sqlite_path
@@ -54,6 +57,8 @@ async def serve(
     ``resolver`` (instead of entry-point discovery) and a ``clock``.
     """
     database = config.database or default_database()
+    # Who may call, and over what: read first, so that a bad file refuses the start before anything is opened.
+    access = await anyio.to_thread.run_sync(load_access, config)
     # Importing plugins reads files: done on a worker thread, off the event loop.
     if registry is None:
         registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
@@ -65,7 +70,7 @@ async def serve(
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         engine = _Engine(registry, integrations, keyring, resolver)
-        await _serve(config, database, engine, signals, on_ready, stop, clock)
+        await _serve(config, access, database, engine, signals, on_ready, stop, clock)
     log.info("stopped; the event log is closed")
 
 
@@ -105,6 +110,7 @@ class _Engine:
 
 async def _serve(
     config: ServeConfig,
+    access: Access,
     database: str,
     loaded: _Engine,
     signals: AsyncIterator[int],
@@ -121,6 +127,12 @@ async def _serve(
     ):
         watchdog = LoopWatchdog()
         tg.start_soon(watchdog.run)
+        pool = ProcessPool(config.dispatch.pool_size) if config.dispatch.pool_size else None
+        if pool is not None:
+            # Serving waits until each worker is ready or has failed to start: a pool that cannot start any
+            # fails attempts (and keeps trying), never the daemon.
+            await tg.start(pool.run)
+            log.info("event functions run in %d worker process(es)", pool.size)
         engine = assemble(
             store,
             loaded.registry,
@@ -131,6 +143,7 @@ async def _serve(
             keyring=loaded.keyring,
             resolver=loaded.resolver,
             watchdog=watchdog,
+            pool=pool,
         )
         for problem in await engine.vault.check_keys():
             log.warning("%s", problem)
@@ -139,7 +152,10 @@ async def _serve(
         shredded = await store.sweep_credentials()
         if shredded:
             log.info("destroyed the sealed credentials of %d connection(s) that had ended", shredded)
-        server = GrpcServer(engine.service)
+        tokens = access.tokens
+        server = GrpcServer(
+            engine.service, tokens=(lambda: tokens.tokens) if tokens is not None else lambda: None, tls=access.tls
+        )
         port = await server.start(config.listen)
         gauges = _Gauges(store, clock)
         await gauges.refresh()
@@ -159,6 +175,7 @@ async def _serve(
                     if config.on_sighup is not None:
                         config.on_sighup()
                         log.info("received SIGHUP: log file reopened")
+                    await anyio.to_thread.run_sync(access.reload)
                     continue
                 name = signal.Signals(signum).name
                 log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
@@ -180,6 +197,48 @@ async def _serve(
             engine.service.abort()
             await server.stop(STOP_GRACE)
         tg.cancel_scope.cancel()
+
+
+class Access:
+    """The token file and the TLS material the daemon serves with (each None when not configured)."""
+
+    def __init__(self, tokens: TokenFile | None, tls: rpc_tls.ServerTls | None) -> None:
+        self.tokens = tokens
+        self.tls = tls
+
+    def reload(self) -> None:
+        """SIGHUP: reread the token file and the TLS files; a bad one keeps what is in force and logs why."""
+        if self.tokens is not None:
+            self.tokens.reload()
+        if self.tls is not None:
+            try:
+                material = self.tls.reload()
+            except InvalidArgument as exc:
+                log.error("%s; the TLS certificate and key read before stay in force", exc)
+            else:
+                log.info("reread the TLS files: %s", material.summary())
+                rpc_tls.warn_if_expiring(material)
+
+
+def load_access(config: ServeConfig) -> Access:
+    """Read the token file and the TLS files (refusing bad ones with :class:`InvalidArgument`), and say what is on."""
+    tokens = TokenFile(config.auth_token_file) if config.auth_token_file is not None else None
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        files = rpc_tls.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        material = rpc_tls.load(files)
+        tls = rpc_tls.ServerTls(files, material)
+        log.info("TLS: %s", material.summary())
+        rpc_tls.warn_if_expiring(material)
+    if tokens is not None:
+        log.info("bearer tokens: %d, from %s", len(tokens.tokens), tokens.path)
+        if tls is None and not is_loopback(split_host_port(config.listen)[0]):
+            log.warning(
+                "bearer tokens without TLS on %s: the tokens cross the network in clear text;"
+                " pass --tls-cert and --tls-key unless a proxy in front terminates TLS",
+                config.listen,
+            )
+    return Access(tokens, tls)
 
 
 class _Gauges:

@@ -6,7 +6,8 @@ through :meth:`Dispatcher.run_sync`, the job worker (:mod:`orchestrator.worker`)
 and ``orchestrator dryrun`` through :meth:`Dispatcher.attempt`. An attempt
 gets its context (the provider proxy with the connection's credentials, as
 the caller opened them into a :class:`~orchestrator.provider.Secrets`; the
-metadata sink), runs within the daemon's function concurrency, is traced as
+metadata sink), runs within the daemon's function concurrency (in the daemon,
+or in a worker process of a :class:`~orchestrator.isolation.ProcessPool`), is traced as
 ``function NAME`` and counted, and its error and log lines are redacted of
 every credential it had. Nothing here writes to the log: callers turn
 results into records.
@@ -15,7 +16,6 @@ results into records.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +27,11 @@ from opentelemetry import metrics, trace
 from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
-from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
+from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink, cut
+from orchestrator.isolation import ProcessPool
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
-from orchestrator.provider import Provider, Secrets, redact
+from orchestrator.provider import Provider, Secrets, redact_excerpt
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
@@ -69,13 +70,16 @@ class Dispatcher:
         integrations: Mapping[str, Integration] | None = None,
         config: DispatchConfig | None = None,
         watchdog: LoopWatchdog | None = None,
+        pool: ProcessPool | None = None,
     ) -> None:
         self.clock = clock
         self._watchdog = watchdog
         self.config = config or DispatchConfig()
         self._http = http
         self._integrations = dict(integrations or {})
-        self._limiter = anyio.CapacityLimiter(self.config.concurrency)
+        self._pool = pool
+        # With a pool each attempt holds one of its processes: no more run at once than it has.
+        self._limiter = anyio.CapacityLimiter(pool.size if pool is not None else self.config.concurrency)
         self.threads = ThreadSlots(self.config.concurrency)
 
     @property
@@ -158,17 +162,28 @@ class Dispatcher:
             "orchestrator.attempt": event.attempt,
             "orchestrator.plugin": f"{function.distribution} {function.version}",
         }
+        # Whatever a function raises or logs, the connection's secrets never reach the log: redacted, then cut.
+        # Every set the attempt had counts (``seen`` grows when a 401 brings fresh ones).
+        seen = secrets.seen
+
+        def scrub(text: str, limit: int) -> str:
+            return cut(redact_excerpt(text, seen, limit + 1), limit)
+
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
-            watched = self._watchdog.watching(function) if self._watchdog else contextlib.nullcontext()
+            pool = self._pool
+            # In a worker process the function cannot hold this loop: nothing for the watchdog to name.
+            watched = self._watchdog.watching(function) if self._watchdog and not pool else contextlib.nullcontext()
             async with self._limiter:
                 with watched:
                     result = await run_attempt(
-                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads
+                        function,
+                        make,
+                        attempt=event.attempt,
+                        time_limit=limit,
+                        threads=self.threads,
+                        invoke_with=pool.invoke if pool is not None else None,
+                        scrub=scrub,
                     )
-            # Whatever a function raised or logged, the connection's secrets never reach the log.
-            result = dataclasses.replace(
-                result, error=_redacted(result.error, secrets), logs=[_redacted(line, secrets) for line in result.logs]
-            )
             outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
             span.set_attribute("orchestrator.outcome", outcome)
             if not result.ok:
@@ -237,10 +252,3 @@ class Dispatcher:
         out.cancelled = [f for f in functions if f.name not in done]
         out.metadata_updates = buffer.updates
         return out
-
-
-def _redacted(text: str, secrets: Secrets) -> str:
-    """``text`` redacted of every set of credentials the attempt had (before and after a refresh)."""
-    for seen in secrets.seen:
-        text = redact(text, seen)
-    return text

@@ -2,6 +2,8 @@
 
     OrchestratorError
     ├── InvalidArgument        a request field is malformed (names the field)
+    ├── Unauthenticated        the call carries no valid bearer token
+    ├── PermissionDenied       the caller's token may not touch that environment
     ├── NotFound               the connection does not exist
     ├── FailedPrecondition     the event is not allowed in the connection's current state
     │   ├── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
@@ -36,6 +38,14 @@ class OrchestratorError(Exception):
 
 class InvalidArgument(OrchestratorError):
     """A request field is malformed; the message names the field."""
+
+
+class Unauthenticated(OrchestratorError):
+    """The call carries no bearer token, or one the daemon does not know."""
+
+
+class PermissionDenied(OrchestratorError):
+    """The caller's token is not scoped to the environment the call touches; nothing was done."""
 
 
 class NotFound(OrchestratorError):

@@ -25,6 +25,13 @@ MAX_JSON_DEPTH = 20
 """How deep objects and arrays may nest in connection_config and payload. Protobuf's decoders
 refuse a message nested past 100 levels, and a log record holds the config 5 levels down, each
 object 3 more: a config nested 32 deep was accepted, then no record of it could be read back."""
+MAX_REPLY_VALUE_BYTES = MAX_MESSAGE_BYTES
+"""The most bytes one JSON value (a record's data, a connection's metadata or config) takes in a reply.
+Every value written under the limits above fits; a larger one, written before they existed, is
+replaced in replies by a note saying how to read it (see ``rpc.wire``), so that no reply outgrows
+a client's 4 MiB message limit and no record becomes unreadable."""
+MAX_REPLY_DEPTH = MAX_JSON_DEPTH + 5
+"""How deep a JSON value in a reply may nest (a record holds a config or metadata a few levels down)."""
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -35,22 +42,23 @@ def _json_size(field: str, value: JSONObject, limit: int) -> None:
         raise ResourceExhausted(f"{field} is {size} bytes as JSON; the limit is {limit}")
 
 
-def _depth(value: object) -> int:
+def depth(value: object) -> int:
     """How deep objects and arrays nest in a JSON value (a scalar is 0, ``{}`` is 1)."""
     deepest, level = 0, [(value, 1)]
     while level:
-        item, depth = level.pop()
+        item, at = level.pop()
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
         if children is not None:
-            deepest = max(deepest, depth)
-            level.extend((child, depth + 1) for child in children)
+            deepest = max(deepest, at)
+            level.extend((child, at + 1) for child in children)
     return deepest
 
 
-def _json_depth(field: str, value: JSONObject) -> None:
-    depth = _depth(value)
-    if depth > MAX_JSON_DEPTH:
-        raise InvalidArgument(f"{field} nests objects and arrays {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
+def check_depth(field: str, value: JSONObject) -> None:
+    """Raise :class:`InvalidArgument` when ``value`` nests deeper than :data:`MAX_JSON_DEPTH`."""
+    levels = depth(value)
+    if levels > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{field} nests objects and arrays {levels} levels deep; the limit is {MAX_JSON_DEPTH}")
 
 
 def check_credentials(credentials: Mapping[str, str]) -> None:
@@ -74,8 +82,8 @@ def check_emit(request: EmitRequest) -> None:
         raise InvalidArgument("idempotency_key contains a control or non-printable character")
     if request.expected_version is not None and request.expected_version < 0:
         raise InvalidArgument(f"expected_version must be 0 or more, not {request.expected_version}")
-    _json_depth("connection_config", request.config)
-    _json_depth("payload", request.payload)
+    check_depth("connection_config", request.config)
+    check_depth("payload", request.payload)
     _json_size("connection_config", request.config, MAX_CONFIG_BYTES)
     _json_size("payload", request.payload, MAX_PAYLOAD_BYTES)
     check_credentials(request.credentials)

@@ -25,7 +25,7 @@ import json
 import re
 import shlex
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
@@ -106,25 +106,27 @@ class Secrets:
 class ReadOnlyCredentials(Mapping[str, str]):
     """``ctx.credentials``: the connection's credentials for SDKs that need the raw token.
 
-    Read-only, and its ``repr`` shows the names only. Reading it when the credentials cannot
-    be opened raises :class:`CredentialsUnavailable`.
+    Read-only, and its ``repr`` shows the names only. Every read asks ``current`` (the
+    attempt's :meth:`Secrets.current`, or in a worker process a call to the daemon), so it
+    sees fresh credentials after a 401; when they cannot be opened, it raises
+    :class:`CredentialsUnavailable`.
     """
 
-    def __init__(self, secrets: Secrets) -> None:
-        self._secrets = secrets
+    def __init__(self, current: Callable[[], Mapping[str, str]]) -> None:
+        self._current = current
 
     def __getitem__(self, name: str) -> str:
-        return self._secrets.current()[name]
+        return self._current()[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._secrets.current())
+        return iter(self._current())
 
     def __len__(self) -> int:
-        return len(self._secrets.current())
+        return len(self._current())
 
     def __repr__(self) -> str:
         try:
-            names = sorted(self._secrets.current())
+            names = sorted(self._current())
         except CredentialsUnavailable:
             return "Credentials(unavailable)"
         return "Credentials(" + ", ".join(f"{name}={REDACTED}" for name in names) + ")"
@@ -242,23 +244,27 @@ def _text_forms(value: str) -> set[str]:
     return {value, *url, *escaped, html.escape(value), html.escape(value, quote=False)}
 
 
-def _secret_forms(credentials: Mapping[str, str]) -> list[str]:
+Known = Mapping[str, str] | Sequence[Mapping[str, str]]
+"""Credentials to redact: one set, or every set an attempt had (:attr:`Secrets.seen`)."""
+
+
+def _secret_forms(credentials: Known) -> list[str]:
     """The strings :func:`redact` looks for, in the text and in each decoding of it, longest first.
 
     Each credential value: as is, as the usual encoders write it (:func:`_text_forms`),
-    base64-encoded (alone or inside a longer blob); and the basic-auth pair base64-encoded.
+    base64-encoded (alone or inside a longer blob); and each set's basic-auth pair base64-encoded.
     """
-    values = {value for value in credentials.values() if len(value) >= MIN_SECRET_LENGTH}
+    sets = [credentials] if isinstance(credentials, Mapping) else credentials
+    values = {value for one in sets for value in one.values() if len(value) >= MIN_SECRET_LENGTH}
     forms: set[str] = set()
     for value in values:
         encoded = _base64_forms(value.encode())
         # Base64 in a URL ("+", "/" and "=" escaped): searched as is too, as text forms are.
         escaped = {quote(form, safe="") for form in encoded}
         forms |= _text_forms(value) | encoded | escaped | {_lower_hex(form) for form in escaped}
-    if "username" in credentials or "password" in credentials:
-        pair = f"{credentials.get('username', '')}:{credentials.get('password', '')}"
-        if len(credentials.get("password", "")) >= MIN_SECRET_LENGTH:
-            forms |= _base64_forms(pair.encode())
+    for one in sets:
+        if len(one.get("password", "")) >= MIN_SECRET_LENGTH:
+            forms |= _base64_forms(f"{one.get('username', '')}:{one['password']}".encode())
     return sorted((f for f in forms if len(f) >= MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
@@ -449,7 +455,7 @@ def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(parts)
 
 
-def redact(text: str, credentials: Mapping[str, str]) -> str:
+def redact(text: str, credentials: Known) -> str:
     r"""``text`` with every credential replaced by ``[redacted]``, in whatever form a provider may echo it.
 
     Covered: the value as is; URL-encoded by any encoder (``%XX`` in either case, UTF-8, ``+``
@@ -466,7 +472,7 @@ def redact(text: str, credentials: Mapping[str, str]) -> str:
     return _replaced(text, _spans(text, forms))
 
 
-def redact_excerpt(text: str, credentials: Mapping[str, str], limit: int) -> str:
+def redact_excerpt(text: str, credentials: Known, limit: int) -> str:
     """The first ``limit`` characters of ``text`` redacted: cut after redacting, so that no credential is halved.
 
     Only as much of ``text`` as it takes is decoded (a body may be large): a window whose last
@@ -508,7 +514,7 @@ class Provider:
         self._integration = integration
         self._config = config
         self.secrets = credentials if isinstance(credentials, Secrets) else Secrets(credentials)
-        self.credentials = ReadOnlyCredentials(self.secrets)
+        self.credentials = ReadOnlyCredentials(self.secrets.current)
         """The credentials as ``ctx.credentials`` shows them."""
         self._connection = connection
         self.calls: list[str] = calls if calls is not None else []

@@ -275,14 +275,18 @@ class FunctionFailed(_Attempt):
     logs: tuple[str, ...] = ()
     retry_in_ms: int | None = None
     dryrun: bool = False
+    traceback: str = ""
+    """The function's own frames where it raised (redacted, bounded); empty for a timeout."""
 
     type = Fact.FUNCTION_FAILED.value
 
     def to_data(self) -> JSONObject:
-        """The record's ``data`` (``retry_in_ms`` only when another attempt is scheduled)."""
-        retry = {} if self.retry_in_ms is None else {"retry_in_ms": self.retry_in_ms}
+        """The record's ``data`` (``retry_in_ms`` only when another attempt is scheduled, ``traceback`` when known)."""
+        extra: JSONObject = {} if self.retry_in_ms is None else {"retry_in_ms": self.retry_in_ms}
+        if self.traceback:
+            extra["traceback"] = self.traceback
         return self._data(
-            self.logs, self.dryrun, error_type=self.error_type, error=self.error, retryable=self.retryable, **retry
+            self.logs, self.dryrun, error_type=self.error_type, error=self.error, retryable=self.retryable, **extra
         )
 
     @classmethod
@@ -297,6 +301,7 @@ class FunctionFailed(_Attempt):
             _lines(data),
             int(retry_in) if retry_in is not None else None,
             bool(data.get("dryrun")),
+            _str(data, "traceback"),
         )
 
 

@@ -11,25 +11,36 @@ thread that outlives its timeout is abandoned, not waited for.
 What Python cannot do: pre-empt code that never yields. An ``async def``
 that calls ``time.sleep(30)`` holds the whole event loop for 30 s; its
 attempt is then recorded as timed out, and the loop watchdog names it in the
-log, but the daemon was frozen meanwhile.
+log, but the daemon was frozen meanwhile. Nor can it stop a hung thread, or
+survive a function that calls ``os._exit`` or crashes the interpreter. For
+that, ``serve --isolation process`` runs each attempt in a supervised worker
+process (:mod:`orchestrator.isolation`), which is killed at the attempt's
+timeout: :func:`run_attempt` then takes the pool's ``invoke`` in place of
+:func:`invoke` (the function called here, in the daemon), and the result is
+built the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import inspect
+import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from orchestrator.context import AttemptLog, Context, SyncContext
+from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
 from orchestrator.errors import InvalidArgument, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
@@ -39,6 +50,42 @@ TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
 MAX_ERROR = 8192
 """Characters of a function's error message kept in its record (a longer one is cut)."""
+MAX_TRACEBACK = 8192
+"""Characters of a failure's traceback kept in its record (frames from the middle go first)."""
+_MAX_RAW = 4 * MAX_ERROR
+"""Characters of a message carried to the record's scrub (redacted, then cut to :data:`MAX_ERROR`)."""
+_MAX_EXCEPTION_LINE = 1000
+_PLUMBING = (
+    *(str(Path(m.__file__).parent) + os.sep for m in (sys.modules["orchestrator"], anyio, asyncio) if m.__file__),
+    str(Path(concurrent.futures.__file__).parent) + os.sep,
+    threading.__file__,
+    contextlib.__file__,
+)
+"""Where the frames that call a function come from: the orchestrator's, anyio's, asyncio's, the thread pools'."""
+
+
+def own_traceback(exc: BaseException, handler: Callable[..., Any] | None) -> str:
+    """The traceback of ``exc`` from the function's own first frame on (the frames that called it are ours,
+    not the author's), at most :data:`MAX_TRACEBACK` characters: the outermost frame and as many of the
+    innermost as fit, the exception's line last. Empty when ``exc`` carries no frames of the function."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    home = getattr(getattr(handler, "__code__", None), "co_filename", None)
+    start = next((i for i, frame in enumerate(frames) if frame.filename == home), None)
+    if start is None:  # a wrapped handler: skip the frames of the machinery that called it
+        start = next((i for i, frame in enumerate(frames) if not frame.filename.startswith(_PLUMBING)), len(frames))
+    lines = traceback.format_list(frames[start:])
+    if not lines:
+        return ""
+    last = "".join(traceback.format_exception_only(exc))
+    last = last if len(last) <= _MAX_EXCEPTION_LINE else last[:_MAX_EXCEPTION_LINE] + "…\n"
+    head = "Traceback (most recent call last):\n"
+    omitted = 0
+    while len(lines) > 2 and len(head) + sum(map(len, lines)) + len(last) + 40 > MAX_TRACEBACK:
+        del lines[1]
+        omitted += 1
+    if omitted:
+        lines.insert(1, f"  ... {omitted} frame(s) omitted ...\n")
+    return head + "".join(lines) + last
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +102,8 @@ class AttemptResult:
     rejected: bool = False
     """The function raised :class:`Rejected` (a clean verdict for validate-connection)."""
     logs: list[str] = field(default_factory=list)
+    traceback: str = ""
+    """Where the function raised: its own frames (see :func:`own_traceback`)."""
 
     def outcome(self, *, retry_in_ms: int | None = None, dryrun: bool = False) -> FunctionSucceeded | FunctionFailed:
         """The body of this attempt's ``function-succeeded`` or ``function-failed`` record."""
@@ -75,6 +124,7 @@ class AttemptResult:
             tuple(self.logs),
             retry_in_ms,
             dryrun,
+            self.traceback,
         )
 
 
@@ -154,29 +204,70 @@ def _being_cancelled() -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class _Ended:
-    """How the function itself ended: what it returned, or what it raised."""
+class Raised:
+    """What a function raised, as its record names it: the type, the message, and whether it is retried."""
 
-    returned: Any = None
-    raised: BaseException | None = None
+    type: str
+    message: str
+    retryable: bool = True
+    rejected: bool = False
+    traceback: str = ""
+    """The function's own frames down to where it raised (see :func:`own_traceback`); none for a rejection."""
+
+    @classmethod
+    def of(cls, exc: BaseException, handler: Callable[..., Any] | None = None) -> Raised:
+        """``exc`` as its record names it; the message and traceback are bounded here, and redacted then cut
+        to their final size where the record is made (so that no credential is kept halved)."""
+        retryable, rejected = _classify(exc)
+        name = type(exc).__name__
+        trace = "" if rejected else own_traceback(exc, handler)
+        return cls(name, cut(str(exc) or name, _MAX_RAW), retryable, rejected, trace)
 
 
-async def _invoke(function: Installed, ctx: Context, threads: ThreadSlots | None) -> _Ended:
-    """Call the handler and catch whatever it raises, except a cancellation of the attempt itself."""
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How the function itself ended: what it raised, or the type of what it returned."""
+
+    returned: str | None = None
+    """The type of a value other than ``None`` that it returned (ignored, with a warning)."""
+    awaitable: bool = False
+    """What it returned was an awaitable it never awaited (a coroutine function without ``async def``)."""
+    raised: Raised | None = None
+
+    @classmethod
+    def returning(cls, value: Any) -> Ended:
+        """A function that returned ``value`` (a coroutine it returned is closed, never run)."""
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            return cls(type(value).__name__, awaitable=True)
+        return cls(None if value is None else type(value).__name__)
+
+
+Invoke = Callable[[Installed, Context], Awaitable[Ended]]
+"""Calls a function with its context and reports how it ended: :func:`invoke` here, or a worker process pool's."""
+
+
+async def invoke(function: Installed, ctx: Context, threads: ThreadSlots | None = None) -> Ended:
+    """Call the handler here and catch whatever it raises, except a cancellation of the attempt itself.
+
+    Coroutine functions run on the event loop, plain ones in ``threads`` (or anyio's default threads).
+    """
     handler = function.function.handler
     try:
         if function.function.is_async:
-            return _Ended(returned=await handler(ctx))
+            return Ended.returning(await handler(ctx))
         sync = SyncContext(ctx, anyio.lowlevel.current_token())
         if threads is None:
-            return _Ended(returned=await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
-        return _Ended(returned=await threads.run(handler, sync))
+            return Ended.returning(await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
+        return Ended.returning(await threads.run(handler, sync))
     except anyio.get_cancelled_exc_class() as exc:
         if _being_cancelled():
             raise  # the attempt's deadline, or the daemon stopping: not the function's doing
-        return _Ended(raised=exc)  # the function raised a cancellation of its own: a failure like any other
+        # the function raised a cancellation of its own: a failure like any other
+        return Ended(raised=Raised.of(exc, handler))
     except BaseException as exc:  # any exception of a plugin's, BaseException included, is its outcome
-        return _Ended(raised=exc)
+        return Ended(raised=Raised.of(exc, handler))
 
 
 async def run_attempt(
@@ -186,53 +277,58 @@ async def run_attempt(
     attempt: int,
     time_limit: float,
     threads: ThreadSlots | None = None,
+    invoke_with: Invoke | None = None,
+    scrub: Scrub = cut,
 ) -> AttemptResult:
     """Run ``function`` once within ``time_limit`` seconds; never raises (except the attempt's own cancellation).
 
     Whatever the function does ends in a result: an exception of any kind
     (``BaseException`` and a cancellation it raised itself included) is a
     failure; running past ``time_limit`` is a timeout, also when it blocked
-    the event loop so long that the deadline could not interrupt it.
+    the event loop so long that the deadline could not interrupt it. The
+    function is called by ``invoke_with`` (a worker process pool's), by
+    default by :func:`invoke` in this process with ``threads``. Its error
+    message, traceback and log lines are kept through ``scrub``.
     """
-    log = AttemptLog()
+    log = AttemptLog(scrub)
     started = time.monotonic()
 
-    def result(ok: bool, exc: BaseException | None = None, message: str = "") -> AttemptResult:
+    def result(raised: Raised | None = None) -> AttemptResult:
         duration_ms = int((time.monotonic() - started) * 1000)
-        if exc is None and ok:
+        if raised is None:
             return AttemptResult(function, attempt, True, duration_ms, logs=log.export())
-        retryable, rejected = _classify(exc) if exc is not None else (True, False)
-        error = message or (str(exc) if exc is not None else "") or type(exc).__name__
         return AttemptResult(
             function,
             attempt,
             False,
             duration_ms,
-            error_type=type(exc).__name__ if exc is not None else TIMEOUT,
-            error=error if len(error) <= MAX_ERROR else error[:MAX_ERROR] + "…",
-            retryable=retryable,
-            rejected=rejected,
+            error_type=raised.type,
+            error=scrub(raised.message, MAX_ERROR),
+            retryable=raised.retryable,
+            rejected=raised.rejected,
             logs=log.export(),
+            traceback=scrub(raised.traceback, MAX_TRACEBACK) if raised.traceback else "",
         )
 
     try:
         ctx = make_context(log)
     except Exception as exc:  # our own context could not be built (a configuration error): the attempt fails
-        return result(False, exc)
+        return result(Raised.of(exc))
     with anyio.move_on_after(time_limit) as scope:
-        ended = await _invoke(function, ctx, threads)
+        if invoke_with is None:
+            ended = await invoke(function, ctx, threads)
+        else:
+            ended = await invoke_with(function, ctx)
     elapsed = time.monotonic() - started
     if scope.cancelled_caught:
-        return result(False, message=f"timed out after {time_limit:g}s")
+        return result(Raised(TIMEOUT, f"timed out after {time_limit:g}s"))
     if elapsed > time_limit:
         # It held the event loop (a blocking call in an async function), so the deadline could not interrupt it.
-        return result(False, message=f"timed out after {time_limit:g}s: it ran {elapsed:.1f}s without yielding")
+        return result(Raised(TIMEOUT, f"timed out after {time_limit:g}s: it ran {elapsed:.1f}s without yielding"))
     if ended.raised is not None:
-        return result(False, ended.raised)
-    if inspect.isawaitable(ended.returned):
-        if inspect.iscoroutine(ended.returned):
-            ended.returned.close()
-        return result(False, TypeError("the function returned an awaitable it never awaited: make it async def"))
+        return result(ended.raised)
+    if ended.awaitable:
+        return result(Raised.of(TypeError("the function returned an awaitable it never awaited: make it async def")))
     if ended.returned is not None:
-        log.add(f"warning: the function returned {type(ended.returned).__name__}, which is ignored")
-    return result(True)
+        log.add(f"warning: the function returned {ended.returned}, which is ignored")
+    return result()

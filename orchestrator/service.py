@@ -42,6 +42,7 @@ from orchestrator.errors import (
     VersionConflict,
 )
 from orchestrator.ids import uuid7
+from orchestrator.isolation import ProcessPool
 from orchestrator.model import (
     Connection,
     ConnectionQuery,
@@ -220,7 +221,7 @@ class Service:
                 return EmitResult(
                     event_id=current.deletion.event_id,
                     position=current.deletion.position,
-                    version=current.deletion.version,
+                    version=current.version,
                     state=current.state,
                     outcomes=current.outcomes,
                 )
@@ -248,7 +249,7 @@ class Service:
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
-            version=lifecycle.version,
+            version=connection.version,  # after every record this call appended: pass it back as expected_version
             state=connection.state,
             outcomes=outcomes,
             rejection_reason=connection.rejection_reason,
@@ -303,7 +304,7 @@ class Service:
         return EmitResult(
             event_id=earlier.event_id,
             position=earlier.position,
-            version=earlier.version,
+            version=connection.version,
             state=connection.state,
             outcomes=connection.outcomes,
             rejection_reason=connection.rejection_reason,
@@ -388,14 +389,31 @@ class Service:
         state: ConnectionState | None = None,
         page_size: int = 0,
         page_token: str = "",
+        environments: frozenset[str] | None = None,
     ) -> Page:
-        """One page of the read model, ordered by stream."""
+        """One page of the read model, ordered by stream.
+
+        ``environments`` (a caller's scope; None: all) leaves out the rows of
+        other environments when no ``environment`` is asked for: each
+        environment of the scope is read in stream order, so pages and page
+        tokens work as without it.
+        """
         self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_token(page_token)
-        rows = await self._store.list_connections(
-            ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
-        )
+        if environment or environments is None:
+            rows = await self._store.list_connections(
+                ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
+            )
+        else:
+            rows = []
+            # Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
+            for name in sorted(environments, key=lambda e: e + "/"):
+                rows += await self._store.list_connections(
+                    ConnectionQuery(name, integration, state, after_stream=after, limit=limit + 1 - len(rows))
+                )
+                if len(rows) > limit:
+                    break
         more = len(rows) > limit
         rows = rows[:limit]
         # A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
@@ -488,13 +506,15 @@ def assemble(
     rng: random.Random | None = None,
     new_id: Callable[[], str] = lambda: str(uuid7()),
     watchdog: LoopWatchdog | None = None,
+    pool: ProcessPool | None = None,
 ) -> Engine:
-    """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()``.
+    """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()`` (and ``pool.run()``).
 
     ``keyring`` seals the credentials (an ephemeral key when not given: tests); ``resolver`` is
-    asked for fresh credentials after a provider's 401.
+    asked for fresh credentials after a provider's 401. With a ``pool``, attempts run in its
+    worker processes (the credentials are opened per attempt in the daemon, as without one).
     """
-    dispatcher = Dispatcher(clock, http=http, integrations=integrations, config=config, watchdog=watchdog)
+    dispatcher = Dispatcher(clock, http=http, integrations=integrations, config=config, watchdog=watchdog, pool=pool)
     vault = Vault(store, keyring, resolver=resolver)
     worker = Worker(store, registry, dispatcher, clock, rng=rng, vault=vault)
     delivery = Delivery(store, registry, dispatcher, worker, vault=vault, rng=rng, new_id=new_id)

@@ -7,7 +7,10 @@ beats the loop's heart every ``interval`` seconds, and when a beat is
 ``threshold`` seconds late it looks at the loop thread's stack for the
 handler of a running attempt, logs a WARNING naming the function and its
 plugin, and counts ``orchestrator.loop.blocked``. (The attempt itself is
-recorded as timed out by the runner when it overran its timeout.)
+recorded as timed out by the runner when it overran its timeout.) With
+``serve --isolation process`` functions run in worker processes instead,
+where such a function holds only its own worker, which is killed at its
+timeout (:mod:`orchestrator.isolation`); the watchdog then has nothing to name.
 """
 
 from __future__ import annotations

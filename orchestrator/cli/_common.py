@@ -6,16 +6,19 @@ imported when a table is printed).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
-from orchestrator import codec, config
+from orchestrator import codec, config, records
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import Connection, ConnectionRef, Outcome, check_connection_id, check_name
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from orchestrator.config import Integration
+    from orchestrator.rpc.client import Client
 
 TOML_TABLES = {"integrations"}  # tables read by later features, not command options
 _INTEGRATIONS = "orchestrator.integrations"
@@ -82,13 +86,144 @@ def checked_name(option: str) -> Callable[[click.Context, click.Parameter, str |
     return check
 
 
-address = click.option(
-    "--address",
-    envvar="ORCHESTRATOR_ADDRESS",
-    show_envvar=True,
-    default=config.DEFAULT_ADDRESS,
-    help="The daemon's gRPC address.",
-)
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """Where the client commands find the daemon, and how they prove who they are."""
+
+    address: str = config.DEFAULT_ADDRESS
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    token: str = ""
+
+    @property
+    def tls(self) -> bool:
+        """TLS is spoken when a CA or a client certificate is given."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+    def client(self) -> Client:
+        """A gRPC client of the daemon (imports gRPC)."""
+        quiet_grpc()
+        from orchestrator.rpc.client import Client, ClientTls
+
+        tls = ClientTls(self.tls_ca, self.tls_cert, self.tls_key) if self.tls else None
+        return Client(self.address, tls=tls, token=self.token)
+
+
+def quiet_grpc() -> None:
+    """Keep gRPC's C core to its errors on stderr (call before gRPC is imported).
+
+    Its default also prints an INFO line for every failed TLS handshake: noise
+    under a command's one error line, and in the daemon a line any client could
+    repeat at will. ``GRPC_VERBOSITY`` set in the environment still wins.
+    """
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _file_bytes(option: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint=option) from None
+
+
+def _token_from_file(path: Path) -> str:
+    data = _file_bytes("--token-file", path) or b""
+    try:
+        token = data.decode().strip()
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint="--token-file") from None
+    if not token or any(c.isspace() for c in token):
+        raise click.BadParameter(f"{path} must hold the token and nothing else", param_hint="--token-file")
+    return token
+
+
+def _no_token_flag(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE:
+        raise click.BadParameter(
+            "a token on the command line is visible to every user of the machine (ps): set ORCHESTRATOR_TOKEN"
+            " or use --token-file"
+        )
+    return value
+
+
+_FILE = click.Path(dir_okay=False, path_type=Path)
+_CLIENT_OPTIONS = [
+    click.option(
+        "--address",
+        envvar="ORCHESTRATOR_ADDRESS",
+        show_envvar=True,
+        default=config.DEFAULT_ADDRESS,
+        help="The daemon's gRPC address.",
+    ),
+    click.option(
+        "--tls-ca",
+        envvar="ORCHESTRATOR_TLS_CA",
+        show_envvar=True,
+        type=_FILE,
+        help="Speak TLS, trusting the CA in this PEM file (the one that signed the daemon's certificate).",
+    ),
+    click.option(
+        "--tls-cert",
+        envvar="ORCHESTRATOR_TLS_CERT",
+        show_envvar=True,
+        type=_FILE,
+        help="Mutual TLS: this client's certificate (PEM), with --tls-key.",
+    ),
+    click.option(
+        "--tls-key",
+        envvar="ORCHESTRATOR_TLS_KEY",
+        show_envvar=True,
+        type=_FILE,
+        help="Mutual TLS: the key of --tls-cert (PEM, unencrypted).",
+    ),
+    click.option(
+        "--token-file",
+        envvar="ORCHESTRATOR_TOKEN_FILE",
+        show_envvar=True,
+        type=_FILE,
+        help="A file holding the bearer token to send (ORCHESTRATOR_TOKEN holds the token itself).",
+    ),
+    # The token itself: from ORCHESTRATOR_TOKEN or the config file's `token`, never from the command line.
+    click.option("--token", envvar="ORCHESTRATOR_TOKEN", hidden=True, callback=_no_token_flag),
+]
+
+
+def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that say where the daemon is and how to reach it, handed to ``command`` as ``daemon=Daemon(...)``."""
+
+    @functools.wraps(command)
+    def run(
+        *args: Any,
+        address: str,
+        tls_ca: Path | None,
+        tls_cert: Path | None,
+        tls_key: Path | None,
+        token_file: Path | None,
+        token: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        if (tls_cert is None) != (tls_key is None):
+            raise click.UsageError("--tls-cert and --tls-key go together (a client certificate and its key)")
+        daemon = Daemon(
+            address=address,
+            tls_ca=_file_bytes("--tls-ca", tls_ca),
+            tls_cert=_file_bytes("--tls-cert", tls_cert),
+            tls_key=_file_bytes("--tls-key", tls_key),
+            # The file wins over ORCHESTRATOR_TOKEN: it is the more deliberate of the two.
+            token=_token_from_file(token_file) if token_file is not None else (token or "").strip(),
+        )
+        return command(*args, daemon=daemon, **kwargs)
+
+    for option in reversed(_CLIENT_OPTIONS):
+        run = option(run)
+    return run
+
+
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 environment = click.option(
     "-e",
@@ -211,3 +346,33 @@ def outcome_row(o: Outcome) -> tuple[str, str]:
     """A function's outcome as a FIELD/VALUE row."""
     attempts = f"{o.attempts} attempt{'' if o.attempts == 1 else 's'}"
     return f"function {o.name}", f"{o.status.value} ({attempts}) {o.error}".rstrip()
+
+
+def detail(record: records.Record) -> str:
+    """What a person wants to see of a record on its line: a failure's error, a rejection's reason, ..."""
+    if record.idempotency_key:
+        return f"key={record.idempotency_key}"
+    body = records.parse(record.type, record.data)
+    if isinstance(body, records.MetadataUpdated):
+        merge = "merge " if body.merge else ""
+        return f"{body.function}: {merge}{_line(codec.dumps(body.metadata))}"
+    if isinstance(body, records.FunctionFailed):
+        retry = f" (retry in {body.retry_in_ms / 1000:g}s)" if body.retry_in_ms is not None else ""
+        return f"{body.function} attempt {body.attempt}: {body.error_type}: {_line(body.error)}{retry}"
+    if isinstance(body, records.FunctionGaveUp | records.FunctionCancelled):
+        said = f"{body.reason}: {body.error}" if isinstance(body, records.FunctionGaveUp) else body.reason
+        return f"{body.function} after attempt {body.attempt}: {_line(said)}"
+    if isinstance(body, records.FunctionSucceeded):
+        return f"{body.function} attempt {body.attempt} ({body.duration_ms} ms)"
+    if isinstance(body, records.CredentialsUpdated):
+        return f"{body.source}: {', '.join(body.names)} fingerprint {body.fingerprint} (key id {body.key_id})"
+    if isinstance(body, records.CredentialsDestroyed):
+        return f"fingerprint {body.fingerprint}: {_line(body.reason)}"
+    reason = getattr(body, "reason", "")
+    return f"reason={_line(reason)}" if reason else ""
+
+
+def _line(text: str, limit: int = 200) -> str:
+    """``text`` on one line of at most ``limit`` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from orchestrator import codec, config
+from orchestrator import codec
 from orchestrator.cli._common import (
-    address,
+    Daemon,
     checked_name,
+    client_options,
     connection_json,
     connection_ref,
     connections_table,
@@ -46,19 +47,11 @@ def connections() -> None:
 )
 @click.option("-i", "--integration", default="", callback=checked_name("--integration"), help="Only this integration.")
 @click.option("--state", type=click.Choice([s.value for s in ConnectionState]), help="Only this state.")
-@address
+@client_options
 @json_flag
-def list_connections(
-    environment: str = "",
-    integration: str = "",
-    state: str | None = None,
-    address: str = config.DEFAULT_ADDRESS,
-    as_json: bool = False,
-) -> None:
+def list_connections(environment: str, integration: str, state: str | None, daemon: Daemon, as_json: bool) -> None:
     """List connections with their state (every page)."""
-    from orchestrator.rpc.client import Client
-
-    with Client(address) as client:
+    with daemon.client() as client:
         rows = list(
             client.list_connections(
                 environment=environment,
@@ -76,13 +69,11 @@ def list_connections(
 @click.argument("connection_id")
 @click.option("-i", "--integration", required=True, callback=checked_name("--integration"), help="The integration.")
 @environment
-@address
+@client_options
 @json_flag
-def get_connection(connection_id: str, integration: str, environment: str, address: str, as_json: bool) -> None:
+def get_connection(connection_id: str, integration: str, environment: str, daemon: Daemon, as_json: bool) -> None:
     """Show one connection: state, version, metadata, config, outcomes."""
-    from orchestrator.rpc.client import Client
-
-    with Client(address) as client:
+    with daemon.client() as client:
         connection = client.get_connection(connection_ref(connection_id, integration, environment))
     data = connection_json(connection)
     if as_json:

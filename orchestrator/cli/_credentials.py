@@ -13,8 +13,9 @@ from pathlib import Path
 import click
 
 from orchestrator.cli._common import (
-    address,
+    Daemon,
     checked_name,
+    client_options,
     connection_ref,
     credentials,
     database,
@@ -49,7 +50,7 @@ def credentials_group() -> None:
 @environment
 @click.option("--credential", "credential_pairs", multiple=True, metavar="NAME=VALUE", help="A secret; repeatable.")
 @click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Secrets as a JSON object.")
-@address
+@client_options
 @json_flag
 def set_credentials(
     connection_id: str,
@@ -57,17 +58,15 @@ def set_credentials(
     environment: str,
     credential_pairs: tuple[str, ...],
     credentials_file: str | None,
-    address: str,
+    daemon: Daemon,
     as_json: bool,
 ) -> None:
     """Replace CONNECTION_ID's credentials (UpdateCredentials); prints their fingerprint, never them."""
-    from orchestrator.rpc.client import Client
-
     ref = connection_ref(connection_id, integration, environment)
     secrets = credentials(credential_pairs, credentials_file)
     if not secrets:
         raise click.UsageError("give the credentials: --credential NAME=VALUE (repeatable) or --credentials-file")
-    with Client(address) as client:
+    with daemon.client() as client:
         updated = client.update_credentials(ref, secrets)
     if as_json:
         print_json(

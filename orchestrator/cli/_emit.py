@@ -8,8 +8,9 @@ import click
 
 from orchestrator import codec
 from orchestrator.cli._common import (
-    address,
+    Daemon,
     checked_name,
+    client_options,
     connection_ref,
     credentials,
     environment,
@@ -20,7 +21,8 @@ from orchestrator.cli._common import (
     print_table,
     table,
 )
-from orchestrator.model import EmitRequest, EmitResult, LifecycleEvent
+from orchestrator.cli._exit import fail
+from orchestrator.model import ConnectionState, EmitRequest, EmitResult, FunctionStatus, LifecycleEvent
 
 
 @click.command()
@@ -40,7 +42,7 @@ from orchestrator.model import EmitRequest, EmitResult, LifecycleEvent
 @click.option("--idempotency-key", default="", help="Makes retrying this command safe.")
 @click.option("--expected-version", type=click.IntRange(min=0), help="Refuse unless the connection is at it.")
 @click.option("--wait", is_flag=True, help="Also wait for asynchronous functions.")
-@address
+@client_options
 @json_flag
 def emit(
     event: str,
@@ -54,12 +56,14 @@ def emit(
     idempotency_key: str,
     expected_version: int | None,
     wait: bool,
-    address: str,
+    daemon: Daemon,
     as_json: bool,
 ) -> None:
-    """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...)."""
-    from orchestrator.rpc.client import Client
+    """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...).
 
+    Exits 1 (after printing the answer) when the connection was rejected, or, with --wait, when a
+    function did not succeed.
+    """
     request = EmitRequest(
         ref=connection_ref(connection_id, integration, environment),
         event=LifecycleEvent(event),
@@ -70,12 +74,27 @@ def emit(
         expected_version=expected_version,
         wait=wait,
     )
-    with Client(address) as client:
+    with daemon.client() as client:
         result = client.emit(request)
     if as_json:
         print_json(_result_json(result))
-        return
-    _print_result(request, result)
+    else:
+        _print_result(request, result)
+    failure = _failure(request, result)
+    if failure:
+        fail(failure)
+
+
+def _failure(request: EmitRequest, result: EmitResult) -> str:
+    """Why the command fails although the daemon answered (empty when it does not)."""
+    if result.state is ConnectionState.REJECTED:
+        return f"{request.ref} was rejected: {result.rejection_reason}"
+    if request.wait:
+        failed = [o for o in result.outcomes if o.status is not FunctionStatus.SUCCEEDED]
+        if failed:
+            said = "; ".join(f"{o.name} {o.status.value}" + (f" ({o.error})" if o.error else "") for o in failed)
+            return f"{len(failed)} of {len(result.outcomes)} function(s) did not succeed: {said}"
+    return ""
 
 
 def _result_json(result: EmitResult) -> dict[str, Any]:

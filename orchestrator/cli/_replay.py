@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from orchestrator import codec, config, records
+from orchestrator import codec, config
 from orchestrator.cli._common import (
     checked_name,
     connection_json,
     connections_table,
     database,
+    detail,
     json_flag,
     print_json,
     print_table,
@@ -23,7 +24,6 @@ from orchestrator.cli._common import (
 from orchestrator.cli._exit import FAILURE, fail
 
 if TYPE_CHECKING:
-    from orchestrator.records import Record
     from orchestrator.replay import Replayed, Until
     from orchestrator.store import EventStore
 
@@ -162,7 +162,7 @@ async def _timeline(
                 when(record.recorded_at),
                 record.type,
                 connection.state.value,
-                _detail(record),
+                detail(record),
             )
         if as_json:
             out.append({"connection": connection_json(last)} if last else {})
@@ -173,24 +173,6 @@ async def _timeline(
     for ref in refs:
         c = result.connections[ref.stream]
         click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
-
-
-def _detail(record: Record) -> str:
-    if record.idempotency_key:
-        return f"key={record.idempotency_key}"
-    body = records.parse(record.type, record.data)
-    if isinstance(body, records.MetadataUpdated):
-        merge = "merge " if body.merge else ""
-        return f"{body.function}: {merge}{codec.dumps(body.metadata)}"
-    if isinstance(body, records.CredentialsUpdated):
-        return f"{body.source}: {', '.join(body.names)} fingerprint {body.fingerprint} (key id {body.key_id})"
-    if isinstance(body, records.CredentialsDestroyed):
-        return f"fingerprint {body.fingerprint}: {body.reason}"
-    for key in ("reason", "function", "error"):
-        value = getattr(body, key, "")
-        if value:
-            return f"{key}={value}"
-    return ""
 
 
 class _Progress:

@@ -11,13 +11,13 @@ import click
 
 from orchestrator import config
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml, configured_integrations, database
+from orchestrator.cli._common import apply_toml, configured_integrations, database, quiet_grpc
 from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
 
-_DISPATCH_OPTIONS: list[tuple[str, Any, float | int, str]] = [
+_DISPATCH_OPTIONS: list[tuple[str, Any, float | int | str, str]] = [
     ("--concurrency", click.IntRange(min=1), 64, "Function attempts running at once, at most."),
     ("--validate-deadline", click.FloatRange(min=0.001), 30.0, "Seconds validate-connection functions get."),
     ("--deletion-deadline", click.FloatRange(min=0.001), 30.0, "Seconds cleanup functions get inside the RPC."),
@@ -26,6 +26,18 @@ _DISPATCH_OPTIONS: list[tuple[str, Any, float | int, str]] = [
     ("--retry-initial-interval", click.FloatRange(min=0), 1.0, "Seconds before the first retry (jittered)."),
     ("--retry-backoff", click.FloatRange(min=1), 2.0, "Factor by which each retry's delay grows."),
     ("--retry-max-interval", click.FloatRange(min=0), 60.0, "Longest delay between retries, in seconds."),
+    (
+        "--isolation",
+        click.Choice(config.ISOLATION),
+        "thread",
+        "Where functions run: thread (in the daemon) or process (a supervised pool of worker processes).",
+    ),
+    (
+        "--processes",
+        click.IntRange(min=1),
+        config.DEFAULT_PROCESSES,
+        "Worker processes with --isolation process (at most --concurrency).",
+    ),
 ]
 
 
@@ -45,6 +57,8 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
         validate_deadline=values["validate_deadline"],
         deletion_deadline=values["deletion_deadline"],
         attempt_timeout=values["attempt_timeout"],
+        isolation=values["isolation"],
+        processes=values["processes"],
         retry=RetryPolicy(
             max_attempts=values["retry_max_attempts"],
             initial_interval=values["retry_initial_interval"],
@@ -94,6 +108,35 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     show_envvar=True,
     is_flag=True,
     help="Allow a non-loopback listen address without TLS or a token.",
+)
+@click.option(
+    "--tls-cert",
+    envvar="ORCHESTRATOR_TLS_CERT",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Serve TLS with this certificate (PEM, the chain after it); with --tls-key. SIGHUP rereads it.",
+)
+@click.option(
+    "--tls-key",
+    envvar="ORCHESTRATOR_TLS_KEY",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The private key of --tls-cert (PEM, unencrypted). SIGHUP rereads it.",
+)
+@click.option(
+    "--tls-client-ca",
+    envvar="ORCHESTRATOR_TLS_CLIENT_CA",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Mutual TLS: require a client certificate signed by the CA in this PEM file. SIGHUP rereads it.",
+)
+@click.option(
+    "--auth-token-file",
+    envvar="ORCHESTRATOR_AUTH_TOKEN_FILE",
+    show_envvar=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Require a bearer token of this file: one per line, optionally followed by a space and the"
+    " comma-separated environments it may touch; '#' comments. SIGHUP rereads it.",
 )
 @click.option(
     "--log-level",
@@ -150,6 +193,10 @@ def serve(
     database: str | None,
     grace_period: float,
     insecure: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
+    auth_token_file: Path | None,
     log_level: str,
     skip_broken_plugins: bool,
     init: bool,
@@ -168,6 +215,7 @@ def serve(
     Credentials are sealed under ORCHESTRATOR_SECRET_KEY (base64 of 32 bytes; a
     comma-separated list rotates: the first seals, all open), else the key file.
     """
+    quiet_grpc()
     import anyio
 
     from orchestrator import daemon, logs
@@ -193,21 +241,31 @@ def serve(
         integrations=integrations,
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),
         on_sighup=file_handler.reopen if file_handler is not None else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        auth_token_file=auth_token_file,
         secret_key=os.environ.get(SECRET_KEY_ENV, ""),  # the edge: read once, here, never a flag (ps shows flags)
         secret_key_file=secret_key_file,
     )
     if check:
+        access = daemon.load_access(settings)  # refuses unreadable or bad TLS files and token files
         registry = daemon.load_plugins(skip_broken=skip_broken_plugins)
         url = settings.database or config.default_database()
         sqlite_path(url)  # refuses a malformed URL
         click.echo(f"configuration is valid: listen {settings.listen}, log {url}")
         click.echo(f"{len(registry.functions)} event function(s), {len(registry.broken)} broken plugin(s) skipped")
+        if settings.dispatch.pool_size:
+            click.echo(f"isolation: process, {settings.dispatch.pool_size} worker process(es)")
         for name, integration in sorted(integrations.items()):
             click.echo(f"integration {name}: base_url {integration.base_url or '(none)'}, auth {integration.auth}")
         click.echo(
             f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
             + (f", Prometheus on {metrics_listen}" if metrics_listen else "")
         )
+        click.echo(f"tls: {access.tls.material.summary() if access.tls is not None else 'off'}")
+        tokens = access.tokens
+        click.echo(f"bearer tokens: {len(tokens.tokens)} from {tokens.path}" if tokens else "bearer tokens: none asked")
         click.echo(_key_summary(settings, url))
         return
     backend_options: dict[str, Any] = {}

@@ -1,4 +1,9 @@
-"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events`` and ``credentials``."""
+"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events`` and ``credentials``.
+
+It speaks TLS when given :class:`ClientTls` (a CA to trust, and for mutual TLS
+a certificate and key), and sends ``authorization: Bearer <token>`` on every
+call when given a token.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +29,42 @@ class ClientError(Exception):
         self.details = details
 
 
-def _fail(exc: grpc.RpcError, address: str) -> ClientError:
+@dataclass(frozen=True, slots=True)
+class ClientTls:
+    """TLS for the client: the CA that signed the daemon's certificate (None: the system's), and a client pair."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """As grpc takes them."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+_HANDSHAKE = ("handshake", "ssl", "tls", "certificate")
+
+
+def _fail(exc: grpc.RpcError, address: str, tls: bool) -> ClientError:
     code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
-        details = f"cannot reach the daemon at {address} (is `orchestrator serve` running?)"
+    if code is grpc.StatusCode.UNAVAILABLE and any(word in details.lower() for word in _HANDSHAKE):
+        details = (
+            f"the TLS handshake with {address} failed: check --tls-ca (the CA that signed the daemon's"
+            " certificate, which must name this address), and --tls-cert/--tls-key if the daemon asks for a"
+            f" client certificate ({details})"
+        )
+    elif code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        hint = (
+            "; if it asks for a client certificate, pass --tls-cert and --tls-key"
+            if tls
+            else "; if it serves TLS, pass --tls-ca"
+        )
+        details = f"cannot reach the daemon at {address} (is `orchestrator serve` running there{hint}?)"
+    elif code is grpc.StatusCode.UNAUTHENTICATED:
+        details += " (give the daemon's token with --token-file or ORCHESTRATOR_TOKEN)"
     return ClientError(code.name, details)
 
 
@@ -43,13 +79,20 @@ class CredentialsUpdate:
 
 
 class Client:
-    """``orchestrator.v1.Orchestrator`` over one channel."""
+    """``orchestrator.v1.Orchestrator`` over one channel (TLS with ``tls``; ``token`` on every call)."""
 
-    def __init__(self, address: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 60.0, tls: ClientTls | None = None, token: str = "") -> None:
         self._address = address
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(address)
+        self._tls = tls is not None
+        self._channel = (
+            grpc.secure_channel(address, tls.credentials()) if tls is not None else grpc.insecure_channel(address)
+        )
         self._stub = pb_grpc.OrchestratorStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def _error(self, exc: grpc.RpcError) -> ClientError:
+        return _fail(exc, self._address, self._tls)
 
     def __enter__(self) -> Client:
         return self
@@ -63,30 +106,35 @@ class Client:
         """Emit one lifecycle event."""
         try:
             response = self._stub.EmitLifecycleEvent(
-                wire.emit_request_to_proto(request), timeout=self._timeout, wait_for_ready=False
+                wire.emit_request_to_proto(request),
+                timeout=self._timeout,
+                wait_for_ready=False,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise _fail(exc, self._address) from None
+            raise self._error(exc) from None
         return wire.emit_response_from_proto(response)
 
     def update_credentials(self, ref: ConnectionRef, credentials: Mapping[str, str]) -> CredentialsUpdate:
         """Replace a connection's credentials."""
         try:
             response = self._stub.UpdateCredentials(
-                wire.update_credentials_to_proto(ref, credentials), timeout=self._timeout
+                wire.update_credentials_to_proto(ref, credentials), timeout=self._timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _fail(exc, self._address) from None
+            raise self._error(exc) from None
         return CredentialsUpdate(response.fingerprint, response.key_id, response.version, response.changed)
 
     def get_connection(self, ref: ConnectionRef) -> Connection:
         """One connection."""
         try:
             response = self._stub.GetConnection(
-                pb.GetConnectionRequest(connection=wire.ref_to_proto(ref)), timeout=self._timeout
+                pb.GetConnectionRequest(connection=wire.ref_to_proto(ref)),
+                timeout=self._timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise _fail(exc, self._address) from None
+            raise self._error(exc) from None
         return wire.connection_from_proto(response.connection)
 
     def list_connections(
@@ -108,9 +156,9 @@ class Client:
                 page_token=token,
             )
             try:
-                response = self._stub.ListConnections(request, timeout=self._timeout)
+                response = self._stub.ListConnections(request, timeout=self._timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                raise _fail(exc, self._address) from None
+                raise self._error(exc) from None
             for message in response.connections:
                 yield wire.connection_from_proto(message)
             token = response.next_page_token
@@ -125,7 +173,9 @@ class Client:
         if ref is not None:
             request.connection.CopyFrom(wire.ref_to_proto(ref))
         try:
-            for message in self._stub.ReadEvents(request, timeout=None if follow else self._timeout):
+            for message in self._stub.ReadEvents(
+                request, timeout=None if follow else self._timeout, metadata=self._metadata
+            ):
                 yield wire.record_from_proto(message)
         except grpc.RpcError as exc:
-            raise _fail(exc, self._address) from None
+            raise self._error(exc) from None

@@ -6,7 +6,10 @@ log, never a traceback on the wire. A request that does not decode is
 INVALID_ARGUMENT (:mod:`orchestrator.rpc.guard`); a caller that goes away is
 a DEBUG line, not an error. :class:`GrpcServer` is the server's life as the
 daemon sees it: bind, serve (health SERVING), drain (health NOT_SERVING, new
-calls refused by the service), stop.
+calls refused by the service), stop. Who may call, and which environments
+each caller may touch, is :mod:`orchestrator.rpc.auth`'s (the token) and
+:func:`caller`'s (checked here, per call); the transport is
+:mod:`orchestrator.rpc.tls`'s.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ from opentelemetry import trace
 from orchestrator import errors, tracing
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.access import ANYONE, Tokens
 from orchestrator.ids import uuid7
 from orchestrator.limits import MAX_MESSAGE_BYTES
 from orchestrator.logs import Throttle
 from orchestrator.model import check_name
 from orchestrator.records import Record
 from orchestrator.rpc import wire
+from orchestrator.rpc.auth import AccessGuard, caller
 from orchestrator.rpc.guard import WireGuard
+from orchestrator.rpc.tls import ServerTls
 from orchestrator.service import Service
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 STATUS_CODES: dict[type[errors.OrchestratorError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.VersionConflict: grpc.StatusCode.ABORTED,
@@ -115,6 +123,9 @@ def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        who = caller()
+        if who is not ANYONE:
+            span.set_attribute("enduser.id", who.name)  # the token's fingerprint, never the token
         try:
             yield span
         except asyncio.CancelledError:
@@ -151,8 +162,19 @@ def _unary(
     return wrapper
 
 
+def _environment(record: Record) -> str:
+    return record.stream.partition("/")[0]
+
+
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
-    """``orchestrator.v1.Orchestrator`` over a :class:`Service`."""
+    """``orchestrator.v1.Orchestrator`` over a :class:`Service`.
+
+    Every method checks the environments it touches against the caller's
+    scope: ``caller().require(environment)`` (PERMISSION_DENIED, before
+    anything is read or written) for a named connection or environment, and
+    ``caller().allows(environment)`` to leave out what it lists of other
+    environments. A new method gets the same with one such line.
+    """
 
     def __init__(self, service: Service, throttle: Throttle | None = None) -> None:
         self._service = service
@@ -165,6 +187,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     ) -> pb.EmitLifecycleEventResponse:
         """See the proto."""
         emit = wire.emit_request_from_proto(request, traceparent=_traceparent(context))
+        caller().require(emit.ref.environment)
         return wire.emit_response_to_proto(await self._service.emit(emit))
 
     @_unary
@@ -172,7 +195,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         """See the proto."""
         if not request.HasField("connection"):
             raise errors.InvalidArgument("connection is required")
-        connection = await self._service.get_connection(wire.ref_from_proto(request.connection))
+        ref = wire.ref_from_proto(request.connection)
+        caller().require(ref.environment)
+        connection = await self._service.get_connection(ref)
         return pb.GetConnectionResponse(connection=wire.connection_to_proto(connection))
 
     @_unary
@@ -180,6 +205,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         """See the proto."""
         if request.environment:
             check_name("environment", request.environment)
+            caller().require(request.environment)
         if request.integration:
             check_name("integration", request.integration)
         page = await self._service.list_connections(
@@ -188,6 +214,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             state=wire.state_from_proto(request.state),
             page_size=request.page_size,
             page_token=request.page_token,
+            environments=caller().environments,
         )
         return pb.ListConnectionsResponse(
             connections=[wire.connection_to_proto(c) for c in page.connections],
@@ -215,6 +242,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         with _server_span("ReadEvents", context, self.throttle) as span:
             try:
                 ref = wire.ref_from_proto(request.connection) if request.HasField("connection") else None
+                who = caller()
+                if ref is not None:
+                    who.require(ref.environment)
                 records = cast(
                     AsyncGenerator[Record, None],
                     self._service.read_events(from_position=request.from_position, ref=ref, follow=request.follow),
@@ -228,6 +258,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                         record = await anext(records, None)
                         if record is None:
                             break
+                        if not who.allows(_environment(record)):
+                            continue
                         message = wire.record_to_proto(record)
                     except Exception as exc:
                         if isinstance(exc, grpc.aio.AbortError):
@@ -239,11 +271,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             span.set_attribute("rpc.grpc.status_code", 0)
 
 
-def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
-    """A server with the orchestrator, health and reflection services (not yet bound or started)."""
+def build_server(
+    service: Service, health_servicer: Any, tokens: Callable[[], Tokens | None] = lambda: None
+) -> grpc.aio.Server:
+    """A server with the orchestrator, health and reflection services (not yet bound or started).
+
+    ``tokens`` gives the tokens in force for each call (None: no token file, every caller is allowed).
+    """
     throttle = Throttle(log)
     server = grpc.aio.server(
-        interceptors=[WireGuard(throttle)],
+        # The token first: a caller without one learns nothing, not even whether its request decodes.
+        interceptors=[AccessGuard(tokens, throttle), WireGuard(throttle)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
@@ -262,15 +300,25 @@ def build_server(service: Service, health_servicer: Any) -> grpc.aio.Server:
 class GrpcServer:
     """The daemon's gRPC server: health follows its life (NOT_SERVING until :meth:`serving`, again on drain)."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        tokens: Callable[[], Tokens | None] = lambda: None,
+        tls: ServerTls | None = None,
+    ) -> None:
         self._health = HealthServicer()
-        self._server = build_server(service, self._health)
+        self._server = build_server(service, self._health, tokens)
+        self._tls = tls
 
     async def start(self, listen: str) -> int:
-        """Bind ``listen`` (health NOT_SERVING) and start; returns the bound port."""
+        """Bind ``listen`` (health NOT_SERVING), with TLS if configured, and start; returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            port = self._server.add_insecure_port(listen)
+            if self._tls is not None:
+                port = self._server.add_secure_port(listen, self._tls.credentials())
+            else:
+                port = self._server.add_insecure_port(listen)
         except RuntimeError as exc:
             raise errors.InvalidArgument(f"cannot listen on {listen}: {exc}") from exc
         if port == 0:

@@ -8,12 +8,14 @@ ints so that ``{"port": 443}`` round-trips as written.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from orchestrator import limits
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import (
@@ -92,6 +94,30 @@ def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(data)
     return struct
+
+
+OMITTED = "_omitted"
+"""The one key of the object that stands in a reply for a value too big or too deep to carry."""
+
+
+def reply_struct(value: JSONObject, what: str, elsewhere: str) -> struct_pb2.Struct:
+    """``value`` as a Struct for a reply, or, past :data:`limits.MAX_REPLY_VALUE_BYTES` or
+    :data:`limits.MAX_REPLY_DEPTH`, an object ``{"_omitted": {"reason": ..., "read_with": elsewhere}}``.
+
+    Only values written before today's limits existed can be that big or deep; without this, one
+    of them would fail every reply that carries it (a client refuses a message over 4 MiB, or
+    nested past 100 levels) and the records after it could not be read past.
+    """
+    levels = limits.depth(value)
+    if levels > limits.MAX_REPLY_DEPTH:
+        reason = f"{what} nests {levels} levels deep; a reply carries at most {limits.MAX_REPLY_DEPTH}"
+    else:
+        struct = dict_to_struct(value)
+        size = struct.ByteSize()
+        if size <= limits.MAX_REPLY_VALUE_BYTES:
+            return struct
+        reason = f"{what} is {size} bytes; a reply carries at most {limits.MAX_REPLY_VALUE_BYTES}"
+    return dict_to_struct({OMITTED: {"reason": reason, "read_with": elsewhere}})
 
 
 def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
@@ -235,8 +261,8 @@ def connection_to_proto(connection: Connection) -> pb.Connection:
         ref=ref_to_proto(connection.ref),
         state=STATES[connection.state],
         version=connection.version,
-        metadata=dict_to_struct(connection.metadata),
-        config=dict_to_struct(connection.config),
+        metadata=reply_struct(connection.metadata, "the metadata", _offline(connection.ref)),
+        config=reply_struct(connection.config, "the config", _offline(connection.ref)),
         created_at=timestamp(connection.created_at),
         updated_at=timestamp(connection.updated_at),
         outcomes=[outcome_to_proto(o) for o in connection.outcomes],
@@ -273,12 +299,21 @@ def record_to_proto(record: Record) -> pb.EventRecord:
         version=record.version,
         event_id=record.event_id,
         type=record.type,
-        data=dict_to_struct(record.data),
+        data=reply_struct(record.data, f"record {record.position}'s data", _offline(record.ref)),
         recorded_at=timestamp(record.recorded_at),
         causation_id=record.causation_id,
         traceparent=record.traceparent,
         idempotency_key=record.idempotency_key,
         schema_version=record.schema_version,
+    )
+
+
+def _offline(ref: ConnectionRef) -> str:
+    """The command that shows a value whole: it reads the log's file directly, past any reply limit."""
+    return (
+        f"orchestrator replay --connection {shlex.quote(ref.connection_id)} -i {shlex.quote(ref.integration)}"
+        f" -e {shlex.quote(ref.environment)} --json"
+        " (on the daemon's machine: it reads the database file)"
     )
 
 

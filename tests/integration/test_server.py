@@ -159,11 +159,12 @@ async def next_record(call: Any) -> pb.EventRecord:
 
 
 async def test_validate_creates_a_pending_connection(stub: Stub) -> None:
-    """validate-connection on a new connection answers PENDING with the lifecycle record's position 1, version 1."""
+    """validate-connection on a new connection answers PENDING with the lifecycle record's position 1, and version 2:
+    the stream's after the verdict."""
     response = await emit(stub, VALIDATE)
 
     assert response.state == PENDING
-    assert (response.position, response.version) == (1, 1)
+    assert (response.position, response.version) == (1, 2)
     assert uuid.UUID(response.event_id).version == 7
     assert not response.deduplicated
     assert response.rejection_reason == ""
@@ -200,7 +201,7 @@ async def test_pre_deletion_deletes_the_connection(stub: Stub) -> None:
     response = await emit(stub, DELETE)
 
     assert response.state == DELETED
-    assert (response.position, response.version) == (4, 4)
+    assert (response.position, response.version) == (4, 5)
     records = await read_events(stub)
     assert [(r.position, r.type) for r in records[3:]] == [(4, "pre-connection-deletion"), (5, "connection-deleted")]
     assert records[3].event_id == response.event_id
@@ -222,7 +223,7 @@ async def test_versions_are_per_connection_and_positions_global(stub: Stub) -> N
     second = await emit(stub, VALIDATE, conn("b"))
     third = await emit(stub, CREATE, conn("a"))
 
-    assert [(r.position, r.version) for r in (first, second, third)] == [(1, 1), (3, 1), (5, 3)]
+    assert [(r.position, r.version) for r in (first, second, third)] == [(1, 2), (3, 2), (5, 3)]
 
 
 async def test_deleting_a_deleted_connection_repeats_the_deletion(stub: Stub) -> None:
@@ -271,7 +272,7 @@ async def test_event_after_deletion_starts_a_new_incarnation(database: str, even
         records = await read_events(daemon.stub)
 
     assert response.state == state
-    assert response.version == 5, "the stream's versions continue across incarnations"
+    assert response.version == (6 if event == VALIDATE else 5), "the stream's versions continue across incarnations"
     assert connection.state == state
     assert as_dict(connection.metadata) == {}
     assert as_dict(connection.config) == {}
@@ -307,7 +308,7 @@ async def test_event_after_rejection_starts_a_new_incarnation(database: str, eve
         response = await emit(daemon.stub, event)
         connection = await get(daemon.stub)
 
-    assert (response.state, response.version) == (state, 3)
+    assert (response.state, response.version) == (state, 4 if event == VALIDATE else 3)
     assert response.rejection_reason == ""
     assert (connection.state, connection.rejection_reason) == (state, "")
 
@@ -511,12 +512,12 @@ async def test_expected_version_mismatch_is_aborted_with_current_version(stub: S
 
 
 async def test_expected_version_that_matches_is_accepted(stub: Stub) -> None:
-    """expected_version 0 creates a connection; the current version appends to it."""
+    """expected_version 0 creates a connection; each response's version, passed straight back, appends to it."""
     validated = await emit(stub, VALIDATE, expected_version=0)
-    created = await emit(stub, CREATE, expected_version=2)
-    deleted = await emit(stub, DELETE, expected_version=3)
+    created = await emit(stub, CREATE, expected_version=validated.version)
+    deleted = await emit(stub, DELETE, expected_version=created.version)
 
-    assert [(r.state, r.version) for r in (validated, created, deleted)] == [(PENDING, 1), (ACTIVE, 3), (DELETED, 4)]
+    assert [(r.state, r.version) for r in (validated, created, deleted)] == [(PENDING, 2), (ACTIVE, 3), (DELETED, 5)]
 
 
 @pytest.mark.parametrize(
@@ -586,7 +587,7 @@ async def test_concurrent_repeats_with_one_key_append_once(stub: Stub) -> None:
             tg.start_soon(validate)
 
     assert sorted(r.deduplicated for r in responses) == [False] + [True] * 9
-    assert {(r.event_id, r.position, r.version, r.state) for r in responses} == {(responses[0].event_id, 1, 1, PENDING)}
+    assert {(r.event_id, r.position, r.version, r.state) for r in responses} == {(responses[0].event_id, 1, 2, PENDING)}
     assert [r.type for r in await read_events(stub)] == ["validate-connection", "connection-validated"]
 
 
@@ -777,7 +778,7 @@ async def test_concurrent_emits_to_many_connections_all_succeed(stub: Stub) -> N
             tg.start_soon(validate, i)
 
     assert len(responses) == 20
-    assert all((r.state, r.version) == (PENDING, 1) for r in responses)
+    assert all((r.state, r.version) == (PENDING, 2) for r in responses)
     records = await read_events(stub)
     assert [r.position for r in records] == list(range(1, 41))
     listed = await stub.ListConnections(pb.ListConnectionsRequest())

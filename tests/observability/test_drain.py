@@ -189,11 +189,15 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
     """``serve --check``: 0 and a summary on a good config; a usage error naming an unknown key; 1 on a bad value."""
     database = tmp_path / "events.db"
     good = tmp_path / "good.toml"
-    good.write_text('listen = "127.0.0.1:0"\ngrace_period = 2\n[integrations.acme]\nbase_url = "https://x.test"\n')
+    good.write_text(
+        'listen = "127.0.0.1:0"\ngrace_period = 2\nisolation = "process"\nprocesses = 2\n'
+        '[integrations.acme]\nbase_url = "https://x.test"\n'
+    )
     checked = await arun("serve", "--config", str(good), "--database", sqlite_url(database), "--check")
     assert checked.code == 0, str(checked)
     assert "configuration is valid: listen 127.0.0.1:0" in checked.out
     assert "integration acme: base_url https://x.test, auth none" in checked.out
+    assert "isolation: process, 2 worker process(es)" in checked.out
     assert "serving" not in checked.err
     assert not database.exists(), "--check opened the log"
 

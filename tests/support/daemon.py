@@ -58,12 +58,16 @@ async def run_daemon(
     clock: Clock | None = None,
     resolver: Resolver | None = None,
     secret_key: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Daemon]:
     """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it.
 
     ``registry`` replaces plugin discovery (the event functions to run) and ``resolver`` the
     credentials resolver's; ``integrations``, ``dispatch`` and ``secret_key`` (else the key file
-    beside the log) are the daemon's settings, ``clock`` its clock.
+    beside the log) are the daemon's settings, ``clock`` its clock; ``settings`` are more
+    :class:`~orchestrator.config.ServeConfig` fields (``tls_cert=``, ``auth_token_file=``, ...).
+    The daemon's channel uses ``credentials`` (TLS) when given, else plaintext.
     """
     ready = anyio.Event()
     stop = anyio.Event()
@@ -82,6 +86,7 @@ async def run_daemon(
         dispatch=dispatch or DispatchConfig(),
         integrations=dict(integrations or {}),
         secret_key=secret_key,
+        **settings,
     )
     async with anyio.create_task_group() as tg:
         # If serve() fails before it is ready, the task group cancels this wait and re-raises.
@@ -91,7 +96,13 @@ async def run_daemon(
         with anyio.fail_after(STARTUP_TIMEOUT):
             await ready.wait()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+            address = f"127.0.0.1:{ports[0]}"
+            channel_of = (
+                grpc.aio.insecure_channel(address)
+                if credentials is None
+                else grpc.aio.secure_channel(address, credentials)
+            )
+            async with channel_of as channel:
                 yield Daemon(ports[0], database, channel, pb_grpc.OrchestratorStub(channel), stop)
         except Exception as exc:
             # Let the daemon drain and close its log before the test's failure propagates: cancelling

@@ -117,12 +117,17 @@ def read_request(
 
 
 async def records(
-    target: Target, connection: Connection | None = None, integration: str = "acme", *, from_position: int = 0
+    target: Target,
+    connection: Connection | None = None,
+    integration: str = "acme",
+    *,
+    from_position: int = 0,
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> list[pb.EventRecord]:
     """Every record of the log (of one connection when given) from ``from_position``, not following."""
     async with connected(target) as stub:
         request = read_request(connection, integration, from_position=from_position)
-        return [record async for record in stub.ReadEvents(request, timeout=WAIT)]
+        return [record async for record in stub.ReadEvents(request, metadata=metadata, timeout=WAIT)]
 
 
 async def follow_until(

@@ -23,6 +23,7 @@ import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -76,6 +77,33 @@ def snapshot(database: Path) -> dict[str, list[tuple[Any, ...]]]:
             name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
             for name in ("events", "connections", "jobs")
         }
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` now (read from ``/proc``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        state_and_parent = text[text.rindex(")") + 2 :].split()
+        if int(state_and_parent[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def ends(pid: int, within: float) -> bool:
+    """Whether process ``pid`` has ended or ends within ``within`` seconds (woken by its end through a pidfd)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([handle], [], [], within)
+        return bool(readable)
+    finally:
+        os.close(handle)
 
 
 # -- one-shot commands -------------------------------------------------------------------
@@ -324,9 +352,9 @@ class Daemon(Process):
 
 
 @contextmanager
-def drained(database: Path, *args: str) -> Iterator[Daemon]:
+def drained(database: Path, *args: str, env: Mapping[str, str] | None = None) -> Iterator[Daemon]:
     """A :class:`Daemon` on ``database`` for the block; at its end SIGTERM must drain it to exit code 0."""
-    daemon = Daemon(database, *args)
+    daemon = Daemon(database, *args, env=env)
     try:
         yield daemon
     finally:

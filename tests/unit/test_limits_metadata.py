@@ -72,3 +72,24 @@ async def test_a_page_of_connections_stops_at_its_byte_budget() -> None:
 def test_the_limits_fit_inside_one_grpc_message() -> None:
     """A page's byte budget, and a connection's metadata and config, stay under the largest message sent."""
     assert limits.MAX_PAGE_BYTES + limits.MAX_METADATA_BYTES + limits.MAX_CONFIG_BYTES < 16 * limits.MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("method", ["set_metadata", "update_metadata"])
+async def test_metadata_nested_too_deep_fails_the_function_without_retries(method: str) -> None:
+    """Metadata nested past MAX_JSON_DEPTH is refused naming the limit (and never reaches recursive code)."""
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(5000):  # deep enough to overflow a recursive encoder or validator
+        value = {"down": value}
+
+    async def register(ctx: Context) -> None:
+        await getattr(ctx, method)(value)
+
+    async with running(function("register", CREATE, register, retry=RetryPolicy(max_attempts=5)), worker=True) as h:
+        await h.emit(CREATE)
+        await h.records_up_to(3)
+        bodies = await h.bodies()
+        connection = await h.service.get_connection(ACME)
+    failed = next(b for b in bodies if isinstance(b, FunctionFailed))
+    assert (failed.error_type, failed.retryable) == ("InvalidArgument", False)
+    assert f"the limit is {limits.MAX_JSON_DEPTH}" in failed.error
+    assert connection.metadata == {}

@@ -446,7 +446,7 @@ async def test_credentials_that_cannot_be_opened_fail_only_when_needed(
 
 def test_ctx_credentials_are_read_only_and_their_repr_shows_names_only() -> None:
     """ctx.credentials: a mapping for SDKs; repr and str name the keys and hide the values; no item assignment."""
-    view = ReadOnlyCredentials(Secrets({"access_token": SECRET, "api_key": "k3y-value"}))
+    view = ReadOnlyCredentials(Secrets({"access_token": SECRET, "api_key": "k3y-value"}).current)
     assert dict(view) == {"access_token": SECRET, "api_key": "k3y-value"}
     assert repr(view) == str(view) == "Credentials(access_token=[redacted], api_key=[redacted])"
     assert SECRET not in f"{view!r} {view} {[view]}"

@@ -140,7 +140,7 @@ async def test_a_stale_expected_version_is_a_conflict_naming_the_current_version
     calls = Calls()
     async with running(*standard(calls)) as h:
         first = await h.emit(VALIDATE, expected_version=0)
-        assert first.version == 1
+        assert first.version == 3  # after the verdict: the version to pass back
         before, appends = await h.log(), len(h.store.appends)
         with pytest.raises(VersionConflict, match=r"expected version 1, but the current version is 3") as conflict:
             await h.emit(VALIDATE, expected_version=1)
@@ -283,7 +283,7 @@ async def test_concurrent_emits_to_one_connection_are_applied_one_at_a_time_in_a
         results = [await e.result() for e in emits]
     log = await h.log(ACME)
     assert [r.version for r in log] == list(range(1, 3 * n + 1))
-    assert [r.version for r in results] == [1 + 3 * i for i in range(n)]
+    assert [r.version for r in results] == [3 * (i + 1) for i in range(n)]
     lifecycle = [records.parse(r.type, r.data) for r in log if r.type == VALIDATE]
     assert [body.payload["n"] for body in lifecycle if isinstance(body, records.Lifecycle)] == list(range(n))
     assert [c["n"] for c in calls.by_name["check"]] == list(range(n))
@@ -321,7 +321,7 @@ async def test_drain_refuses_new_emits_while_the_one_in_flight_finishes() -> Non
         gate.open()
         await idle.result()
         result = await inflight.result()
-        assert (result.state, result.version) == (S.PENDING, 1)
+        assert (result.state, result.version) == (S.PENDING, 3)
         assert await h.types() == ["validate-connection", "function-succeeded", "connection-validated"]
         assert calls.count() == 1
 
@@ -375,13 +375,17 @@ async def test_wait_returns_once_every_job_finished_with_their_outcomes() -> Non
     assert calls.count("sync") == 2
 
 
-async def test_the_response_names_the_lifecycle_record() -> None:
-    """event_id, position and version of a response are those of the appended lifecycle record."""
+async def test_the_response_names_the_lifecycle_record_and_the_version_after_the_call() -> None:
+    """event_id and position of a response are those of the appended lifecycle record; its version is the
+    stream's after every record the call appended, so it can be passed straight back as expected_version."""
     async with running(*standard(Calls())) as h:
         await h.emit(CREATE, ref=GLOBEX)  # positions and versions differ from here on
+        version = 0
         for event in (VALIDATE, CREATE, DELETE):
-            result = await h.emit(event)
-            (lifecycle,) = [r for r in await h.log(ACME) if r.event_id == result.event_id]
+            result = await h.emit(event, expected_version=version)
+            log = await h.log(ACME)
+            (lifecycle,) = [r for r in log if r.event_id == result.event_id]
             assert lifecycle.type == event.value
-            assert (result.position, result.version) == (lifecycle.position, lifecycle.version)
+            assert (result.position, result.version) == (lifecycle.position, log[-1].version)
+            version = result.version
         assert [r.version for r in await h.log(ACME) if r.type in {e.value for e in LifecycleEvent}] == [1, 4, 5]

@@ -280,7 +280,10 @@ class EmitLifecycleEventResponse(_message.Message):
     position: _builtins.int
     """The lifecycle record's global log position."""
     version: _builtins.int
-    """The lifecycle record's version within its connection's stream."""
+    """The connection's version after every record this call appended (the
+    lifecycle record and the facts that followed it synchronously): pass it
+    straight back as `expected_version`.
+    """
     state: Global___ConnectionState.ValueType
     """The connection's state once the event's synchronous part is done."""
     rejection_reason: _builtins.str

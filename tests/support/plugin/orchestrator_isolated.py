@@ -1,0 +1,89 @@
+"""The process isolation tests' plugin: functions that do what no function should, and ones that use every context call.
+
+Found through entry points (:func:`tests.support.plugins.install` with
+``tests.support.plugins.ISOLATED``), by the daemon and its worker processes alike. Each
+function that blocks or hangs first calls the provider's ``/started``, so that
+a test waits for that request instead of for time to pass. A function logs
+the pid of the process it ran in, for the tests to tell processes apart.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from orchestrator import Context, on_event
+
+INTEGRATION = "isolated"
+
+
+@on_event("post-connection-creation", integration=INTEGRATION, timeout=2)
+async def holds_the_loop(ctx: Context) -> None:
+    """Blocks its event loop for 30 s: Python cannot pre-empt it; only a worker process can be killed."""
+    ctx.log("pid", os.getpid())
+    await ctx.get("/started")
+    ctx.log("holding the loop")
+    time.sleep(30)  # noqa: ASYNC251 - the hostile behaviour under test
+
+
+@on_event("post-connection-creation", integration=INTEGRATION, timeout=1)
+def hangs(ctx: Any) -> None:
+    """A plain def that never returns: a thread cannot be stopped; a worker process can."""
+    ctx.log("pid", os.getpid())
+    ctx.get("/started")
+    threading.Event().wait()
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+def sleeps(ctx: Any) -> None:
+    """Takes a minute (the default attempt timeout): busy when the daemon is told to stop."""
+    ctx.get("/started")
+    time.sleep(60)
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+async def exits_once(ctx: Context) -> None:
+    """Ends its process with ``os._exit(1)`` at its first attempt; succeeds at the next."""
+    ctx.log("pid", os.getpid())
+    if ctx.event.attempt == 1:
+        sys.stdout.flush()
+        os._exit(1)
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+async def registers(ctx: Context) -> None:
+    """Registers a webhook at the provider, keeps its id in the metadata, and logs it."""
+    response = await ctx.post("/webhooks", json={"connection": ctx.connection.connection_id})
+    await ctx.set_metadata({"webhook_id": response.json()["id"]})
+    ctx.log("registered", response.json()["id"], "pid", os.getpid(), "metadata", await ctx.get_metadata())
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+def registers_sync(ctx: Any) -> None:
+    """:func:`registers` as a plain def (its context calls block its thread)."""
+    response = ctx.post("/webhooks", json={"connection": ctx.connection.connection_id})
+    ctx.update_metadata({"sync_webhook_id": response.json()["id"]})
+    ctx.log("registered", response.json()["id"], "pid", os.getpid())
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+async def uses_an_sdk(ctx: Context) -> None:
+    """Calls the provider through the proxy, then hands the raw token to an "SDK" of its own (``/sdk``)."""
+    await ctx.get("/me")  # a 401 here is the daemon's to refresh: ctx.credentials then reads the fresh token
+    token = ctx.credentials["access_token"]
+    async with httpx.AsyncClient() as sdk:
+        await sdk.get(ctx.connection.config["sdk_url"], headers={"authorization": f"Bearer {token}"})
+    ctx.log("pid", os.getpid(), "sees", repr(ctx.credentials), "token", token)
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+def uses_an_sdk_sync(ctx: Any) -> None:
+    """:func:`uses_an_sdk`'s read as a plain def (ctx.credentials read on its thread), first thing."""
+    names = sorted(ctx.credentials)
+    ctx.log("pid", os.getpid(), "names", names, "token", dict(ctx.credentials)["access_token"])
+    ctx.get("/me")
