@@ -312,13 +312,24 @@ class Service:
         )
 
     async def _state_after(self, lifecycle: Record) -> Connection:
-        """The connection as the original request left it: folded up to its verdict."""
+        """The connection as the original request left it: folded up to its verdict.
+
+        A creation has none: its append ends with the lifecycle record, or with the
+        ``credentials-updated`` record the emit's credentials brought right after it.
+        """
         connection: Connection | None = None
+        created = False
         async for record in scan(self._store, ref=lifecycle.ref, page=READ_PAGE):
+            if created:
+                if record.causation_id == lifecycle.event_id and record.type == Fact.CREDENTIALS_UPDATED:
+                    body = records.parse(record.type, record.data)
+                    if isinstance(body, records.CredentialsUpdated) and body.source == "emit":
+                        connection = state.apply(connection, record)
+                break
             connection = state.apply(connection, record)
             if record.event_id == lifecycle.event_id and record.type == LifecycleEvent.POST_CONNECTION_CREATION:
-                break
-            if record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
+                created = True
+            elif record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
                 break
         assert connection is not None
         return connection

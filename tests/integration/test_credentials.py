@@ -90,6 +90,18 @@ async def test_update_credentials_reaches_the_next_attempt_and_says_when_nothing
     assert not [r for r in log if NEW_TOKEN in str(r) or OLD_TOKEN in str(r)]
 
 
+async def test_an_emit_and_its_repeat_answer_the_version_after_the_credentials_it_sealed(tmp_path: Path) -> None:
+    """A creation's answer counts the credentials-updated it appended; its repeat (same key) answers the same."""
+    async with serving(tmp_path) as daemon:
+        sent = {"credentials": {"access_token": OLD_TOKEN}, "idempotency_key": "create-1"}
+        first = await emit(daemon.stub, CREATE, "c1", **sent)
+        again = await emit(daemon.stub, CREATE, "c1", **sent)
+        log = await records(daemon.stub)
+    assert [r.type for r in log] == ["post-connection-creation", "credentials-updated"]
+    assert (first.version, first.deduplicated) == (2, False)
+    assert (again.version, again.deduplicated, again.event_id) == (2, True, first.event_id)
+
+
 async def test_update_credentials_refuses_bad_requests_and_writes_nothing(tmp_path: Path) -> None:
     """Unknown connection: NOT_FOUND; no credentials: INVALID_ARGUMENT; ended with nothing left: FAILED_PRECONDITION."""
     async with serving(tmp_path) as daemon:
