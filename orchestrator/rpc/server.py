@@ -227,6 +227,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     ) -> pb.UpdateCredentialsResponse:
         """See the proto."""
         ref, credentials = wire.update_credentials_from_proto(request)
+        caller().require(ref.environment)
         updated = await self._service.update_credentials(ref, credentials, traceparent=_traceparent(context))
         return pb.UpdateCredentialsResponse(
             fingerprint=updated.fingerprint, key_id=updated.key_id, version=updated.version, changed=updated.changed
