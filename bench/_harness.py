@@ -256,9 +256,8 @@ class Server:
 
     @property
     def pid(self) -> int:
-        """The server's process id (for its CPU time in ``/proc``)."""
-        assert self._process is not None
-        return self._process.pid
+        """The server process's id (0 before it is started)."""
+        return self._process.pid if self._process is not None else 0
 
     def _read(self, process: subprocess.Popen[str]) -> None:
         assert process.stderr is not None

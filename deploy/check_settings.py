@@ -12,7 +12,8 @@ each of the four it fails when
 - a TLS file or the token file (:data:`SECRET_FILES`) is named, but no Secret
   (Kubernetes) or secret (compose) is mounted to provide it. Their content is
   never committed, so ``serve --check`` reads stand-ins made here instead: a
-  self-signed certificate and its key, and a token;
+  self-signed certificate and its key, and a token (and a throwaway key for
+  ``ORCHESTRATOR_SECRET_KEY``, which a Secret provides too);
 - ``orchestrator serve --check``, run with exactly that environment (and the
   ConfigMap's TOML file), refuses the settings or the installed plugins.
 
@@ -21,6 +22,7 @@ Run by deploy/validate with the project's virtualenv, where the package is insta
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
@@ -36,9 +38,9 @@ from orchestrator.cli import serve
 
 DEPLOY = Path(__file__).resolve().parent
 
-# Variables the deploy files set ahead of the option that will read them.
-PENDING = {
-    "ORCHESTRATOR_SECRET_KEY": "the credential sealing key (deploy/README.md), read once sealing lands",
+# Variables `serve` reads from the environment alone, not through an option (a flag's value shows in ps).
+ENVIRONMENT_ONLY = {
+    "ORCHESTRATOR_SECRET_KEY": "the credential sealing key (deploy/README.md, docs/security.md)",
 }
 _INTERPOLATION = re.compile(r"\$\{[^}]*\}")
 SECRET_FILES = (
@@ -161,7 +163,7 @@ def systemd_env(path: Path) -> dict[str, str]:
 
 def known_variables() -> set[str]:
     """Every variable ``orchestrator serve`` reads an option from."""
-    names: set[str] = set()
+    names: set[str] = set(ENVIRONMENT_ONLY)
     for param in serve.params:
         envvar: Any = param.envvar
         names.update([envvar] if isinstance(envvar, str) else envvar or [])
@@ -176,7 +178,7 @@ def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[s
     problems = [
         f"{flavour}: {name} is not a variable `orchestrator serve` reads"
         for name in sorted(env)
-        if name.startswith("ORCHESTRATOR_") and name not in known and name not in PENDING
+        if name.startswith("ORCHESTRATOR_") and name not in known
     ]
     settings = {k: v for k, v in env.items() if k.startswith(("ORCHESTRATOR_", "OTEL_"))}
     with tempfile.TemporaryDirectory(prefix="orchestrator-check-") as scratch:
@@ -187,6 +189,9 @@ def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[s
             local = Path(scratch, "config.toml")
             local.write_text(files[config])
             settings["ORCHESTRATOR_CONFIG"] = str(local)
+        if "placeholder" in settings.get("ORCHESTRATOR_SECRET_KEY", ""):
+            # The key comes from a Secret (or the operator's shell), never from these files: a throwaway stands in.
+            settings["ORCHESTRATOR_SECRET_KEY"] = base64.b64encode(os.urandom(32)).decode()
         content = stand_ins() if any(name in settings for name in SECRET_FILES) else {}
         for name in SECRET_FILES:
             path = settings.get(name)
@@ -219,9 +224,6 @@ def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[s
 def main() -> int:
     """Check the four flavours; print the problems and return 1 if there are any."""
     known = known_variables()
-    for name, why in PENDING.items():
-        if name in known:
-            print(f"note: {name} is now read by `orchestrator serve`: drop it from PENDING ({why})")
     image = dockerfile_env(DEPLOY / "Dockerfile")
     k8s_env, k8s_files, k8s_secrets = kubernetes_env(DEPLOY / "kubernetes")
     compose, compose_secrets = compose_env(DEPLOY / "compose.yaml", "orchestrator")

@@ -171,6 +171,10 @@ class ServeConfig:
     """Mutual TLS: clients must present a certificate signed by this CA (PEM)."""
     auth_token_file: Path | None = None
     """Bearer tokens, one per line (see :mod:`orchestrator.access`); without it no token is asked for."""
+    secret_key: str = field(default="", repr=False)
+    """``ORCHESTRATOR_SECRET_KEY``: base64 keys, comma-separated, the first sealing (empty: the key file)."""
+    secret_key_file: Path | None = None
+    """The key file when ``secret_key`` is empty (None: ``secret.key`` beside the SQLite log)."""
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)

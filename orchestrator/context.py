@@ -1,7 +1,9 @@
 """What an event function sees: :class:`Context`.
 
 A function gets the connection (ref and config), the event (type, payload,
-id, attempt), HTTP calls to the provider through the proxy, the connection's
+id, attempt), HTTP calls to the provider through the proxy (credentials
+injected), the credentials themselves read-only for SDKs that need the raw
+token (``ctx.credentials``, whose ``repr`` is redacted), the connection's
 metadata validated by the function's model, and ``log``. Metadata writes go to
 a :class:`MetadataSink` chosen by the caller: appended at once for
 asynchronous attempts, gathered into the verdict's atomic append for
@@ -30,6 +32,11 @@ MAX_LOG_LINE = 2000
 
 class ProviderCalls(Protocol):
     """Where a :class:`Context` sends provider calls: :class:`~orchestrator.provider.Provider`, or a stand-in."""
+
+    @property
+    def credentials(self) -> Mapping[str, str]:
+        """The connection's credentials as ``ctx.credentials`` shows them (read-only, its ``repr`` redacted)."""
+        ...
 
     async def request(
         self,
@@ -177,6 +184,15 @@ class Context:
         self._sink = sink
         self._log = log or AttemptLog()
 
+    @property
+    def credentials(self) -> Mapping[str, str]:
+        """The connection's credentials, read-only (its ``repr`` shows the names only).
+
+        For SDKs that need the raw token; calls through ``ctx.get`` and the like get them
+        injected. Raises ``CredentialsUnavailable`` when the stored credentials cannot be opened.
+        """
+        return self._provider.credentials
+
     # -- provider calls --------------------------------------------------------
 
     async def get(
@@ -283,7 +299,8 @@ class Backends:
     A function run in a worker process (:mod:`orchestrator.isolation`) gets a
     context built over stand-ins that forward each call to the daemon, which
     serves it with the backends of the attempt's own context: so the provider
-    proxy, its credentials and the sink never leave the daemon.
+    proxy and the sink never leave the daemon, and the credentials enter a
+    worker only when its function reads ``ctx.credentials``.
     """
 
     provider: ProviderCalls
@@ -305,6 +322,8 @@ class SyncContext:
     def __init__(self, ctx: Context, token: anyio.lowlevel.EventLoopToken | None = None) -> None:
         self.connection = ctx.connection
         self.event = ctx.event
+        self.credentials = ctx.credentials
+        """See :attr:`Context.credentials`."""
         self._ctx = ctx
         self._token = token
 

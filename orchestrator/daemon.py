@@ -1,8 +1,10 @@
-"""The daemon's life: open the log, serve, drain on SIGTERM/SIGINT, close the log.
+"""The daemon's life: the key, open the log, serve, drain on SIGTERM/SIGINT, close the log.
 
 Startup does not replay the log (the read model is kept up to date by every
 append); its one pass over the file is SQLite's ``quick_check``, which is
-quick and bounded in time (see :mod:`orchestrator.store._sqlite_file`).
+quick and bounded in time (see :mod:`orchestrator.store._sqlite_file`). The
+key ring that seals credentials comes from ``ORCHESTRATOR_SECRET_KEY`` or the
+key file (``secret.key`` beside the SQLite log, created 0600 on first start).
 """
 
 from __future__ import annotations
@@ -10,24 +12,27 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import anyio
 import httpx
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from orchestrator import plugins, telemetry
+from orchestrator import plugins, sealing, telemetry
 from orchestrator.access import TokenFile
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration, ServeConfig, default_database, is_loopback, split_host_port
+from orchestrator.credentials import Resolver
 from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
 from orchestrator.isolation import ProcessPool
 from orchestrator.plugins import Registry, discover
 from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
-from orchestrator.store import EventStore, Stats, open_store
+from orchestrator.store import EventStore, Stats, open_store, sqlite_path
 from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -43,12 +48,13 @@ async def serve(
     stop: anyio.Event | None = None,
     registry: Registry | None = None,
     clock: Clock | None = None,
+    resolver: Resolver | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain within the grace period.
 
     ``on_ready`` is called with the bound port once the server is SERVING.
-    Tests may pass the function ``registry`` (instead of entry-point
-    discovery) and a ``clock``.
+    Tests may pass the function ``registry`` and the credentials
+    ``resolver`` (instead of entry-point discovery) and a ``clock``.
     """
     database = config.database or default_database()
     # Who may call, and over what: read first, so that a bad file refuses the start before anything is opened.
@@ -56,21 +62,57 @@ async def serve(
     # Importing plugins reads files: done on a worker thread, off the event loop.
     if registry is None:
         registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
+        resolver = await anyio.to_thread.run_sync(partial(load_resolver, skip_broken=config.skip_broken_plugins))
     integrations, broken = await anyio.to_thread.run_sync(plugins.integrations, config.integrations)
     for problem in broken:
         log.warning("broken integration defaults, ignored: %s", problem)
+    keyring = await anyio.to_thread.run_sync(keyring_for, config, database)
     # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        await _serve(config, access, database, registry, integrations, signals, on_ready, stop, clock)
+        engine = _Engine(registry, integrations, keyring, resolver)
+        await _serve(config, access, database, engine, signals, on_ready, stop, clock)
     log.info("stopped; the event log is closed")
+
+
+def key_file_for(config: ServeConfig, database: str) -> Path | None:
+    """The key file: ``--secret-key-file``, else ``secret.key`` beside the SQLite log (None for other backends)."""
+    if config.secret_key_file is not None:
+        return config.secret_key_file
+    path = sqlite_path(database)
+    return path.parent / sealing.KEY_FILE_NAME if path is not None else None
+
+
+def keyring_for(config: ServeConfig, database: str, *, create: bool = True) -> sealing.Keyring:
+    """The key ring: ``ORCHESTRATOR_SECRET_KEY``, else the key file (made on first start), else an ephemeral key."""
+    if config.secret_key:
+        keyring = sealing.Keyring.parse(config.secret_key, "ORCHESTRATOR_SECRET_KEY")
+        source = "ORCHESTRATOR_SECRET_KEY"
+    else:
+        path = key_file_for(config, database)
+        if path is None:
+            log.warning("no secret key configured and no SQLite log: credentials are sealed under an ephemeral key")
+            return sealing.Keyring.ephemeral()
+        keyring = sealing.load_key_file(path, create=create)
+        source = f"the key file {path}"
+    log.info("credentials are sealed under key id %s (%d key(s) from %s)", keyring.sealing.id, len(keyring.ids), source)
+    return keyring
+
+
+@dataclass(frozen=True, slots=True)
+class _Engine:
+    """What the daemon serves with, loaded before the log is opened."""
+
+    registry: Registry
+    integrations: dict[str, Integration]
+    keyring: sealing.Keyring
+    resolver: Resolver | None
 
 
 async def _serve(
     config: ServeConfig,
     access: Access,
     database: str,
-    registry: Registry,
-    integrations: dict[str, Integration],
+    loaded: _Engine,
     signals: AsyncIterator[int],
     on_ready: Callable[[int], None] | None,
     stop: anyio.Event | None,
@@ -93,14 +135,23 @@ async def _serve(
             log.info("event functions run in %d worker process(es)", pool.size)
         engine = assemble(
             store,
-            registry,
+            loaded.registry,
             clock,
             http=http,
-            integrations=integrations,
+            integrations=loaded.integrations,
             config=config.dispatch,
+            keyring=loaded.keyring,
+            resolver=loaded.resolver,
             watchdog=watchdog,
             pool=pool,
         )
+        for problem in await engine.vault.check_keys():
+            log.warning("%s", problem)
+        # Shredding happens in the transaction that ends a connection's last job; this catches any
+        # connection a log written before sealed credentials existed, or tampered with, left behind.
+        shredded = await store.sweep_credentials()
+        if shredded:
+            log.info("destroyed the sealed credentials of %d connection(s) that had ended", shredded)
         tokens = access.tokens
         server = GrpcServer(
             engine.service, tokens=(lambda: tokens.tokens) if tokens is not None else lambda: None, tls=access.tls
@@ -234,6 +285,22 @@ class _Gauges:
 
     def _connections(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"state": state}) for state, n in sorted(self._stats.connections.items())]
+
+
+def load_resolver(*, skip_broken: bool) -> Resolver | None:
+    """The credentials resolver a plugin ships (group ``orchestrator.credentials``), if any."""
+    resolver, broken = plugins.discover_resolver()
+    for problem in broken:
+        log.log(logging.WARNING if skip_broken else logging.ERROR, "broken credentials resolver: %s", problem)
+    if broken and not skip_broken:
+        raise PluginError(
+            "broken credentials resolver: "
+            + "; ".join(str(b) for b in broken)
+            + " (fix or uninstall it, or pass --skip-broken-plugins)"
+        )
+    if resolver is not None:
+        log.info("credentials resolver: %s", getattr(resolver, "__qualname__", repr(resolver)))
+    return resolver
 
 
 def load_plugins(*, skip_broken: bool) -> Registry:

@@ -12,22 +12,31 @@
 :class:`Delivery` decides; :class:`~orchestrator.service.Service` appends the
 plan in one atomic append, so a crash never leaves half of a contract in the
 log. Records are built through :mod:`orchestrator.records` only.
+
+Credentials an emit brings are what its synchronous functions use (else the
+connection's sealed ones); when anything of the connection runs later (it is
+pending or active, or a cleanup continues in the background) they are sealed
+into the plan's append with a ``credentials-updated`` record right after the
+lifecycle record. A rejection, or a deletion with nothing left to run, seals
+nothing: the store shreds what was sealed before.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from orchestrator import records
 from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher, SyncRun
 from orchestrator.ids import uuid7
-from orchestrator.model import Connection, EmitRequest, Job, JSONObject, LifecycleEvent, NewJob
+from orchestrator.model import Connection, EmitRequest, Job, JSONObject, LifecycleEvent, NewJob, SealedCredentials
 from orchestrator.plugins import Installed, Registry
+from orchestrator.provider import Secrets
 from orchestrator.records import NewEvent
 from orchestrator.runner import TIMEOUT, AttemptResult
 from orchestrator.store import EventStore
@@ -46,6 +55,8 @@ class Plan:
     """Every record, the lifecycle record first."""
     jobs: list[NewJob] = field(default_factory=list)
     cancel_jobs: list[Job] = field(default_factory=list)
+    seal: SealedCredentials | None = None
+    """Credentials to seal in the same append (announced by its ``credentials-updated`` record)."""
 
 
 class Delivery:
@@ -58,6 +69,7 @@ class Delivery:
         dispatcher: Dispatcher,
         worker: Worker,
         *,
+        vault: Vault | None = None,
         rng: random.Random | None = None,
         new_id: Callable[[], str] = lambda: str(uuid7()),
     ) -> None:
@@ -65,6 +77,7 @@ class Delivery:
         self._registry = registry
         self._dispatcher = dispatcher
         self._worker = worker
+        self.vault = vault or Vault(store)
         self._rng = rng or random.Random()
         self._new_id = new_id
         self._config = dispatcher.config
@@ -103,14 +116,39 @@ class Delivery:
         old = None if fresh else current
         info = ConnectionInfo(request.ref, request.config if old is None or request.config else old.config)
         metadata = {} if old is None else old.metadata
-        self._dispatcher.credentials.remember(request.ref, request.credentials)
-        if request.event is LifecycleEvent.VALIDATE_CONNECTION:
-            await self._validate(request, plan, info, metadata)
-        elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
+        # The incarnation the event runs in: the credentials are bound to it.
+        incarnation = old.incarnation if old is not None else (current.incarnation + 1 if current is not None else 1)
+        refresh, refreshed = self.vault.refresher(request.ref, request.credentials)
+        if request.event is LifecycleEvent.POST_CONNECTION_CREATION:
             self._create(request, plan)
         else:
-            await self._delete(request, plan, info, metadata, hold)
+            if request.credentials:
+                secrets = Secrets(request.credentials, refresh=refresh)
+            else:
+                secrets = await self.vault.open(request.ref, incarnation, refresh=refresh)
+            if request.event is LifecycleEvent.VALIDATE_CONNECTION:
+                await self._validate(request, plan, info, metadata, secrets)
+            else:
+                await self._delete(request, plan, info, metadata, hold, secrets)
+        await self._seal(request, plan, incarnation, refreshed())
         return plan
+
+    async def _seal(
+        self, request: EmitRequest, plan: Plan, incarnation: int, refreshed: Mapping[str, str] | None
+    ) -> None:
+        """Seal the credentials the emit brought (or the resolver gave its functions) when anything runs later."""
+        credentials = refreshed or request.credentials
+        if not credentials:
+            return
+        rejected = any(e.type == records.Fact.CONNECTION_REJECTED for e in plan.events)
+        if rejected or (request.event is LifecycleEvent.PRE_CONNECTION_DELETION and not plan.jobs):
+            return  # nothing of the connection runs later: nothing to keep (the store shreds what was)
+        sealing = await self.vault.sealing(
+            request.ref, incarnation, credentials, source="resolver" if refreshed else "emit"
+        )
+        if sealing is not None:
+            plan.events.insert(1, self._fact(sealing.body, plan))
+            plan.seal = sealing.sealed
 
     def scheduled(self, plan: Plan) -> None:
         """The plan is durable: wake the worker for its jobs."""
@@ -120,11 +158,6 @@ class Delivery:
     async def settled(self, plan: Plan, request: EmitRequest) -> None:
         """Return once every job the plan scheduled has finished (``wait=true``)."""
         await self._worker.settled(plan.lifecycle.event_id, request.ref)
-
-    def ended(self, connection: Connection, plan: Plan) -> None:
-        """The connection is deleted and nothing of it runs later: forget its credentials."""
-        if not plan.jobs:
-            self._dispatcher.credentials.forget(connection.ref)
 
     # -- the three contracts ---------------------------------------------------------
 
@@ -139,7 +172,9 @@ class Delivery:
     def _metadata(self, run: SyncRun, plan: Plan) -> list[NewEvent]:
         return [self._fact(update, plan) for update in run.metadata_updates]
 
-    async def _validate(self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject) -> None:
+    async def _validate(
+        self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject, secrets: Secrets
+    ) -> None:
         """Run every validate function concurrently; the first failure or the deadline rejects."""
         functions = self._functions(request)
         if not functions:
@@ -152,6 +187,7 @@ class Delivery:
             metadata,
             deadline=self._config.validate_deadline,
             stop_on_failure=True,
+            secrets=secrets,
         )
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
         plan.events += [records.new(r.outcome(), causation_id=cause, traceparent=trace) for r in run.results]
@@ -182,7 +218,13 @@ class Delivery:
         ]
 
     async def _delete(
-        self, request: EmitRequest, plan: Plan, info: ConnectionInfo, metadata: JSONObject, hold: Hold
+        self,
+        request: EmitRequest,
+        plan: Plan,
+        info: ConnectionInfo,
+        metadata: JSONObject,
+        hold: Hold,
+        secrets: Secrets,
     ) -> None:
         """Cancel creation jobs (pending, and those the hold stopped), run the cleanup functions, delete."""
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
@@ -208,6 +250,7 @@ class Delivery:
             metadata,
             deadline=self._config.deletion_deadline,
             stop_on_failure=False,
+            secrets=secrets,
         )
         for result in run.results:
             policy = self._dispatcher.policy(result.function)

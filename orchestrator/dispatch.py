@@ -4,11 +4,12 @@
 synchronous delivery contracts (validate-connection, pre-connection-deletion)
 through :meth:`Dispatcher.run_sync`, the job worker (:mod:`orchestrator.worker`)
 and ``orchestrator dryrun`` through :meth:`Dispatcher.attempt`. An attempt
-gets its context (the provider proxy with the connection's credentials, the
-metadata sink), runs within the daemon's function concurrency (in the daemon, or
-in a worker process of a :class:`~orchestrator.isolation.ProcessPool`), is traced as
+gets its context (the provider proxy with the connection's credentials, as
+the caller opened them into a :class:`~orchestrator.provider.Secrets`; the
+metadata sink), runs within the daemon's function concurrency (in the daemon,
+or in a worker process of a :class:`~orchestrator.isolation.ProcessPool`), is traced as
 ``function NAME`` and counted, and its error and log lines are redacted of
-the connection's secrets. Nothing here writes to the log: callers turn
+every credential it had. Nothing here writes to the log: callers turn
 results into records.
 """
 
@@ -27,11 +28,10 @@ from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink, cut
-from orchestrator.credentials import Credentials
 from orchestrator.isolation import ProcessPool
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
-from orchestrator.provider import Provider, redact_excerpt
+from orchestrator.provider import Provider, Secrets, redact_excerpt
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
@@ -69,14 +69,12 @@ class Dispatcher:
         http: httpx.AsyncClient,
         integrations: Mapping[str, Integration] | None = None,
         config: DispatchConfig | None = None,
-        credentials: Credentials | None = None,
         watchdog: LoopWatchdog | None = None,
         pool: ProcessPool | None = None,
     ) -> None:
         self.clock = clock
         self._watchdog = watchdog
         self.config = config or DispatchConfig()
-        self.credentials = credentials or Credentials()
         self._http = http
         self._integrations = dict(integrations or {})
         self._pool = pool
@@ -108,15 +106,17 @@ class Dispatcher:
         event: EventInfo,
         sink: MetadataSink,
         log: AttemptLog,
+        secrets: Secrets,
         calls: list[str] | None = None,
     ) -> Context:
         provider = Provider(
             self._http,
             self.integration(info.ref.integration),
             info.config,
-            self.credentials.get(info.ref),
+            secrets,
             calls=calls,
             clock=self.clock,
+            connection=str(info.ref),
         )
         return Context(
             connection=info,
@@ -137,17 +137,20 @@ class Dispatcher:
         time_limit: float | None = None,
         calls: list[str] | None = None,
         traceparent: str | None = None,
+        secrets: Secrets | None = None,
     ) -> AttemptResult:
         """One attempt, within the daemon's function concurrency, in its own span.
 
         The span's parent is the current span, or the span ``traceparent``
-        names (a job's emit, possibly from before a restart).
+        names (a job's emit, possibly from before a restart). ``secrets`` are
+        the connection's credentials (none when not given).
         """
+        secrets = secrets if secrets is not None else Secrets()
         limit = min(time_limit, self.timeout(function)) if time_limit is not None else self.timeout(function)
         parent = tracing.context_from(traceparent) if traceparent is not None else None
 
         def make(log: AttemptLog) -> Context:  # the runner owns the attempt's log
-            return self._context(function, info, event, sink, log, calls)
+            return self._context(function, info, event, sink, log, secrets, calls)
 
         ref = info.ref
         attributes = {
@@ -160,10 +163,11 @@ class Dispatcher:
             "orchestrator.plugin": f"{function.distribution} {function.version}",
         }
         # Whatever a function raises or logs, the connection's secrets never reach the log: redacted, then cut.
-        secrets = self.credentials.get(ref)
+        # Every set the attempt had counts (``seen`` grows when a 401 brings fresh ones).
+        seen = secrets.seen
 
         def scrub(text: str, limit: int) -> str:
-            return cut(redact_excerpt(text, secrets, limit + 1), limit)
+            return cut(redact_excerpt(text, seen, limit + 1), limit)
 
         with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
             pool = self._pool
@@ -218,6 +222,7 @@ class Dispatcher:
         *,
         deadline: float,
         stop_on_failure: bool,
+        secrets: Secrets | None = None,
     ) -> SyncRun:
         """Run ``functions`` concurrently under one ``deadline``.
 
@@ -233,7 +238,7 @@ class Dispatcher:
         async def one(function: Installed, tg: anyio.abc.TaskGroup) -> None:
             remaining = deadline - (self.clock.now() - started).total_seconds()
             sink = buffer.for_function(function.name)
-            result = await self.attempt(function, info, event, sink, time_limit=max(remaining, 0.001))
+            result = await self.attempt(function, info, event, sink, time_limit=max(remaining, 0.001), secrets=secrets)
             done.add(function.name)
             out.results.append(result)
             # At the shared deadline every function still running times out alike:

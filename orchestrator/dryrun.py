@@ -18,11 +18,11 @@ from orchestrator import records
 from orchestrator.clock import SystemClock
 from orchestrator.config import Integration
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo
-from orchestrator.credentials import Credentials
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.model import ConnectionRef, JSONObject
 from orchestrator.plugins import Installed, Registry
+from orchestrator.provider import Secrets
 from orchestrator.runner import AttemptResult
 from orchestrator.store import open_store
 
@@ -70,15 +70,19 @@ async def dryrun(
         connection = await store.get_connection(ref)
         if connection is None:
             raise NotFound(f"connection {ref} not found in {database}")
-        creds = Credentials()
-        creds.remember(ref, credentials)
         async with httpx.AsyncClient() as http:
-            dispatcher = Dispatcher(SystemClock(), http=http, integrations=integrations, credentials=creds)
+            dispatcher = Dispatcher(SystemClock(), http=http, integrations=integrations)
             sink = Buffered(connection.metadata, function.name)
             calls: list[str] = []
             event = EventInfo(function.function.event, payload, connection.lifecycle.event_id)
             result = await dispatcher.attempt(
-                function, ConnectionInfo(ref, connection.config), event, sink, time_limit=time_limit, calls=calls
+                function,
+                ConnectionInfo(ref, connection.config),
+                event,
+                sink,
+                time_limit=time_limit,
+                calls=calls,
+                secrets=Secrets(credentials),
             )
         run = DryRun(function, ref, result, calls, connection.metadata, sink.current())
         if commit:

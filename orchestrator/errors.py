@@ -6,7 +6,9 @@
     ├── PermissionDenied       the caller's token may not touch that environment
     ├── NotFound               the connection does not exist
     ├── FailedPrecondition     the event is not allowed in the connection's current state
-    │   └── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
+    │   ├── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
+    │   └── SealError          sealed credentials do not open (altered, or moved to another connection)
+    │       └── KeyMissing     they were sealed under a key that is not configured
     ├── VersionConflict        ``expected_version`` does not match (carries the current version)
     ├── IdempotencyConflict    an idempotency key was reused with a different request
     ├── ResourceExhausted      a limit or the write queue is full
@@ -17,7 +19,9 @@
     └── ProviderError          a provider answered with an error status, or could not be reached
 
 Event functions raise two more, which are not errors of the orchestrator's
-own (see :mod:`orchestrator.functions`): ``Rejected`` and ``NonRetryable``.
+own (see :mod:`orchestrator.functions`): ``Rejected`` and ``NonRetryable``; the
+provider proxy raises ``CredentialsUnavailable``, a ``NonRetryable``, when the
+connection has no usable credentials for its integration's auth scheme.
 
 Each class is mapped to a gRPC status code in :mod:`orchestrator.rpc.server`
 (``STATUS_CODES``) and to an exit code in :mod:`orchestrator.cli`, and
@@ -54,6 +58,18 @@ class FailedPrecondition(OrchestratorError):
 
 class InvalidTransition(FailedPrecondition):
     """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
+
+
+class SealError(FailedPrecondition):
+    """Sealed credentials could not be opened: altered, moved to another connection, or their key is missing."""
+
+
+class KeyMissing(SealError):
+    """Credentials were sealed under a key that is not in the key ring; ``key_id`` names it."""
+
+    def __init__(self, message: str, *, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 class VersionConflict(OrchestratorError):

@@ -61,7 +61,8 @@ def check_depth(field: str, value: JSONObject) -> None:
         raise InvalidArgument(f"{field} nests objects and arrays {levels} levels deep; the limit is {MAX_JSON_DEPTH}")
 
 
-def _credentials(credentials: Mapping[str, str]) -> None:
+def check_credentials(credentials: Mapping[str, str]) -> None:
+    """Raise :class:`ResourceExhausted` or :class:`InvalidArgument` when credentials break a limit (values unsaid)."""
     if len(credentials) > MAX_CREDENTIALS:
         raise ResourceExhausted(f"credentials has {len(credentials)} entries; the limit is {MAX_CREDENTIALS}")
     for name, value in credentials.items():
@@ -85,7 +86,7 @@ def check_emit(request: EmitRequest) -> None:
     check_depth("payload", request.payload)
     _json_size("connection_config", request.config, MAX_CONFIG_BYTES)
     _json_size("payload", request.payload, MAX_PAYLOAD_BYTES)
-    _credentials(request.credentials)
+    check_credentials(request.credentials)
 
 
 def check_metadata(write: JSONObject, after: JSONObject) -> None:

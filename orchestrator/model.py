@@ -233,3 +233,28 @@ class ConnectionQuery:
     state: ConnectionState | None = None
     after_stream: str = ""
     limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class SealedCredentials:
+    """A connection's credentials as the store keeps them: sealed, never in the clear (:mod:`orchestrator.sealing`).
+
+    ``ciphertext`` is AES-256-GCM under the key ``key_id``, with ``nonce``; its associated data
+    binds it to ``stream`` and ``incarnation``, so a row moved to another connection, or kept
+    into a later incarnation, does not open.
+    """
+
+    stream: str
+    incarnation: int
+    key_id: str
+    nonce: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+    fingerprint: str
+    """The keyed fingerprint of the credentials, as their ``credentials-updated`` record states it."""
+    version: int = 0
+    """The stream version of the ``credentials-updated`` record that brought them (the store sets it)."""
+
+    @property
+    def ref(self) -> ConnectionRef:
+        """The connection they belong to."""
+        return ConnectionRef.from_stream(self.stream)

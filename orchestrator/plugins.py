@@ -10,15 +10,19 @@ start with any unless told to skip them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 from orchestrator.config import Integration
 from orchestrator.functions import EventFunction
 from orchestrator.model import LifecycleEvent
 
 GROUP = "orchestrator.functions"
+RESOLVER_GROUP = "orchestrator.credentials"
+"""At most one entry point: an async callable taking a ``ConnectionRef`` and returning fresh credentials
+(a mapping of names to strings) or None; asked once when a provider answers 401."""
 INTEGRATIONS_GROUP = "orchestrator.integrations"
 """Plugins may ship an integration's default settings: the entry-point name is the integration,
 the object a mapping like ``{"base_url": "https://{instance_url}", "auth": "bearer"}``."""
@@ -134,6 +138,34 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
         else:
             unique.append(item)
     return Registry.of(unique, broken)
+
+
+def discover_resolver(
+    entry_points: Iterable[metadata.EntryPoint] | None = None,
+) -> tuple[Callable[..., Any] | None, list[BrokenPlugin]]:
+    """The credentials resolver, if a plugin ships one; several, or one that does not load, are broken."""
+    if entry_points is None:
+        entry_points = metadata.entry_points(group=RESOLVER_GROUP)
+    found = list(entry_points)
+    broken: list[BrokenPlugin] = []
+    loaded: list[Callable[..., Any]] = []
+    for ep in found:
+        dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
+        version = ep.dist.version if ep.dist is not None else "?"
+        if len(found) > 1:
+            others = ", ".join(f"{o.name} = {o.value}" for o in found if o is not ep)
+            broken.append(BrokenPlugin(dist, version, ep.name, ep.value, f"one resolver at most; also {others}"))
+            continue
+        try:
+            target = ep.load()
+        except (Exception, SystemExit) as exc:  # reported like any broken plugin
+            broken.append(BrokenPlugin(dist, version, ep.name, ep.value, f"import failed: {type(exc).__name__}: {exc}"))
+            continue
+        if not callable(target):
+            broken.append(BrokenPlugin(dist, version, ep.name, ep.value, f"{type(target).__name__} is not callable"))
+            continue
+        loaded.append(target)
+    return (loaded[0] if loaded else None), broken
 
 
 def discover_integrations(

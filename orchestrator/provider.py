@@ -4,7 +4,11 @@ One shared :class:`httpx.AsyncClient` serves every function. The base URL
 and auth scheme come from the integration's settings; ``{placeholders}`` in
 the base URL are filled from the connection's config. 429 and 5xx answers and
 transport errors are retried (honouring ``Retry-After``, bounded); any other
-error answer raises :class:`~orchestrator.errors.ProviderError`. Credentials
+error answer raises :class:`~orchestrator.errors.ProviderError`. A 401 asks
+the attempt's :class:`Secrets` for fresher credentials once (the credentials
+resolver, when one is installed) and, given some, sends the call once more. A
+credential the auth scheme needs and the connection lacks raises
+:class:`CredentialsUnavailable` (not retried: it does not come back by itself). Credentials
 never appear in an error message: :func:`redact` replaces them in every form a
 provider may echo them back in (URL-encoded, JSON-escaped, HTML-escaped,
 base64, and these combined), and is what the dispatcher runs over a function's
@@ -19,13 +23,15 @@ import email.utils
 import html
 import json
 import re
+import shlex
 from bisect import bisect_right
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
 from urllib.parse import quote, quote_plus
 
+import anyio
 import httpx
 from opentelemetry import trace
 
@@ -33,6 +39,7 @@ from orchestrator import tracing
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration
 from orchestrator.errors import ProviderError
+from orchestrator.functions import NonRetryable
 from orchestrator.model import JSONObject
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -42,16 +49,110 @@ BODY_EXCERPT = 300
 tracer = trace.get_tracer(__name__)
 
 
-def _auth(integration: Integration, credentials: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], Any]:
+class CredentialsUnavailable(NonRetryable):
+    """The connection has no usable credentials for what the attempt needs; retrying will not bring them."""
+
+
+Refresh = Callable[[], Awaitable[Mapping[str, str] | None]]
+"""Asks for fresh credentials (the resolver): the new ones, or None when there are none."""
+
+
+class Secrets:
+    """The credentials one attempt may use (or why it has none), and the way to fresher ones.
+
+    ``unavailable`` says why stored credentials could not be opened (their key is not
+    configured, say): the error is raised only when the attempt needs them. A synchronous run
+    shares one among its functions: the resolver is asked once, whoever hits the 401 first.
+    """
+
+    def __init__(
+        self, values: Mapping[str, str] | None = None, *, unavailable: str = "", refresh: Refresh | None = None
+    ) -> None:
+        self._values: Mapping[str, str] = dict(values or {})
+        self._unavailable = unavailable
+        self._refresh = refresh
+        self._asked = False
+        self._lock = anyio.Lock()
+        self.seen: list[Mapping[str, str]] = [self._values] if self._values else []
+        """Every set of credentials this attempt had (for redaction)."""
+
+    @property
+    def latest(self) -> Mapping[str, str]:
+        """The latest credentials known (empty when none could be opened), for redaction: never raises."""
+        return self._values
+
+    def current(self) -> Mapping[str, str]:
+        """The credentials to use now; :class:`CredentialsUnavailable` when they could not be opened."""
+        if self._unavailable:
+            raise CredentialsUnavailable(self._unavailable)
+        return self._values
+
+    async def refresh(self, stale: Mapping[str, str]) -> bool:
+        """Whether there are fresher credentials than ``stale``: fetched meanwhile, or asked for now (once)."""
+        async with self._lock:
+            if self._values is not stale and not self._unavailable:
+                return True
+            if self._refresh is None or self._asked:
+                return False
+            self._asked = True
+            fresh = await self._refresh()
+            if not fresh:
+                return False
+            self._values, self._unavailable = dict(fresh), ""
+            self.seen.append(self._values)
+            return True
+
+
+class ReadOnlyCredentials(Mapping[str, str]):
+    """``ctx.credentials``: the connection's credentials for SDKs that need the raw token.
+
+    Read-only, and its ``repr`` shows the names only. Every read asks ``current`` (the
+    attempt's :meth:`Secrets.current`, or in a worker process a call to the daemon), so it
+    sees fresh credentials after a 401; when they cannot be opened, it raises
+    :class:`CredentialsUnavailable`.
+    """
+
+    def __init__(self, current: Callable[[], Mapping[str, str]]) -> None:
+        self._current = current
+
+    def __getitem__(self, name: str) -> str:
+        return self._current()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._current())
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+    def __repr__(self) -> str:
+        try:
+            names = sorted(self._current())
+        except CredentialsUnavailable:
+            return "Credentials(unavailable)"
+        return "Credentials(" + ", ".join(f"{name}={REDACTED}" for name in names) + ")"
+
+    __str__ = __repr__
+
+
+def _auth(
+    integration: Integration, credentials: Mapping[str, str], connection: str = ""
+) -> tuple[dict[str, str], dict[str, str], Any]:
     """(headers, query params, httpx auth) for the integration's scheme."""
     scheme, _, arg = integration.auth.partition(":")
 
     def need(key: str) -> str:
         if key not in credentials:
-            raise ProviderError(
-                f"integration {integration.name} uses auth {integration.auth!r} but the connection has no"
-                f" credential {key!r} (credentials come with the emit, and are kept in memory only: emit again"
-                " with them after a restart)"
+            parts = connection.split("/", 2)
+            if len(parts) == 3:
+                who = f"connection {connection}"
+                command = f"orchestrator credentials set {shlex.quote(parts[2])} -i {parts[1]} -e {parts[0]}"
+            else:
+                who = "the connection"
+                command = f"orchestrator credentials set CONNECTION_ID -i {integration.name}"
+            raise CredentialsUnavailable(
+                f"{who} has no credential {key!r}, which integration {integration.name}'s auth"
+                f" {integration.auth!r} needs: supply it with UpdateCredentials (`{command} --credential {key}=...`)"
+                " or with the connection's next emit"
             )
         return credentials[key]
 
@@ -143,23 +244,27 @@ def _text_forms(value: str) -> set[str]:
     return {value, *url, *escaped, html.escape(value), html.escape(value, quote=False)}
 
 
-def _secret_forms(credentials: Mapping[str, str]) -> list[str]:
+Known = Mapping[str, str] | Sequence[Mapping[str, str]]
+"""Credentials to redact: one set, or every set an attempt had (:attr:`Secrets.seen`)."""
+
+
+def _secret_forms(credentials: Known) -> list[str]:
     """The strings :func:`redact` looks for, in the text and in each decoding of it, longest first.
 
     Each credential value: as is, as the usual encoders write it (:func:`_text_forms`),
-    base64-encoded (alone or inside a longer blob); and the basic-auth pair base64-encoded.
+    base64-encoded (alone or inside a longer blob); and each set's basic-auth pair base64-encoded.
     """
-    values = {value for value in credentials.values() if len(value) >= MIN_SECRET_LENGTH}
+    sets = [credentials] if isinstance(credentials, Mapping) else credentials
+    values = {value for one in sets for value in one.values() if len(value) >= MIN_SECRET_LENGTH}
     forms: set[str] = set()
     for value in values:
         encoded = _base64_forms(value.encode())
         # Base64 in a URL ("+", "/" and "=" escaped): searched as is too, as text forms are.
         escaped = {quote(form, safe="") for form in encoded}
         forms |= _text_forms(value) | encoded | escaped | {_lower_hex(form) for form in escaped}
-    if "username" in credentials or "password" in credentials:
-        pair = f"{credentials.get('username', '')}:{credentials.get('password', '')}"
-        if len(credentials.get("password", "")) >= MIN_SECRET_LENGTH:
-            forms |= _base64_forms(pair.encode())
+    for one in sets:
+        if len(one.get("password", "")) >= MIN_SECRET_LENGTH:
+            forms |= _base64_forms(f"{one.get('username', '')}:{one['password']}".encode())
     return sorted((f for f in forms if len(f) >= MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
@@ -350,7 +455,7 @@ def _replaced(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(parts)
 
 
-def redact(text: str, credentials: Mapping[str, str]) -> str:
+def redact(text: str, credentials: Known) -> str:
     r"""``text`` with every credential replaced by ``[redacted]``, in whatever form a provider may echo it.
 
     Covered: the value as is; URL-encoded by any encoder (``%XX`` in either case, UTF-8, ``+``
@@ -367,7 +472,7 @@ def redact(text: str, credentials: Mapping[str, str]) -> str:
     return _replaced(text, _spans(text, forms))
 
 
-def redact_excerpt(text: str, credentials: Mapping[str, str], limit: int) -> str:
+def redact_excerpt(text: str, credentials: Known, limit: int) -> str:
     """The first ``limit`` characters of ``text`` redacted: cut after redacting, so that no credential is halved.
 
     Only as much of ``text`` as it takes is decoded (a body may be large): a window whose last
@@ -398,16 +503,20 @@ class Provider:
         client: httpx.AsyncClient,
         integration: Integration,
         config: JSONObject,
-        credentials: Mapping[str, str],
+        credentials: Mapping[str, str] | Secrets,
         *,
         calls: list[str] | None = None,
         clock: Clock | None = None,
+        connection: str = "",
     ) -> None:
         self._client = client
         self._clock = clock or SystemClock()
         self._integration = integration
         self._config = config
-        self._credentials = credentials
+        self.secrets = credentials if isinstance(credentials, Secrets) else Secrets(credentials)
+        self.credentials = ReadOnlyCredentials(self.secrets.current)
+        """The credentials as ``ctx.credentials`` shows them."""
+        self._connection = connection
         self.calls: list[str] = calls if calls is not None else []
         """One line per HTTP exchange (method, URL without secrets, status), for dryrun and logs."""
 
@@ -421,18 +530,42 @@ class Provider:
         data: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        """Send one request, retrying 429/5xx and transport errors; raise :class:`ProviderError` otherwise."""
+        """Send one request, retrying 429/5xx and transport errors; raise :class:`ProviderError` otherwise.
+
+        A 401 to a call that carried credentials asks for fresher ones once; given some, the call
+        is sent once more with them.
+        """
         integration = self._integration
         base = integration.url_for(self._config)
         absolute = endpoint.startswith(("http://", "https://"))
         url = endpoint if absolute else base.rstrip("/") + "/" + endpoint.lstrip("/")
-        if absolute and _origin(url) != _origin(base):
-            # A URL from elsewhere (say, from a provider's response) gets no credentials.
-            auth_headers: dict[str, str] = {}
-            auth_params: dict[str, str] = {}
-            auth = None
-        else:
-            auth_headers, auth_params, auth = _auth(integration, self._credentials)
+        # A URL from elsewhere (say, from a provider's response) gets no credentials.
+        authed = integration.auth != "none" and not (absolute and _origin(url) != _origin(base))
+        sent: Mapping[str, str] = self.secrets.current() if authed else {}
+        try:
+            return await self._request(method, url, sent, authed, params, json, data, headers)
+        except ProviderError as exc:
+            if exc.status != 401 or not authed or not await self.secrets.refresh(sent):
+                raise
+        return await self._request(method, url, self.secrets.current(), authed, params, json, data, headers)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        credentials: Mapping[str, str],
+        authed: bool,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        data: Any,
+        headers: Mapping[str, str] | None,
+    ) -> httpx.Response:
+        integration = self._integration
+        auth_headers: dict[str, str] = {}
+        auth_params: dict[str, str] = {}
+        auth = None
+        if authed:
+            auth_headers, auth_params, auth = _auth(integration, credentials, self._connection)
         merged_headers = {**(headers or {}), **auth_headers}
         merged_params = {**(params or {}), **auth_params}
         shown = f"{method} {url}"
@@ -443,7 +576,9 @@ class Provider:
         ) as span:
             tracing.inject(merged_headers)  # the provider joins the trace
             try:
-                response = await self._send(method, url, shown, merged_params, merged_headers, auth, json, data)
+                response = await self._send(
+                    method, url, shown, credentials, merged_params, merged_headers, auth, json, data
+                )
             except ProviderError as exc:
                 if exc.status:
                     span.set_attribute("http.response.status_code", exc.status)
@@ -457,6 +592,7 @@ class Provider:
         method: str,
         url: str,
         shown: str,
+        credentials: Mapping[str, str],
         params: dict[str, Any],
         headers: dict[str, str],
         auth: Any,
@@ -481,7 +617,7 @@ class Provider:
             except httpx.TransportError as exc:
                 self.calls.append(f"{shown} -> {type(exc).__name__}")
                 if attempt > integration.retries:
-                    detail = redact(str(exc), self._credentials)
+                    detail = redact(str(exc), credentials or self.secrets.latest)
                     # Not chained: httpx's own message may hold the URL's query-string credentials,
                     # and a chained cause would show it, unredacted, in any traceback a plugin logs.
                     raise ProviderError(f"{shown} failed: {type(exc).__name__}: {detail}") from None
@@ -496,7 +632,7 @@ class Provider:
                     await self._clock.sleep(pause)
                     continue
             if response.status_code >= 400:
-                body = redact_excerpt(response.text, self._credentials, BODY_EXCERPT)
+                body = redact_excerpt(response.text, credentials or self.secrets.latest, BODY_EXCERPT)
                 raise ProviderError(
                     f"{shown} answered {response.status_code} {response.reason_phrase}: {body}",
                     status=response.status_code,

@@ -21,6 +21,12 @@ release does not know, so an older replay still reads a newer log.
     function-gave-up            FunctionGaveUp       function, attempt, error, reason
     function-cancelled          FunctionCancelled    function, reason, attempt
     metadata-updated            MetadataUpdated      function, metadata, merge
+    credentials-updated         CredentialsUpdated   fingerprint, key_id, names, source
+    credentials-destroyed       CredentialsDestroyed fingerprint, key_id, reason
+
+Credentials themselves are never part of a record: ``credentials-updated``
+says that they changed (their names and a keyed fingerprint); the secrets go
+sealed into a table of their own (:mod:`orchestrator.sealing`).
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ class Fact(enum.StrEnum):
     FUNCTION_GAVE_UP = "function-gave-up"
     FUNCTION_CANCELLED = "function-cancelled"
     METADATA_UPDATED = "metadata-updated"
+    CREDENTIALS_UPDATED = "credentials-updated"
+    CREDENTIALS_DESTROYED = "credentials-destroyed"
 
 
 RECORD_TYPES: frozenset[str] = frozenset(e.value for e in LifecycleEvent) | frozenset(f.value for f in Fact)
@@ -383,6 +391,66 @@ class MetadataUpdated:
         return cls(_str(data, "function"), _object(data, "metadata"), bool(data.get("merge")), bool(data.get("dryrun")))
 
 
+# -- credentials -------------------------------------------------------------------
+
+
+def _names(data: Mapping[str, Any]) -> tuple[str, ...]:
+    value = data.get("names")
+    return tuple(str(name) for name in value) if isinstance(value, list) else ()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsUpdated:
+    """New credentials were sealed for the connection: never the secrets, only what tells them apart.
+
+    ``fingerprint`` is a keyed hash (HMAC-SHA256, 16 hex digits) of the credentials under a key
+    derived from the sealing key ``key_id``: two fingerprints of the same ``key_id`` are equal
+    exactly when the credentials are. ``names`` are the credentials' names, sorted; ``source``
+    says who brought them: ``emit``, ``update`` (UpdateCredentials) or ``resolver`` (after a 401).
+    """
+
+    fingerprint: str
+    key_id: str
+    names: tuple[str, ...] = ()
+    source: str = ""
+
+    type = Fact.CREDENTIALS_UPDATED.value
+
+    def to_data(self) -> JSONObject:
+        """The record's ``data``."""
+        return {
+            "fingerprint": self.fingerprint,
+            "key_id": self.key_id,
+            "names": list(self.names),
+            "source": self.source,
+        }
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> CredentialsUpdated:
+        """The body of a committed record's ``data``."""
+        return cls(_str(data, "fingerprint"), _str(data, "key_id"), _names(data), _str(data, "source"))
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsDestroyed:
+    """The connection's sealed credentials were deleted (crypto-shredding); ``fingerprint`` says which."""
+
+    fingerprint: str
+    key_id: str
+    reason: str = ""
+
+    type = Fact.CREDENTIALS_DESTROYED.value
+
+    def to_data(self) -> JSONObject:
+        """The record's ``data``."""
+        return {"fingerprint": self.fingerprint, "key_id": self.key_id, "reason": self.reason}
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> CredentialsDestroyed:
+        """The body of a committed record's ``data``."""
+        return cls(_str(data, "fingerprint"), _str(data, "key_id"), _str(data, "reason"))
+
+
 # -- one constructor, one parser -------------------------------------------------------
 
 Body: TypeAlias = (
@@ -395,6 +463,8 @@ Body: TypeAlias = (
     | FunctionGaveUp
     | FunctionCancelled
     | MetadataUpdated
+    | CredentialsUpdated
+    | CredentialsDestroyed
 )
 """The body of any record type this release knows."""
 
@@ -408,6 +478,8 @@ PARSERS: dict[str, Callable[[Mapping[str, Any]], Body]] = {
     Fact.FUNCTION_GAVE_UP: FunctionGaveUp.parse,
     Fact.FUNCTION_CANCELLED: FunctionCancelled.parse,
     Fact.METADATA_UPDATED: MetadataUpdated.parse,
+    Fact.CREDENTIALS_UPDATED: CredentialsUpdated.parse,
+    Fact.CREDENTIALS_DESTROYED: CredentialsDestroyed.parse,
 }
 """The parser of each record type (keyed by the type's string)."""
 

@@ -55,6 +55,7 @@ MAX_TRACEBACK = 8192
 _MAX_RAW = 4 * MAX_ERROR
 """Characters of a message carried to the record's scrub (redacted, then cut to :data:`MAX_ERROR`)."""
 _MAX_EXCEPTION_LINE = 1000
+"""Characters of the exception's line that a traceback keeps room for when it drops frames."""
 _PLUMBING = (
     *(str(Path(m.__file__).parent) + os.sep for m in (sys.modules["orchestrator"], anyio, asyncio) if m.__file__),
     str(Path(concurrent.futures.__file__).parent) + os.sep,
@@ -66,8 +67,10 @@ _PLUMBING = (
 
 def own_traceback(exc: BaseException, handler: Callable[..., Any] | None) -> str:
     """The traceback of ``exc`` from the function's own first frame on (the frames that called it are ours,
-    not the author's), at most :data:`MAX_TRACEBACK` characters: the outermost frame and as many of the
-    innermost as fit, the exception's line last. Empty when ``exc`` carries no frames of the function."""
+    not the author's): the outermost frame and as many of the innermost as fit in :data:`MAX_TRACEBACK`
+    characters with the exception's line last. That line is bounded here only, like the message (it may hold
+    a credential): the traceback is redacted, then cut to its final size, where the record is made. Empty
+    when ``exc`` carries no frames of the function."""
     frames = traceback.extract_tb(exc.__traceback__)
     home = getattr(getattr(handler, "__code__", None), "co_filename", None)
     start = next((i for i, frame in enumerate(frames) if frame.filename == home), None)
@@ -77,10 +80,11 @@ def own_traceback(exc: BaseException, handler: Callable[..., Any] | None) -> str
     if not lines:
         return ""
     last = "".join(traceback.format_exception_only(exc))
-    last = last if len(last) <= _MAX_EXCEPTION_LINE else last[:_MAX_EXCEPTION_LINE] + "…\n"
+    last = last if len(last) <= _MAX_RAW else last[:_MAX_RAW] + "…\n"
     head = "Traceback (most recent call last):\n"
     omitted = 0
-    while len(lines) > 2 and len(head) + sum(map(len, lines)) + len(last) + 40 > MAX_TRACEBACK:
+    room = min(len(last), _MAX_EXCEPTION_LINE)
+    while len(lines) > 2 and len(head) + sum(map(len, lines)) + room + 40 > MAX_TRACEBACK:
         del lines[1]
         omitted += 1
     if omitted:

@@ -29,10 +29,11 @@ from opentelemetry import metrics, trace
 from orchestrator import limits, records, state, tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
-from orchestrator.credentials import Credentials
+from orchestrator.credentials import Resolver, Updated, Vault
 from orchestrator.delivery import Delivery, Plan
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import (
+    FailedPrecondition,
     IdempotencyConflict,
     InvalidArgument,
     NotFound,
@@ -55,6 +56,7 @@ from orchestrator.model import (
 )
 from orchestrator.plugins import Registry
 from orchestrator.records import Fact, Record
+from orchestrator.sealing import Keyring
 from orchestrator.store import Appended, EventStore, scan
 from orchestrator.watchdog import LoopWatchdog
 from orchestrator.worker import Worker
@@ -248,8 +250,6 @@ class Service:
                 outcomes = await self._outcomes_of(lifecycle)
             elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
                 outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
-        if connection.state is ConnectionState.DELETED:
-            self._delivery.ended(connection, plan)
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
@@ -264,7 +264,12 @@ class Service:
         with tracer.start_as_current_span("append", attributes={"orchestrator.records": len(plan.events)}) as span:
             started = time.perf_counter()
             appended = await self._store.append(
-                request.ref, request.expected_version, plan.events, jobs=plan.jobs, cancel_jobs=plan.cancel_jobs
+                request.ref,
+                request.expected_version,
+                plan.events,
+                jobs=plan.jobs,
+                cancel_jobs=plan.cancel_jobs,
+                seal=plan.seal,
             )
             APPEND_MS.record((time.perf_counter() - started) * 1000)
             span.set_attributes(
@@ -311,16 +316,75 @@ class Service:
         )
 
     async def _state_after(self, lifecycle: Record) -> Connection:
-        """The connection as the original request left it: folded up to its verdict."""
+        """The connection as the original request left it: folded up to its verdict.
+
+        A creation has none: its append ends with the lifecycle record, or with the
+        ``credentials-updated`` record the emit's credentials brought right after it.
+        """
         connection: Connection | None = None
+        created = False
         async for record in scan(self._store, ref=lifecycle.ref, page=READ_PAGE):
+            if created:
+                if record.causation_id == lifecycle.event_id and record.type == Fact.CREDENTIALS_UPDATED:
+                    body = records.parse(record.type, record.data)
+                    if isinstance(body, records.CredentialsUpdated) and body.source == "emit":
+                        connection = state.apply(connection, record)
+                break
             connection = state.apply(connection, record)
             if record.event_id == lifecycle.event_id and record.type == LifecycleEvent.POST_CONNECTION_CREATION:
-                break
-            if record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
+                created = True
+            elif record.causation_id == lifecycle.event_id and record.type in _VERDICTS:
                 break
         assert connection is not None
         return connection
+
+    # -- credentials -----------------------------------------------------------
+
+    async def update_credentials(
+        self, ref: ConnectionRef, credentials: Mapping[str, str], *, traceparent: str = ""
+    ) -> Updated:
+        """Seal new credentials for ``ref`` (``credentials-updated`` in the log); the same ones again change nothing.
+
+        Refused for an unknown connection (NOT_FOUND) and for one that has ended with nothing of
+        it left to run (FAILED_PRECONDITION: they would be destroyed at once).
+        """
+        self._open()
+        if not credentials:
+            raise InvalidArgument("credentials is required: at least one NAME=VALUE")
+        limits.check_credentials(credentials)
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "orchestrator.environment": ref.environment,
+                "orchestrator.integration": ref.integration,
+                "orchestrator.connection_id": ref.connection_id,
+            }
+        )
+        traceparent = tracing.current_traceparent() or tracing.valid_traceparent(traceparent)
+        async with self._locks.hold(ref.stream):
+            connection = await self._store.get_connection(ref)
+            if connection is None:
+                raise NotFound(f"connection {ref} not found: credentials belong to a connection that exists")
+            if connection.state in (ConnectionState.DELETED, ConnectionState.REJECTED) and not await self._store.jobs(
+                ref
+            ):
+                raise FailedPrecondition(
+                    f"connection {ref} is {connection.state.value} and nothing of it runs any more: its credentials"
+                    " would be destroyed at once; send them with the event that creates it again"
+                )
+            with self._shielded():
+                updated = await self._delivery.vault.update(
+                    ref, connection.incarnation, credentials, source="update", traceparent=traceparent
+                )
+        log.info(
+            "credentials of %s %s: fingerprint %s (key id %s)",
+            ref,
+            "updated" if updated.changed else "unchanged",
+            updated.fingerprint,
+            updated.key_id,
+            extra={"connection": ref.stream, "fingerprint": updated.fingerprint, "version": updated.version},
+        )
+        return updated
 
     # -- reading -------------------------------------------------------------
 
@@ -449,6 +513,7 @@ class Engine:
     service: Service
     worker: Worker
     dispatcher: Dispatcher
+    vault: Vault
 
 
 def assemble(
@@ -459,7 +524,8 @@ def assemble(
     http: httpx.AsyncClient,
     integrations: Mapping[str, Integration] | None = None,
     config: DispatchConfig | None = None,
-    credentials: Credentials | None = None,
+    keyring: Keyring | None = None,
+    resolver: Resolver | None = None,
     rng: random.Random | None = None,
     new_id: Callable[[], str] = lambda: str(uuid7()),
     watchdog: LoopWatchdog | None = None,
@@ -467,17 +533,12 @@ def assemble(
 ) -> Engine:
     """The service over ``store`` with ``registry``'s functions; the caller runs ``worker.run()`` (and ``pool.run()``).
 
-    With a ``pool``, attempts run in its worker processes.
+    ``keyring`` seals the credentials (an ephemeral key when not given: tests); ``resolver`` is
+    asked for fresh credentials after a provider's 401. With a ``pool``, attempts run in its
+    worker processes (the credentials are opened per attempt in the daemon, as without one).
     """
-    dispatcher = Dispatcher(
-        clock,
-        http=http,
-        integrations=integrations,
-        config=config,
-        credentials=credentials,
-        watchdog=watchdog,
-        pool=pool,
-    )
-    worker = Worker(store, registry, dispatcher, clock, rng=rng)
-    delivery = Delivery(store, registry, dispatcher, worker, rng=rng, new_id=new_id)
-    return Engine(Service(store, delivery), worker, dispatcher)
+    dispatcher = Dispatcher(clock, http=http, integrations=integrations, config=config, watchdog=watchdog, pool=pool)
+    vault = Vault(store, keyring, resolver=resolver)
+    worker = Worker(store, registry, dispatcher, clock, rng=rng, vault=vault)
+    delivery = Delivery(store, registry, dispatcher, worker, vault=vault, rng=rng, new_id=new_id)
+    return Engine(Service(store, delivery), worker, dispatcher, vault)

@@ -88,6 +88,9 @@ _OUTCOME_STATUS: dict[Fact, FunctionStatus] = {
 }
 
 
+_CREDENTIALS = frozenset({Fact.CREDENTIALS_UPDATED, Fact.CREDENTIALS_DESTROYED})
+"""Facts about the sealed credentials: allowed in any state, they change nothing but the version."""
+
 _LIFECYCLE: dict[str, LifecycleEvent] = {e.value: e for e in LifecycleEvent}
 _FACTS: dict[str, Fact] = {f.value: f for f in Fact}
 
@@ -144,6 +147,9 @@ def apply(connection: Connection | None, record: Record) -> Connection:
             reason = records.ConnectionRejected.parse(record.data).reason
             return _advance(connection, record, state=_S.REJECTED, rejection_reason=reason)
         return _advance(connection, record, state=_S.DELETED)
+    if fact in _CREDENTIALS:
+        # The secrets are not in the log, and the read model does not follow their fingerprint.
+        return _advance(connection, record)
     if fact is Fact.METADATA_UPDATED:
         update = records.MetadataUpdated.parse(record.data)
         metadata = update.metadata

@@ -25,6 +25,7 @@ import anyio
 from orchestrator import records, tracing
 from orchestrator.clock import Clock
 from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import LeaseLost, OrchestratorError
 from orchestrator.model import ConnectionRef, Job, JSONObject, LifecycleEvent
@@ -113,8 +114,10 @@ class Worker:
         clock: Clock,
         *,
         rng: random.Random | None = None,
+        vault: Vault | None = None,
     ) -> None:
         self._store = store
+        self._vault = vault or Vault(store)
         self._registry = registry
         self._dispatcher = dispatcher
         self._clock = clock
@@ -295,8 +298,13 @@ class Worker:
         metadata = connection.metadata if connection is not None else {}
         sink = _Immediate(self._store, job.ref, metadata, function.name, job.causation_id, job.traceparent)
         event = EventInfo(job.event, job.payload, job.causation_id, job.attempt)
+        # Opened from the store for each attempt: after any number of restarts, the connection's own.
+        incarnation = connection.incarnation if connection is not None else 0
+        secrets = await self._vault.for_job(
+            job.ref, incarnation, causation_id=job.causation_id, traceparent=job.traceparent
+        )
         result = await self._dispatcher.attempt(
-            function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent
+            function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent, secrets=secrets
         )
         retry_at = None
         bodies: list[records.Body] = []

@@ -21,13 +21,26 @@ import click
 from orchestrator.cli import _exit
 from orchestrator.cli._common import apply_toml
 from orchestrator.cli._connections import connections
+from orchestrator.cli._credentials import credentials_group, keygen, rotate_key
 from orchestrator.cli._emit import emit
 from orchestrator.cli._events import events
 from orchestrator.cli._functions import dryrun, functions
 from orchestrator.cli._replay import replay
 from orchestrator.cli._serve import serve
 
-__all__ = ["connections", "dryrun", "emit", "events", "functions", "main", "replay", "serve"]
+__all__ = [
+    "connections",
+    "credentials_group",
+    "dryrun",
+    "emit",
+    "events",
+    "functions",
+    "keygen",
+    "main",
+    "replay",
+    "rotate_key",
+    "serve",
+]
 
 
 class _Group(click.Group):
@@ -69,5 +82,6 @@ def main(ctx: click.Context) -> None:
         apply_toml(ctx, Path(path))
 
 
-for _command in (serve, emit, connections, events, functions, dryrun, replay):
+for _command in (serve, emit, connections, events, functions, dryrun, replay, keygen, rotate_key):
     main.add_command(_command)
+main.add_command(credentials_group, "credentials")

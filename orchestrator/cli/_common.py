@@ -364,6 +364,10 @@ def detail(record: records.Record) -> str:
         return f"{body.function} after attempt {body.attempt}: {_line(said)}"
     if isinstance(body, records.FunctionSucceeded):
         return f"{body.function} attempt {body.attempt} ({body.duration_ms} ms)"
+    if isinstance(body, records.CredentialsUpdated):
+        return f"{body.source}: {', '.join(body.names)} fingerprint {body.fingerprint} (key id {body.key_id})"
+    if isinstance(body, records.CredentialsDestroyed):
+        return f"fingerprint {body.fingerprint}: {_line(body.reason)}"
     reason = getattr(body, "reason", "")
     return f"reason={_line(reason)}" if reason else ""
 

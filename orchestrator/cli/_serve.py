@@ -12,6 +12,7 @@ import click
 from orchestrator import config
 from orchestrator.cli import _exit
 from orchestrator.cli._common import apply_toml, configured_integrations, database, quiet_grpc
+from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
@@ -181,6 +182,7 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     default="",
     help="HOST:PORT for a Prometheus text endpoint at /metrics (default: none).",
 )
+@secret_key_file
 @click.option("--check", is_flag=True, help="Validate the configuration and plugins, print a summary, and exit.")
 @_dispatch_options
 @click.pass_context
@@ -201,6 +203,7 @@ def serve(
     log_format: str,
     log_file: Path | None,
     metrics_listen: str,
+    secret_key_file: Path | None,
     check: bool,
     **dispatch: Any,
 ) -> None:
@@ -209,6 +212,8 @@ def serve(
     Traces and metrics are exported as the standard OTEL_* variables say
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
     OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_PROTOCOL, OTEL_SERVICE_NAME).
+    Credentials are sealed under ORCHESTRATOR_SECRET_KEY (base64 of 32 bytes; a
+    comma-separated list rotates: the first seals, all open), else the key file.
     """
     quiet_grpc()
     import anyio
@@ -240,6 +245,8 @@ def serve(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         auth_token_file=auth_token_file,
+        secret_key=os.environ.get(SECRET_KEY_ENV, ""),  # the edge: read once, here, never a flag (ps shows flags)
+        secret_key_file=secret_key_file,
     )
     if check:
         access = daemon.load_access(settings)  # refuses unreadable or bad TLS files and token files
@@ -259,6 +266,7 @@ def serve(
         click.echo(f"tls: {access.tls.material.summary() if access.tls is not None else 'off'}")
         tokens = access.tokens
         click.echo(f"bearer tokens: {len(tokens.tokens)} from {tokens.path}" if tokens else "bearer tokens: none asked")
+        click.echo(_key_summary(settings, url))
         return
     backend_options: dict[str, Any] = {}
     try:
@@ -269,6 +277,18 @@ def serve(
         pass
     anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
     _leave_hung_threads()
+
+
+def _key_summary(settings: config.ServeConfig, url: str) -> str:
+    """Where the key ring comes from, checked (``--check`` creates no key file)."""
+    from orchestrator import daemon
+
+    key_file = daemon.key_file_for(settings, url)
+    if not settings.secret_key and key_file is not None and not key_file.exists():
+        return f"credentials: a new key file {key_file} (mode 0600) will be created at the first start"
+    keyring = daemon.keyring_for(settings, url, create=False)
+    source = SECRET_KEY_ENV if settings.secret_key else f"key file {key_file}" if key_file else "an ephemeral key"
+    return f"credentials: sealed under key id {keyring.sealing.id} ({len(keyring.ids)} key(s) from {source})"
 
 
 def _leave_hung_threads() -> None:

@@ -38,6 +38,7 @@ from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.errors import ProviderError, ResourceExhausted
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
+from orchestrator.provider import CredentialsUnavailable
 from orchestrator.runner import Ended, Raised
 
 HEADER = struct.Struct(">I")
@@ -50,7 +51,9 @@ REQUEST = "request"
 """``ctx.get/post/put/patch/delete``: the provider proxy's ``request(method, endpoint, ...)``, run by the daemon."""
 WRITE = "write"
 """``ctx.set_metadata/update_metadata``: the daemon's context writes (validated and bounded again there)."""
-OPERATIONS = (REQUEST, WRITE)
+CREDENTIALS = "credentials"
+"""A read of ``ctx.credentials``: the attempt's credentials as they are now, the only time any enter a worker."""
+OPERATIONS = (REQUEST, WRITE, CREDENTIALS)
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 _PLAIN_ERRORS = frozenset(
     {"OrchestratorError", "InvalidArgument", "NotFound", "FailedPrecondition", "ResourceExhausted", "Unavailable"}
@@ -258,6 +261,8 @@ def error_from(value: JSONObject) -> Exception:
     kind, message = value["type"], value["message"]
     if kind == "ProviderError":
         return ProviderError(message, status=value.get("status", 0), body=value.get("body", ""))
+    if kind == "CredentialsUnavailable":  # not retried, as in the daemon
+        return CredentialsUnavailable(message)
     if kind in _PLAIN_ERRORS:
         plain: type[Exception] = getattr(errors, kind)
         return plain(message)

@@ -7,8 +7,11 @@ reads nothing. It discovers the installed plugins as the daemon does, says it
 is ready, and runs each attempt it is sent with a real
 :class:`~orchestrator.context.Context` built over stand-ins: provider calls
 and metadata writes are forwarded to the daemon and answered there (the
-credentials never come here), and log lines are sent as they are made. The
-function is called as in the daemon (:func:`orchestrator.runner.invoke`).
+proxy injects the credentials there), and log lines are sent as they are
+made. The credentials come here only when the function reads
+``ctx.credentials`` (for an SDK that needs the raw token): each read asks the
+daemon, and a log line is then redacted of them here too, before it is cut.
+The function is called as in the daemon (:func:`orchestrator.runner.invoke`).
 
 It exits as soon as its pipe from the daemon closes (a thread reads it, so a
 function holding the event loop cannot delay that), and on Linux when the
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import ctypes
 import itertools
 import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -35,6 +40,7 @@ from orchestrator.errors import PluginError
 from orchestrator.isolation import _wire
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed, Registry, discover
+from orchestrator.provider import ReadOnlyCredentials, redact_excerpt
 from orchestrator.runner import Ended, Raised, invoke
 
 _PR_SET_PDEATHSIG = 1
@@ -82,12 +88,23 @@ class _Replies:
         self.loop = loop
         self.numbers = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[JSONObject]] = {}
+        self.blocked: dict[int, concurrent.futures.Future[JSONObject]] = {}
+        """Callers that block their thread for the reply (which may be the loop's)."""
+        self.lock = threading.Lock()
 
     def answer(self, message: JSONObject) -> None:
         """A reply came (on the loop's thread): hand it to its caller, if it still waits."""
         reply = self.waiting.get(message["id"])
         if reply is not None and not reply.done():
             reply.set_result(message)
+
+    def settle(self, message: JSONObject) -> bool:
+        """A reply came (on the reader's thread): hand it to a blocked caller at once; whether it was one's."""
+        with self.lock:
+            blocked = self.blocked.pop(message["id"], None)
+        if blocked is not None:
+            blocked.set_result(message)
+        return blocked is not None
 
 
 class _Link:
@@ -123,12 +140,35 @@ class _Link:
             raise _wire.error_from(answer["error"])
         return answer["value"]
 
+    def call_blocking(self, op: str, args: JSONObject) -> Any:
+        """:meth:`call` for a caller that cannot await, on any thread, the loop's included (its reply comes on
+        the reader's thread)."""
+        number = next(self._replies.numbers)
+        reply: concurrent.futures.Future[JSONObject] = concurrent.futures.Future()
+        with self._replies.lock:
+            self._replies.blocked[number] = reply
+        self.send({"t": "call", "id": number, "op": op, "args": args})
+        answer = reply.result()
+        if "error" in answer:
+            raise _wire.error_from(answer["error"])
+        return answer["value"]
+
 
 class _Provider:
-    """Provider calls, made by the daemon's proxy (with the credentials, which stay there)."""
+    """Provider calls, made by the daemon's proxy (which injects the credentials there); ``ctx.credentials``."""
 
     def __init__(self, link: _Link) -> None:
         self._link = link
+        self.held: list[Mapping[str, str]] = []
+        """Every set of credentials the daemon sent this attempt (for the log's redaction)."""
+        self.credentials = ReadOnlyCredentials(self._credentials)
+        """``ctx.credentials``: each read asks the daemon, so it sees fresh credentials after a 401."""
+
+    def _credentials(self) -> Mapping[str, str]:
+        current: dict[str, str] = dict(self._link.call_blocking(_wire.CREDENTIALS, {}))
+        if current and current not in self.held:
+            self.held.append(current)
+        return current
 
     async def request(self, method: str, endpoint: str, **options: Any) -> httpx.Response:
         """See :meth:`orchestrator.provider.Provider.request` (``params``, ``json``, ``data``, ``headers``)."""
@@ -161,11 +201,17 @@ class _Sink:
 
 
 class _Log(AttemptLog):
-    """Log lines, sent to the daemon as they are made (kept there even if this process is killed)."""
+    """Log lines, sent to the daemon as they are made (kept there even if this process is killed).
 
-    def __init__(self, link: _Link) -> None:
+    The daemon redacts them of the attempt's credentials before it cuts them; a line is cut here
+    first, to one character more than the daemon keeps, after redacting the credentials this
+    process holds (``held``: those ``ctx.credentials`` brought), so that the cut halves none.
+    """
+
+    def __init__(self, link: _Link, held: list[Mapping[str, str]]) -> None:
         super().__init__()
         self._link = link
+        self._held = held
         self._sent = 0
 
     def add(self, line: str) -> None:
@@ -173,7 +219,7 @@ class _Log(AttemptLog):
             self.dropped += 1
             return
         self._sent += 1
-        self._link.send({"t": "log", "line": line[: MAX_LOG_LINE + 1]})
+        self._link.send({"t": "log", "line": redact_excerpt(line, self._held, MAX_LOG_LINE + 1)})
 
 
 def _find(registry: Registry, wanted: JSONObject) -> Installed:
@@ -196,7 +242,8 @@ def _find(registry: Registry, wanted: JSONObject) -> Installed:
 
 
 async def _attempt(message: JSONObject, registry: Registry, link: _Link) -> None:
-    log = _Log(link)
+    provider = _Provider(link)
+    log = _Log(link, provider.held)
     try:
         function = _find(registry, message["function"])
     except PluginError as exc:
@@ -207,7 +254,7 @@ async def _attempt(message: JSONObject, registry: Registry, link: _Link) -> None
         ctx = Context(
             connection=ConnectionInfo(ref, connection["config"]),
             event=EventInfo(LifecycleEvent(event["type"]), event["payload"], event["event_id"], event["attempt"]),
-            provider=_Provider(link),
+            provider=provider,
             metadata_model=function.function.metadata,
             sink=_Sink(link, message["metadata"]),
             log=log,
@@ -229,6 +276,8 @@ async def _serve(channel: _Channel, registry: Registry) -> None:
 
     def read() -> None:  # its own thread: the pipe's end is noticed even while a function holds the loop
         while (message := channel.receive()) is not None:
+            if message["t"] == "reply" and replies.settle(message):
+                continue  # its caller blocks a thread, maybe the loop's: handed over here
             loop.call_soon_threadsafe(deliver, message)
         os._exit(0)  # the daemon closed the pipe: it stopped, or it is gone
 

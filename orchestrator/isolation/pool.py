@@ -5,8 +5,9 @@ orchestrator.isolation.child``), each in a seat of its own, and lends an idle
 one to each attempt (:meth:`ProcessPool.invoke`, the runner's ``invoke_with``).
 The attempt is sent as one message; while the function runs, the daemon
 serves the calls its context forwards (provider calls, metadata writes, log
-lines) with the attempt's own context, so credentials, the proxy and the sink
-stay in the daemon; the function's end comes back as the runner's
+lines, reads of ``ctx.credentials``) with the attempt's own context, so the
+proxy and the sink stay in the daemon, and credentials enter a worker only
+when its function reads ``ctx.credentials``; the function's end comes back as the runner's
 :class:`~orchestrator.runner.Ended`, and the runner makes the result as it
 does for an attempt run in the daemon.
 
@@ -131,6 +132,14 @@ def _operation(op: str, args: JSONObject, ctx: Context, parts: Backends) -> Perf
             return {"current": parts.sink.current()}
 
         return write
+    if op == _wire.CREDENTIALS:
+
+        async def read() -> Any:
+            # The function reads ctx.credentials: as in the daemon, the attempt's as they are now (after a 401's
+            # refresh too), or the CredentialsUnavailable that reading them raises.
+            return dict(parts.provider.credentials)
+
+        return read
     raise Garbage(f"a call of operation {op[:40]!r}")
 
 

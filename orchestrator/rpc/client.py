@@ -1,4 +1,4 @@
-"""A small synchronous gRPC client for the CLI's ``emit``, ``connections`` and ``events``.
+"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events`` and ``credentials``.
 
 It speaks TLS when given :class:`ClientTls` (a CA to trust, and for mutual TLS
 a certificate and key), and sends ``authorization: Bearer <token>`` on every
@@ -7,7 +7,7 @@ call when given a token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -68,6 +68,16 @@ def _fail(exc: grpc.RpcError, address: str, tls: bool) -> ClientError:
     return ClientError(code.name, details)
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialsUpdate:
+    """What UpdateCredentials answered."""
+
+    fingerprint: str
+    key_id: str
+    version: int
+    changed: bool
+
+
 class Client:
     """``orchestrator.v1.Orchestrator`` over one channel (TLS with ``tls``; ``token`` on every call)."""
 
@@ -104,6 +114,16 @@ class Client:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return wire.emit_response_from_proto(response)
+
+    def update_credentials(self, ref: ConnectionRef, credentials: Mapping[str, str]) -> CredentialsUpdate:
+        """Replace a connection's credentials."""
+        try:
+            response = self._stub.UpdateCredentials(
+                wire.update_credentials_to_proto(ref, credentials), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return CredentialsUpdate(response.fingerprint, response.key_id, response.version, response.changed)
 
     def get_connection(self, ref: ConnectionRef) -> Connection:
         """One connection."""

@@ -223,6 +223,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             next_page_token=page.next_page_token,
         )
 
+    @_unary
+    async def UpdateCredentials(
+        self, request: pb.UpdateCredentialsRequest, context: Ctx
+    ) -> pb.UpdateCredentialsResponse:
+        """See the proto."""
+        ref, credentials = wire.update_credentials_from_proto(request)
+        caller().require(ref.environment)
+        updated = await self._service.update_credentials(ref, credentials, traceparent=_traceparent(context))
+        return pb.UpdateCredentialsResponse(
+            fingerprint=updated.fingerprint, key_id=updated.key_id, version=updated.version, changed=updated.changed
+        )
+
     # grpc.aio's reader/writer form (a coroutine that writes) rather than an async generator: when the
     # caller goes away, grpc cancels this coroutine's task where it waits, so the span and the log's
     # reader are closed right there, in the call's own context. (An async generator suspended at a

@@ -200,6 +200,18 @@ def emit_request_to_proto(request: EmitRequest) -> pb.EmitLifecycleEventRequest:
     return message
 
 
+def update_credentials_from_proto(message: pb.UpdateCredentialsRequest) -> tuple[ConnectionRef, dict[str, str]]:
+    """The connection and the credentials of an UpdateCredentials request (fields checked)."""
+    if not message.HasField("connection"):
+        raise InvalidArgument("connection is required")
+    return ref_from_proto(message.connection), dict(message.credentials)
+
+
+def update_credentials_to_proto(ref: ConnectionRef, credentials: Mapping[str, str]) -> pb.UpdateCredentialsRequest:
+    """The wire form of an UpdateCredentials request (what the CLI sends)."""
+    return pb.UpdateCredentialsRequest(connection=ref_to_proto(ref), credentials=dict(credentials))
+
+
 def outcome_to_proto(outcome: Outcome) -> pb.FunctionOutcome:
     """The wire form of a function outcome."""
     return pb.FunctionOutcome(

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import anyio
 
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store._tail import TailPage
 
@@ -34,7 +34,15 @@ class Appended:
 
 
 class EventStore(Protocol):
-    """An append-only log of records per connection stream, with a read model kept in step."""
+    """An append-only log of records per connection stream, with a read model kept in step.
+
+    Beside the log, each connection may have one row of sealed credentials
+    (:class:`~orchestrator.model.SealedCredentials`, made by :mod:`orchestrator.sealing`;
+    the store never sees them in the clear). **Shredding** is the store's own rule, applied in
+    every write: when a write leaves a connection ``deleted`` or ``rejected`` with no job of
+    it queued or running and a sealed row stored, the row is deleted and a
+    ``credentials-destroyed`` record appended, in that same transaction.
+    """
 
     async def append(
         self,
@@ -44,10 +52,13 @@ class EventStore(Protocol):
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """Append ``events`` to ``ref``'s stream atomically, if its version is ``expected_version`` (None: any).
 
-        In the same transaction, ``jobs`` are scheduled (the outbox) and the
+        In the same transaction, ``seal`` replaces the connection's sealed credentials (its
+        ``version`` becomes that of the append's ``credentials-updated`` record, which must be
+        among ``events``), ``jobs`` are scheduled (the outbox) and the
         jobs ``cancel_jobs`` are removed, each as it was read or claimed: one
         whose fencing token has moved on since (claimed again) refuses the
         whole append with :class:`~orchestrator.errors.LeaseLost`. Returns once all of it is durable. Raises
@@ -93,6 +104,18 @@ class EventStore(Protocol):
 
     async def get_connection(self, ref: ConnectionRef) -> Connection | None:
         """The read model's row for ``ref``, or None."""
+        ...
+
+    async def sealed_credentials(self, ref: ConnectionRef) -> SealedCredentials | None:
+        """``ref``'s sealed credentials, or None."""
+        ...
+
+    async def sealed_keys(self) -> dict[str, int]:
+        """How many sealed rows each key id seals."""
+        ...
+
+    async def sweep_credentials(self) -> int:
+        """Apply the shredding rule to every connection (at start-up); how many rows it deleted."""
         ...
 
     async def list_connections(self, query: ConnectionQuery) -> list[Connection]:

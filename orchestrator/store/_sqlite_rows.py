@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator import codec
-from orchestrator.model import Connection, Job, LifecycleEvent, NewJob
+from orchestrator.model import Connection, Job, LifecycleEvent, NewJob, SealedCredentials
 from orchestrator.records import Record
 
 RECORD_COLUMNS = (
     "position, stream, version, event_id, type, data, recorded_at, "
     "causation_id, traceparent, idempotency_key, schema_version"
 )
+SEALED_COLUMNS = "stream, incarnation, key_id, nonce, ciphertext, fingerprint, version"
 JOB_COLUMNS = (
     "job_id, stream, function, event, causation_id, payload, traceparent, run_at, attempt, lease_until, lease_token"
 )
@@ -105,4 +106,23 @@ def connection_to_row(connection: Connection) -> tuple[Any, ...]:
         connection.version,
         connection.last_position,
         codec.dumps(codec.connection_to_json(connection)),
+    )
+
+
+def sealed_from_row(row: Sequence[Any]) -> SealedCredentials:
+    """A row of the ``credentials`` table (columns :data:`SEALED_COLUMNS`)."""
+    return SealedCredentials(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5], row[6])
+
+
+def sealed_to_row(sealed: SealedCredentials, updated_micros: int) -> tuple[Any, ...]:
+    """The ``credentials`` row of sealed credentials (columns :data:`SEALED_COLUMNS`, then ``updated_at``)."""
+    return (
+        sealed.stream,
+        sealed.incarnation,
+        sealed.key_id,
+        sealed.nonce,
+        sealed.ciphertext,
+        sealed.fingerprint,
+        sealed.version,
+        updated_micros,
     )

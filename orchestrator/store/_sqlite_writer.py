@@ -46,20 +46,23 @@ from orchestrator.errors import (
     StoreError,
     Unavailable,
 )
-from orchestrator.model import Connection, ConnectionRef, Job, NewJob
+from orchestrator.model import Connection, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
-from orchestrator.store._append import plan_append
+from orchestrator.store._append import ENDED, check_seal, plan_append, sealed_version, shredding
 from orchestrator.store._base import Appended
 from orchestrator.store._migrations import migrate_sqlite
 from orchestrator.store._sqlite_file import check_is_a_log, check_quickly, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     RECORD_COLUMNS,
+    SEALED_COLUMNS,
     connection_from_body,
     connection_to_row,
     job_from_row,
     job_to_row,
     record_to_row,
+    sealed_from_row,
+    sealed_to_row,
 )
 from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, weight
 
@@ -90,6 +93,12 @@ class _Append(_Op):
     events: Sequence[NewEvent] = ()
     jobs: Sequence[NewJob] = ()
     cancel_jobs: Sequence[Job] = ()
+    seal: SealedCredentials | None = None
+
+
+@dataclass(eq=False)
+class _Sweep(_Op):
+    """Apply the shredding rule to every connection with sealed credentials (at start-up)."""
 
 
 @dataclass(eq=False)
@@ -122,6 +131,8 @@ class _Txn:
     job_rows: list[tuple[Any, ...]] = field(default_factory=list)
     deleted_jobs: list[str] = field(default_factory=list)
     rescheduled: list[tuple[int, str]] = field(default_factory=list)
+    sealed: dict[str, SealedCredentials | None] = field(default_factory=dict)
+    """Sealed credentials written (or, None, deleted) by this batch, by stream."""
 
 
 class Writer:
@@ -174,6 +185,8 @@ class Writer:
             check_is_a_log(db, path, init=self._init)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = FULL")
+            # Deleted content (a shredded credentials row above all) is overwritten, not left in free pages.
+            db.execute("PRAGMA secure_delete = ON")
             migrate_sqlite(db, self._path, self._clock)
             # We hold the file's lock, so whoever leased a job before is dead:
             # its attempt is retried now rather than after the lease runs out.
@@ -235,10 +248,17 @@ class Writer:
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """Append through the group commit (see :meth:`~orchestrator.store.EventStore.append`)."""
         op = _Append(
-            ref.stream, ref=ref, expected_version=expected_version, events=events, jobs=jobs, cancel_jobs=cancel_jobs
+            ref.stream,
+            ref=ref,
+            expected_version=expected_version,
+            events=events,
+            jobs=jobs,
+            cancel_jobs=cancel_jobs,
+            seal=seal,
         )
         result: Appended = await self.submit(op)
         return result
@@ -250,13 +270,20 @@ class Writer:
         jobs: list[Job] = await self.submit(op)
         return jobs
 
-    async def finish_job(self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None) -> Appended:
+    async def finish_job(
+        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
+    ) -> Appended | None:
         """Record an outcome (see :meth:`~orchestrator.store.EventStore.finish_job`)."""
         op = _Finish(
             job.stream, job=job, events=events, retry_at=codec.to_micros(retry_at) if retry_at is not None else None
         )
-        result: Appended = await self.submit(op)
+        result: Appended | None = await self.submit(op)
         return result
+
+    async def sweep_credentials(self) -> int:
+        """Apply the shredding rule everywhere (see :meth:`~orchestrator.store.EventStore.sweep_credentials`)."""
+        shredded: int = await self.submit(_Sweep(None))
+        return shredded
 
     async def run(self) -> None:
         """Commit batches until :meth:`stop_taking` and the queue is empty."""
@@ -348,6 +375,8 @@ class Writer:
                         op.result = self._apply_finish(db, txn, op)
                     elif isinstance(op, _Claim):
                         op.result = self._apply_claim(db, op)
+                    elif isinstance(op, _Sweep):
+                        op.result = self._apply_sweep(db, txn)
                 except OrchestratorError as exc:
                     op.error = exc
                 except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
@@ -395,12 +424,15 @@ class Writer:
             sql = f"SELECT job_id, lease_token FROM jobs WHERE job_id IN ({marks})"
             if dict(db.execute(sql, list(wanted)).fetchall()) != wanted:
                 raise LeaseLost(f"{op.ref}: a job to cancel was claimed again meanwhile; nothing was written")
+        check_seal(op.ref, op.events, op.seal)
         created = codec.to_micros(txn.recorded_at)
         job_rows = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
         appended = self._add_records(txn, op.ref, op.expected_version, op.events)
         txn.deleted_jobs.extend(j.job_id for j in op.cancel_jobs)
         txn.job_rows.extend(job_rows)
-        return appended
+        if op.seal is not None:
+            txn.sealed[op.ref.stream] = sealed_version(op.seal, appended.records)
+        return self._shred(db, txn, op.ref, appended) or appended
 
     def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
         job = op.job
@@ -412,7 +444,47 @@ class Writer:
             txn.deleted_jobs.append(job.job_id)
         else:
             txn.rescheduled.append((op.retry_at, job.job_id))
-        return appended
+        return self._shred(db, txn, job.ref, appended)
+
+    def _shred(
+        self, db: sqlite3.Connection, txn: _Txn, ref: ConnectionRef, appended: Appended | None
+    ) -> Appended | None:
+        """The shredding rule after a write: ``appended`` and the ``credentials-destroyed`` it adds, if any."""
+        stream = ref.stream
+        connection = txn.current.get(stream)
+        if connection is None or connection.state not in ENDED:
+            return appended  # the common case: no query
+        if stream in txn.sealed:
+            sealed = txn.sealed[stream]
+        else:
+            row = db.execute(f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream = ?", (stream,)).fetchone()
+            sealed = sealed_from_row(row) if row is not None else None
+        if sealed is None:
+            return appended
+        stored = {row[0] for row in db.execute("SELECT job_id FROM jobs WHERE stream = ?", (stream,))}
+        left = (stored - set(txn.deleted_jobs)) | {row[0] for row in txn.job_rows if row[1] == stream}
+        event = shredding(connection, sealed, bool(left), appended.records[-1] if appended else None)
+        if event is None:
+            return appended
+        shred = self._add_records(txn, ref, None, [event])
+        txn.sealed[stream] = None
+        return Appended((appended.records if appended else ()) + shred.records, shred.connection)
+
+    def _apply_sweep(self, db: sqlite3.Connection, txn: _Txn) -> int:
+        streams = [
+            row[0]
+            for row in db.execute(
+                "SELECT c.stream FROM credentials c JOIN connections n ON n.stream = c.stream"
+                " WHERE n.state IN ('deleted', 'rejected')"
+                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.stream = c.stream)"
+            )
+        ]
+        txn.current.update(self._load_connections(db, [s for s in streams if s not in txn.current]))
+        shredded = 0
+        for stream in streams:
+            if self._shred(db, txn, ConnectionRef.from_stream(stream), None) is not None:
+                shredded += 1
+        return shredded
 
     def _apply_claim(self, db: sqlite3.Connection, op: _Claim) -> list[Job]:
         excluded = list(op.exclude)
@@ -448,6 +520,17 @@ class Writer:
             db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
         if txn.rescheduled:
             db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
+        if txn.sealed:
+            updated = codec.to_micros(txn.recorded_at)
+            kept = [sealed_to_row(s, updated) for s in txn.sealed.values() if s is not None]
+            gone = [(stream,) for stream, s in txn.sealed.items() if s is None]
+            if gone:
+                db.executemany("DELETE FROM credentials WHERE stream = ?", gone)
+            if kept:
+                db.executemany(
+                    f"INSERT OR REPLACE INTO credentials ({SEALED_COLUMNS}, updated_at) VALUES ({','.join('?' * 8)})",
+                    kept,
+                )
 
     def _load_connections(self, db: sqlite3.Connection, streams: Iterable[str]) -> dict[str, Connection]:
         found: dict[str, Connection] = {}

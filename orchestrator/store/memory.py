@@ -11,10 +11,10 @@ import anyio
 from orchestrator import codec
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import IdempotencyConflict, InvalidArgument, LeaseLost, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import Appended, Stats
-from orchestrator.store._append import plan_append
+from orchestrator.store._append import check_seal, plan_append, sealed_version, shredding
 from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, TailPage, weight
 
 
@@ -32,6 +32,7 @@ class MemoryEventStore:
         self._jobs: dict[str, Job] = {}
         self._leases: dict[str, datetime | None] = {}
         self._jobs_event = anyio.Event()
+        self._sealed: dict[str, SealedCredentials] = {}
         self._closed = False
         self._last_time = self._clock.now()
 
@@ -43,11 +44,13 @@ class MemoryEventStore:
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """See :meth:`EventStore.append`."""
         async with self._lock:
             if self._closed:
                 raise Unavailable("the event store is closed")
+            check_seal(ref, events, seal)
             if any(
                 self._jobs.get(j.job_id) is None or self._jobs[j.job_id].lease_token != j.lease_token
                 for j in cancel_jobs
@@ -72,9 +75,11 @@ class MemoryEventStore:
                     traceparent=new.traceparent,
                 )
                 self._leases[new.job_id] = None
+            if seal is not None:
+                self._sealed[ref.stream] = sealed_version(seal, appended.records)
             if jobs or cancel_jobs:
                 self._jobs_changed()
-            return appended
+            return self._shred_locked(ref, appended) or appended
 
     def _append_locked(self, ref: ConnectionRef, expected_version: int | None, events: Sequence[NewEvent]) -> Appended:
         """Check, number and fold ``events``, then keep them (the caller holds the lock)."""
@@ -106,6 +111,36 @@ class MemoryEventStore:
         self._tail.add(records, [weight(r, text) for r, text in zip(records, texts, strict=True)])
         self._tail.wake()
         return Appended(tuple(records), connection)
+
+    def _shred_locked(self, ref: ConnectionRef, appended: Appended | None) -> Appended | None:
+        """The shredding rule after a write (the caller holds the lock): ``appended`` and what it added."""
+        jobs_left = any(j.stream == ref.stream for j in self._jobs.values())
+        last = appended.records[-1] if appended is not None else None
+        event = shredding(self._connections.get(ref.stream), self._sealed.get(ref.stream), jobs_left, last)
+        if event is None:
+            return appended
+        shred = self._append_locked(ref, None, [event])
+        del self._sealed[ref.stream]
+        return Appended((appended.records if appended else ()) + shred.records, shred.connection)
+
+    async def sealed_credentials(self, ref: ConnectionRef) -> SealedCredentials | None:
+        """See :meth:`EventStore.sealed_credentials`."""
+        return self._sealed.get(ref.stream)
+
+    async def sealed_keys(self) -> dict[str, int]:
+        """See :meth:`EventStore.sealed_keys`."""
+        counts: dict[str, int] = {}
+        for sealed in self._sealed.values():
+            counts[sealed.key_id] = counts.get(sealed.key_id, 0) + 1
+        return counts
+
+    async def sweep_credentials(self) -> int:
+        """See :meth:`EventStore.sweep_credentials`."""
+        async with self._lock:
+            before = len(self._sealed)
+            for stream in list(self._sealed):
+                self._shred_locked(ConnectionRef.from_stream(stream), None)
+            return before - len(self._sealed)
 
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
         """See :meth:`EventStore.claim_jobs`."""
@@ -141,11 +176,12 @@ class MemoryEventStore:
             if retry_at is None:
                 del self._jobs[job.job_id]
                 del self._leases[job.job_id]
+                self._jobs_changed()
             else:
                 self._jobs[job.job_id] = dataclasses.replace(current, run_at=retry_at, leased=False)
                 self._leases[job.job_id] = None
                 self._jobs_changed()
-            return appended
+            return self._shred_locked(job.ref, appended)
 
     async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
         """See :meth:`EventStore.jobs`."""

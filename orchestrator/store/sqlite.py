@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -26,8 +26,8 @@ import anyio.to_thread
 
 from orchestrator import codec
 from orchestrator.clock import Clock
-from orchestrator.errors import StoreError, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob
+from orchestrator.errors import OrchestratorError, StoreError, Unavailable
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
@@ -35,9 +35,11 @@ from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     RECORD_COLUMNS,
+    SEALED_COLUMNS,
     connection_from_body,
     job_from_row,
     record_from_row,
+    sealed_from_row,
 )
 from orchestrator.store._sqlite_writer import Writer
 from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
@@ -148,17 +150,26 @@ class SQLiteEventStore:
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """See :meth:`EventStore.append`. Waits for the group commit that includes it."""
-        return await self._writing().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs)
+        return await self._writing().append(
+            ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs, seal=seal
+        )
 
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
         """See :meth:`EventStore.claim_jobs`."""
         return await self._writing().claim_jobs(limit=limit, lease=lease, exclude=exclude)
 
-    async def finish_job(self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None) -> Appended:
+    async def finish_job(
+        self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
+    ) -> Appended | None:
         """See :meth:`EventStore.finish_job`."""
         return await self._writing().finish_job(job, events, retry_at=retry_at)
+
+    async def sweep_credentials(self) -> int:
+        """See :meth:`EventStore.sweep_credentials`."""
+        return await self._writing().sweep_credentials()
 
     def jobs_changed(self) -> anyio.Event:
         """See :meth:`EventStore.jobs_changed`."""
@@ -181,6 +192,16 @@ class SQLiteEventStore:
         """See :meth:`EventStore.get_connection`."""
         rows = await self._fetch("SELECT body FROM connections WHERE stream = ?", (ref.stream,))
         return connection_from_body(rows[0][0]) if rows else None
+
+    async def sealed_credentials(self, ref: ConnectionRef) -> SealedCredentials | None:
+        """See :meth:`EventStore.sealed_credentials`."""
+        rows = await self._fetch(f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream = ?", (ref.stream,))
+        return sealed_from_row(rows[0]) if rows else None
+
+    async def sealed_keys(self) -> dict[str, int]:
+        """See :meth:`EventStore.sealed_keys`."""
+        rows = await self._fetch("SELECT key_id, COUNT(*) FROM credentials GROUP BY key_id", ())
+        return {str(key): int(count) for key, count in rows}
 
     async def list_connections(self, query: ConnectionQuery) -> list[Connection]:
         """See :meth:`EventStore.list_connections`."""
@@ -293,3 +314,81 @@ def _own(path: Path, clock: Clock) -> _sqlite_file.Lock:
     lock = _sqlite_file.Lock(real, shown=path)
     lock.acquire()
     return lock
+
+
+RESEAL_BATCH = 200
+"""Rows resealed per transaction by :func:`reseal_sqlite` (short transactions: the daemon writes between them)."""
+
+
+def reseal_sqlite(
+    path: Path,
+    reseal: Callable[[SealedCredentials], SealedCredentials | None],
+    *,
+    clock: Clock,
+    batch: int = RESEAL_BATCH,
+) -> tuple[int, int, list[str]]:
+    """Run ``reseal`` over every sealed row of the log at ``path``, storing what it returns; safe while the daemon runs.
+
+    The daemon owns the log's records, not this table's rows one by one: each batch is one short
+    ``BEGIN IMMEDIATE`` transaction, and a row is replaced only if it is still the one that was
+    read (same nonce), so credentials the daemon sealed meanwhile are never overwritten. Returns
+    (rows resealed, rows that changed meanwhile and were left as they are, one problem per row
+    that ``reseal`` refused). Blocks: call it off the event loop.
+    """
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the event log at {path}: {exc}") from exc
+    resealed = skipped = 0
+    problems: list[str] = []
+    try:
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA secure_delete = ON")  # the old ciphertexts are overwritten, not left in free pages
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+        if "credentials" not in tables:
+            raise StoreError(
+                f"{path} has no credentials table: it is not an event log, or no daemon of this release has opened it"
+            )
+        after = ""
+        while True:
+            rows = db.execute(
+                f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream > ? ORDER BY stream LIMIT ?", (after, batch)
+            ).fetchall()
+            if not rows:
+                break
+            after = rows[-1][0]
+            updates = []
+            for row in rows:
+                sealed = sealed_from_row(row)
+                try:
+                    fresh = reseal(sealed)
+                except OrchestratorError as exc:
+                    problems.append(f"{sealed.stream}: {exc}")
+                    continue
+                if fresh is not None:
+                    updates.append((fresh, sealed.nonce))
+            if not updates:
+                continue
+            now = codec.to_micros(clock.now())
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for fresh, nonce in updates:
+                    cursor = db.execute(
+                        "UPDATE credentials SET key_id = ?, nonce = ?, ciphertext = ?, fingerprint = ?, updated_at = ?"
+                        " WHERE stream = ? AND nonce = ?",
+                        (fresh.key_id, fresh.nonce, fresh.ciphertext, fresh.fingerprint, now, fresh.stream, nonce),
+                    )
+                    if cursor.rowcount:
+                        resealed += 1
+                    else:
+                        skipped += 1
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+    except sqlite3.Error as exc:
+        raise StoreError(f"the credentials in {path} could not be resealed: {exc}") from exc
+    finally:
+        db.close()
+    return resealed, skipped, problems

@@ -24,13 +24,12 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
 ) -> None:
     """SIGKILL while register-webhook's POST is held: after a restart the job runs again (attempt 2) and succeeds."""
     database = tmp_path / "events.db"
-    # auth none: credentials live in the daemon's memory until the security work seals them,
-    # so a restarted daemon has none to send; the re-run is what this test is about.
-    config = write_config(tmp_path / "o.toml", provider.url, auth="none")
+    # The credential is sealed with the emit: the re-run after the restart sends it too.
+    config = write_config(tmp_path / "o.toml", provider.url, auth="bearer")
     held = provider.hold("POST")
     with anyio.fail_after(100):
         async with serve(database, "--config", str(config)) as first:
-            emitted = await create_acme(first.address)
+            emitted = await create_acme(first.address, "--credential", "access_token=t0k3n-of-acme")
             assert emitted.code == 0, str(emitted)
             assert emitted.json()["state"] == "active"
             assert await reached(held.arrived), "the provider never received the POST"
@@ -49,6 +48,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
             records = [r for r in log.json_lines() if r["stream"] == STREAM]
             assert [r["type"] for r in records] == [
                 "post-connection-creation",
+                "credentials-updated",
                 "metadata-updated",
                 "function-succeeded",
             ]
@@ -61,6 +61,7 @@ async def test_a_job_killed_mid_call_reruns_after_restart_and_completes(
             assert await second.stop() == 0, str(second)
 
         assert [(r.method, r.path) for r in provider.requests] == [("POST", "/acme/webhooks")] * 2
+        assert {r.headers["authorization"] for r in provider.requests} == {"Bearer t0k3n-of-acme"}
         assert provider.created == ["wh1", "wh2"]
         assert snapshot(database)["jobs"] == []
         verified = await arun("replay", "--database", sqlite_url(database), "--verify")

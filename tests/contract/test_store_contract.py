@@ -7,6 +7,7 @@ import sqlite3
 import sys
 import warnings
 from collections.abc import AsyncIterator, Sequence
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from orchestrator import codec, state
+from orchestrator import codec, records, sealing, state
 from orchestrator.errors import (
     IdempotencyConflict,
     InvalidArgument,
@@ -25,8 +26,16 @@ from orchestrator.errors import (
     VersionConflict,
 )
 from orchestrator.ids import uuid7
-from orchestrator.model import ConnectionQuery, ConnectionRef, ConnectionState, LifecycleEvent, NewJob
+from orchestrator.model import (
+    ConnectionQuery,
+    ConnectionRef,
+    ConnectionState,
+    LifecycleEvent,
+    NewJob,
+    SealedCredentials,
+)
 from orchestrator.records import Fact, NewEvent, Record
+from orchestrator.replay import verify as replay_verify
 from orchestrator.store import Appended, EventStore, TailBounds, open_store
 from tests.support.clock import FakeClock
 
@@ -85,6 +94,16 @@ def rejected() -> list[NewEvent]:
     """A validation and its rejecting verdict."""
     request = lifecycle(LifecycleEvent.VALIDATE_CONNECTION)
     return [request, fact(Fact.CONNECTION_REJECTED, request, {"reason": "invalid API key"})]
+
+
+KEYS = sealing.Keyring.ephemeral()
+
+
+def sealed_for(ref: ConnectionRef, incarnation: int, credentials: dict[str, str]) -> tuple[NewEvent, SealedCredentials]:
+    """The credentials-updated record and the sealed row of ``credentials``, as the daemon makes them."""
+    sealed = sealing.seal(KEYS, ref, incarnation, credentials)
+    body = records.CredentialsUpdated(sealed.fingerprint, sealed.key_id, tuple(sorted(credentials)), "emit")
+    return records.new(body), sealed
 
 
 async def append_next(store: EventStore, ref: ConnectionRef, events: Sequence[NewEvent]) -> Appended:
@@ -646,6 +665,114 @@ class StoreContract:
         with pytest.raises(LeaseLost):
             await store.finish_job(claimed, [fact(Fact.FUNCTION_SUCCEEDED, created, {"function": "f"})])
 
+    # -- sealed credentials (the sealing itself: tests/unit/test_sealing.py) --------------------
+
+    async def test_a_seal_is_stored_with_its_record_and_opens(self, store: EventStore) -> None:
+        """Sealed credentials are written with their credentials-updated record, carry its version and open."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        appended = await store.append(ACME, 0, [creation, update], seal=sealed)
+        stored = await store.sealed_credentials(ACME)
+        assert stored is not None
+        assert (stored.version, stored.key_id, stored.fingerprint) == (2, sealed.key_id, sealed.fingerprint)
+        assert sealing.open_sealed(KEYS, stored, ACME, 1) == {"access_token": "t0k3n-one"}
+        assert [r.type for r in appended.records] == [creation.type, Fact.CREDENTIALS_UPDATED]
+        assert appended.connection.state is ConnectionState.ACTIVE
+        assert await store.sealed_credentials(GLOBEX) is None
+        assert await store.sealed_keys() == {KEYS.sealing.id: 1}
+
+    async def test_a_later_seal_replaces_the_earlier(self, store: EventStore) -> None:
+        """One row per connection: the latest credentials win."""
+        update, first = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=first)
+        update, second = sealed_for(ACME, 1, {"access_token": "t0k3n-two"})
+        await store.append(ACME, None, [update], seal=second)
+        stored = await store.sealed_credentials(ACME)
+        assert stored is not None and stored.version == 3
+        assert sealing.open_sealed(KEYS, stored, ACME, 1) == {"access_token": "t0k3n-two"}
+
+    async def test_a_seal_without_its_record_or_for_another_connection_is_refused(self, store: EventStore) -> None:
+        """A seal must come with its credentials-updated record, for its own stream; nothing is written otherwise."""
+        _, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        with pytest.raises(InvalidArgument, match="credentials-updated"):
+            await store.append(ACME, 0, created(), seal=sealed)
+        update, other = sealed_for(GLOBEX, 1, {"access_token": "t0k3n-one"})
+        with pytest.raises(InvalidArgument, match="globex"):
+            await store.append(ACME, 0, [*created(), update], seal=other)
+        assert await store.head() == 0
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_a_deletion_with_no_job_left_shreds_in_its_own_append(self, store: EventStore) -> None:
+        """deleted + no job + a sealed row: the row goes and credentials-destroyed follows, in the same append."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        appended = await store.append(ACME, 2, deletion)
+        assert [r.type for r in appended.records] == [
+            deletion[0].type,
+            Fact.CONNECTION_DELETED,
+            Fact.CREDENTIALS_DESTROYED,
+        ]
+        destroyed = appended.records[-1]
+        assert destroyed.data["fingerprint"] == sealed.fingerprint
+        assert destroyed.data["key_id"] == sealed.key_id
+        assert destroyed.causation_id == deletion[0].event_id, "caused by the request that ended the connection"
+        assert appended.connection.state is ConnectionState.DELETED and appended.connection.version == 5
+        assert await store.sealed_credentials(ACME) is None
+        assert await everything(store) == [*(await store.read(ref=ACME))]
+        assert await store.sealed_keys() == {}
+
+    async def test_a_rejection_shreds(self, store: EventStore) -> None:
+        """A connection rejected with nothing of it left to run loses its sealed credentials at once."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*validated(), update], seal=sealed)
+        appended = await store.append(ACME, None, rejected())
+        assert appended.records[-1].type == Fact.CREDENTIALS_DESTROYED
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_the_last_job_of_a_deleted_connection_shreds_as_it_finishes(self, store: EventStore) -> None:
+        """A cleanup job keeps the row; rescheduling it keeps it still; its removal shreds in the same write."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        cleanup = NewJob(str(uuid7()), "cleanup", LifecycleEvent.PRE_CONNECTION_DELETION, deletion[0].event_id, {}, T0)
+        other = NewJob(str(uuid7()), "tidy", LifecycleEvent.PRE_CONNECTION_DELETION, deletion[0].event_id, {}, T0)
+        appended = await store.append(ACME, 2, deletion, jobs=[cleanup, other])
+        assert appended.records[-1].type == Fact.CONNECTION_DELETED
+        assert await store.sealed_credentials(ACME) is not None
+        first, second = await store.claim_jobs(limit=2, lease=60)
+        failed = fact(Fact.FUNCTION_FAILED, deletion[0], {"function": first.function})
+        assert await store.finish_job(first, [failed], retry_at=T0) is not None
+        assert await store.sealed_credentials(ACME) is not None
+        done = await store.finish_job(second, [fact(Fact.FUNCTION_SUCCEEDED, deletion[0], {"function": "x"})])
+        assert done is not None and done.records[-1].type == Fact.FUNCTION_SUCCEEDED
+        assert await store.sealed_credentials(ACME) is not None, "a job is still queued"
+        (again,) = await store.claim_jobs(limit=1, lease=60)
+        last = await store.finish_job(again, [fact(Fact.FUNCTION_SUCCEEDED, deletion[0], {"function": "y"})])
+        assert last is not None
+        assert [r.type for r in last.records] == [Fact.FUNCTION_SUCCEEDED, Fact.CREDENTIALS_DESTROYED]
+        assert await store.sealed_credentials(ACME) is None
+        assert await store.jobs(ACME) == []
+
+    async def test_a_cancelling_append_that_leaves_no_job_shreds(self, store: EventStore) -> None:
+        """Cancelling the last job in a deletion's own append shreds in that append."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [creation, update], jobs=[job(creation)], seal=sealed)
+        (listed,) = await store.jobs(ACME)
+        appended = await store.append(ACME, 2, deleted(), cancel_jobs=[listed])
+        assert appended.records[-1].type == Fact.CREDENTIALS_DESTROYED
+        assert await store.sealed_credentials(ACME) is None
+
+    async def test_an_active_connection_keeps_its_row_and_sweeping_changes_nothing(self, store: EventStore) -> None:
+        """Only ended connections are shredded; a sweep of a consistent store deletes nothing."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        head = await store.head()
+        assert await store.sweep_credentials() == 0
+        assert await store.head() == head
+        assert await store.sealed_credentials(ACME) is not None
+
 
 UNENCODABLE_APPEND = """
 import sys, anyio
@@ -709,6 +836,26 @@ class TestSQLiteStore(StoreContract):
                 await store.append(ACME, 1, created(key="req-1"))
             appended = await store.append(GLOBEX, 2, created())
             assert [(r.position, r.version) for r in appended.records] == [(4, 3)]
+
+    async def test_the_sweep_at_start_shreds_a_row_an_ended_connection_kept(self, url: str, path: Path) -> None:
+        """A row of a deleted connection with no job (an old or hand-edited log) is shredded by the sweep."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        async with open_store(url) as store:
+            await store.append(ACME, 0, [*created(), update], seal=sealed)
+            await store.append(GLOBEX, 0, [*created(), *deleted()])
+
+        def move() -> None:  # what no daemon of this release leaves: an ended connection's row
+            with closing(sqlite3.connect(path)) as db, db:
+                db.execute("UPDATE credentials SET stream = ? WHERE stream = ?", (GLOBEX.stream, ACME.stream))
+
+        await anyio.to_thread.run_sync(move)
+        async with open_store(url) as store:
+            assert await store.sweep_credentials() == 1
+            assert await store.sealed_credentials(GLOBEX) is None
+            (last,) = (await store.read(ref=GLOBEX))[-1:]
+            assert last.type == Fact.CREDENTIALS_DESTROYED and last.data["fingerprint"] == sealed.fingerprint
+            assert await store.sweep_credentials() == 0
+            assert await replay_verify(store) == []
 
     async def test_second_writer_is_refused(self, store: EventStore, url: str) -> None:
         """Opening the same file for writing while it is open raises StoreError; the first writer goes on."""

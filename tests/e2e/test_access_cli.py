@@ -223,7 +223,8 @@ def test_sighup_rereads_the_certificate(tmp_path: Path, ca: Authority, server: P
 def test_client_commands_take_tls_and_token_by_flag_variable_and_config(
     tmp_path: Path, ca: Authority, server: Pair, daemons: list[Daemon]
 ) -> None:
-    """--tls-ca/--tls-cert/--tls-key/--token-file, their ORCHESTRATOR_* variables and the config file's keys."""
+    """--tls-ca/--tls-cert/--tls-key/--token-file, their ORCHESTRATOR_* variables and the config file's keys
+    (``credentials set`` among the client commands)."""
     path = tokens(tmp_path / "tokens", ADMIN, f"{DEV} dev")
     ca_file = tmp_path / "tls" / "ca.crt"
     daemon = Daemon(
@@ -241,6 +242,12 @@ def test_client_commands_take_tls_and_token_by_flag_variable_and_config(
     )
     assert emitted.code == 0, str(emitted)
     assert emitted.json()["state"] == "pending"
+    secret = ("--credential", "access_token=prod-t0k3n-0123456789")
+    stored = client(
+        daemon, "credentials", "set", "c-1", "-i", "acme", "-e", "prod", *secret, "--json", *flags, cwd=tmp_path
+    )
+    assert stored.code == 0, str(stored)
+    assert stored.json()["changed"] is True
 
     variables = {
         "ORCHESTRATOR_TLS_CA": str(ca_file),
@@ -250,6 +257,10 @@ def test_client_commands_take_tls_and_token_by_flag_variable_and_config(
     }
     got = client(daemon, "connections", "get", "c-1", "-i", "acme", "-e", "prod", cwd=tmp_path, **variables)
     assert "this token may not touch environment 'prod'" in one_error_line(got, "PERMISSION_DENIED: ")
+    replaced = client(
+        daemon, "credentials", "set", "c-1", "-i", "acme", "-e", "prod", *secret, cwd=tmp_path, **variables
+    )
+    assert "this token may not touch environment 'prod'" in one_error_line(replaced, "PERMISSION_DENIED: ")
     listed = client(daemon, "connections", "--json", cwd=tmp_path, **variables)
     assert listed.code == 0 and listed.json() == [], str(listed)
 

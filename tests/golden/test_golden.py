@@ -43,6 +43,8 @@ KNOWN_TYPES = frozenset(
         "function-gave-up",
         "function-cancelled",
         "metadata-updated",
+        "credentials-updated",
+        "credentials-destroyed",
     }
 )
 """Every record type the orchestrator writes. Add a new type here, and a golden log that contains it."""

@@ -244,7 +244,8 @@ async def test_health_answers_without_a_token_and_reflection_needs_one(guarded: 
 
 
 async def test_a_scoped_token_cannot_touch_another_environment(guarded: Daemon) -> None:
-    """A dev token: PERMISSION_DENIED for prod's connection (the emit writes nothing), allowed in dev."""
+    """A dev token: PERMISSION_DENIED for prod's connection (the emit and the credentials write nothing), allowed in
+    dev."""
     stub = guarded.stub
     prod = rpc.ref("p-1", environment="prod")
     await stub.EmitLifecycleEvent(rpc.emit_request(VALIDATE, prod), metadata=bearer(ADMIN), timeout=WAIT)
@@ -256,6 +257,11 @@ async def test_a_scoped_token_cannot_touch_another_environment(guarded: Daemon) 
         stub.EmitLifecycleEvent(rpc.emit_request(CREATE, prod), metadata=bearer(DEV), timeout=WAIT),
         stub.GetConnection(pb.GetConnectionRequest(connection=prod), metadata=bearer(DEV), timeout=WAIT),
         stub.ListConnections(pb.ListConnectionsRequest(environment="prod"), metadata=bearer(DEV), timeout=WAIT),
+        stub.UpdateCredentials(
+            pb.UpdateCredentialsRequest(connection=prod, credentials={"access_token": "from-dev-0123456789"}),
+            metadata=bearer(DEV),
+            timeout=WAIT,
+        ),
     ]
     for call in refused:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -266,7 +272,7 @@ async def test_a_scoped_token_cannot_touch_another_environment(guarded: Daemon) 
         _ = [r async for r in stub.ReadEvents(rpc.read_request(prod), metadata=bearer(DEV), timeout=WAIT)]
     assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
-    assert await rpc.records(stub, metadata=bearer(ADMIN)) == before, "a refused emit wrote something"
+    assert await rpc.records(stub, metadata=bearer(ADMIN)) == before, "a refused call wrote something"
     assert (await stub.GetConnection(get, metadata=bearer(ADMIN), timeout=WAIT)).connection.version == version
     dev = await stub.EmitLifecycleEvent(rpc.emit_request(VALIDATE, "d-1"), metadata=bearer(DEV), timeout=WAIT)
     assert dev.state == PENDING

@@ -186,10 +186,16 @@ async def test_validate_accepts(tmp_path: Path, provider: ProviderServer) -> Non
     assert response.rejection_reason == ""
     assert outcomes(response) == {"check-token": (SUCCEEDED, 1)}
     assert (connection.state, outcomes(connection)) == (PENDING, {"check-token": (SUCCEEDED, 1)})
-    assert [r.type for r in log] == ["validate-connection", "function-succeeded", "connection-validated"]
+    assert [r.type for r in log] == [
+        "validate-connection",
+        "credentials-updated",  # the emit's credentials, sealed: the connection lives on
+        "function-succeeded",
+        "connection-validated",
+    ]
     assert log[0].event_id == response.event_id
     assert {r.causation_id for r in log[1:]} == {response.event_id}
-    fact = data(log[1])
+    assert (data(log[1])["names"], data(log[1])["source"]) == (["access_token"], "emit")
+    fact = data(log[2])
     assert (fact["function"], fact["attempt"], fact["distribution"], fact["version"]) == (
         "check-token",
         1,
@@ -407,7 +413,8 @@ async def test_a_failing_function_is_retried_with_backoff_until_it_succeeds(
         log = await records(daemon.stub)
 
     assert outcomes(response) == {"flaky": (SUCCEEDED, 3)}
-    facts = [(r.type, data(r)) for r in log[1:]]
+    assert log[1].type == "credentials-updated"
+    facts = [(r.type, data(r)) for r in log[2:]]
     assert [(kind, fact["attempt"]) for kind, fact in facts] == [
         ("function-failed", 1),
         ("function-failed", 2),
@@ -417,7 +424,7 @@ async def test_a_failing_function_is_retried_with_backoff_until_it_succeeds(
         assert (fact["error_type"], fact["retryable"]) == ("RuntimeError", True)
         assert fact["error"] == f"the provider is down (attempt {attempt})"
         assert 0 <= fact["retry_in_ms"] <= FAST_RETRY.ceiling(attempt) * 1000
-    assert {r.causation_id for r in log[1:]} == {response.event_id}
+    assert {r.causation_id for r in log[2:]} == {response.event_id}
 
 
 async def test_a_function_that_always_fails_gives_up_and_the_connection_stays_active(
@@ -440,7 +447,7 @@ async def test_a_function_that_always_fails_gives_up_and_the_connection_stays_ac
     assert calls.count == FAST_RETRY.max_attempts == 3
     assert outcomes(response) == {"register-webhook": (GAVE_UP, 3)}
     assert connection.state == ACTIVE
-    assert [(r.type, data(r)["attempt"]) for r in log[1:]] == [
+    assert [(r.type, data(r)["attempt"]) for r in log[2:]] == [
         ("function-failed", 1),
         ("function-failed", 2),
         ("function-failed", 3),
@@ -464,9 +471,9 @@ async def test_non_retryable_gives_up_after_one_attempt(tmp_path: Path, provider
 
     assert calls.count == 1
     assert outcomes(response) == {"register-webhook": (GAVE_UP, 1)}
-    assert [r.type for r in log[1:]] == ["function-failed", "function-gave-up"]
-    assert data(log[1])["retryable"] is False
-    assert data(log[2])["reason"] == "not retryable"
+    assert [r.type for r in log[1:]] == ["credentials-updated", "function-failed", "function-gave-up"]
+    assert data(log[2])["retryable"] is False
+    assert data(log[3])["reason"] == "not retryable"
 
 
 # -- pre-connection-deletion --------------------------------------------------------
@@ -509,10 +516,11 @@ async def test_deletion_cancels_pending_creation_jobs_then_runs_cleanup(
         ("function-cancelled", "register-webhook"),
         ("function-succeeded", "delete-webhook"),
         ("connection-deleted", ""),
+        ("credentials-destroyed", ""),  # nothing of it runs any more
     ]
     assert after[1].causation_id == created.event_id, "the cancellation belongs to the creation it cancels"
     assert (data(after[1])["reason"], data(after[1])["attempt"]) == ("the connection is being deleted", 1)
-    assert {r.causation_id for r in after[2:]} == {deleted.event_id}
+    assert {r.causation_id for r in after[2:-1]} == {deleted.event_id}
     assert not any(r.type == "function-cancelled" and data(r)["function"] == "welcome" for r in log)
 
 
@@ -724,6 +732,7 @@ async def test_metadata_written_by_a_function_is_in_get_connection_and_the_log(
     ]
     assert [r.type for r in log] == [
         "post-connection-creation",
+        "credentials-updated",
         "metadata-updated",
         "metadata-updated",
         "function-succeeded",
@@ -815,12 +824,13 @@ async def test_validate_metadata_is_written_atomically_with_the_verdict(
     assert as_dict(connection.metadata) == {"webhook_id": None, "synced": False, "scopes": ["repo", "read:user"]}
     assert [r.type for r in log] == [
         "validate-connection",
+        "credentials-updated",
         "function-succeeded",
         "metadata-updated",
         "connection-validated",
     ]
-    assert [r.position for r in log] == [1, 2, 3, 4]
-    assert data(log[2])["function"] == "check-scopes"
+    assert [r.position for r in log] == [1, 2, 3, 4, 5]
+    assert data(log[3])["function"] == "check-scopes"
 
 
 # -- isolation ---------------------------------------------------------------------
@@ -949,7 +959,7 @@ async def test_the_provider_gets_the_credentials_and_the_log_never_does(
         config.update({"instance_url": "acme.example"})
         responses = [
             await emit(daemon.stub, VALIDATE, connection_config=config),
-            await emit(daemon.stub, CREATE, credentials={}, wait=True),  # the credentials are remembered
+            await emit(daemon.stub, CREATE, credentials={}, wait=True),  # the sealed credentials are used
             await emit(daemon.stub, DELETE, credentials={}),
         ]
         connection = await get(daemon.stub)
@@ -966,7 +976,11 @@ async def test_the_provider_gets_the_credentials_and_the_log_never_does(
     ]
     assert {r.headers["authorization"] for r in provider.requests} == {f"Bearer {TOKEN}"}
     shown = [json_format.MessageToJson(m) for m in (*log, *responses, connection, listed)]
-    assert len(log) == 9
+    assert len(log) == 11
+    assert [r.type for r in log if r.type.startswith("credentials-")] == [
+        "credentials-updated",
+        "credentials-destroyed",
+    ]
     assert not [text for text in shown if TOKEN in text]
     assert any("Bad credentials" in text for text in shown), "the provider's answer is kept, the token is not"
 

@@ -28,15 +28,17 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from google.protobuf import struct_pb2
 
+from orchestrator import sealing
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo, MetadataSink
-from orchestrator.credentials import Credentials
 from orchestrator.dispatch import Dispatcher
 from orchestrator.isolation import WORKER_DIED, WORKER_ERROR, WORKER_UNAVAILABLE, ProcessPool, _wire
 from orchestrator.isolation.pool import FIRST_BACKOFF, describe
 from orchestrator.model import ConnectionRef, LifecycleEvent
 from orchestrator.plugins import Installed
+from orchestrator.provider import CredentialsUnavailable, Secrets
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult
@@ -44,14 +46,16 @@ from tests.support import grpc as rpc
 from tests.support.clock import FakeClock
 from tests.support.daemon import serving
 from tests.support.plugins import BROKEN_IN_WORKERS, ISOLATED, PLUGIN, discovered, install, pythonpath
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, Request
 
 pytestmark = pytest.mark.anyio
 
 INTEGRATION = "isolated"
 REF = ConnectionRef("dev", INTEGRATION, "c1")
 TOKEN = "isolated-t0k3n-5e3f9a77"
-"""The connection's access token: it must reach the provider, and never a worker process."""
+"""The connection's access token: it must reach the provider, and a worker process only through ctx.credentials."""
+STALE = "isolated-stale-t0k3n-0b2c4d"
+"""A token the provider no longer takes (401), which the resolver replaces with :data:`TOKEN`."""
 FAKE_WORKER = """
 import json, os, signal, struct, sys
 body = json.dumps({"t": "ready", "functions": 0, "broken": []}).encode()
@@ -109,25 +113,36 @@ async def dispatching(
     provider: ProviderServer, size: int = 1, **pool: Any
 ) -> AsyncIterator[tuple[Dispatcher, ProcessPool]]:
     """A dispatcher whose attempts run in a pool of ``size`` worker processes (``pool``: its options)."""
-    credentials = Credentials()
-    credentials.remember(REF, {"access_token": TOKEN})
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
         processes = ProcessPool(size, **pool)
         await tg.start(processes.run)  # each worker ready (or failed), as the daemon waits before serving
         clock: Clock = SystemClock()
         yield (
-            Dispatcher(clock, http=http, integrations=integrations(provider), credentials=credentials, pool=processes),
+            Dispatcher(clock, http=http, integrations=integrations(provider), pool=processes),
             processes,
         )
         tg.cancel_scope.cancel()
 
 
 async def attempt(
-    dispatcher: Dispatcher, function: Installed, *, number: int = 1, sink: MetadataSink | None = None
+    dispatcher: Dispatcher,
+    function: Installed,
+    *,
+    number: int = 1,
+    sink: MetadataSink | None = None,
+    secrets: Secrets | None = None,
+    config: dict[str, Any] | None = None,
 ) -> AttemptResult:
-    """Attempt ``number`` of ``function`` on connection c1, as a job would run it."""
+    """Attempt ``number`` of ``function`` on connection c1, as a job would run it (with :data:`TOKEN` unless
+    ``secrets`` are given, as the vault would have opened them)."""
     event = EventInfo(LifecycleEvent.POST_CONNECTION_CREATION, {}, "event-1", number)
-    return await dispatcher.attempt(function, ConnectionInfo(REF, {}), event, sink or Buffered({}, function.name))
+    return await dispatcher.attempt(
+        function,
+        ConnectionInfo(REF, config or {}),
+        event,
+        sink or Buffered({}, function.name),
+        secrets=secrets if secrets is not None else Secrets({"access_token": TOKEN}),
+    )
 
 
 def pid(result: AttemptResult) -> int:
@@ -346,6 +361,91 @@ def test_a_worker_exits_when_its_pipe_closes_even_while_a_function_holds_its_loo
         stdout.close()
 
 
+# -- ctx.credentials in a worker process -------------------------------------------------
+
+
+def sdk_routes(provider: ProviderServer) -> dict[str, Any]:
+    """``/me`` takes :data:`TOKEN` only (401 otherwise), ``/sdk`` anything; the connection config naming ``/sdk``."""
+
+    def me(request: Request) -> Reply:
+        if request.headers.get("authorization") == f"Bearer {TOKEN}":
+            return Reply(200, {"login": "acme"})
+        return Reply(401, {"error": "expired"})
+
+    provider.route("GET", "/me", me)
+    provider.route("GET", "/sdk", Reply(200, {}))
+    return {"sdk_url": provider.url + "/sdk"}
+
+
+def bearers(provider: ProviderServer, path: str) -> list[str]:
+    """The authorization header of each request to ``GET path``."""
+    return [request.headers["authorization"] for request in provider.requests_to("GET", path)]
+
+
+@pytest.mark.parametrize("name", ["uses-an-sdk", "uses-an-sdk-sync"])
+async def test_ctx_credentials_in_a_worker_is_answered_by_the_daemon_and_kept_out_of_the_log(
+    functions: dict[str, Installed], provider: ProviderServer, name: str
+) -> None:
+    """A worker's ctx.credentials is the daemon's answer (an async def's SDK call carries the token); its repr names
+    the keys only, and the token a function logs is redacted."""
+    config = sdk_routes(provider)
+    async with dispatching(provider) as (dispatcher, pool):
+        result = await attempt(dispatcher, functions[name], config=config)
+        [worker] = pool.pids
+    assert result.ok, result
+    assert pid(result) == worker != os.getpid()
+    assert bearers(provider, "/me") == [f"Bearer {TOKEN}"], "the daemon's proxy injected it"
+    if name == "uses-an-sdk":
+        assert bearers(provider, "/sdk") == [f"Bearer {TOKEN}"], "the worker held the raw token for its SDK"
+        assert result.logs == [
+            f"info: pid {worker} sees Credentials(access_token=[redacted]) token [redacted]",
+        ]
+    else:
+        assert result.logs == [f"info: pid {worker} names ['access_token'] token [redacted]"]
+
+
+async def test_a_401_in_a_worker_is_refreshed_in_the_daemon_and_ctx_credentials_then_reads_the_fresh_token(
+    functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """The worker's ctx.get is answered 401: the daemon's proxy asks for fresh credentials once and sends it again;
+    ctx.credentials then answers with the fresh token; neither token reaches the log."""
+    config = sdk_routes(provider)
+    asked: list[str] = []
+
+    async def fresh() -> dict[str, str]:
+        asked.append("resolver")
+        return {"access_token": TOKEN}
+
+    secrets = Secrets({"access_token": STALE}, refresh=fresh)
+    async with dispatching(provider) as (dispatcher, _):
+        result = await attempt(dispatcher, functions["uses-an-sdk"], config=config, secrets=secrets)
+    assert result.ok, result
+    assert asked == ["resolver"]
+    assert bearers(provider, "/me") == [f"Bearer {STALE}", f"Bearer {TOKEN}"]
+    assert bearers(provider, "/sdk") == [f"Bearer {TOKEN}"]
+    assert secrets.seen == [{"access_token": STALE}, {"access_token": TOKEN}]
+    assert STALE not in " ".join(result.logs) and TOKEN not in " ".join(result.logs)
+
+
+@pytest.mark.parametrize("name", ["uses-an-sdk", "uses-an-sdk-sync"])
+async def test_credentials_that_cannot_be_opened_fail_the_attempt_without_retries_in_either_mode(
+    functions: dict[str, Installed], provider: ProviderServer, name: str
+) -> None:
+    """Sealed under a key that is not configured: the proxy's call (async) or the read of ctx.credentials (def)
+    raises CredentialsUnavailable in the daemon, and the attempt fails, not retried, as it does in a thread."""
+    why = "the credentials of dev/isolated/c1 cannot be opened: key id 1234abcd is not configured"
+    config = sdk_routes(provider)
+    async with dispatching(provider) as (dispatcher, _):
+        in_worker = await attempt(dispatcher, functions[name], config=config, secrets=Secrets(unavailable=why))
+    async with httpx.AsyncClient() as http:
+        in_daemon = Dispatcher(SystemClock(), http=http, integrations=integrations(provider))
+        in_thread = await attempt(in_daemon, functions[name], config=config, secrets=Secrets(unavailable=why))
+    for result in (in_worker, in_thread):
+        assert (result.ok, result.error_type, result.retryable) == (False, CredentialsUnavailable.__name__, False)
+        assert result.error == why
+    assert provider.requests == []
+
+
 # -- a daemon ----------------------------------------------------------------------------
 
 
@@ -361,10 +461,14 @@ def normalised(records: list[Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-async def run_registers(tmp_path: Path, provider: ProviderServer, function: Installed, isolation: str) -> list[Any]:
-    """The log of a daemon (``isolation``) that ran ``function`` for one creation."""
+async def run_registers(
+    tmp_path: Path, provider: ProviderServer, function: Installed, isolation: str, key: str
+) -> list[Any]:
+    """The log of a daemon (``isolation``, sealing under ``key``) that ran ``function`` for one creation."""
     await anyio.Path(tmp_path / isolation).mkdir()
-    async with serving(tmp_path / isolation, function, integrations=integrations(provider), isolation=isolation) as d:
+    async with serving(
+        tmp_path / isolation, function, integrations=integrations(provider), isolation=isolation, secret_key=key
+    ) as d:
         await rpc.emit(d.stub, rpc.CREATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
         await rpc.follow_until(d.stub, lambda r: r.type == "function-succeeded")
         return await rpc.records(d.stub)
@@ -374,11 +478,13 @@ async def test_a_job_in_a_worker_process_is_recorded_as_one_run_in_the_daemon(
     tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
 ) -> None:
     """The same function, in a thread of the daemon and in a worker process: the same records, but for its pid."""
-    threads = await run_registers(tmp_path, provider, functions["registers"], "thread")
-    processes = await run_registers(tmp_path, provider, functions["registers"], "process")
+    key = sealing.generate()  # the same fingerprint for the same credentials in both logs
+    threads = await run_registers(tmp_path, provider, functions["registers"], "thread", key)
+    processes = await run_registers(tmp_path, provider, functions["registers"], "process", key)
     assert normalised(processes) == normalised(threads)
     assert [type_ for type_, _ in normalised(processes)] == [
         "post-connection-creation",
+        "credentials-updated",
         "metadata-updated",
         "function-succeeded",
     ]
@@ -429,7 +535,12 @@ async def test_a_job_whose_process_dies_is_retried_in_a_new_one(
     """os._exit in a job: a retryable failure, and the retry succeeds in a new process; the daemon is unharmed."""
     log, validated = await job(tmp_path, provider, functions["exits-once"], "function-succeeded")
     failed, succeeded = (rpc.as_dict(r.data) for r in log[-2:])
-    assert [r.type for r in log] == ["post-connection-creation", "function-failed", "function-succeeded"]
+    assert [r.type for r in log] == [
+        "post-connection-creation",
+        "credentials-updated",
+        "function-failed",
+        "function-succeeded",
+    ]
     assert (failed["error_type"], failed["retryable"], failed["attempt"]) == (WORKER_DIED, True, 1)
     assert "retry_in_ms" in failed
     assert succeeded["attempt"] == 2
@@ -448,3 +559,34 @@ async def test_a_daemon_whose_workers_cannot_start_serves_and_fails_attempts_ret
     assert "exit code 3" in failures[0]["error"]
     assert validated.state == rpc.PENDING
     assert provider.requests == []
+
+
+async def test_a_job_in_a_worker_process_gets_fresh_credentials_from_the_resolver_after_a_401(
+    tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """A creation with a stale token, its function in a worker: the daemon's proxy gets 401, the resolver's token is
+    sealed (source resolver) and used, by the proxy and by ctx.credentials; no token is in the log."""
+    config = struct_pb2.Struct()
+    config.update(sdk_routes(provider))
+
+    async def resolver(connection: ConnectionRef) -> dict[str, str]:
+        return {"access_token": TOKEN}
+
+    async with serving(
+        tmp_path, functions["uses-an-sdk"], integrations=integrations(provider), isolation="process", resolver=resolver
+    ) as daemon:
+        await rpc.emit(
+            daemon.stub, rpc.CREATE, "c1", INTEGRATION, connection_config=config, credentials={"access_token": STALE}
+        )
+        log = await rpc.follow_until(daemon.stub, lambda record: record.type == "function-succeeded")
+    assert [record.type for record in log] == [
+        "post-connection-creation",
+        "credentials-updated",
+        "credentials-updated",
+        "function-succeeded",
+    ]
+    assert [rpc.as_dict(r.data)["source"] for r in log if r.type == "credentials-updated"] == ["emit", "resolver"]
+    assert bearers(provider, "/me") == [f"Bearer {STALE}", f"Bearer {TOKEN}"]
+    assert bearers(provider, "/sdk") == [f"Bearer {TOKEN}"]
+    written = " ".join(str(rpc.as_dict(record.data)) for record in log)
+    assert STALE not in written and TOKEN not in written

@@ -1082,7 +1082,7 @@ async def test_reflection_lists_and_describes_the_service(daemon: Daemon) -> Non
         if service.name == "Orchestrator"
         for method in service.method
     }
-    assert methods == {"EmitLifecycleEvent", "GetConnection", "ListConnections", "ReadEvents"}
+    assert methods == {"EmitLifecycleEvent", "GetConnection", "ListConnections", "ReadEvents", "UpdateCredentials"}
 
 
 async def test_traceparent_is_stored_on_the_records(stub: Stub) -> None:

@@ -180,8 +180,9 @@ async function lifecycle(client) {
     lastPosition = position;
     lastVersion = version;
   }
-  // A response's version is the stream's after the call (the validation's verdict included).
-  equal(emitted[0].version, 2n, "the first event's version");
+  // A response's version is the stream's after the call: the validation's record, the
+  // credentials-updated its credentials brought (sealed: the connection is pending), its verdict.
+  equal(emitted[0].version, 3n, "the first event's version");
 
   // The same request with the same idempotency key answers the original response.
   const repeat = await unary(client, "EmitLifecycleEvent", {

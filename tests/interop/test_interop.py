@@ -171,7 +171,7 @@ def test_grpcurl_lists_services_through_reflection(grpcurl: str, daemon: Daemon)
 
 
 def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: Daemon) -> None:
-    """Reflection describes the four public RPCs with their request and response types."""
+    """Reflection describes the five public RPCs with their request and response types."""
     described = _call(grpcurl, daemon, "--", "describe", "orchestrator.v1.Orchestrator")
     assert described.code == 0, _explain(described, daemon)
     text = " ".join(described.out.split())
@@ -183,6 +183,8 @@ def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: 
         "rpc ListConnections ( .orchestrator.v1.ListConnectionsRequest ) "
         "returns ( .orchestrator.v1.ListConnectionsResponse );",
         "rpc ReadEvents ( .orchestrator.v1.ReadEventsRequest ) returns ( stream .orchestrator.v1.EventRecord );",
+        "rpc UpdateCredentials ( .orchestrator.v1.UpdateCredentialsRequest ) "
+        "returns ( .orchestrator.v1.UpdateCredentialsResponse );",
     ):
         assert rpc in text, f"{rpc!r} not in:\n{described.out}"
 

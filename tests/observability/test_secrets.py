@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,8 @@ from orchestrator import Context, NonRetryable, Rejected
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator.config import Integration
 from tests.support.daemon import function, serving
-from tests.support.grpc import CREATE, DELETE, VALIDATE, emit, records, ref
-from tests.support.process import environment, serve
+from tests.support.grpc import CREATE, DELETE, VALIDATE, emit, follow_until, records, ref
+from tests.support.process import arun, environment, serve
 from tests.support.provider import ProviderServer, Reply, Request, write_config
 
 from . import _proc
@@ -233,3 +235,73 @@ async def test_a_daemon_process_writes_no_credential_to_stderr_traces_or_prometh
     assert leaks(prometheus, SECRET) == []
     assert leaks("\n".join([*log, str(rejected), str(created)]), SECRET) == []
     assert json.loads(daemon.lines[-1])["message"] == "stopped; the event log is closed"
+
+
+def on_disk(database: Path) -> bytes:
+    """The database file and its WAL, as bytes on disk (read while the daemon runs)."""
+    wal = database.with_name(database.name + "-wal")
+    return database.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+@pytest.mark.slow
+async def test_a_credential_is_nowhere_on_disk_or_in_cli_output_and_is_shredded_after_the_last_cleanup(
+    tmp_path: Path, exporter: Spans, log_lines: list[str]
+) -> None:
+    """Sealed at rest (only ciphertext in its table), absent from the files, records, telemetry and CLI output;
+    after the deletion and its last cleanup the row is gone and credentials-destroyed is in the log."""
+    updated = "upd4ted-S3CRET-value-99"
+    with ProviderServer() as provider:
+        provider.route("POST", "/hooks", echo(201))
+        provider.route("DELETE", "/hooks/*", Reply(204))
+
+        async def register(ctx: Context) -> None:
+            ctx.log("registering with", ctx.credentials["access_token"], repr(ctx.credentials))
+            await ctx.post("/hooks")
+
+        async def tidy(ctx: Context) -> None:
+            if ctx.event.attempt == 1:
+                raise RuntimeError(f"the provider refused {ctx.credentials['access_token']}")
+            await ctx.delete("/hooks/wh_1")
+
+        functions = [
+            function("register", "post-connection-creation", register),
+            function("tidy", "pre-connection-deletion", tidy),
+        ]
+        integrations = {"acme": Integration("acme", base_url=provider.url, auth="bearer", retries=0)}
+        database = tmp_path / "events.db"
+        async with serving(tmp_path, *functions, integrations=integrations) as daemon:
+            address = f"127.0.0.1:{daemon.port}"
+            created = await emit(daemon.stub, CREATE, "conn-d", credentials=CREDENTIALS, wait=True)
+            setting = ("credentials", "set", "conn-d", "-i", "acme", "--credential", f"access_token={updated}")
+            cli = [
+                await arun(*setting, "--address", address),
+                await arun("connections", "get", "conn-d", "-i", "acme", "--json", "--address", address),
+                await arun("events", "--json", "--address", address),
+            ]
+            assert [c.code for c in cli] == [0, 0, 0], cli
+            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                (sealed,) = db.execute("SELECT ciphertext, key_id FROM credentials").fetchall()
+            while_running = on_disk(database)
+            deleted = await emit(daemon.stub, DELETE, "conn-d")
+            await follow_until(daemon.stub, lambda r: r.type == "credentials-destroyed")
+            log = [json_format.MessageToJson(r) for r in await records(daemon.stub)]
+            answers = [json_format.MessageToJson(m) for m in (created, deleted)]
+        after = on_disk(database)
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            left = db.execute("SELECT COUNT(*) FROM credentials").fetchone()[0]
+
+    # In play: the provider got both tokens, the functions logged and raised them, the table held ciphertext.
+    assert [r.headers["authorization"] for r in provider.requests] == [f"Bearer {SECRET}", f"Bearer {updated}"]
+    assert len(sealed[0]) > len(updated) and sealed[1]
+    assert "fingerprint" in cli[0].out and "changed" in cli[0].out
+    types = [json.loads(r)["type"] for r in log]
+    assert types.count("credentials-updated") == 2
+    assert types[-3:] == ["connection-deleted", "function-succeeded", "credentials-destroyed"]
+    assert left == 0, "the row is gone once the deletion's last cleanup finished"
+    # What the commands printed (their command lines hold the secret: that is the user's own input).
+    texts = "\n".join([everything_exported(exporter, None, log_lines), *log, *answers, *(c.out + c.err for c in cli)])
+    assert "[redacted]" in texts
+    for secret in (SECRET, updated):
+        assert secret.encode() not in while_running + after
+        assert secret.encode() not in sealed[0]
+        assert leaks(texts, secret) == []

@@ -110,7 +110,8 @@ async def test_one_post_creation_emit_is_one_trace_from_rpc_to_provider(
     assert parent_id(append) == span_id(rpc)
     assert append.attributes is not None
     assert append.attributes["orchestrator.position"] == response.position
-    assert append.attributes["orchestrator.version"] == response.version == 1
+    assert append.attributes["orchestrator.version"] == 1  # the lifecycle record's
+    assert response.version == 2, "the stream's after the call: the credentials-updated the emit brought too"
     assert append.attributes["orchestrator.jobs"] == 1
 
     first, second = by_attempt(named(spans, "function register"))
@@ -175,7 +176,12 @@ async def test_metadata_written_by_a_job_stores_the_emits_traceparent(
 ) -> None:
     """Every record an emit causes, including a job's metadata-updated, carries the emit's traceparent."""
     trace_id, log = await register_in_a_new_trace(tmp_path, provider)
-    assert [r.type for r in log] == ["post-connection-creation", "metadata-updated", "function-succeeded"]
+    assert [r.type for r in log] == [
+        "post-connection-creation",
+        "credentials-updated",
+        "metadata-updated",
+        "function-succeeded",
+    ]
     assert all(trace_id in r.traceparent for r in log), [(r.type, r.traceparent) for r in log]
 
 

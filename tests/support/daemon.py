@@ -23,6 +23,7 @@ from orchestrator import RetryPolicy, on_event
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration, ServeConfig
+from orchestrator.credentials import Resolver
 from orchestrator.daemon import serve
 from orchestrator.model import ConnectionRef
 from orchestrator.plugins import Installed, Registry
@@ -55,13 +56,16 @@ async def run_daemon(
     integrations: Mapping[str, Integration] | None = None,
     dispatch: DispatchConfig | None = None,
     clock: Clock | None = None,
+    resolver: Resolver | None = None,
+    secret_key: str = "",
     credentials: grpc.ChannelCredentials | None = None,
     **settings: Any,
 ) -> AsyncIterator[Daemon]:
     """Serve ``database`` on ``127.0.0.1:0`` until the block ends, then stop the daemon and wait for it.
 
-    ``registry`` replaces plugin discovery (the event functions to run), ``integrations``
-    and ``dispatch`` are the daemon's settings, ``clock`` its clock; ``settings`` are more
+    ``registry`` replaces plugin discovery (the event functions to run) and ``resolver`` the
+    credentials resolver's; ``integrations``, ``dispatch`` and ``secret_key`` (else the key file
+    beside the log) are the daemon's settings, ``clock`` its clock; ``settings`` are more
     :class:`~orchestrator.config.ServeConfig` fields (``tls_cert=``, ``auth_token_file=``, ...).
     The daemon's channel uses ``credentials`` (TLS) when given, else plaintext.
     """
@@ -81,11 +85,14 @@ async def run_daemon(
         grace_period=1,
         dispatch=dispatch or DispatchConfig(),
         integrations=dict(integrations or {}),
+        secret_key=secret_key,
         **settings,
     )
     async with anyio.create_task_group() as tg:
         # If serve() fails before it is ready, the task group cancels this wait and re-raises.
-        tg.start_soon(partial(serve, config, on_ready=on_ready, stop=stop, registry=registry, clock=clock))
+        tg.start_soon(
+            partial(serve, config, on_ready=on_ready, stop=stop, registry=registry, clock=clock, resolver=resolver)
+        )
         with anyio.fail_after(STARTUP_TIMEOUT):
             await ready.wait()
         try:
@@ -117,7 +124,12 @@ def function(
 
 @asynccontextmanager
 async def serving(
-    tmp_path: Path, *functions: Installed, integrations: Mapping[str, Integration] | None = None, **dispatch: Any
+    tmp_path: Path,
+    *functions: Installed,
+    integrations: Mapping[str, Integration] | None = None,
+    resolver: Resolver | None = None,
+    secret_key: str = "",
+    **dispatch: Any,
 ) -> AsyncIterator[Daemon]:
     """A daemon on ``tmp_path/events.db`` running ``functions``, with fast retries and 5 s deadlines.
 
@@ -129,6 +141,8 @@ async def serving(
         registry=Registry.of(functions),
         integrations=integrations,
         dispatch=DispatchConfig(**settings),
+        resolver=resolver,
+        secret_key=secret_key,
     ) as daemon:
         yield daemon
 

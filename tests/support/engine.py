@@ -30,7 +30,7 @@ import httpx
 from orchestrator import records
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.functions import on_event
-from orchestrator.model import ConnectionRef, EmitRequest, EmitResult, Job, LifecycleEvent, NewJob
+from orchestrator.model import ConnectionRef, EmitRequest, EmitResult, Job, LifecycleEvent, NewJob, SealedCredentials
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent, Record
 from orchestrator.retry import RetryPolicy
@@ -100,9 +100,10 @@ class SpyStore(MemoryEventStore):
         *,
         jobs: Sequence[NewJob] = (),
         cancel_jobs: Sequence[Job] = (),
+        seal: SealedCredentials | None = None,
     ) -> Appended:
         """See :meth:`MemoryEventStore.append`; a committed append is noted in :attr:`appends`."""
-        appended = await super().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs)
+        appended = await super().append(ref, expected_version, events, jobs=jobs, cancel_jobs=cancel_jobs, seal=seal)
         self.appends.append(Append([e.type for e in events], len(jobs), len(cancel_jobs)))
         return appended
 

@@ -25,6 +25,8 @@ ISOLATED = {
     "exits-once": "orchestrator_isolated:exits_once",
     "registers": "orchestrator_isolated:registers",
     "registers-sync": "orchestrator_isolated:registers_sync",
+    "uses-an-sdk": "orchestrator_isolated:uses_an_sdk",
+    "uses-an-sdk-sync": "orchestrator_isolated:uses_an_sdk_sync",
 }
 """Its functions' entry points."""
 BROKEN_IN_WORKERS = {"dies-in-workers": "orchestrator_isolated_broken:never_runs"}

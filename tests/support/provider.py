@@ -388,8 +388,8 @@ class WebhookProvider(ProviderServer):
 def write_config(path: Path, provider_url: str, *, auth: str = "bearer", **settings: Any) -> Path:
     """A daemon TOML config: salesforce at ``{provider_url}/{instance}``, github at ``provider_url``, no proxy retries.
 
-    ``auth`` is salesforce's scheme (``none`` for jobs that resume after a restart, when the
-    daemon no longer holds the credentials); ``settings`` are top-level keys (``grace_period = 2``).
+    ``auth`` is salesforce's scheme (``none`` for tests that send no credentials); ``settings`` are
+    top-level keys (``grace_period = 2``).
     """
     lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     lines += [

@@ -14,7 +14,8 @@ import pytest
 
 from orchestrator.config import Integration
 from orchestrator.errors import InvalidArgument, ProviderError
-from orchestrator.provider import BODY_EXCERPT, Provider
+from orchestrator.functions import NonRetryable
+from orchestrator.provider import BODY_EXCERPT, CredentialsUnavailable, Provider, ReadOnlyCredentials, Secrets
 from tests.support.provider import ProviderServer, Reply, Request
 
 pytestmark = pytest.mark.anyio
@@ -115,9 +116,11 @@ async def test_no_auth_sends_no_credentials(server: ProviderServer, http: httpx.
 
 
 async def test_a_missing_credential_is_a_clear_error(server: ProviderServer, http: httpx.AsyncClient) -> None:
-    """A connection without the credential its scheme needs fails before any call, naming the key."""
-    with pytest.raises(ProviderError, match="has no credential 'access_token'"):
+    """A connection without the credential its scheme needs fails before any call, not retried, saying how to fix it."""
+    with pytest.raises(CredentialsUnavailable, match="has no credential 'access_token'") as missing:
         await provider(http, server.url, "bearer", {"api_key": SECRET}).request("GET", "/me")
+    assert isinstance(missing.value, NonRetryable)
+    assert "auth 'bearer'" in str(missing.value) and "UpdateCredentials" in str(missing.value)
 
     assert server.requests == []
 
@@ -361,3 +364,91 @@ async def test_a_credential_across_the_excerpts_end_is_not_halved(
 
     assert info.value.body == "e" * (BODY_EXCERPT - 5) + "[redacted]"[:5]
     assert SECRET[:5] not in str(info.value)
+
+
+# -- a 401, the resolver and ctx.credentials ----------------------------------------
+
+
+def refreshing(fresh: Mapping[str, str] | None, asked: list[int]) -> Secrets:
+    """Secrets holding the stale token whose refresh answers ``fresh`` (counting the asks in ``asked``)."""
+
+    async def refresh() -> Mapping[str, str] | None:
+        asked.append(1)
+        return fresh
+
+    return Secrets({"access_token": "stale-token"}, refresh=refresh)
+
+
+async def test_a_401_asks_for_fresh_credentials_once_and_retries_once_with_them(
+    server: ProviderServer, http: httpx.AsyncClient
+) -> None:
+    """401 with the stale token: the resolver is asked once, the call is sent again with the fresh one."""
+    server.route("GET", "/me", Reply(401, {"error": "expired"}), Reply(200, {"login": "acme"}))
+    asked: list[int] = []
+    secrets = refreshing({"access_token": SECRET}, asked)
+    proxy = Provider(http, Integration("acme", base_url=server.url, auth="bearer"), {}, secrets)
+    response = await proxy.request("GET", "/me")
+    assert response.status_code == 200
+    assert [r.headers["authorization"] for r in server.requests] == ["Bearer stale-token", f"Bearer {SECRET}"]
+    assert asked == [1]
+    assert secrets.seen == [{"access_token": "stale-token"}, {"access_token": SECRET}]
+    assert proxy.credentials["access_token"] == SECRET
+
+
+async def test_a_second_401_or_no_fresh_credentials_is_the_providers_error(
+    server: ProviderServer, http: httpx.AsyncClient
+) -> None:
+    """Fresh credentials refused too: one retry only. No fresh credentials: the first 401 stands, one call."""
+    server.route("GET", "/me", Reply(401, {"error": "expired"}))
+    asked: list[int] = []
+    integration = Integration("acme", base_url=server.url, auth="bearer")
+    proxy = Provider(http, integration, {}, refreshing({"access_token": SECRET}, asked))
+    with pytest.raises(ProviderError, match="answered 401") as refused:
+        await proxy.request("GET", "/me")
+    assert len(server.requests) == 2 and asked == [1]
+    assert SECRET not in str(refused.value)
+    with pytest.raises(ProviderError, match="answered 401"):
+        await proxy.request("GET", "/me")  # the same attempt: the resolver is not asked again
+    assert len(server.requests) == 3 and asked == [1]
+    server.clear_requests()
+    nothing = Provider(http, integration, {}, refreshing(None, asked))
+    with pytest.raises(ProviderError, match="answered 401"):
+        await nothing.request("GET", "/me")
+    assert len(server.requests) == 1 and asked == [1, 1]
+
+
+async def test_a_401_without_credentials_sent_asks_nobody(server: ProviderServer, http: httpx.AsyncClient) -> None:
+    """auth none: a 401 is the provider's answer to the function, no refresh is attempted."""
+    server.route("GET", "/me", Reply(401, {"error": "login first"}))
+    asked: list[int] = []
+    proxy = Provider(http, Integration("acme", base_url=server.url), {}, refreshing({"access_token": SECRET}, asked))
+    with pytest.raises(ProviderError, match="answered 401"):
+        await proxy.request("GET", "/me")
+    assert asked == [] and len(server.requests) == 1
+
+
+async def test_credentials_that_cannot_be_opened_fail_only_when_needed(
+    server: ProviderServer, http: httpx.AsyncClient
+) -> None:
+    """A call without auth works; one that needs the credentials raises the reason (not retried); no call is made."""
+    server.route("GET", "/status", Reply(200, {"ok": True}))
+    secrets = Secrets(unavailable="sealed under key id 1234abcd, which is not configured")
+    open_proxy = Provider(http, Integration("acme", base_url=server.url), {}, secrets)
+    assert (await open_proxy.request("GET", "/status")).status_code == 200
+    proxy = Provider(http, Integration("acme", base_url=server.url, auth="bearer"), {}, secrets)
+    with pytest.raises(CredentialsUnavailable, match="key id 1234abcd"):
+        await proxy.request("GET", "/status")
+    with pytest.raises(CredentialsUnavailable, match="key id 1234abcd"):
+        proxy.credentials["access_token"]
+    assert repr(proxy.credentials) == "Credentials(unavailable)"
+    assert len(server.requests) == 1
+
+
+def test_ctx_credentials_are_read_only_and_their_repr_shows_names_only() -> None:
+    """ctx.credentials: a mapping for SDKs; repr and str name the keys and hide the values; no item assignment."""
+    view = ReadOnlyCredentials(Secrets({"access_token": SECRET, "api_key": "k3y-value"}).current)
+    assert dict(view) == {"access_token": SECRET, "api_key": "k3y-value"}
+    assert repr(view) == str(view) == "Credentials(access_token=[redacted], api_key=[redacted])"
+    assert SECRET not in f"{view!r} {view} {[view]}"
+    with pytest.raises(TypeError):
+        view["access_token"] = "x"  # type: ignore[index]

@@ -7,7 +7,7 @@ import pytest
 
 from orchestrator.context import MAX_LOG_LINE, Context, cut
 from orchestrator.records import FunctionFailed
-from orchestrator.runner import MAX_ERROR
+from orchestrator.runner import MAX_ERROR, MAX_TRACEBACK
 from tests.support.engine import VALIDATE, function, running
 
 pytestmark = pytest.mark.anyio
@@ -33,3 +33,19 @@ async def test_a_credential_straddling_the_cut_is_redacted_not_halved(offset: in
         assert not any(TOKEN[:n] in text for n in range(4, len(TOKEN) + 1))
     assert failed.logs == (cut("info: " + line.replace(TOKEN, "[redacted]"), MAX_LOG_LINE),)
     assert failed.error == cut(error.replace(TOKEN, "[redacted]"), MAX_ERROR)
+
+
+@pytest.mark.parametrize("offset", [10, len(TOKEN) // 2, len(TOKEN) - 3])
+async def test_a_credential_in_the_tracebacks_exception_line_is_redacted_not_halved(offset: int) -> None:
+    """The token straddles the 1,000th character of the traceback's last line (where a cut once halved it)."""
+    error = "y" * (1000 - len("RuntimeError: ") - offset) + TOKEN + " and more"
+
+    async def check(ctx: Context) -> None:
+        raise RuntimeError(error)
+
+    async with running(function("check", VALIDATE, check)) as h:
+        await h.emit(VALIDATE, credentials={"access_token": TOKEN})
+        failed = next(b for b in await h.bodies() if isinstance(b, FunctionFailed))
+    assert not any(TOKEN[:n] in failed.traceback for n in range(4, len(TOKEN) + 1))
+    assert failed.traceback.splitlines()[-1] == "RuntimeError: " + error.replace(TOKEN, "[redacted]")
+    assert len(failed.traceback) <= MAX_TRACEBACK

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+import httpx
+
 from orchestrator import Context, on_event
 
 INTEGRATION = "isolated"
@@ -67,3 +69,21 @@ def registers_sync(ctx: Any) -> None:
     response = ctx.post("/webhooks", json={"connection": ctx.connection.connection_id})
     ctx.update_metadata({"sync_webhook_id": response.json()["id"]})
     ctx.log("registered", response.json()["id"], "pid", os.getpid())
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+async def uses_an_sdk(ctx: Context) -> None:
+    """Calls the provider through the proxy, then hands the raw token to an "SDK" of its own (``/sdk``)."""
+    await ctx.get("/me")  # a 401 here is the daemon's to refresh: ctx.credentials then reads the fresh token
+    token = ctx.credentials["access_token"]
+    async with httpx.AsyncClient() as sdk:
+        await sdk.get(ctx.connection.config["sdk_url"], headers={"authorization": f"Bearer {token}"})
+    ctx.log("pid", os.getpid(), "sees", repr(ctx.credentials), "token", token)
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+def uses_an_sdk_sync(ctx: Any) -> None:
+    """:func:`uses_an_sdk`'s read as a plain def (ctx.credentials read on its thread), first thing."""
+    names = sorted(ctx.credentials)
+    ctx.log("pid", os.getpid(), "names", names, "token", dict(ctx.credentials)["access_token"])
+    ctx.get("/me")

@@ -234,7 +234,9 @@ class EmitLifecycleEventRequest(_message.Message):
 
     @_builtins.property
     def credentials(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Secrets for the provider. Never written to the log, traces or logs."""
+        """Secrets for the provider. Sealed at rest (AES-256-GCM) when anything of the
+        connection runs later; never written to the log, traces or logs.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
@@ -568,3 +570,86 @@ class EventRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventRecord: _TypeAlias = EventRecord  # noqa: Y015
+
+@_typing.final
+class UpdateCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CredentialsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def connection(self) -> Global___ConnectionRef: ...
+    @_builtins.property
+    def credentials(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Secrets for the provider, replacing the connection's (at least one). Never
+        written to the log, traces or logs.
+        """
+
+    def __init__(
+        self,
+        *,
+        connection: Global___ConnectionRef | None = ...,
+        credentials: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "credentials", b"credentials"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCredentialsRequest: _TypeAlias = UpdateCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.str
+    """Keyed fingerprint (HMAC-SHA256, 16 hex digits) of the stored credentials, as
+    their `credentials-updated` record states it: equal for equal credentials
+    under the same key id.
+    """
+    key_id: _builtins.str
+    """The key they are sealed under (a short hash of the key, never the key)."""
+    version: _builtins.int
+    """The stream version of their `credentials-updated` record."""
+    changed: _builtins.bool
+    """False when these credentials were stored already (nothing was written)."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "fingerprint", b"fingerprint", "key_id", b"key_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCredentialsResponse: _TypeAlias = UpdateCredentialsResponse  # noqa: Y015

@@ -57,6 +57,11 @@ class OrchestratorStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ReadEventsRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.EventRecord.FromString,
                 _registered_method=True)
+        self.UpdateCredentials = channel.unary_unary(
+                '/orchestrator.v1.Orchestrator/UpdateCredentials',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -94,6 +99,16 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateCredentials(self, request, context):
+        """Replace a connection's credentials: sealed at rest, never in the log, and
+        announced there by a `credentials-updated` record. Sending the stored
+        credentials again writes nothing. NOT_FOUND for an unknown connection;
+        FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +131,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.ReadEvents,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ReadEventsRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.EventRecord.SerializeToString,
+            ),
+            'UpdateCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCredentials,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +249,33 @@ class Orchestrator:
             '/orchestrator.v1.Orchestrator/ReadEvents',
             orchestrator_dot_v1_dot_orchestrator__pb2.ReadEventsRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.EventRecord.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.Orchestrator/UpdateCredentials',
+            orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

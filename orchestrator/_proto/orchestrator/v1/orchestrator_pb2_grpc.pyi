@@ -50,6 +50,12 @@ class OrchestratorStub:
     """The log from a position, for one connection or all; `follow` keeps
     streaming records as they are committed (a catch-up subscription).
     """
+    UpdateCredentials: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateCredentialsRequest, _orchestrator_pb2.UpdateCredentialsResponse]
+    """Replace a connection's credentials: sealed at rest, never in the log, and
+    announced there by a `credentials-updated` record. Sending the stored
+    credentials again writes nothing. NOT_FOUND for an unknown connection;
+    FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
+    """
 
 @_typing.type_check_only
 class OrchestratorAsyncStub(OrchestratorStub):
@@ -68,6 +74,12 @@ class OrchestratorAsyncStub(OrchestratorStub):
     ReadEvents: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.ReadEventsRequest, _orchestrator_pb2.EventRecord]  # type: ignore[assignment]
     """The log from a position, for one connection or all; `follow` keeps
     streaming records as they are committed (a catch-up subscription).
+    """
+    UpdateCredentials: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.UpdateCredentialsRequest, _orchestrator_pb2.UpdateCredentialsResponse]  # type: ignore[assignment]
+    """Replace a connection's credentials: sealed at rest, never in the log, and
+    announced there by a `credentials-updated` record. Sending the stored
+    credentials again writes nothing. NOT_FOUND for an unknown connection;
+    FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
     """
 
 class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
@@ -108,6 +120,18 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.EventRecord], _abc.AsyncIterator[_orchestrator_pb2.EventRecord]]:
         """The log from a position, for one connection or all; `follow` keeps
         streaming records as they are committed (a catch-up subscription).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateCredentials(
+        self,
+        request: _orchestrator_pb2.UpdateCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.UpdateCredentialsResponse, _abc.Awaitable[_orchestrator_pb2.UpdateCredentialsResponse]]:
+        """Replace a connection's credentials: sealed at rest, never in the log, and
+        announced there by a `credentials-updated` record. Sending the stored
+        credentials again writes nothing. NOT_FOUND for an unknown connection;
+        FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
         """
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,147 @@
+"""Memory: the daemon's RSS after 100,000 new connections with credentials, against its RSS after 10,000.
+
+Credentials are sealed into the log's database and opened per attempt; the
+daemon keeps none in memory (before sealing it kept every connection's in a
+dict that grew for ever, about 0.45 KB each). The figure: ``orchestrator serve``
+(the real CLI, an SQLite log in a temporary directory, no event-function
+plugins for the ``bench`` integration) takes ``post-connection-creation``
+emits, each a new connection with its own credentials, 64 in flight from a
+client process; its RSS (``VmRSS`` of ``/proc/PID/status``) is read after the
+first ``--small`` connections (default 10,000: every bounded cache is full by
+then, the writer's 8,192 read-model rows among them) and again after
+``--large`` (default 100,000). The ratio large / small is the figure: near
+1.0 when memory does not grow with connections. The baseline is the same
+daemon, measured in the same run.
+
+    .venv/bin/python bench/credentials_rss.py                     # 10k vs 100k: about 2 minutes on 2 cores
+    .venv/bin/python bench/credentials_rss.py --small 2000 --large 20000   # quick
+
+Prints a Markdown table on stdout, progress on stderr, and writes the figures
+to ``--output`` (default ``bench/credentials_rss.json``). Exit code 1 when an
+emit failed or the daemon did not serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if not __package__:
+    sys.path[0] = str(ROOT)  # run as `python bench/credentials_rss.py`: import `bench` from the root
+
+from bench._harness import BenchError, Server, in_child, log, orchestrator_command, run_loop  # noqa: E402
+
+IN_FLIGHT = 64
+CALL_TIMEOUT_S = 30.0
+EMIT_TIMEOUT_S = 900.0
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
+    """``count`` new connections (ids ``start``...), each with its own credentials, 64 in flight; a child process."""
+    import grpc
+
+    from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+    from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+    async def main() -> dict[str, Any]:
+        errors: list[str] = []
+        next_id = start
+        end = start + count
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.OrchestratorStub(channel)
+
+            async def worker() -> None:
+                nonlocal next_id
+                while next_id < end and len(errors) < 10:
+                    n, next_id = next_id, next_id + 1
+                    request = pb.EmitLifecycleEventRequest(
+                        connection=pb.ConnectionRef(environment="bench", integration="bench", connection_id=f"c{n}"),
+                        event=pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION,
+                        credentials={"access_token": f"bench-token-{n:08d}-{os.urandom(12).hex()}"},
+                    )
+                    try:
+                        await stub.EmitLifecycleEvent(request, timeout=CALL_TIMEOUT_S)
+                    except grpc.aio.AioRpcError as exc:
+                        errors.append(f"{exc.code().name}: {exc.details()}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+            seconds = time.perf_counter() - started
+        return {"emitted": count, "seconds": seconds, "rate": count / seconds, "errors": errors}
+
+    return run_loop(main())
+
+
+def measure(small: int, large: int, database: Path) -> dict[str, Any]:
+    """RSS after ``small`` and after ``large`` new connections with credentials, and their ratio."""
+    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
+    argv += ["--grace-period", "5", "--log-level", "info"]  # the harness waits for the INFO "serving" line
+    with Server(argv, name="orchestrator serve", timeout=60) as daemon:
+        pid = daemon.pid
+        at_start = rss_kib(pid)
+        log(f"daemon pid {pid}: {at_start / 1024:.1f} MiB at start")
+        first = in_child(emit_connections, daemon.address, 0, small, timeout=EMIT_TIMEOUT_S)
+        at_small = rss_kib(pid)
+        log(f"{small:,} connections in {first['seconds']:.1f} s: {at_small / 1024:.1f} MiB")
+        second = in_child(emit_connections, daemon.address, small, large - small, timeout=EMIT_TIMEOUT_S)
+        at_large = rss_kib(pid)
+        log(f"{large:,} connections ({second['rate']:.0f}/s): {at_large / 1024:.1f} MiB")
+        code = daemon.stop()
+    errors = first["errors"] + second["errors"]
+    return {
+        "small": {"connections": small, "rss_kib": at_small},
+        "large": {"connections": large, "rss_kib": at_large},
+        "at_start_rss_kib": at_start,
+        "ratio": at_large / at_small,
+        "emits_per_s": (large) / (first["seconds"] + second["seconds"]),
+        "bytes_per_connection_beyond_small": (at_large - at_small) * 1024 / (large - small),
+        "database_bytes": database.stat().st_size,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else "",
+        "exit_code": code,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=10_000, help="connections at the first reading")
+    parser.add_argument("--large", type=int, default=100_000, help="connections at the second reading")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "credentials_rss.json")
+    ns = parser.parse_args()
+    if not 0 < ns.small < ns.large:
+        parser.error("--small must be more than 0 and less than --large")
+    with tempfile.TemporaryDirectory(prefix="orchestrator-bench-rss-") as scratch:
+        figures = measure(ns.small, ns.large, Path(scratch) / "events.db")
+    figures["load_average_at_end"] = list(os.getloadavg())
+    ns.output.write_text(json.dumps(figures, indent=2) + "\n")
+    print("| Figure | Baseline | Orchestrator | Ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    print(
+        f"| Daemon RSS, MiB, new connections with credentials | {figures['small']['rss_kib'] / 1024:.1f}"
+        f" ({ns.small:,} connections) | {figures['large']['rss_kib'] / 1024:.1f} ({ns.large:,} connections)"
+        f" | {figures['ratio']:.3f} |"
+    )
+    if figures["errors"]:
+        print(f"{figures['errors']} emit(s) failed, first: {figures['first_error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
