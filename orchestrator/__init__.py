@@ -20,7 +20,7 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
-    from orchestrator.context import Context
+    from orchestrator.context import Context, SyncContext
     from orchestrator.errors import OrchestratorError, ProviderError
     from orchestrator.functions import EventFunction, NonRetryable, Rejected, on_event
     from orchestrator.model import ConnectionRef, ConnectionState, LifecycleEvent
@@ -37,6 +37,7 @@ __all__ = [
     "ProviderError",
     "Rejected",
     "RetryPolicy",
+    "SyncContext",
     "__version__",
     "on_event",
 ]
@@ -52,6 +53,7 @@ _HOMES = {
     "ProviderError": "orchestrator.errors",
     "Rejected": "orchestrator.functions",
     "RetryPolicy": "orchestrator.retry",
+    "SyncContext": "orchestrator.context",
     "on_event": "orchestrator.functions",
     "__version__": "orchestrator._version",
 }

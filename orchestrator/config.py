@@ -9,6 +9,7 @@ tree, the model's JSON type and the retry policy, so any layer may use it.
 from __future__ import annotations
 
 import ipaddress
+import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
@@ -56,6 +57,8 @@ class DispatchConfig:
     """``thread``: attempts run in the daemon; ``process``: in a supervised pool of worker processes."""
     processes: int = DEFAULT_PROCESSES
     """The pool's size with ``isolation="process"``; attempts then run at most this many at once."""
+    variables: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """``[environments.<env>.variables]``: each environment's function variables, as ``ctx.env`` shows them."""
 
     def __post_init__(self) -> None:
         if self.isolation not in ISOLATION:
@@ -69,15 +72,34 @@ class DispatchConfig:
         return min(self.processes, self.concurrency) if self.isolation == "process" else 0
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON: what a function may be shown (and a worker process sent) as a setting."""
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+_INTEGRATION_SETTINGS = frozenset({"base_url", "auth", "timeout", "retries", "settings"})
+
+
 @dataclass(frozen=True, slots=True)
 class Integration:
-    """How to reach one integration's provider: ``[integrations.<name>]`` settings."""
+    """How to reach one integration's provider: ``[integrations.<name>]`` settings.
+
+    ``settings`` are the integration's own non-secret settings (``[integrations.<name>.settings]``), which
+    functions read as ``ctx.integration.settings``; ``environments`` overrides any of these for one
+    environment (``[integrations.<name>.environments.<env>]``): see :meth:`for_environment`.
+    """
 
     name: str
     base_url: str = ""
     auth: str = "none"
     timeout: float = 30.0
     retries: int = 3
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    environments: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         scheme, _, arg = self.auth.partition(":")
@@ -85,14 +107,57 @@ class Integration:
             raise InvalidArgument(
                 f"integrations.{self.name}.auth = {self.auth!r}: use one of {', '.join(AUTH_SCHEMES)}"
             )
+        if not isinstance(self.settings, Mapping):
+            raise InvalidArgument(f"integrations.{self.name}.settings must be a table")
+        for key, value in self.settings.items():
+            if not _plain(value):
+                raise InvalidArgument(
+                    f"integrations.{self.name}.settings.{key}: use strings, numbers, booleans, arrays and tables"
+                    f" (not {type(value).__name__})"
+                )
+        for environment, overrides in self.environments.items():
+            where = f"integrations.{self.name}.environments.{environment}"
+            if not isinstance(overrides, Mapping):
+                raise InvalidArgument(f"{where} must be a table")
+            unknown = set(overrides) - _INTEGRATION_SETTINGS
+            if unknown:
+                raise InvalidArgument(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+            self._overridden(where, overrides)  # each environment's settings are checked now, not at an attempt
 
     @classmethod
     def from_settings(cls, name: str, settings: Mapping[str, Any]) -> Integration:
         """From a ``[integrations.<name>]`` TOML table."""
-        unknown = set(settings) - {"base_url", "auth", "timeout", "retries"}
+        unknown = set(settings) - _INTEGRATION_SETTINGS - {"environments"}
         if unknown:
             raise InvalidArgument(f"integrations.{name}: unknown setting(s) {', '.join(sorted(unknown))}")
-        return cls(name, **dict(settings))
+        values = dict(settings)
+        environments = values.pop("environments", {})
+        if not isinstance(environments, Mapping):
+            raise InvalidArgument(
+                f"integrations.{name}.environments must be a table of [integrations.{name}.environments.<env>] tables"
+            )
+        try:
+            return cls(name, **values, environments=dict(environments))
+        except TypeError as exc:
+            raise InvalidArgument(f"integrations.{name}: {exc}") from None
+
+    def _overridden(self, where: str, overrides: Mapping[str, Any]) -> Integration:
+        values = {key: overrides.get(key, getattr(self, key)) for key in _INTEGRATION_SETTINGS}
+        if isinstance(overrides.get("settings"), Mapping):  # the settings table is merged key by key
+            values["settings"] = {**self.settings, **overrides["settings"]}
+        try:
+            return Integration(self.name, **values)
+        except TypeError as exc:
+            raise InvalidArgument(f"{where}: {exc}") from None
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}: {exc}") from None
+
+    def for_environment(self, environment: str) -> Integration:
+        """These settings as environment ``environment`` sees them: its overrides over the defaults."""
+        overrides = self.environments.get(environment)
+        if not overrides:
+            return self
+        return self._overridden(f"integrations.{self.name}.environments.{environment}", overrides)
 
     def url_for(self, config: JSONObject) -> str:
         """The base URL with ``{placeholders}`` filled from ``config``."""
@@ -230,8 +295,32 @@ def integrations_from_toml(table: Any) -> dict[str, Integration]:
     for name, settings in table.items():
         if not isinstance(settings, dict):
             raise InvalidArgument(f"integrations.{name} must be a table")
-        try:
-            out[name] = Integration.from_settings(name, settings)
-        except TypeError as exc:
-            raise InvalidArgument(f"integrations.{name}: {exc}") from None
+        out[name] = Integration.from_settings(name, settings)
+    return out
+
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def variables_from_toml(table: Any) -> dict[str, dict[str, str]]:
+    """``[environments.<env>.variables]`` tables: each environment's function variables (``ctx.env``)."""
+    if not isinstance(table, dict):
+        raise InvalidArgument("environments must be a table of [environments.<env>] tables")
+    out: dict[str, dict[str, str]] = {}
+    for environment, settings in table.items():
+        where = f"environments.{environment}"
+        if not isinstance(settings, dict):
+            raise InvalidArgument(f"{where} must be a table")
+        unknown = set(settings) - {"variables"}
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} (only variables)")
+        variables = settings.get("variables", {})
+        if not isinstance(variables, dict):
+            raise InvalidArgument(f'{where}.variables must be a table of NAME = "value"')
+        for key, value in variables.items():
+            if not _VARIABLE.fullmatch(key):
+                raise InvalidArgument(f"{where}.variables: {key!r} is not a variable name (letters, digits and _)")
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{where}.variables.{key} = {value!r} is not a string: quote it")
+        out[environment] = dict(variables)
     return out

@@ -1,7 +1,9 @@
 """What an event function sees: :class:`Context`.
 
 A function gets the connection (ref and config), the event (type, payload,
-id, attempt), HTTP calls to the provider through the proxy (credentials
+id, attempt), the integration's settings (``ctx.integration``: name, base URL,
+auth scheme and its non-secret settings, as the connection's environment sees
+them), the environment's function variables (``ctx.env``), HTTP calls to the provider through the proxy (credentials
 injected), the credentials themselves read-only for SDKs that need the raw
 token (``ctx.credentials``, whose ``repr`` is redacted), the connection's
 metadata validated by the function's model, and ``log``. Metadata writes go to
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol, TypeAlias
 
 import anyio.from_thread
@@ -22,6 +25,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from orchestrator import limits
+from orchestrator.config import Integration
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
 from orchestrator.records import MetadataUpdated
@@ -126,6 +130,37 @@ class ConnectionInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class IntegrationInfo:
+    """``ctx.integration``: how the connection's integration is configured for its environment (no secret).
+
+    ``base_url`` is as configured, ``{placeholders}`` and all (the proxy fills them from the
+    connection's config); ``settings`` are the integration's own non-secret settings
+    (``[integrations.<name>.settings]``, per-environment ones merged in), read-only.
+    """
+
+    name: str
+    base_url: str = ""
+    auth: str = "none"
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def of(cls, integration: Integration) -> IntegrationInfo:
+        """What a function is shown of ``integration`` (already resolved for the connection's environment)."""
+        return cls(
+            integration.name, integration.base_url, integration.auth, MappingProxyType(dict(integration.settings))
+        )
+
+    def to_json(self) -> JSONObject:
+        """As the daemon sends it to a worker process."""
+        return {"name": self.name, "base_url": self.base_url, "auth": self.auth, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_json(cls, data: JSONObject) -> IntegrationInfo:
+        """From :meth:`to_json`."""
+        return cls(data["name"], data["base_url"], data["auth"], MappingProxyType(dict(data["settings"])))
+
+
+@dataclass(frozen=True, slots=True)
 class EventInfo:
     """The lifecycle event a function runs for."""
 
@@ -176,9 +211,15 @@ class Context:
         metadata_model: type[BaseModel] | None,
         sink: MetadataSink,
         log: AttemptLog | None = None,
+        integration: IntegrationInfo | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.connection = connection
         self.event = event
+        self.integration = integration or IntegrationInfo(connection.ref.integration)
+        """The integration's name, base URL, auth scheme and non-secret settings, for this environment."""
+        self.env: Mapping[str, str] = MappingProxyType(dict(env or {}))
+        """The environment's function variables (``[environments.<env>.variables]``), read-only."""
         self._provider = provider
         self._model = metadata_model
         self._sink = sink
@@ -196,10 +237,16 @@ class Context:
     # -- provider calls --------------------------------------------------------
 
     async def get(
-        self, endpoint: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+        self,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """GET ``endpoint`` (relative to the integration's base URL) from the provider."""
-        return await self._provider.request("GET", endpoint, params=params, headers=headers)
+        return await self._provider.request("GET", endpoint, params=params, json=json, data=data, headers=headers)
 
     async def post(
         self,
@@ -238,10 +285,16 @@ class Context:
         return await self._provider.request("PATCH", endpoint, params=params, json=json, data=data, headers=headers)
 
     async def delete(
-        self, endpoint: str, *, params: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None
+        self,
+        endpoint: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        """DELETE at the provider."""
-        return await self._provider.request("DELETE", endpoint, params=params, headers=headers)
+        """DELETE at the provider (some APIs take a body with it)."""
+        return await self._provider.request("DELETE", endpoint, params=params, json=json, data=data, headers=headers)
 
     # -- metadata --------------------------------------------------------------
 
@@ -277,12 +330,20 @@ class Context:
         await self._sink.write(validated, merge=False)
 
     async def update_metadata(self, value: BaseModel | JSONObject) -> None:
-        """Merge keys into the connection's metadata (validated and bounded as :meth:`set_metadata`)."""
+        """Merge keys into the connection's metadata (bounded as :meth:`set_metadata`).
+
+        With a model, the merged metadata (the current one with these keys replaced) is what is
+        validated, so a partial update of a model with required fields works; the values recorded
+        are the validated ones (coerced as the model coerces them). A key the model drops is not
+        recorded.
+        """
         patch = value.model_dump(mode="json", exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
-        merged = {**self._sink.current(), **patch}
-        limits.check_depth("a metadata write", patch)
-        self._validate(merged)
-        limits.check_metadata(patch, merged)
+        limits.check_depth("a metadata write", patch)  # first: too deep a value never reaches recursive code
+        current = self._sink.current()
+        validated = self._validate({**current, **patch})
+        if self._model is not None:
+            patch = {key: validated[key] for key in patch if key in validated}
+        limits.check_metadata(patch, {**current, **patch})
         await self._sink.write(patch, merge=True)
 
     # -- logging ---------------------------------------------------------------
@@ -322,6 +383,10 @@ class SyncContext:
     def __init__(self, ctx: Context, token: anyio.lowlevel.EventLoopToken | None = None) -> None:
         self.connection = ctx.connection
         self.event = ctx.event
+        self.integration = ctx.integration
+        """See :attr:`Context.integration`."""
+        self.env = ctx.env
+        """See :attr:`Context.env`."""
         self.credentials = ctx.credentials
         """See :attr:`Context.credentials`."""
         self._ctx = ctx

@@ -27,7 +27,16 @@ from opentelemetry import metrics, trace
 from orchestrator import tracing
 from orchestrator.clock import Clock
 from orchestrator.config import DispatchConfig, Integration
-from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo, MetadataSink, cut
+from orchestrator.context import (
+    AttemptLog,
+    Buffered,
+    ConnectionInfo,
+    Context,
+    EventInfo,
+    IntegrationInfo,
+    MetadataSink,
+    cut,
+)
 from orchestrator.isolation import ProcessPool
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
@@ -87,9 +96,9 @@ class Dispatcher:
         """Attempts that could start now without waiting for a slot."""
         return int(self._limiter.available_tokens)
 
-    def integration(self, name: str) -> Integration:
-        """The settings of integration ``name`` (no base URL when not configured)."""
-        return self._integrations.get(name) or Integration(name)
+    def integration(self, name: str, environment: str = "") -> Integration:
+        """The settings of integration ``name`` (no base URL when not configured), as ``environment`` has them."""
+        return (self._integrations.get(name) or Integration(name)).for_environment(environment)
 
     def timeout(self, function: Installed) -> float:
         """The time one attempt of ``function`` may take (its own, or the daemon's default)."""
@@ -109,9 +118,10 @@ class Dispatcher:
         secrets: Secrets,
         calls: list[str] | None = None,
     ) -> Context:
+        integration = self.integration(info.ref.integration, info.ref.environment)
         provider = Provider(
             self._http,
-            self.integration(info.ref.integration),
+            integration,
             info.config,
             secrets,
             calls=calls,
@@ -125,6 +135,8 @@ class Dispatcher:
             metadata_model=function.function.metadata,
             sink=sink,
             log=log,
+            integration=IntegrationInfo.of(integration),
+            env=self.config.variables.get(info.ref.environment, {}),
         )
 
     async def attempt(

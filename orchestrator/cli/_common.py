@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from orchestrator.config import Integration
     from orchestrator.rpc.client import Client
 
-TOML_TABLES = {"integrations"}  # tables read by later features, not command options
+TOML_TABLES = {"integrations", "environments"}  # tables read by later features, not command options
 _INTEGRATIONS = "orchestrator.integrations"
+_VARIABLES = "orchestrator.variables"
 
 # -- the config file ---------------------------------------------------------------
 
@@ -43,11 +44,18 @@ def apply_toml(ctx: click.Context, path: Path, command: click.Command | None = N
         raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}", param_hint="config file")
     ctx.default_map = _defaults_for(command or ctx.command, settings)
     ctx.meta[_INTEGRATIONS] = config.integrations_from_toml(settings.get("integrations", {}))
+    ctx.meta[_VARIABLES] = config.variables_from_toml(settings.get("environments", {}))
 
 
 def configured_integrations(ctx: click.Context) -> dict[str, Integration]:
     """The ``[integrations.*]`` tables of the config file, if one was read."""
     found: dict[str, Integration] = ctx.meta.get(_INTEGRATIONS, {})
+    return found
+
+
+def configured_variables(ctx: click.Context) -> dict[str, dict[str, str]]:
+    """The ``[environments.<env>.variables]`` tables of the config file, if one was read."""
+    found: dict[str, dict[str, str]] = ctx.meta.get(_VARIABLES, {})
     return found
 
 

@@ -11,7 +11,7 @@ import click
 
 from orchestrator import config
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml, configured_integrations, database, quiet_grpc
+from orchestrator.cli._common import apply_toml, configured_integrations, configured_variables, database, quiet_grpc
 from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def _dispatch_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
+def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]]) -> DispatchConfig:
     from orchestrator.config import DispatchConfig
     from orchestrator.retry import RetryPolicy
 
@@ -59,6 +59,7 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
         attempt_timeout=values["attempt_timeout"],
         isolation=values["isolation"],
         processes=values["processes"],
+        variables=variables,
         retry=RetryPolicy(
             max_attempts=values["retry_max_attempts"],
             initial_interval=values["retry_initial_interval"],
@@ -237,7 +238,7 @@ def serve(
         insecure=insecure,
         skip_broken_plugins=skip_broken_plugins,
         init=init,
-        dispatch=_dispatch_config(dispatch),
+        dispatch=_dispatch_config(dispatch, configured_variables(ctx)),
         integrations=integrations,
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),
         on_sighup=file_handler.reopen if file_handler is not None else None,
@@ -259,6 +260,11 @@ def serve(
             click.echo(f"isolation: process, {settings.dispatch.pool_size} worker process(es)")
         for name, integration in sorted(integrations.items()):
             click.echo(f"integration {name}: base_url {integration.base_url or '(none)'}, auth {integration.auth}")
+            for environment in sorted(integration.environments):
+                own = integration.for_environment(environment)
+                click.echo(f"integration {name} in {environment}: base_url {own.base_url or '(none)'}, auth {own.auth}")
+        for environment, variables in sorted(settings.dispatch.variables.items()):
+            click.echo(f"environment {environment}: variables {', '.join(sorted(variables)) or '(none)'}")
         click.echo(
             f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
             + (f", Prometheus on {metrics_listen}" if metrics_listen else "")

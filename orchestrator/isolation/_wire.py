@@ -10,7 +10,7 @@ process is replaced). What the daemon sends is trusted by the worker.
 
     daemon -> worker                              worker -> daemon
     attempt {n, function, connection, event,      ready   {functions, broken}   once, after importing the plugins
-             metadata}                            call    {n, id, op, args}     a context operation (OPERATIONS)
+             metadata, integration, env}          call    {n, id, op, args}     a context operation (OPERATIONS)
     reply   {id, value} or {id, error}            cancel  {n, id}               the function stopped waiting for it
                                                   log     {n, line}
                                                   ended   {n, returned, awaitable, raised, dropped}
@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 
 from orchestrator import errors
-from orchestrator.context import ConnectionInfo, EventInfo
+from orchestrator.context import Context
 from orchestrator.errors import ProviderError, ResourceExhausted
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
@@ -170,13 +170,13 @@ def ended_from(message: JSONObject) -> tuple[Ended, int]:
 # -- what the daemon sends, and the worker's side of it ----------------------------
 
 
-def attempt(
-    number: int, function: Installed, connection: ConnectionInfo, event: EventInfo, metadata: JSONObject
-) -> JSONObject:
-    """The ``attempt`` message: which function, for which connection and event, with which metadata.
+def attempt(number: int, function: Installed, ctx: Context, metadata: JSONObject) -> JSONObject:
+    """The ``attempt`` message: which function, for which connection and event, with which metadata; and the
+    plain data of ``ctx`` (the integration's settings, the environment's variables).
 
     ``number`` counts the worker's attempts: every message it sends for this one carries it as ``n``.
     """
+    connection, event = ctx.connection, ctx.event
     ref = connection.ref
     return {
         "t": "attempt",
@@ -201,6 +201,8 @@ def attempt(
             "attempt": event.attempt,
         },
         "metadata": metadata,
+        "integration": ctx.integration.to_json(),
+        "env": dict(ctx.env),
     }
 
 

@@ -35,7 +35,15 @@ from typing import Any
 import anyio
 import httpx
 
-from orchestrator.context import MAX_LOG_LINE, MAX_LOG_LINES, AttemptLog, ConnectionInfo, Context, EventInfo
+from orchestrator.context import (
+    MAX_LOG_LINE,
+    MAX_LOG_LINES,
+    AttemptLog,
+    ConnectionInfo,
+    Context,
+    EventInfo,
+    IntegrationInfo,
+)
 from orchestrator.errors import PluginError
 from orchestrator.isolation import _wire
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
@@ -258,6 +266,8 @@ async def _attempt(message: JSONObject, registry: Registry, link: _Link) -> None
             metadata_model=function.function.metadata,
             sink=_Sink(link, message["metadata"]),
             log=log,
+            integration=IntegrationInfo.from_json(message["integration"]),
+            env=message["env"],
         )
         ended = await invoke(function, ctx)
     link.send(_wire.ended(ended, log.dropped))

@@ -185,7 +185,7 @@ class _Child:
         outcome: Ended | _Broken
         async with anyio.create_task_group() as tg:
             try:
-                message = _wire.attempt(self.attempts, function, ctx.connection, ctx.event, parts.sink.current())
+                message = _wire.attempt(self.attempts, function, ctx, parts.sink.current())
                 await self.send(message)
                 outcome = await self._converse(ctx, parts, tg)
             except Garbage as exc:

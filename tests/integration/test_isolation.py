@@ -32,13 +32,14 @@ from google.protobuf import struct_pb2
 
 from orchestrator import sealing
 from orchestrator.clock import Clock, SystemClock
-from orchestrator.context import Buffered, ConnectionInfo, EventInfo, MetadataSink
+from orchestrator.config import DispatchConfig, Integration
+from orchestrator.context import Buffered, ConnectionInfo, Context, EventInfo, MetadataSink
 from orchestrator.dispatch import Dispatcher
 from orchestrator.isolation import WORKER_DIED, WORKER_ERROR, WORKER_UNAVAILABLE, ProcessPool, _wire
 from orchestrator.isolation.pool import FIRST_BACKOFF, describe
 from orchestrator.model import ConnectionRef, LifecycleEvent
 from orchestrator.plugins import Installed
-from orchestrator.provider import CredentialsUnavailable, Secrets
+from orchestrator.provider import CredentialsUnavailable, Provider, Secrets
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
 from orchestrator.runner import TIMEOUT, AttemptResult
@@ -102,10 +103,29 @@ def provider() -> Iterator[ProviderServer]:
 
 
 def integrations(provider: ProviderServer) -> dict[str, Any]:
-    """The integration's settings: the test's provider, with a bearer token."""
-    from orchestrator.config import Integration
+    """The integration's settings: the test's provider, with a bearer token; in prod, other settings."""
+    prod = {"base_url": provider.url + "/prod", "settings": {"region": "eu"}}
+    return {
+        INTEGRATION: Integration(
+            INTEGRATION, base_url=provider.url, auth="bearer", settings={"tier": "gold"}, environments={"prod": prod}
+        )
+    }
 
-    return {INTEGRATION: Integration(INTEGRATION, base_url=provider.url, auth="bearer")}
+
+VARIABLES = {"prod": {"SLACK_APP_ID": "A0PROD"}}
+"""The daemon's ``[environments.prod.variables]``."""
+
+
+def context(event: EventInfo) -> Context:
+    """A context of connection c1 for ``event``, as a pool's attempt message is made of one."""
+    integration = Integration(INTEGRATION)
+    return Context(
+        connection=ConnectionInfo(REF, {}),
+        event=event,
+        provider=Provider(httpx.AsyncClient(), integration, {}, {}),
+        metadata_model=None,
+        sink=Buffered({}),
+    )
 
 
 @asynccontextmanager
@@ -117,8 +137,9 @@ async def dispatching(
         processes = ProcessPool(size, **pool)
         await tg.start(processes.run)  # each worker ready (or failed), as the daemon waits before serving
         clock: Clock = SystemClock()
+        config = DispatchConfig(variables=VARIABLES)
         yield (
-            Dispatcher(clock, http=http, integrations=integrations(provider), pool=processes),
+            Dispatcher(clock, http=http, integrations=integrations(provider), pool=processes, config=config),
             processes,
         )
         tg.cancel_scope.cancel()
@@ -132,13 +153,14 @@ async def attempt(
     sink: MetadataSink | None = None,
     secrets: Secrets | None = None,
     config: dict[str, Any] | None = None,
+    ref: ConnectionRef = REF,
 ) -> AttemptResult:
-    """Attempt ``number`` of ``function`` on connection c1, as a job would run it (with :data:`TOKEN` unless
-    ``secrets`` are given, as the vault would have opened them)."""
+    """Attempt ``number`` of ``function`` on connection ``ref`` (c1), as a job would run it (with :data:`TOKEN`
+    unless ``secrets`` are given, as the vault would have opened them)."""
     event = EventInfo(LifecycleEvent.POST_CONNECTION_CREATION, {}, "event-1", number)
     return await dispatcher.attempt(
         function,
-        ConnectionInfo(REF, config or {}),
+        ConnectionInfo(ref, config or {}),
         event,
         sink or Buffered({}, function.name),
         secrets=secrets if secrets is not None else Secrets({"access_token": TOKEN}),
@@ -346,7 +368,7 @@ def test_a_worker_exits_when_its_pipe_closes_even_while_a_function_holds_its_loo
     try:
         assert receive()["t"] == "ready"
         event = EventInfo(LifecycleEvent.POST_CONNECTION_CREATION, {}, "event-1")
-        send(_wire.attempt(1, functions["holds-the-loop"], ConnectionInfo(REF, {}), event, {}))
+        send(_wire.attempt(1, functions["holds-the-loop"], context(event), {}))
         assert receive()["t"] == "log"
         call = receive()
         assert (call["t"], call["args"]["endpoint"]) == ("call", "/started")
@@ -359,6 +381,44 @@ def test_a_worker_exits_when_its_pipe_closes_even_while_a_function_holds_its_loo
         worker.kill()
         worker.wait()
         stdout.close()
+
+
+# -- what else a context has, in a worker process -----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["shows-its-context", "shows-its-context-sync"])
+async def test_a_worker_sees_the_integration_and_the_environment_as_the_daemon_does(
+    functions: dict[str, Installed], provider: ProviderServer, name: str
+) -> None:
+    """In a worker, ctx.integration (prod's settings over the defaults) and ctx.env are the daemon's; GET and
+    DELETE carry a body; update_metadata of one required field records the model's value: as in a thread."""
+    provider.route("GET", "/prod/query", Reply(200, {}))
+    provider.route("DELETE", "/prod/webhooks", Reply(204))
+    prod = ConnectionRef("prod", INTEGRATION, "c1")
+    stored = {"webhook_id": "wh1", "retries": 0}
+    async with dispatching(provider) as (dispatcher, pool):
+        in_worker = Buffered(stored, name)
+        worker = await attempt(dispatcher, functions[name], ref=prod, sink=in_worker)
+        [pid_] = pool.pids
+    async with httpx.AsyncClient() as http:
+        config = DispatchConfig(variables=VARIABLES)
+        in_daemon = Dispatcher(SystemClock(), http=http, integrations=integrations(provider), config=config)
+        in_thread = Buffered(stored, name)
+        thread = await attempt(in_daemon, functions[name], ref=prod, sink=in_thread)
+    assert pid_ != os.getpid()
+    for result, sink in ((worker, in_worker), (thread, in_thread)):
+        assert result.ok, result
+        assert result.logs == [
+            f"info: integration {INTEGRATION} {provider.url}/prod {{'tier': 'gold', 'region': 'eu'}}",
+            "info: env {'SLACK_APP_ID': 'A0PROD'}",
+            "info: metadata {'webhook_id': 'wh1', 'retries': 3}",
+        ]
+        assert sink.updates == [MetadataUpdated(name, {"retries": 3}, True)]
+    queries = provider.requests_to("GET", "/prod/query")
+    deletions = provider.requests_to("DELETE", "/prod/webhooks")
+    assert [r.json() for r in queries] == [{"q": "all"}] * 2
+    assert [r.body for r in deletions] == [b"id=wh1"] * 2
+    assert {r.headers["authorization"] for r in queries + deletions} == {f"Bearer {TOKEN}"}
 
 
 # -- ctx.credentials in a worker process -------------------------------------------------

@@ -21,6 +21,7 @@ def test_exported_members() -> None:
         "ProviderError",
         "Rejected",
         "RetryPolicy",
+        "SyncContext",
         "__version__",
         "on_event",
     ]

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from orchestrator import Context, on_event
 
@@ -87,3 +88,33 @@ def uses_an_sdk_sync(ctx: Any) -> None:
     names = sorted(ctx.credentials)
     ctx.log("pid", os.getpid(), "names", names, "token", dict(ctx.credentials)["access_token"])
     ctx.get("/me")
+
+
+class Webhook(BaseModel):
+    """Metadata with required fields, for a partial update."""
+
+    webhook_id: str
+    retries: int
+
+
+@on_event("post-connection-creation", integration=INTEGRATION, metadata=Webhook)
+async def shows_its_context(ctx: Context) -> None:
+    """Logs its integration's settings and its environment's variables; sends bodies with GET and DELETE;
+    updates one field of a model with required fields."""
+    ctx.log("integration", ctx.integration.name, ctx.integration.base_url, dict(ctx.integration.settings))
+    ctx.log("env", dict(ctx.env))
+    await ctx.get("/query", json={"q": "all"})
+    await ctx.delete("/webhooks", data={"id": "wh1"})
+    await ctx.update_metadata({"retries": "3"})
+    ctx.log("metadata", (await ctx.get_metadata()).model_dump())
+
+
+@on_event("post-connection-creation", integration=INTEGRATION, metadata=Webhook)
+def shows_its_context_sync(ctx: Any) -> None:
+    """:func:`shows_its_context` as a plain def."""
+    ctx.log("integration", ctx.integration.name, ctx.integration.base_url, dict(ctx.integration.settings))
+    ctx.log("env", dict(ctx.env))
+    ctx.get("/query", json={"q": "all"})
+    ctx.delete("/webhooks", data={"id": "wh1"})
+    ctx.update_metadata({"retries": "3"})
+    ctx.log("metadata", ctx.get_metadata().model_dump())
