@@ -69,7 +69,41 @@ class EventFunction:
     @property
     def qualname(self) -> str:
         """Where the handler is defined, for messages."""
-        return f"{self.handler.__module__}.{self.handler.__qualname__}"
+        return describe(self.handler)
+
+    def call_problem(self) -> str | None:
+        """Why the handler cannot be called with the context alone (as the runner calls it), or None.
+
+        An event function takes exactly one parameter, the context; more parameters must have
+        defaults. Plugin discovery reports such a function as a broken plugin, so that the
+        mistake shows before any attempt, not as a ``TypeError`` at each retry.
+        """
+        try:
+            signature = inspect.signature(self.handler)
+        except (TypeError, ValueError):  # a callable without a signature to read: its calls tell
+            return None
+        try:
+            signature.bind(None)
+        except TypeError:
+            plain = signature.replace(
+                parameters=[p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()],
+                return_annotation=inspect.Signature.empty,
+            )
+            name = getattr(self.handler, "__name__", "handler")
+            return (
+                f"{self.qualname}{plain} cannot be called with the context alone: an event function takes exactly"
+                f" one parameter, the context (def {name}(ctx): ...)"
+            )
+        return None
+
+
+def describe(target: object) -> str:
+    """``target`` named for a message: ``module.qualname`` (whole) for a function or class, else its type's."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    kind = type(target)
+    return f"a {kind.__module__}.{kind.__qualname__} instance"
 
 
 def on_event(

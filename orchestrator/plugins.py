@@ -9,6 +9,7 @@ start with any unless told to skip them.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from importlib import metadata
 from typing import Any
 
 from orchestrator.config import Integration
-from orchestrator.functions import EventFunction
+from orchestrator.functions import EventFunction, describe
 from orchestrator.model import LifecycleEvent
 
 GROUP = "orchestrator.functions"
@@ -105,9 +106,14 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
             fail(f"import failed: {type(exc).__name__}: {exc}")
             continue
         if not isinstance(target, EventFunction):
-            fail(f"{type(target).__name__} {target!r:.60} is not an event function (decorate it with @on_event)")
+            fail(f"{_named(target)} is not an event function (decorate it with @on_event)")
+            continue
+        problem = target.call_problem()
+        if problem is not None:
+            fail(problem)
             continue
         loaded.append(Installed(ep.name, target, dist, version, ep.value))
+    loaded = _one_name_each(loaded, broken)
     seen: dict[tuple[str, str], Installed] = {}
     unique: list[Installed] = []
     clashes: set[tuple[str, str]] = set()
@@ -138,6 +144,35 @@ def discover(entry_points: Iterable[metadata.EntryPoint] | None = None) -> Regis
         else:
             unique.append(item)
     return Registry.of(unique, broken)
+
+
+def _named(target: object) -> str:
+    """What an entry point loaded, for a message: a function or class by its whole path, else its type and value."""
+    if inspect.isroutine(target) or inspect.isclass(target):
+        kind = "class" if inspect.isclass(target) else "function"
+        return f"{kind} {describe(target)}"
+    return f"{describe(target)} {target!r:.60}"
+
+
+def _one_name_each(loaded: list[Installed], broken: list[BrokenPlugin]) -> list[Installed]:
+    """``loaded`` without the event functions registered under more than one entry point (each is broken: it
+    would run once per name for every event)."""
+    by_object: dict[int, list[Installed]] = {}
+    for item in loaded:
+        by_object.setdefault(id(item.function), []).append(item)
+    kept = []
+    for item in loaded:
+        names = by_object[id(item.function)]
+        if len(names) == 1:
+            kept.append(item)
+            continue
+        others = ", ".join(f"{o.name} = {o.entry_point} ({o.distribution})" for o in names if o is not item)
+        reason = (
+            f"{item.function.qualname} is also registered as {others}: one event function takes one entry point"
+            " (it would run once per name)"
+        )
+        broken.append(BrokenPlugin(item.distribution, item.version, item.name, item.entry_point, reason))
+    return kept
 
 
 def discover_resolver(

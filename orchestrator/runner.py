@@ -235,17 +235,29 @@ class Ended:
     returned: str | None = None
     """The type of a value other than ``None`` that it returned (ignored, with a warning)."""
     awaitable: bool = False
-    """What it returned was an awaitable it never awaited (a coroutine function without ``async def``)."""
+    """What it returned was an awaitable it never awaited (an ``async def`` that forgot an ``await``, or a plain
+    ``def`` that returned a coroutine)."""
     raised: Raised | None = None
 
     @classmethod
     def returning(cls, value: Any) -> Ended:
-        """A function that returned ``value`` (a coroutine it returned is closed, never run)."""
+        """A function that returned ``value`` (a coroutine it returned is closed, never run, and named)."""
         if inspect.isawaitable(value):
             if inspect.iscoroutine(value):
                 value.close()
+                return cls(f"coroutine {value.__qualname__}()", awaitable=True)
             return cls(type(value).__name__, awaitable=True)
         return cls(None if value is None else type(value).__name__)
+
+
+def never_awaited(function: Installed, returned: str) -> str:
+    """The error of an attempt whose function returned an awaitable (``returned``) instead of awaiting it."""
+    if function.function.is_async:
+        return (
+            f"the async def returned a {returned} instead of awaiting it, so it never ran:"
+            " write `await ...` (or `return await ...`)"
+        )
+    return f"the plain def returned a {returned}, which nothing awaits, so it never ran: make it `async def`"
 
 
 Invoke = Callable[[Installed, Context], Awaitable[Ended]]
@@ -332,7 +344,7 @@ async def run_attempt(
     if ended.raised is not None:
         return result(ended.raised)
     if ended.awaitable:
-        return result(Raised.of(TypeError("the function returned an awaitable it never awaited: make it async def")))
+        return result(Raised("TypeError", never_awaited(function, ended.returned or "awaitable"), retryable=False))
     if ended.returned is not None:
         log.add(f"warning: the function returned {ended.returned}, which is ignored")
     return result()

@@ -47,3 +47,23 @@ async def undecorated(ctx: Context) -> None:
 
 
 NOT_A_FUNCTION = {"event": "validate-connection"}
+
+
+@on_event("validate-connection", integration="acme")
+async def takes_nothing() -> None:
+    """Forgot the context."""
+
+
+@on_event("validate-connection", integration="acme")
+async def takes_two(ctx: Context, extra: int) -> None:
+    """Takes a second parameter the runner never passes."""
+
+
+@on_event("validate-connection", integration="acme")
+def takes_the_context_by_keyword(*, ctx: Any) -> None:
+    """Its one parameter cannot be passed positionally."""
+
+
+@on_event("validate-connection", integration="acme")
+async def takes_an_option(ctx: Context, verbose: bool = False) -> None:
+    """A second parameter with a default is fine: it is called with the context alone."""

@@ -101,15 +101,65 @@ def test_a_plugin_calling_sys_exit_at_import_is_reported_by_name() -> None:
     assert len(registry.functions) == len(GOOD)
 
 
-@pytest.mark.parametrize("target", ["undecorated", "NOT_A_FUNCTION"])
-def test_an_object_that_is_not_an_event_function_is_reported(target: str) -> None:
-    """An entry point naming anything but an @on_event function is broken, with a hint to decorate it."""
+@pytest.mark.parametrize(
+    ("target", "named"),
+    [
+        ("undecorated", f"function {MODULE}.undecorated"),
+        ("NOT_A_FUNCTION", "a builtins.dict instance {'event': 'validate-connection'}"),
+    ],
+)
+def test_an_object_that_is_not_an_event_function_is_reported(target: str, named: str) -> None:
+    """An entry point naming anything but an @on_event function is broken, naming the object by its whole module
+    path (never cut), with a hint to decorate it."""
     registry = discover([ep("wrong", target)])
 
     assert registry.functions == ()
     (broken,) = registry.broken
     assert (broken.name, broken.entry_point) == ("wrong", f"{MODULE}:{target}")
-    assert "is not an event function (decorate it with @on_event)" in broken.reason
+    assert broken.reason == f"{named} is not an event function (decorate it with @on_event)"
+
+
+@pytest.mark.parametrize(
+    ("target", "signature"),
+    [("takes_nothing", "()"), ("takes_two", "(ctx, extra)"), ("takes_the_context_by_keyword", "(*, ctx)")],
+)
+def test_a_function_that_does_not_take_the_context_alone_is_reported(target: str, signature: str) -> None:
+    """A function the runner could not call with the context alone is a broken plugin at discovery, named with its
+    entry point: not a TypeError at each of its attempts."""
+    registry = discover([*GOOD, ep("wrong", target)])
+
+    assert len(registry.functions) == len(GOOD)
+    (broken,) = registry.broken
+    assert str(broken) == (
+        f"{UNKNOWN} ?: entry point wrong = {MODULE}:{target}: {MODULE}.{target}{signature} cannot be called with"
+        f" the context alone: an event function takes exactly one parameter, the context (def {target}(ctx): ...)"
+    )
+
+
+def test_a_second_parameter_with_a_default_is_fine() -> None:
+    """def f(ctx, verbose=False) can be called with the context alone: it loads."""
+    registry = discover([ep("optional", "takes_an_option")])
+
+    assert (registry.broken, [f.name for f in registry.functions]) == ((), ["optional"])
+
+
+def test_one_function_under_two_entry_points_is_reported_under_both() -> None:
+    """The same event function named twice would run twice per event: each entry point is broken, naming the
+    other; the rest load."""
+    registry = discover([*GOOD, ep("register-again", "register_webhook")])
+
+    assert [f.name for f in registry.functions] == [
+        f.name for f in discover(GOOD).functions if f.name != "register-webhook"
+    ]
+    broken = {b.name: b.reason for b in registry.broken}
+    assert broken == {
+        "register-webhook": f"{MODULE}.register_webhook is also registered as register-again ="
+        f" {MODULE}:register_webhook ({UNKNOWN}): one event function takes one entry point (it would run once per"
+        " name)",
+        "register-again": f"{MODULE}.register_webhook is also registered as register-webhook ="
+        f" {MODULE}:register_webhook ({UNKNOWN}): one event function takes one entry point (it would run once per"
+        " name)",
+    }
 
 
 def test_two_functions_with_one_name_for_one_integration_are_both_reported() -> None:

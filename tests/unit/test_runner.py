@@ -242,6 +242,47 @@ async def test_returning_junk_succeeds_with_a_warning(make_context: Callable[[At
     assert result.logs == ["warning: the function returned dict, which is ignored"]
 
 
+async def test_an_async_def_returning_a_coroutine_instead_of_awaiting_it_fails_saying_so(
+    make_context: Callable[[AttemptLog], Context], http: httpx.AsyncClient
+) -> None:
+    """``return ctx.get(...)`` without await: the call never ran, and the failure says so, naming the coroutine;
+    it is not retried (it would do the same again)."""
+    called: list[str] = []
+
+    async def fn(ctx: Context) -> Any:
+        called.append("fn")
+        return ctx.get("/ping")
+
+    result = await run(make_context, fn)
+
+    assert called == ["fn"]
+    assert (result.ok, result.error_type, result.retryable) == (False, "TypeError", False)
+    assert result.error == (
+        "the async def returned a coroutine Context.get() instead of awaiting it, so it never ran:"
+        " write `await ...` (or `return await ...`)"
+    )
+
+
+async def test_a_plain_def_returning_an_awaitable_is_told_to_be_async(
+    make_context: Callable[[AttemptLog], Context],
+) -> None:
+    """A plain def that returns a coroutine (a helper's, say): the failure says to make it async def."""
+
+    async def helper() -> None:
+        raise AssertionError("never runs")
+
+    def fn(ctx: Any) -> Any:
+        return helper()
+
+    result = await run(make_context, fn)
+
+    assert (result.ok, result.error_type, result.retryable) == (False, "TypeError", False)
+    assert result.error == (
+        "the plain def returned a coroutine test_a_plain_def_returning_an_awaitable_is_told_to_be_async.<locals>"
+        ".helper(), which nothing awaits, so it never ran: make it `async def`"
+    )
+
+
 async def test_a_log_flood_is_bounded(make_context: Callable[[AttemptLog], Context]) -> None:
     """10,000 log lines keep the first 200 and a note of how many were dropped."""
 
