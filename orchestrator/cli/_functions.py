@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from orchestrator import codec, config
 from orchestrator.cli._common import (
     checked_name,
     configured_integrations,
+    configured_variables,
     credentials,
     database,
     environment,
@@ -90,6 +93,16 @@ def functions(as_json: bool) -> None:
 )
 @click.option("--payload", callback=json_object, help="The event payload, a JSON object (or @file).")
 @click.option(
+    "--connection-config",
+    callback=json_object,
+    help="Run against a connection that is not in the log, with this connection config (a JSON object, or @file).",
+)
+@click.option(
+    "--metadata",
+    callback=json_object,
+    help="Run against a connection that is not in the log, with this metadata (a JSON object, or @file).",
+)
+@click.option(
     "--credential",
     "credential_pairs",
     multiple=True,
@@ -98,6 +111,17 @@ def functions(as_json: bool) -> None:
 )
 @click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Credentials as JSON.")
 @click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (daemon stopped).")
+@click.option(
+    "--save-responses",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Save every provider exchange (credentials redacted) to DIR/FUNCTION.json, for orchestrator.testing.",
+)
+@click.option(
+    "-y",
+    "--yes",
+    is_flag=True,
+    help="Send requests that change the provider (not GET or HEAD) without a warning, or a question on a terminal.",
+)
 @click.option("--timeout", "time_limit", type=click.FloatRange(min=0.001), default=60.0, help="Seconds it may take.")
 @database
 @click.option(
@@ -105,7 +129,7 @@ def functions(as_json: bool) -> None:
     "config_file",
     type=click.Path(dir_okay=False),
     envvar="ORCHESTRATOR_CONFIG",
-    help="The daemon's TOML config, for [integrations.*] settings.",
+    help="The daemon's TOML config, for [integrations.*] settings and [environments.*.variables].",
 )
 @json_flag
 @click.pass_context
@@ -117,37 +141,59 @@ def dryrun(
     environment: str,
     integration: str,
     payload: dict[str, Any],
+    connection_config: dict[str, Any],
+    metadata: dict[str, Any],
     credential_pairs: tuple[str, ...],
     credentials_file: str | None,
     commit: bool,
+    save_responses: Path | None,
+    yes: bool,
     time_limit: float,
     database: str | None,
     config_file: str | None,
     as_json: bool,
 ) -> None:
-    """Run FUNCTION once against CONNECTION_ID's recorded state; provider calls are real, nothing is written
-    unless --commit."""
+    """Run FUNCTION once against CONNECTION_ID's recorded state (or, with --connection-config or --metadata, a
+    connection that is not in the log); provider calls are real, nothing is written to the log unless --commit.
+
+    Before the first request that changes the provider (not GET or HEAD) it warns on stderr, or on a terminal asks
+    whether to send it (--yes: neither).
+    """
     import anyio
 
     from orchestrator import dryrun as dryrun_mod
     from orchestrator import plugins
 
-    configured = configured_integrations(ctx)
+    configured, variables = configured_integrations(ctx), configured_variables(ctx)
     if config_file:
-        configured = config.integrations_from_toml(config.load_toml(Path(config_file)).get("integrations", {}))
+        settings = config.load_toml(Path(config_file))
+        configured = config.integrations_from_toml(settings.get("integrations", {}))
+        variables = config.variables_from_toml(settings.get("environments", {}))
     integrations, _ = plugins.integrations(configured)
     function = dryrun_mod.find_function(plugins.discover(), function_name, integration)
+    given = None
+    if ctx.get_parameter_source("connection_config") is ParameterSource.COMMANDLINE or (
+        ctx.get_parameter_source("metadata") is ParameterSource.COMMANDLINE
+    ):
+        given = dryrun_mod.Given(connection_config, metadata)
+    settings_ = dryrun_mod.Settings(
+        payload=payload,
+        credentials=credentials(credential_pairs, credentials_file),
+        integrations=integrations,
+        variables=variables,
+        time_limit=time_limit,
+        before_change=None if yes else _before_change(function.name),
+        save_to=save_responses,
+    )
     run = anyio.run(
         lambda: dryrun_mod.dryrun(
             database or config.default_database(),
             function,
             connection_id,
             environment,
-            payload=payload,
-            credentials=credentials(credential_pairs, credentials_file),
-            integrations=integrations,
+            settings_,
             commit=commit,
-            time_limit=time_limit,
+            given=given,
         )
     )
     result = run.result
@@ -163,6 +209,9 @@ def dryrun(
                 "metadata_before": run.before,
                 "metadata_after": run.after,
                 "committed": run.committed,
+                "in_log": run.in_log,
+                "changing_requests": run.changing,
+                "saved": str(run.saved) if run.saved is not None else None,
                 "duration_ms": result.duration_ms,
             }
         )
@@ -174,13 +223,41 @@ def dryrun(
             click.echo(f"  log   {line}")
         for line in _diff_lines(run.before, run.after):
             click.echo(f"  meta  {line}")
+        if run.saved is not None:
+            click.echo(f"  saved {run.exchanges} exchange(s) to {run.saved}")
         verdict = "succeeded" if result.ok else f"failed: {result.error_type}: {result.error}"
-        click.echo(
-            f"{verdict} in {result.duration_ms} ms; "
-            + ("recorded in the log" if run.committed else "nothing was written (pass --commit to record it)")
-        )
+        if run.committed:
+            written = "recorded in the log"
+        elif run.in_log:
+            written = "nothing was written to the log (pass --commit to record it)"
+        else:
+            written = "nothing was written to the log (the connection is not in it)"
+        changed = "1 changing request was" if run.changing == 1 else f"{run.changing} changing requests were"
+        click.echo(f"{verdict} in {result.duration_ms} ms; {written}; at the provider: {changed} sent")
     if not result.ok:
         sys.exit(FAILURE)
+
+
+def _before_change(function: str) -> Callable[[str], Awaitable[bool]]:
+    """What dryrun does before the first request that changes the provider: on a terminal (stdin and stderr), ask
+    whether to send it; otherwise warn on stderr, one line, and send it."""
+
+    async def before_change(request: str) -> bool:
+        import anyio.to_thread
+
+        if sys.stdin.isatty() and sys.stderr.isatty():
+            question = (
+                f"orchestrator: {function} is about to send {request}: this changes the provider for real. Send it?"
+            )
+            return await anyio.to_thread.run_sync(lambda: click.confirm(question, default=False, err=True))
+        click.echo(
+            f"orchestrator: warning: {function} sends {request}: this changes the provider for real"
+            " (--yes: no warning)",
+            err=True,
+        )
+        return True
+
+    return before_change
 
 
 def _diff_lines(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

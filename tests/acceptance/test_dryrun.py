@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import pytest
 
-from tests.support.process import Result, arun, serve, snapshot, sqlite_url
-from tests.support.provider import WebhookProvider, write_config
+from tests.support.process import COMMAND, Result, arun, environment, serve, snapshot, sqlite_url
+from tests.support.provider import Reply, WebhookProvider, write_config
 
 from ._support import create_acme
 
@@ -61,12 +66,19 @@ async def test_delete_webhook_prints_the_call_and_the_diff_and_writes_nothing(lo
     before = snapshot(log.database)
     result = await log.dryrun("delete-webhook", "acme", "-e", "dev")
     assert result.code == 0, str(result)
-    assert result.err == "", str(result)
+    assert result.err == (
+        f"orchestrator: warning: delete-webhook sends DELETE {log.provider.url}/acme/webhooks/wh1: this changes the"
+        " provider for real (--yes: no warning)\n"
+    ), str(result)
     lines = result.out.splitlines()
     assert lines[0] == "delete-webhook (orchestrator-salesforce 1.0.0) on dev/salesforce/acme"
     assert f"  http  DELETE {log.provider.url}/acme/webhooks/wh1 -> 204" in lines
     assert '  meta  ~ webhook_id: "wh1" -> null' in lines
-    assert re.fullmatch(r"succeeded in \d+ ms; nothing was written \(pass --commit to record it\)", lines[-1])
+    assert re.fullmatch(
+        r"succeeded in \d+ ms; nothing was written to the log \(pass --commit to record it\);"
+        r" at the provider: 1 changing request was sent",
+        lines[-1],
+    )
     assert [(r.method, r.path, r.headers["Authorization"]) for r in log.provider.requests] == [
         ("DELETE", "/acme/webhooks/wh1", "Bearer T")
     ]
@@ -83,14 +95,17 @@ async def test_register_webhook_of_a_registered_connection_calls_nothing(log: Lo
         "  log   info: webhook already registered: wh1",
         "  meta  (metadata unchanged)",
     ]
+    assert result.out.splitlines()[-1].endswith("; at the provider: 0 changing requests were sent")
+    assert result.err == "", "no changing request, no warning"
     assert log.provider.requests == []
     assert snapshot(log.database) == before
 
 
 async def test_json_output_parses(log: Log) -> None:
     """--json prints one document with the calls, logs, metadata before and after, and committed false."""
-    result = await log.dryrun("delete-webhook", "acme", "--json")
+    result = await log.dryrun("delete-webhook", "acme", "--json", "--yes")
     assert result.code == 0, str(result)
+    assert result.err == "", "--yes: no warning"
     data = result.json()
     assert {k: v for k, v in data.items() if k != "duration_ms"} == {
         "function": "delete-webhook",
@@ -102,6 +117,9 @@ async def test_json_output_parses(log: Log) -> None:
         "metadata_before": {"webhook_id": "wh1"},
         "metadata_after": {"webhook_id": None},
         "committed": False,
+        "in_log": True,
+        "changing_requests": 1,
+        "saved": None,
     }
     assert isinstance(data["duration_ms"], int)
 
@@ -111,7 +129,7 @@ async def test_commit_appends_the_outcome_and_the_metadata_update(log: Log) -> N
     before = snapshot(log.database)
     result = await log.dryrun("delete-webhook", "acme", "--commit")
     assert result.code == 0, str(result)
-    assert result.out.splitlines()[-1].endswith("; recorded in the log")
+    assert result.out.splitlines()[-1].endswith("; recorded in the log; at the provider: 1 changing request was sent")
     after = snapshot(log.database)
     assert after["events"][: len(before["events"])] == before["events"]
     added = after["events"][len(before["events"]) :]
@@ -179,4 +197,133 @@ async def test_an_unknown_connection_exits_1(log: Log) -> None:
     result = await log.dryrun("delete-webhook", "ghost")
     assert result.code == 1, str(result)
     assert result.err.startswith("orchestrator: error: connection dev/salesforce/ghost not found in ")
+    assert result.err.endswith(
+        " (to try one that is not in the log, give it with --connection-config and --metadata)\n"
+    )
     assert log.provider.requests == []
+
+
+async def test_a_connection_that_is_not_in_the_log_runs_from_its_given_config_and_metadata(
+    tmp_path: Path, provider: WebhookProvider
+) -> None:
+    """--connection-config and --metadata run delete-webhook for a connection never emitted, with no log at all:
+    the DELETE goes to the given instance, the diff starts from the given metadata, and no log is created."""
+    config = write_config(tmp_path / "o.toml", provider.url)
+    provider.webhooks["wh9"] = "globex"
+    result = await arun(
+        "dryrun",
+        "delete-webhook",
+        "new-one",
+        "--connection-config",
+        '{"instance": "globex"}',
+        "--metadata",
+        '{"webhook_id": "wh9"}',
+        "--credential",
+        "access_token=T",
+        "--config",
+        str(config),
+        "--database",
+        sqlite_url(tmp_path / "events.db"),
+        "--yes",
+        cwd=tmp_path,
+    )
+    assert result.code == 0, str(result)
+    lines = result.out.splitlines()
+    assert lines[0] == "delete-webhook (orchestrator-salesforce 1.0.0) on dev/salesforce/new-one"
+    assert f"  http  DELETE {provider.url}/globex/webhooks/wh9 -> 204" in lines
+    assert '  meta  ~ webhook_id: "wh9" -> null' in lines
+    assert lines[-1].endswith(
+        "; nothing was written to the log (the connection is not in it); at the provider: 1 changing request was sent"
+    )
+    assert provider.webhooks == {}
+    assert not (tmp_path / "events.db").exists()
+
+
+async def test_commit_of_a_connection_that_is_not_in_the_log_is_refused(tmp_path: Path) -> None:
+    """--commit with --connection-config is one line on stderr, exit 1, before any call."""
+    result = await arun(
+        "dryrun", "delete-webhook", "new-one", "--connection-config", "{}", "--commit",
+        "--database", sqlite_url(tmp_path / "events.db"),
+    )  # fmt: skip
+    assert result.code == 1, str(result)
+    assert result.err == (
+        "orchestrator: error: --commit records the run in the log, which does not have a connection given with"
+        " --connection-config or --metadata: emit it first, or drop --commit\n"
+    )
+    assert not (tmp_path / "events.db").exists()
+
+
+def answered(args: list[str], answer: bytes) -> tuple[bytes, int, str]:
+    """Run ``orchestrator ARGS`` with stdin and stderr on a terminal; once it asks, answer ``answer``.
+
+    What the terminal showed, the exit code and stdout.
+    """
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [*COMMAND, *args], stdin=follower, stderr=follower, stdout=subprocess.PIPE, env=environment(), text=True
+    )
+    os.close(follower)
+    try:
+        seen = b""
+        while b"Send it? [y/N]: " not in seen:
+            readable, _, _ = select.select([leader], [], [], 30)
+            assert readable, f"no question within 30 s: {seen!r}"
+            seen += os.read(leader, 4096)
+        os.write(leader, answer)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(leader)
+    return seen, process.returncode, out
+
+
+async def test_on_a_terminal_it_asks_before_changing_the_provider_and_a_no_sends_nothing(log: Log) -> None:
+    """With stdin and stderr on a terminal, dryrun asks before the DELETE; answered "n", it is not sent, the run
+    fails saying so, and the summary counts no changing request."""
+    args = ["dryrun", "delete-webhook", "acme", "--database", sqlite_url(log.database), "--config", str(log.config)]
+    seen, code, out = await anyio.to_thread.run_sync(answered, [*args, "--credential", "access_token=T"], b"n\n")
+    asked = f"orchestrator: delete-webhook is about to send DELETE {log.provider.url}/acme/webhooks/wh1: this"
+    assert asked.encode() in seen
+    assert code == 1, out
+    assert log.provider.requests == []
+    assert "failed: ChangeDeclined: DELETE /acme/webhooks/wh1 was not sent: the change was not confirmed" in out
+    assert out.splitlines()[-1].endswith("; at the provider: 0 changing requests were sent")
+
+
+async def test_save_responses_writes_each_exchange_with_the_credentials_redacted(log: Log, tmp_path: Path) -> None:
+    """--save-responses DIR writes DIR/delete-webhook.json: the DELETE relative to the base URL, its answer, and
+    no credential anywhere (the provider echoes the token in a header and the body)."""
+    log.provider.route(
+        "DELETE",
+        "/acme/webhooks/wh1",
+        Reply(200, {"deleted": True, "by": "Bearer T0K3N-SECRET"}, headers={"X-Echo": "T0K3N-SECRET"}),
+    )
+    saved = tmp_path / "responses"
+    result = await arun(
+        "dryrun", "delete-webhook", "acme", "--database", sqlite_url(log.database), "--config", str(log.config),
+        "--credential", "access_token=T0K3N-SECRET", "--save-responses", str(saved), "--yes",
+    )  # fmt: skip
+    assert result.code == 0, str(result)
+    assert f"  saved 1 exchange(s) to {saved}/delete-webhook.json" in result.out.splitlines()
+    text = (saved / "delete-webhook.json").read_text()
+    assert "T0K3N-SECRET" not in text
+    document = json.loads(text)
+    [exchange] = document.pop("exchanges")
+    assert document == {
+        "format": "orchestrator-responses/1",
+        "function": "delete-webhook",
+        "integration": "salesforce",
+        "base_url": f"{log.provider.url}/acme",
+    }
+    headers = dict(exchange.pop("headers"))
+    assert exchange == {
+        "method": "DELETE",
+        "path": "/webhooks/wh1",
+        "query": "",
+        "request_body": "",
+        "status": 200,
+        "body": '{"deleted": true, "by": "Bearer [redacted]"}',
+    }
+    assert headers["X-Echo"] == "[redacted]"
+    assert headers["Content-Type"] == "application/json"
