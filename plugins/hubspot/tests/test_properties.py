@@ -1,22 +1,18 @@
-"""The HubSpot property snapshot (a sync def) run by the orchestrator's runner in a worker thread."""
+"""The HubSpot property snapshot (a plain def), run as the daemon runs it (orchestrator.testing)."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 import httpx
-import pytest
-from fake_hubspot import PROPERTIES_URL, FakeHubSpot
 from orchestrator_hubspot.properties import snapshot_properties
 
-from orchestrator import LifecycleEvent, RetryPolicy
-from orchestrator.context import Buffered, SyncContext
-from orchestrator.plugins import Installed, discover
+from orchestrator import LifecycleEvent, RetryPolicy, SyncContext
+from orchestrator.plugins import discover
 from orchestrator.retry import DEFAULT_RETRY
-from orchestrator.runner import AttemptResult, run_attempt
-
-pytestmark = pytest.mark.anyio
+from orchestrator.testing import Result, Runner, run
 
 PROPERTIES = {
     "results": [
@@ -26,24 +22,24 @@ PROPERTIES = {
         {"name": "firstname", "hubspotDefined": True},
     ]
 }
+NO_RETRIES = {"retries": 0}
+"""A 5xx answer fails at once instead of being retried by the proxy after a real pause."""
 
 
-@pytest.fixture
-def installed() -> Installed:
-    """snapshot-properties as entry-point discovery finds it."""
-    [found] = [f for f in discover().functions if f.name == "snapshot-properties"]
-    return found
-
-
-async def run(hubspot: FakeHubSpot, installed: Installed, sink: Buffered) -> AttemptResult:
-    """One attempt through the runner, as the daemon makes it."""
-    return await run_attempt(
-        installed, lambda log: hubspot.context(installed.function, sink, log), attempt=1, time_limit=30
+def snapshot(answer: Any, *, metadata: dict[str, Any] | None = None, runner: Any = run) -> Result:
+    """snapshot-properties with GET /crm/v3/properties/contacts answered ``answer``."""
+    return runner(
+        snapshot_properties,
+        provider={"GET /crm/v3/properties/contacts": answer},
+        metadata=metadata,
+        credentials={"access_token": "pat-T"},
+        integration=NO_RETRIES,
     )
 
 
-def test_entry_point_is_a_sync_function(installed: Installed) -> None:
+def test_entry_point_is_a_sync_function() -> None:
     """The distribution declares snapshot-properties, a plain def, for post-connection-creation of hubspot."""
+    [installed] = [f for f in discover().functions if f.name == "snapshot-properties"]
     assert installed.function is snapshot_properties
     assert (installed.distribution, installed.version) == ("orchestrator-hubspot", "1.0.0")
     assert (installed.function.integration, installed.function.event) == (
@@ -65,54 +61,49 @@ def test_has_its_own_retry_policy_and_timeout() -> None:
     assert snapshot_properties.retry.gives_up_after(3)
 
 
-async def test_stores_the_custom_property_names(hubspot: FakeHubSpot, installed: Installed) -> None:
+def test_stores_the_custom_property_names(run_function: Runner) -> None:
     """Only the portal's own properties are kept, sorted, merged into the existing metadata."""
-    hubspot.respond = lambda request: httpx.Response(200, json=PROPERTIES)
-    sink = Buffered({"portal": 1}, "snapshot-properties")
-    result = await run(hubspot, installed, sink)
+    result = snapshot(PROPERTIES, metadata={"portal": 1}, runner=run_function)
     assert result.ok, result
-    [request] = hubspot.requests
-    assert (request.method, str(request.url)) == ("GET", PROPERTIES_URL)
+    [request] = result.requests
+    assert (request.method, request.url) == ("GET", "https://api.hubapi.com/crm/v3/properties/contacts")
     assert request.headers["authorization"] == "Bearer pat-T"
     custom = ["alpha_tier", "zeta_score"]
-    assert sink.writes == [
+    assert result.writes == [
         {"function": "snapshot-properties", "metadata": {"custom_properties": custom}, "merge": True}
     ]
-    assert sink.current() == {"portal": 1, "custom_properties": custom}
+    assert result.metadata == {"portal": 1, "custom_properties": custom}
     assert result.logs == ["info: 2 custom contact properties"]
 
 
-async def test_runs_in_a_worker_thread_with_a_sync_context(hubspot: FakeHubSpot, installed: Installed) -> None:
-    """The runner hands the def a SyncContext on a thread other than the event loop's."""
+def test_runs_in_a_worker_thread_with_a_sync_context() -> None:
+    """The runner hands the def a SyncContext on a thread of its own, as the daemon does."""
     seen: list[tuple[type, threading.Thread]] = []
 
     def spy(ctx: SyncContext) -> None:
         seen.append((type(ctx), threading.current_thread()))
         snapshot_properties.handler(ctx)
 
-    spied = dataclasses.replace(installed, function=dataclasses.replace(installed.function, handler=spy))
-    hubspot.respond = lambda request: httpx.Response(200, json={"results": []})
-    sink = Buffered({}, "snapshot-properties")
-    result = await run(hubspot, spied, sink)
+    result = run(
+        dataclasses.replace(snapshot_properties, handler=spy),
+        provider={"GET /crm/v3/properties/contacts": {"results": []}},
+    )
     assert result.ok, result
     [(kind, thread)] = seen
     assert kind is SyncContext
     assert thread is not threading.current_thread()
-    assert sink.current() == {"custom_properties": []}
+    assert result.metadata == {"custom_properties": []}
 
 
-async def test_a_provider_refusal_is_a_failed_attempt(hubspot: FakeHubSpot, installed: Installed) -> None:
+def test_a_provider_refusal_is_a_failed_attempt() -> None:
     """A 403 ends the attempt as a non-retryable ProviderError, with no metadata written."""
-    hubspot.respond = lambda request: httpx.Response(403, json={"message": "missing scope crm.schemas.contacts.read"})
-    sink = Buffered({}, "snapshot-properties")
-    result = await run(hubspot, installed, sink)
+    result = snapshot((403, {"message": "missing scope crm.schemas.contacts.read"}))
     assert (result.ok, result.error_type, result.retryable) == (False, "ProviderError", False)
     assert "403" in result.error
-    assert sink.writes == []
+    assert result.writes == []
 
 
-async def test_a_server_error_is_retryable(hubspot: FakeHubSpot, installed: Installed) -> None:
+def test_a_server_error_is_retryable() -> None:
     """A 503 ends the attempt as a retryable failure, so the job's own policy takes over."""
-    hubspot.respond = lambda request: httpx.Response(503, text="busy")
-    result = await run(hubspot, installed, Buffered({}, "snapshot-properties"))
+    result = snapshot(httpx.Response(503, text="busy"))
     assert (result.ok, result.error_type, result.retryable) == (False, "ProviderError", True)

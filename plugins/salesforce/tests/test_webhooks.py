@@ -1,18 +1,29 @@
-"""The Salesforce webhook functions against a mocked provider, through the orchestrator's real Context."""
+"""The Salesforce webhook functions, run as the daemon runs them (orchestrator.testing) against canned answers."""
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
-import httpx
-import pytest
-from fake_salesforce import BASE_URL, FakeSalesforce
 from orchestrator_salesforce.webhooks import DEFAULT_WEBHOOK_URL, delete_webhook, register_webhook
 
-from orchestrator import LifecycleEvent, ProviderError
+from orchestrator import EventFunction, LifecycleEvent
 from orchestrator.plugins import discover
+from orchestrator.testing import Result, Runner, run
 
-pytestmark = pytest.mark.anyio
+CONFIG = {"instance_url": "acme.my.salesforce.com"}
+BASE_URL = "https://acme.my.salesforce.com/services/data/v60.0"
+
+
+def salesforce(function: EventFunction, provider: Any = None, *, runner: Any = run, **options: Any) -> Result:
+    """``function`` on connection acme (its instance, the token T; no proxy retries), against ``provider``."""
+    return runner(
+        function,
+        provider=provider or {},
+        connection_config=CONFIG,
+        credentials={"access_token": "T"},
+        integration={"retries": 0},
+        **options,
+    )
 
 
 def test_entry_points_name_both_functions() -> None:
@@ -26,80 +37,79 @@ def test_entry_points_name_both_functions() -> None:
     assert {f.version for f in found.values()} == {"1.0.0"}
 
 
-async def test_register_posts_webhook_and_stores_its_id(salesforce: FakeSalesforce) -> None:
+def test_register_posts_webhook_and_stores_its_id(run_function: Runner) -> None:
     """Registering POSTs the webhook with the bearer token and keeps the provider's id in metadata."""
-    salesforce.respond = lambda request: httpx.Response(201, json={"id": 42})
-    await register_webhook.handler(salesforce.context(register_webhook))
-    [request] = salesforce.requests
-    assert (request.method, str(request.url)) == ("POST", f"{BASE_URL}/webhooks")
+    result = salesforce(register_webhook, {"POST /webhooks": (201, {"id": 42})}, runner=run_function)
+    assert result.ok, result
+    [request] = result.requests
+    assert (request.method, request.url) == ("POST", f"{BASE_URL}/webhooks")
     assert request.headers["authorization"] == "Bearer T"
-    assert json.loads(request.content) == {"url": DEFAULT_WEBHOOK_URL, "events": ["contact.updated"]}
-    assert salesforce.sink.writes == [
-        {"function": "register-webhook", "metadata": {"webhook_id": "42"}, "merge": False}
-    ]
-    assert salesforce.sink.current() == {"webhook_id": "42"}
-    assert salesforce.log.export() == ["info: registered webhook 42"]
+    assert request.json() == {"url": DEFAULT_WEBHOOK_URL, "events": ["contact.updated"]}
+    assert result.writes == [{"function": "register-webhook", "metadata": {"webhook_id": "42"}, "merge": False}]
+    assert result.metadata == {"webhook_id": "42"}
+    assert result.logs == ["info: registered webhook 42"]
 
 
-async def test_register_uses_the_payload_webhook_url(salesforce: FakeSalesforce) -> None:
+def test_register_uses_the_payload_webhook_url() -> None:
     """A ``webhook_url`` in the event payload replaces the default callback URL."""
-    salesforce.respond = lambda request: httpx.Response(201, json={"id": "wh1"})
-    context = salesforce.context(register_webhook, payload={"webhook_url": "https://example.test/hook"})
-    await register_webhook.handler(context)
-    assert json.loads(salesforce.requests[0].content)["url"] == "https://example.test/hook"
+    result = salesforce(
+        register_webhook, {"POST /webhooks": (201, {"id": "wh1"})}, payload={"webhook_url": "https://example.test/hook"}
+    )
+    assert result.requests[0].json()["url"] == "https://example.test/hook"
 
 
-async def test_register_is_a_no_op_when_already_registered(salesforce: FakeSalesforce) -> None:
+def test_register_is_a_no_op_when_already_registered() -> None:
     """A connection whose metadata already has a webhook id gets no second webhook (a retried job is safe)."""
-    await register_webhook.handler(salesforce.context(register_webhook, metadata={"webhook_id": "wh0"}))
-    assert salesforce.requests == []
-    assert salesforce.sink.writes == []
-    assert salesforce.log.export() == ["info: webhook already registered: wh0"]
+    result = salesforce(register_webhook, metadata={"webhook_id": "wh0"})
+    assert result.ok, result
+    assert (result.requests, result.writes) == ([], [])
+    assert result.logs == ["info: webhook already registered: wh0"]
 
 
-async def test_register_fails_without_writing_when_the_provider_refuses(salesforce: FakeSalesforce) -> None:
-    """A provider error surfaces as ProviderError and leaves the metadata untouched."""
-    salesforce.respond = lambda request: httpx.Response(403, json={"error": "insufficient access"})
-    with pytest.raises(ProviderError) as caught:
-        await register_webhook.handler(salesforce.context(register_webhook))
-    assert caught.value.status == 403
-    assert salesforce.sink.writes == []
+def test_register_fails_without_writing_when_the_provider_refuses() -> None:
+    """A provider error fails the attempt, not retried, and leaves the metadata untouched."""
+    result = salesforce(register_webhook, {"POST /webhooks": (403, {"error": "insufficient access"})})
+    assert (result.ok, result.error_type, result.retryable) == (False, "ProviderError", False)
+    assert "answered 403 Forbidden" in result.error
+    assert result.writes == []
 
 
-async def test_delete_removes_the_webhook_and_clears_its_id(salesforce: FakeSalesforce) -> None:
+def test_delete_removes_the_webhook_and_clears_its_id() -> None:
     """Deleting sends DELETE for the stored id and sets webhook_id to None."""
-    salesforce.respond = lambda request: httpx.Response(204)
-    await delete_webhook.handler(salesforce.context(delete_webhook, metadata={"webhook_id": "wh1"}))
-    [request] = salesforce.requests
-    assert (request.method, str(request.url)) == ("DELETE", f"{BASE_URL}/webhooks/wh1")
+    result = salesforce(delete_webhook, {"DELETE /webhooks/wh1": 204}, metadata={"webhook_id": "wh1"})
+    assert result.ok, result
+    [request] = result.requests
+    assert (request.method, request.url) == ("DELETE", f"{BASE_URL}/webhooks/wh1")
     assert request.headers["authorization"] == "Bearer T"
-    assert salesforce.sink.current() == {"webhook_id": None}
-    assert salesforce.log.export() == []
+    assert result.metadata == {"webhook_id": None}
+    assert result.logs == []
 
 
-async def test_delete_is_idempotent_when_the_webhook_is_already_gone(salesforce: FakeSalesforce) -> None:
+def test_delete_is_idempotent_when_the_webhook_is_already_gone() -> None:
     """A 404 counts as deleted: no error, the id is cleared and the log says so."""
-    salesforce.respond = lambda request: httpx.Response(404, json={"error": "not found"})
-    await delete_webhook.handler(salesforce.context(delete_webhook, metadata={"webhook_id": "wh1"}))
-    assert len(salesforce.requests) == 1
-    assert salesforce.sink.writes == [{"function": "delete-webhook", "metadata": {"webhook_id": None}, "merge": False}]
-    assert salesforce.log.export() == ["info: webhook wh1 was already gone"]
+    result = salesforce(
+        delete_webhook, {"DELETE /webhooks/*": (404, {"error": "not found"})}, metadata={"webhook_id": "wh1"}
+    )
+    assert result.ok, result
+    assert len(result.requests) == 1
+    assert result.writes == [{"function": "delete-webhook", "metadata": {"webhook_id": None}, "merge": False}]
+    assert result.logs == ["info: webhook wh1 was already gone"]
 
 
-async def test_delete_reraises_a_server_error(salesforce: FakeSalesforce) -> None:
-    """A 500 is not treated as gone: ProviderError propagates (so the job retries) and the id is kept."""
-    salesforce.respond = lambda request: httpx.Response(500, text="internal error")
-    with pytest.raises(ProviderError) as caught:
-        await delete_webhook.handler(salesforce.context(delete_webhook, metadata={"webhook_id": "wh1"}))
-    assert caught.value.status == 500
-    assert "internal error" in str(caught.value)
-    assert salesforce.sink.writes == []
-    assert salesforce.sink.current() == {"webhook_id": "wh1"}
+def test_delete_fails_retryably_on_a_server_error() -> None:
+    """A 500 is not treated as gone: the attempt fails retryably (so the job retries) and the id is kept."""
+    result = salesforce(
+        delete_webhook, {"DELETE /webhooks/wh1": (500, "internal error")}, metadata={"webhook_id": "wh1"}
+    )
+    assert (result.ok, result.error_type, result.retryable) == (False, "ProviderError", True)
+    assert "internal error" in result.error
+    assert result.writes == []
+    assert result.metadata == {"webhook_id": "wh1"}
 
 
-async def test_delete_without_a_webhook_calls_nothing(salesforce: FakeSalesforce) -> None:
+def test_delete_without_a_webhook_calls_nothing() -> None:
     """A connection that never registered a webhook needs no provider call."""
-    await delete_webhook.handler(salesforce.context(delete_webhook))
-    assert salesforce.requests == []
-    assert salesforce.sink.writes == []
-    assert salesforce.log.export() == ["info: no webhook to delete"]
+    result = salesforce(delete_webhook)
+    assert result.ok, result
+    assert (result.requests, result.writes) == ([], [])
+    assert result.logs == ["info: no webhook to delete"]
