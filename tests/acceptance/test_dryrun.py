@@ -327,3 +327,45 @@ async def test_save_responses_writes_each_exchange_with_the_credentials_redacted
     }
     assert headers["X-Echo"] == "[redacted]"
     assert headers["Content-Type"] == "application/json"
+
+
+async def test_responses_saved_by_a_dry_run_replay_with_no_provider_to_the_same_outcome_and_metadata(
+    tmp_path: Path,
+) -> None:
+    """register-webhook then delete-webhook, dry-run against a real provider with --save-responses; the provider
+    stopped, orchestrator.testing replays each from the saved responses (under another base URL) to the outcome and
+    metadata the dry run printed."""
+    from orchestrator_salesforce.webhooks import delete_webhook, register_webhook
+
+    from orchestrator import testing
+
+    saved = tmp_path / "responses"
+    ran: dict[str, dict[str, object]] = {}
+    with WebhookProvider() as provider:
+        config = write_config(tmp_path / "o.toml", provider.url)
+        metadata = "{}"
+        for name in ("register-webhook", "delete-webhook"):
+            result = await arun(
+                "dryrun", name, "acme", "--connection-config", '{"instance": "acme"}', "--metadata", metadata,
+                "--credential", "access_token=T", "--config", str(config), "--save-responses", str(saved),
+                "--yes", "--json", "--database", sqlite_url(tmp_path / "events.db"),
+            )  # fmt: skip
+            assert result.code == 0, str(result)
+            ran[name] = result.json()
+            metadata = json.dumps(ran[name]["metadata_after"])
+        assert provider.created == ["wh1"] and provider.webhooks == {}
+    assert ran["register-webhook"]["metadata_after"] == {"webhook_id": "wh1"}
+    assert ran["delete-webhook"]["metadata_after"] == {"webhook_id": None}
+    for function, before in ((register_webhook, {}), (delete_webhook, {"webhook_id": "wh1"})):
+        name = function.handler.__name__.replace("_", "-")
+        replayed = await testing.arun(
+            function,
+            provider=saved,
+            connection_config={"instance_url": "elsewhere.test"},
+            metadata=before,
+            credentials={"access_token": "T"},
+        )
+        assert replayed.ok == ran[name]["ok"] is True, replayed
+        assert replayed.metadata == ran[name]["metadata_after"]
+        calls: list[str] = ran[name]["calls"]  # type: ignore[assignment]
+        assert [str(r) for r in replayed.requests] == [call.replace(f"{provider.url}/acme", "") for call in calls]
