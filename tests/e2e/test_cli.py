@@ -535,7 +535,7 @@ def test_serve_on_a_log_whose_directory_has_a_hash(
 
 # -- help ----------------------------------------------------------------------------
 
-DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events"}
+DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events", "new"}
 """The commands docs/cli.md names."""
 ENV_SHOWN = {
     "serve": ["ORCHESTRATOR_LISTEN", "ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
