@@ -20,7 +20,7 @@ run orchestrator emit post-connection-creation acme-2 -i salesforce --config "'{
 run orchestrator connections
 run orchestrator connections get acme-1 -i salesforce
 run orchestrator credentials set acme-2 -i salesforce --credential access_token=00Dzz
-run orchestrator dryrun delete-webhook acme-2 -e dev --credential access_token=00Dyy
+run orchestrator dryrun delete-webhook acme-2 -e dev --credential access_token=00Dyy --yes
 run orchestrator emit pre-connection-deletion acme-1 -i salesforce
 run orchestrator events --connection acme-1 -i salesforce
 run orchestrator replay --until 7
