@@ -25,6 +25,7 @@ from orchestrator.cli._credentials import credentials_group, keygen, rotate_key
 from orchestrator.cli._emit import emit
 from orchestrator.cli._events import events
 from orchestrator.cli._functions import dryrun, functions
+from orchestrator.cli._jobs import jobs
 from orchestrator.cli._replay import replay
 from orchestrator.cli._serve import serve
 
@@ -35,6 +36,7 @@ __all__ = [
     "emit",
     "events",
     "functions",
+    "jobs",
     "keygen",
     "main",
     "replay",
@@ -82,6 +84,6 @@ def main(ctx: click.Context) -> None:
         apply_toml(ctx, Path(path))
 
 
-for _command in (serve, emit, connections, events, functions, dryrun, replay, keygen, rotate_key):
+for _command in (serve, emit, connections, jobs, events, functions, dryrun, replay, keygen, rotate_key):
     main.add_command(_command)
 main.add_command(credentials_group, "credentials")

@@ -361,7 +361,11 @@ def detail(record: records.Record) -> str:
         return f"{body.function} attempt {body.attempt}: {body.error_type}: {_line(body.error)}{retry}"
     if isinstance(body, records.FunctionGaveUp | records.FunctionCancelled):
         said = f"{body.reason}: {body.error}" if isinstance(body, records.FunctionGaveUp) else body.reason
-        return f"{body.function} after attempt {body.attempt}: {_line(said)}"
+        by = f" (by {body.by})" if isinstance(body, records.FunctionCancelled) and body.by else ""
+        return f"{body.function} after attempt {body.attempt}: {_line(said)}{by}"
+    if isinstance(body, records.FunctionRetried):
+        by = f" by {body.by}" if body.by else ""
+        return f"{body.function} job {body.job_id} queued again{by} ({body.status_before} after {body.attempts_before})"
     if isinstance(body, records.FunctionSucceeded):
         return f"{body.function} attempt {body.attempt} ({body.duration_ms} ms)"
     if isinstance(body, records.CredentialsUpdated):
