@@ -18,9 +18,10 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import httpx
@@ -68,6 +69,7 @@ from orchestrator.watchdog import LoopWatchdog
 from orchestrator.worker import Worker
 
 READ_PAGE = 500
+Row = TypeVar("Row")
 CANCELLED_BY_REQUEST = "cancelled by request"
 """The reason a ``CancelJob`` without one records."""
 MAX_REASON = 1000
@@ -433,24 +435,18 @@ class Service:
         self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_job_token(page_token, ref)
-        if ref is not None or environments is None:
-            stream = ref.stream if ref is not None else ""
-            rows = await self._store.list_jobs(JobQuery(stream=stream, statuses=statuses, after=after, limit=limit + 1))
+
+        async def read(name: str, wanted: int) -> list[Job]:
+            return await self._store.list_jobs(JobQuery(environment=name, statuses=statuses, after=after, limit=wanted))
+
+        if ref is not None:
+            query = JobQuery(stream=ref.stream, statuses=statuses, after=after, limit=limit + 1)
+            rows = await self._store.list_jobs(query)
+        elif environments is None:
+            rows = await read("", limit + 1)
         else:
-            rows = []
-            for name in sorted(environments, key=lambda e: e + "/"):
-                query = JobQuery(environment=name, statuses=statuses, after=after, limit=limit + 1 - len(rows))
-                rows += await self._store.list_jobs(query)
-                if len(rows) > limit:
-                    break
-        more = len(rows) > limit
-        rows = rows[:limit]
-        weight = 0
-        for kept, row in enumerate(rows):
-            weight += JOB_WEIGHT + len(row.last_error.encode()) + len(row.stream.encode()) + len(row.function.encode())
-            if kept and weight > limits.MAX_PAGE_BYTES:
-                rows, more = rows[:kept], True
-                break
+            rows = await _in_scope(environments, limit + 1, read)
+        rows, more = _page(rows, limit, _job_bytes)
         token = _encode_job_token(rows[-1]) if more and rows else ""
         return JobPage([self._budgeted(row) for row in rows], token)
 
@@ -616,28 +612,16 @@ class Service:
         self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_token(page_token)
+
+        async def read(name: str, wanted: int) -> list[Connection]:
+            query = ConnectionQuery(name, integration, state, after_stream=after, limit=wanted)
+            return await self._store.list_connections(query)
+
         if environment or environments is None:
-            rows = await self._store.list_connections(
-                ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
-            )
+            rows = await read(environment, limit + 1)
         else:
-            rows = []
-            # Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
-            for name in sorted(environments, key=lambda e: e + "/"):
-                rows += await self._store.list_connections(
-                    ConnectionQuery(name, integration, state, after_stream=after, limit=limit + 1 - len(rows))
-                )
-                if len(rows) > limit:
-                    break
-        more = len(rows) > limit
-        rows = rows[:limit]
-        # A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
-        weight = 0
-        for kept, row in enumerate(rows):
-            weight += limits.page_bytes(row.metadata, row.config)
-            if kept and weight > limits.MAX_PAGE_BYTES:
-                rows, more = rows[:kept], True
-                break
+            rows = await _in_scope(environments, limit + 1, read)
+        rows, more = _page(rows, limit, lambda row: limits.page_bytes(row.metadata, row.config))
         token = _encode_token(rows[-1].ref.stream) if more and rows else ""
         return Page(rows, token)
 
@@ -689,6 +673,41 @@ class Service:
             self._following.discard(scope)
         if self._draining.is_set():
             raise Unavailable(f"the daemon is shutting down; resume reading from position {position}")
+
+
+async def _in_scope(
+    environments: frozenset[str], limit: int, read: Callable[[str, int], Awaitable[list[Row]]]
+) -> list[Row]:
+    """Up to ``limit`` rows of a scope's environments, in stream order: ``read(environment, wanted)`` of each in turn.
+
+    Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
+    """
+    rows: list[Row] = []
+    for name in sorted(environments, key=lambda e: e + "/"):
+        rows += await read(name, limit - len(rows))
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def _page(rows: list[Row], limit: int, weight: Callable[[Row], int]) -> tuple[list[Row], bool]:
+    """The page of ``rows`` (read one beyond ``limit``), and whether more follow.
+
+    A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
+    """
+    more = len(rows) > limit
+    rows = rows[:limit]
+    total = 0
+    for kept, row in enumerate(rows):
+        total += weight(row)
+        if kept and total > limits.MAX_PAGE_BYTES:
+            return rows[:kept], True
+    return rows, more
+
+
+def _job_bytes(job: Job) -> int:
+    """What one job weighs in a ListJobs reply."""
+    return JOB_WEIGHT + len(job.last_error.encode()) + len(job.stream.encode()) + len(job.function.encode())
 
 
 def _described(job: Job) -> str:

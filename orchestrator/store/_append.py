@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -123,6 +124,18 @@ def finished(events: Sequence[NewEvent], *, requeued: bool, last_error: str) -> 
     if requeued:
         return JobStatus.QUEUED, last_error
     return status, "" if status is JobStatus.SUCCEEDED else last_error
+
+
+def claimed(job: Job, now: datetime) -> Job:
+    """``job`` as a claim at ``now`` leaves it: one more attempt, the next fencing token, running."""
+    return dataclasses.replace(
+        job,
+        attempt=job.attempt + 1,
+        lease_token=job.lease_token + 1,
+        leased=True,
+        status=JobStatus.RUNNING,
+        updated_at=now,
+    )
 
 
 def check_retry(current: Job | None, job: Job) -> None:

@@ -20,7 +20,6 @@ stored, and writing resumes by itself once there is room.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -52,6 +51,7 @@ from orchestrator.store._append import (
     ENDED,
     check_retry,
     check_seal,
+    claimed,
     finished,
     plan_append,
     sealed_version,
@@ -553,25 +553,14 @@ class Writer:
             f" AND (lease_until IS NULL OR lease_until < ?){not_excluded} ORDER BY run_at LIMIT ?"
         )
         rows = db.execute(sql, [op.now, op.now, *excluded, op.limit]).fetchall()
-        claimed = []
         now = codec.from_micros(op.now)
-        for row in rows:
-            job = job_from_row(row)
-            job = dataclasses.replace(
-                job,
-                attempt=job.attempt + 1,
-                lease_token=job.lease_token + 1,
-                leased=True,
-                status=JobStatus.RUNNING,
-                updated_at=now,
-            )
-            claimed.append(job)
+        jobs = [claimed(job_from_row(row), now) for row in rows]
         db.executemany(
             "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ?, status = 'running', updated_at = ?"
             " WHERE job_id = ?",
-            [(j.attempt, j.lease_token, op.lease_until, op.now, j.job_id) for j in claimed],
+            [(j.attempt, j.lease_token, op.lease_until, op.now, j.job_id) for j in jobs],
         )
-        return claimed
+        return jobs
 
     def _flush(self, db: sqlite3.Connection, txn: _Txn) -> None:
         if txn.event_rows:

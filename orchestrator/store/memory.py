@@ -27,6 +27,7 @@ from orchestrator.store import Appended, Stats
 from orchestrator.store._append import (
     check_retry,
     check_seal,
+    claimed,
     finished,
     matches,
     plan_append,
@@ -188,20 +189,11 @@ class MemoryEventStore:
                 ),
                 key=lambda j: j.run_at,
             )[:limit]
-            claimed = []
-            for job in due:
-                job = dataclasses.replace(
-                    job,
-                    attempt=job.attempt + 1,
-                    lease_token=job.lease_token + 1,
-                    leased=True,
-                    status=JobStatus.RUNNING,
-                    updated_at=now,
-                )
+            leased = [claimed(job, now) for job in due]
+            for job in leased:
                 self._jobs[job.job_id] = job
                 self._leases[job.job_id] = now + timedelta(seconds=lease)
-                claimed.append(job)
-            return claimed
+            return leased
 
     async def finish_job(
         self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
