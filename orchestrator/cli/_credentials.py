@@ -14,17 +14,19 @@ import click
 
 from orchestrator.cli._common import (
     Daemon,
-    checked_name,
     client_options,
     connection_ref,
+    credential_options,
     credentials,
     database,
     environment,
+    integration,
     json_flag,
     print_json,
     print_table,
     table,
 )
+from orchestrator.cli._settings import config_option
 
 SECRET_KEY_ENV = "ORCHESTRATOR_SECRET_KEY"
 
@@ -39,25 +41,25 @@ secret_key_file = click.option(
 )
 
 
-@click.group()
+@click.group(short_help="Replace a connection's credentials (credentials set).")
 def credentials_group() -> None:
     """A connection's credentials: sealed at rest by the daemon, never printed."""
 
 
-@credentials_group.command("set")
+@credentials_group.command("set", short_help="Replace a connection's credentials, through the daemon.")
 @click.argument("connection_id")
-@click.option("-i", "--integration", required=True, callback=checked_name("--integration"), help="The integration.")
+@integration(required=True, help="The connection's integration.")
 @environment
-@click.option("--credential", "credential_pairs", multiple=True, metavar="NAME=VALUE", help="A secret; repeatable.")
-@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Secrets as a JSON object.")
+@credential_options
 @client_options
+@config_option()
 @json_flag
 def set_credentials(
     connection_id: str,
     integration: str,
     environment: str,
     credential_pairs: tuple[str, ...],
-    credentials_file: str | None,
+    credentials_file: Path | None,
     daemon: Daemon,
     as_json: bool,
 ) -> None:
@@ -90,19 +92,28 @@ def set_credentials(
     print_table(out)
 
 
-@click.command()
-def keygen() -> None:
-    """Print a new key (base64 of 32 random bytes) for ORCHESTRATOR_SECRET_KEY or the key file; its id on stderr."""
+@click.command(short_help="Print a new key for sealing credentials.")
+@json_flag
+def keygen(as_json: bool) -> None:
+    """Print a new key (base64 of 32 random bytes) for ORCHESTRATOR_SECRET_KEY or the key file; its id on stderr.
+
+    With --json, one document with both: {"key": ..., "key_id": ...}.
+    """
     from orchestrator import sealing
 
     key = sealing.generate()
+    key_id = sealing.Keyring.parse(key, "the new key").sealing.id
+    if as_json:
+        print_json({"key": key, "key_id": key_id})
+        return
     click.echo(key)
-    click.echo(f"key id {sealing.Keyring.parse(key, 'the new key').sealing.id}", err=True)
+    click.echo(f"key id {key_id}", err=True)
 
 
-@click.command("rotate-key")
+@click.command("rotate-key", short_help="Reseal every stored credential under the key ring's first key.")
 @database
 @secret_key_file
+@config_option()
 @json_flag
 def rotate_key(database: str | None, secret_key_file: Path | None, as_json: bool) -> None:
     """Reseal every sealed credential under the first key of the key ring; safe while the daemon runs.

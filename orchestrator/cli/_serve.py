@@ -11,8 +11,9 @@ import click
 
 from orchestrator import config
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml, configured_integrations, database, quiet_grpc
+from orchestrator.cli._common import database, quiet_grpc
 from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
+from orchestrator.cli._settings import config_option, configured_integrations
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
@@ -68,24 +69,8 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
     )
 
 
-def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value:
-        apply_toml(ctx, Path(value), ctx.command)
-    return value
-
-
-@click.command()
-@click.option(
-    "--config",
-    "config_file",
-    envvar="ORCHESTRATOR_CONFIG",
-    show_envvar=True,
-    is_eager=True,
-    expose_value=False,
-    callback=_load_serve_config,
-    type=click.Path(dir_okay=False),
-    help="A TOML file of settings (keys as these options, with '_' for '-').",
-)
+@click.command(short_help="Run the daemon, or check its settings with --check.")
+@config_option()
 @click.option(
     "--listen",
     envvar="ORCHESTRATOR_LISTEN",
