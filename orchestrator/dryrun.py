@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import httpx
@@ -19,12 +20,12 @@ from orchestrator.clock import SystemClock
 from orchestrator.config import Integration
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher
-from orchestrator.errors import InvalidArgument, NotFound
+from orchestrator.errors import InvalidArgument, LogInUse, NotFound
 from orchestrator.model import ConnectionRef, JSONObject
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Secrets
 from orchestrator.runner import AttemptResult
-from orchestrator.store import open_store
+from orchestrator.store import locate, open_store
 
 
 @dataclass(slots=True)
@@ -64,8 +65,42 @@ async def dryrun(
     commit: bool = False,
     time_limit: float | None = None,
 ) -> DryRun:
-    """Run ``function`` once against the connection as the log records it."""
+    """Run ``function`` once against the connection as the log records it.
+
+    ``commit`` needs the log to exist and no daemon to own it (one process writes an SQLite log).
+    """
     ref = ConnectionRef.parse(environment, function.function.integration, connection_id)
+    if commit:
+        location = await anyio.to_thread.run_sync(partial(locate, database, create_directory=True, write=True))
+        if location.path is not None and not location.exists:
+            raise NotFound(f"no event log at {location.path}: --commit records into an existing log")
+        if location.holder:
+            raise _in_use(location.path, location.holder)
+    try:
+        return await _run(database, function, ref, payload, credentials, integrations, commit, time_limit)
+    except LogInUse as exc:
+        raise _in_use(exc.path, exc.holder) from None
+
+
+def _in_use(path: object, holder: str) -> LogInUse:
+    return LogInUse(
+        f"the event log {path} is in use by pid {holder} (a running daemon): stop the daemon or omit --commit"
+        " (without it, dryrun only reads the log, which works while the daemon runs)",
+        path=path,
+        holder=holder,
+    )
+
+
+async def _run(
+    database: str,
+    function: Installed,
+    ref: ConnectionRef,
+    payload: JSONObject,
+    credentials: Mapping[str, str],
+    integrations: Mapping[str, Integration],
+    commit: bool,
+    time_limit: float | None,
+) -> DryRun:
     async with open_store(database, readonly=not commit) as store:
         connection = await store.get_connection(ref)
         if connection is None:

@@ -127,10 +127,11 @@ def rotate_key(database: str | None, secret_key_file: Path | None, as_json: bool
     from orchestrator.config import ServeConfig
     from orchestrator.errors import InvalidArgument
     from orchestrator.sealing import reseal
-    from orchestrator.store import sqlite_path
+    from orchestrator.store import locate, sqlite_path
     from orchestrator.store.sqlite import reseal_sqlite
 
     url = database or config.default_database()
+    locate(url, create_directory=True)  # a directory, or a file it may not write: said here, in one line
     path = sqlite_path(url)
     if path is None:
         raise InvalidArgument(f"rotate-key works on an SQLite log (--database sqlite:///...), not {url!r}")

@@ -98,8 +98,9 @@ async def _replay(
     as_json: bool,
 ) -> None:
     from orchestrator import replay as replay_mod
-    from orchestrator.store import open_store
+    from orchestrator.store import locate, open_store
 
+    locate(url, create_directory=True, write=False)  # a directory or an unreadable file: said here, in one line
     async with open_store(url, readonly=True) as store:
         with _Progress(await store.head()) as progress:
             if verify:
