@@ -55,7 +55,7 @@ def setting_options(command: click.Command) -> dict[str, click.Option]:
         if not isinstance(param, click.Option) or not param.name or not param.envvar:
             continue
         key = param.name
-        if key not in NOT_IN_THE_FILE:
+        if key not in NOT_IN_THE_FILE and key != "config_file":
             out[key] = param
     return out
 
