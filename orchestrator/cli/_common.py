@@ -109,6 +109,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_ADDRESS",
         show_envvar=True,
         default=config.DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
         help="The daemon's gRPC address.",
     ),
     click.option(
@@ -116,6 +117,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_CA",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Speak TLS, trusting the CA in this PEM file (the one that signed the daemon's certificate).",
     ),
     click.option(
@@ -123,6 +125,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_CERT",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Mutual TLS: this client's certificate (PEM), with --tls-key.",
     ),
     click.option(
@@ -130,6 +133,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_KEY",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Mutual TLS: the key of --tls-cert (PEM, unencrypted).",
     ),
     click.option(
@@ -137,6 +141,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TOKEN_FILE",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="A file holding the bearer token to send (ORCHESTRATOR_TOKEN holds the token itself).",
     ),
     # The token itself: from ORCHESTRATOR_TOKEN or the config file's `token`, never from the command line.
@@ -222,8 +227,8 @@ database = click.option(
     show_envvar=True,
     default=None,
     metavar="URL",
-    help="The event log: sqlite:///absolute/path.db, sqlite:relative/path.db or a path"
-    " (default: ./.orchestrator/events.db).",
+    help="The event log: sqlite:///absolute/path.db, sqlite:relative/path.db or a path, in a directory that"
+    " exists (default: ./.orchestrator/events.db, the one directory made when missing).",
 )
 
 

@@ -33,7 +33,7 @@ class _DefaultList(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultList, short_help="List connections (connections [list]), or show one (connections get).")
+@click.group(cls=_DefaultList, short_help="List connections, or show one (connections get).")
 def connections() -> None:
     """List connections (the default: `connections [list] ...`), or show one (`connections get`), through the
     daemon."""

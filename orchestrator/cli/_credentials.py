@@ -34,7 +34,8 @@ secret_key_file = click.option(
     "--secret-key-file",
     envvar="ORCHESTRATOR_SECRET_KEY_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     default=None,
     help="The key file, when ORCHESTRATOR_SECRET_KEY is not set (default: secret.key beside the SQLite log,"
     " created 0600 on first start; refused when group or others may read it).",

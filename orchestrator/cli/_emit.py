@@ -31,7 +31,7 @@ from orchestrator.model import ConnectionState, EmitRequest, EmitResult, Functio
 
 
 @click.command(short_help="Emit a lifecycle event for a connection, through the daemon.")
-@click.argument("event", type=click.Choice([e.value for e in LifecycleEvent]))
+@click.argument("event", metavar="EVENT", type=click.Choice([e.value for e in LifecycleEvent]))
 @click.argument("connection_id")
 @integration(required=True, help="The connection's integration.")
 @environment
@@ -45,8 +45,15 @@ from orchestrator.model import ConnectionState, EmitRequest, EmitResult, Functio
     "--payload", metavar="JSON", callback=json_object, help="Data for the functions: a JSON object, or @file.json."
 )
 @credential_options
-@click.option("--idempotency-key", default="", show_default=False, help="Makes retrying this command safe.")
-@click.option("--expected-version", type=click.IntRange(min=0), help="Refuse unless the connection is at this version.")
+@click.option(
+    "--idempotency-key", metavar="KEY", default="", show_default=False, help="Makes retrying this command safe."
+)
+@click.option(
+    "--expected-version",
+    metavar="N",
+    type=click.IntRange(min=0),
+    help="Refuse unless the connection is at this version.",
+)
 @click.option("--wait", is_flag=True, help="Also wait for the asynchronous functions.")
 @client_options
 @config_option(legacy_json="--connection-config")

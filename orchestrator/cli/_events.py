@@ -29,11 +29,18 @@ def _event_line(record: Record) -> str:
     return f"{line}  {said}" if said else line
 
 
-@click.command(short_help="Print the event log (or one connection's), optionally following it.")
+@click.command(short_help="Print the event log or one connection's; -f follows it.")
 @connection_option
 @integration(required=False, help="With --connection: its integration (default: any).")
 @environment_filter
-@click.option("--from", "from_position", type=click.IntRange(min=0), default=0, help="First position (inclusive).")
+@click.option(
+    "--from",
+    "from_position",
+    metavar="POSITION",
+    type=click.IntRange(min=0),
+    default=0,
+    help="First position (inclusive).",
+)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing records as they are committed.")
 @client_options
 @config_option()

@@ -89,7 +89,14 @@ def functions(as_json: bool) -> None:
 )
 @credential_options
 @click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (the daemon stopped).")
-@click.option("--timeout", "time_limit", type=click.FloatRange(min=0.001), default=60.0, help="Seconds it may take.")
+@click.option(
+    "--timeout",
+    "time_limit",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    help="Seconds it may take.",
+)
 @database
 @config_option()
 @json_flag

@@ -44,10 +44,20 @@ _DISPATCH_OPTIONS: list[tuple[str, Any, float | int | str, str]] = [
 ]
 
 
+_METAVARS = {"--retry-backoff": "FACTOR"}
+
+
 def _dispatch_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for flag, kind, default, text in reversed(_DISPATCH_OPTIONS):
         envvar = "ORCHESTRATOR_" + flag.removeprefix("--").replace("-", "_").upper()
-        command = click.option(flag, envvar=envvar, show_envvar=True, type=kind, default=default, help=text)(command)
+        metavar = (
+            None
+            if isinstance(kind, click.Choice)
+            else _METAVARS.get(flag, "N" if isinstance(default, int) else "SECONDS")
+        )
+        command = click.option(
+            flag, envvar=envvar, show_envvar=True, type=kind, default=default, metavar=metavar, help=text
+        )(command)
     return command
 
 
@@ -76,6 +86,7 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
 @click.option(
     "--listen",
     envvar="ORCHESTRATOR_LISTEN",
+    metavar="HOST:PORT",
     show_envvar=True,
     default=config.DEFAULT_LISTEN,
     help="HOST:PORT to serve gRPC on (port 0 picks a free one).",
@@ -84,6 +95,7 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
 @click.option(
     "--grace-period",
     envvar="ORCHESTRATOR_GRACE_PERIOD",
+    metavar="SECONDS",
     show_envvar=True,
     type=click.FloatRange(min=0),
     default=config.DEFAULT_GRACE_PERIOD,
@@ -100,28 +112,32 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
     "--tls-cert",
     envvar="ORCHESTRATOR_TLS_CERT",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Serve TLS with this certificate (PEM, the chain after it); with --tls-key. SIGHUP rereads it.",
 )
 @click.option(
     "--tls-key",
     envvar="ORCHESTRATOR_TLS_KEY",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="The private key of --tls-cert (PEM, unencrypted). SIGHUP rereads it.",
 )
 @click.option(
     "--tls-client-ca",
     envvar="ORCHESTRATOR_TLS_CLIENT_CA",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Mutual TLS: require a client certificate signed by the CA in this PEM file. SIGHUP rereads it.",
 )
 @click.option(
     "--auth-token-file",
     envvar="ORCHESTRATOR_AUTH_TOKEN_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Require a bearer token of this file: one per line, optionally followed by a space and the"
     " comma-separated environments it may touch; '#' comments. SIGHUP rereads it.",
 )
@@ -131,6 +147,7 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
     show_envvar=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
+    help="The least important log lines written.",
 )
 @click.option(
     "--skip-broken-plugins",
@@ -159,12 +176,14 @@ def _dispatch_config(values: dict[str, Any]) -> DispatchConfig:
     "--log-file",
     envvar="ORCHESTRATOR_LOG_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Log to this file (JSON lines) instead of stderr; SIGHUP reopens it.",
 )
 @click.option(
     "--metrics-listen",
     envvar="ORCHESTRATOR_METRICS_LISTEN",
+    metavar="HOST:PORT",
     show_envvar=True,
     default="",
     help="HOST:PORT for a Prometheus text endpoint at /metrics (default: none).",
@@ -201,7 +220,8 @@ def serve(
     as_json: bool,
     **dispatch: Any,
 ) -> None:
-    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default).
+    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default), or with --check make
+    every check it makes at start, print the effective settings, and exit.
 
     Traces and metrics are exported as the standard OTEL_* variables say
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;

@@ -577,15 +577,18 @@ def test_serve_on_a_log_whose_directory_has_a_hash(
 
 # -- help ----------------------------------------------------------------------------
 
-DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events"}
+DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events", "keygen", "rotate-key"}
 """The commands docs/cli.md names."""
 ENV_SHOWN = {
     "serve": ["ORCHESTRATOR_LISTEN", "ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
-    "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT"],
-    "connections list": ["ORCHESTRATOR_ADDRESS"],
-    "connections get": ["ORCHESTRATOR_ADDRESS"],
-    "events": ["ORCHESTRATOR_ADDRESS"],
-    "replay": ["ORCHESTRATOR_DATABASE"],
+    "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "connections list": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "connections get": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "credentials set": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "events": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "replay": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "dryrun": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
+    "rotate-key": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_SECRET_KEY_FILE", "ORCHESTRATOR_CONFIG"],
 }
 """Environment variables that a command's --help must show."""
 
