@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.grpc import Api
-from tests.support.process import Cli, Result, closed_port, environment, run, sqlite_url
+from tests.support.process import Cli, Daemon, Result, closed_port, environment, run, sqlite_url
+
+CLI_MD = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 
 
 def usage_line(result: Result) -> str:
@@ -55,6 +57,47 @@ def test_serve_and_a_client_read_one_file_each_taking_its_own_keys(
     # ORCHESTRATOR_CONFIG names the same file for every command.
     by_env = run("connections", "list", "--json", env=environment(ORCHESTRATOR_CONFIG=str(path)), cwd=tmp_path)
     assert by_env.code == 0 and by_env.json() == listed.json(), str(by_env)
+
+
+def documented_settings_file() -> str:
+    """The example settings file of docs/cli.md, as it is printed there."""
+    section = CLI_MD.read_text().partition("### One settings file for the daemon and the clients\n")[2]
+    text = section.partition("```toml\n")[2].partition("```")[0]
+    assert "listen = " in text and "address = " in text, section
+    return text
+
+
+def test_the_settings_file_of_docs_cli_md_serves_the_daemon_and_the_clients(tmp_path: Path) -> None:
+    """That exact file: serve --check and serve accept it, and emit, connections and replay run with it.
+
+    Its log is under /var/lib/orchestrator and its port may be taken here: --database and --listen win.
+    """
+    path = tmp_path / "orchestrator.toml"
+    path.write_text(documented_settings_file())
+    database = tmp_path / "events.db"
+    checked = run("serve", "--check", "--config", str(path), "--database", sqlite_url(database), cwd=tmp_path)
+    assert (checked.code, checked.err) == (0, ""), str(checked)
+    rows = {line.split()[0]: line.split()[1:] for line in checked.out.splitlines() if "  " in line}
+    assert rows["listen"] == ["127.0.0.1:50051", str(path)]
+    assert rows["grace_period"] == ["15.0", str(path)]
+    assert rows["concurrency"] == ["64", str(path)]
+    assert "integration salesforce: base_url https://{instance_url}/services/data/v60.0, auth bearer" in checked.out
+
+    daemon = Daemon(database, "--config", str(path))
+    try:
+        client = ("--config", str(path), "--address", daemon.address)
+        emitted = run("emit", "post-connection-creation", "doc-1", "-i", "github", *client, "--json", cwd=tmp_path)
+        assert (emitted.code, emitted.err) == (0, ""), str(emitted)
+        listed = run("connections", "list", *client, "--json", cwd=tmp_path)
+        assert [c["stream"] for c in listed.json()] == ["dev/github/doc-1"], str(listed)
+        replayed = run("replay", "--config", str(path), "--database", sqlite_url(database), "--json", cwd=tmp_path)
+        assert [c["stream"] for c in replayed.json()["connections"]] == ["dev/github/doc-1"], str(replayed)
+        # Without --address the file's is used.
+        own = run("connections", "list", "--config", str(path), cwd=tmp_path)
+        assert own.code == 0 or "127.0.0.1:50051" in own.err, str(own)
+    finally:
+        assert daemon.stop() == 0, str(daemon)
+    assert "Traceback" not in daemon.stderr.text
 
 
 @pytest.mark.parametrize(
