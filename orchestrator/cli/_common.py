@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 # -- options and arguments ---------------------------------------------------------
 
+POSITION = click.IntRange(min=0, max=2**63 - 1)
+"""A position or a version: what the log's 64-bit integers hold."""
+
 
 def checked_name(option: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
     """A callback that refuses a malformed integration or environment name as a usage error."""

@@ -128,16 +128,17 @@ def rotate_key(database: str | None, secret_key_file: Path | None, as_json: bool
     from orchestrator.config import ServeConfig
     from orchestrator.errors import InvalidArgument
     from orchestrator.sealing import reseal
-    from orchestrator.store import locate, sqlite_path
+    from orchestrator.store import inspect, locate, sqlite_path
     from orchestrator.store.sqlite import reseal_sqlite
 
     url = database or config.default_database()
-    locate(url, create_directory=True)  # a directory, or a file it may not write: said here, in one line
+    location = locate(url, create_directory=True)  # a directory, or a file it may not write: said here, in one line
     path = sqlite_path(url)
     if path is None:
         raise InvalidArgument(f"rotate-key works on an SQLite log (--database sqlite:///...), not {url!r}")
     if not path.exists():
         raise InvalidArgument(f"no event log at {path}")
+    inspect(location, init=False)  # an empty file or no log at all, before any key is looked for
     settings = ServeConfig(database=url, secret_key=os.environ.get(SECRET_KEY_ENV, ""), secret_key_file=secret_key_file)
     keyring = daemon.keyring_for(settings, url, create=False)
     resealed, skipped, problems = reseal_sqlite(path, lambda sealed: reseal(keyring, sealed), clock=SystemClock())

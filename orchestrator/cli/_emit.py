@@ -10,6 +10,7 @@ from click.core import ParameterSource
 
 from orchestrator import codec
 from orchestrator.cli._common import (
+    POSITION,
     Daemon,
     client_options,
     connection_ref,
@@ -51,7 +52,7 @@ from orchestrator.model import ConnectionState, EmitRequest, EmitResult, Functio
 @click.option(
     "--expected-version",
     metavar="N",
-    type=click.IntRange(min=0),
+    type=POSITION,
     help="Refuse unless the connection is at this version.",
 )
 @click.option("--wait", is_flag=True, help="Also wait for the asynchronous functions.")

@@ -6,6 +6,7 @@ import click
 
 from orchestrator import codec
 from orchestrator.cli._common import (
+    POSITION,
     Daemon,
     client_options,
     connection_option,
@@ -37,7 +38,7 @@ def _event_line(record: Record) -> str:
     "--from",
     "from_position",
     metavar="POSITION",
-    type=click.IntRange(min=0),
+    type=POSITION,
     default=0,
     help="First position (inclusive).",
 )

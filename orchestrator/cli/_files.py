@@ -37,6 +37,8 @@ def read_bytes(option: str, path: str | Path, *, limit: int = MAX_BYTES) -> byte
         raise BadInput(f"{option}: {path} cannot be read: permission denied") from None
     except OSError as exc:
         raise BadInput(f"{option}: {path} cannot be read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character, which no path holds
+        raise BadInput(f"{option}: {path!r} is not a path (it holds a NUL character)") from None
     if len(data) > limit:
         raise BadInput(f"{option}: {path} is larger than {_size(limit)}")
     return data

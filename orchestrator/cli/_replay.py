@@ -10,6 +10,7 @@ import click
 
 from orchestrator import codec, config
 from orchestrator.cli._common import (
+    POSITION,
     connection_json,
     connection_option,
     connections_table,
@@ -39,6 +40,8 @@ def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not value:
         return None
     if value.isdigit():
+        if int(value) > POSITION.max:  # type: ignore[operator]
+            raise click.BadParameter(f"{value} is larger than any position (at most {POSITION.max})")
         return Until(position=int(value))
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -187,6 +187,8 @@ def _checked(ctx: click.Context, path: Path, key: str, option: click.Option, val
 
 def _type_problem(kind: click.ParamType[Any, Any], value: Any) -> str:
     shown = _toml(value)
+    if isinstance(value, str) and "\x00" in value:
+        return f"{shown} holds a NUL character"
     if isinstance(kind, click.types.BoolParamType):
         return "" if isinstance(value, bool) else f"{shown} is not true or false"
     if isinstance(kind, click.types.IntParamType):

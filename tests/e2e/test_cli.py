@@ -293,9 +293,22 @@ def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> 
         ),
         (["emit", "validate-connection", "acme-1", "-i", "Sales Force"], "--integration 'Sales Force' is invalid"),
         (["replay", "--until", "yesterday"], "neither a position nor an ISO-8601 timestamp"),
+        (["replay", "--until", "9" * 20], "larger than any position"),
+        (["emit", "validate-connection", "a", "-i", "x", "--expected-version", "9" * 20], "0<=x<=9223372036854775807"),
+        (["events", "--from", "9" * 20], "0<=x<=9223372036854775807"),
         (["no-such-command"], "No such command 'no-such-command'"),
     ],
-    ids=["unknown-event", "missing-integration", "bad-json-config", "bad-integration", "bad-until", "unknown-command"],
+    ids=[
+        "unknown-event",
+        "missing-integration",
+        "bad-json-config",
+        "bad-integration",
+        "bad-until",
+        "huge-until",
+        "huge-version",
+        "huge-from",
+        "unknown-command",
+    ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     """A usage error prints the usage and what is wrong on stderr and exits 2 before contacting any daemon."""

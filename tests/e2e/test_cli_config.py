@@ -123,8 +123,9 @@ def test_a_key_no_command_knows_is_refused_naming_it_and_the_file(args: list[str
         ('log_level = "loud"', "log_level: 'loud' is not one of 'debug', 'info', 'warning', 'error'"),
         ('secret_key = "x"', "secret_key: the key ring is read from ORCHESTRATOR_SECRET_KEY only, never from a file"),
         ('[integrations.acme]\nauth = "magic"', "integrations.acme.auth = 'magic': use one of none, bearer"),
+        ('database = "events\\u0000.db"', "database: 'events\\x00.db' holds a NUL character"),
     ],
-    ids=["int", "float", "string", "flag", "range", "choice", "level", "secret-key", "integration"],
+    ids=["int", "float", "string", "flag", "range", "choice", "level", "secret-key", "integration", "nul"],
 )
 def test_a_bad_value_in_the_file_names_the_key_and_the_file(toml: str, says: str, tmp_path: Path) -> None:
     """Blamed on the file and its key, not a variable: one line, exit 2, whether --config or the variable names it."""
