@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -76,32 +77,11 @@ async def dryrun(
             raise NotFound(f"no event log at {location.path}: --commit records into an existing log")
         if location.holder:
             raise _in_use(location.path, location.holder)
-    try:
-        return await _run(database, function, ref, payload, credentials, integrations, commit, time_limit)
-    except LogInUse as exc:
-        raise _in_use(exc.path, exc.holder) from None
-
-
-def _in_use(path: object, holder: str) -> LogInUse:
-    return LogInUse(
-        f"the event log {path} is in use by pid {holder} (a running daemon): stop the daemon or omit --commit"
-        " (without it, dryrun only reads the log, which works while the daemon runs)",
-        path=path,
-        holder=holder,
-    )
-
-
-async def _run(
-    database: str,
-    function: Installed,
-    ref: ConnectionRef,
-    payload: JSONObject,
-    credentials: Mapping[str, str],
-    integrations: Mapping[str, Integration],
-    commit: bool,
-    time_limit: float | None,
-) -> DryRun:
-    async with open_store(database, readonly=not commit) as store:
+    async with AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(open_store(database, readonly=not commit))
+        except LogInUse as exc:  # a daemon took it meanwhile
+            raise _in_use(exc.path, exc.holder) from None
         connection = await store.get_connection(ref)
         if connection is None:
             raise NotFound(f"connection {ref} not found in {database}")
@@ -130,3 +110,12 @@ async def _run(
                 await store.append(ref, None, [records.new(body, causation_id=cause) for body in bodies])
             run.committed = True
         return run
+
+
+def _in_use(path: object, holder: str) -> LogInUse:
+    return LogInUse(
+        f"the event log {path} is in use by pid {holder} (a running daemon): stop the daemon or omit --commit"
+        " (without it, dryrun only reads the log, which works while the daemon runs)",
+        path=path,
+        holder=holder,
+    )
