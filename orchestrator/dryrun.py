@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 
 import anyio
 import httpx
@@ -19,12 +21,12 @@ from orchestrator.clock import SystemClock
 from orchestrator.config import Integration
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher
-from orchestrator.errors import InvalidArgument, NotFound
+from orchestrator.errors import InvalidArgument, LogInUse, NotFound
 from orchestrator.model import ConnectionRef, JSONObject
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Secrets
 from orchestrator.runner import AttemptResult
-from orchestrator.store import open_store
+from orchestrator.store import locate, open_store
 
 
 @dataclass(slots=True)
@@ -64,9 +66,22 @@ async def dryrun(
     commit: bool = False,
     time_limit: float | None = None,
 ) -> DryRun:
-    """Run ``function`` once against the connection as the log records it."""
+    """Run ``function`` once against the connection as the log records it.
+
+    ``commit`` needs the log to exist and no daemon to own it (one process writes an SQLite log).
+    """
     ref = ConnectionRef.parse(environment, function.function.integration, connection_id)
-    async with open_store(database, readonly=not commit) as store:
+    if commit:
+        location = await anyio.to_thread.run_sync(partial(locate, database, create_directory=True, write=True))
+        if location.path is not None and not location.exists:
+            raise NotFound(f"no event log at {location.path}: --commit records into an existing log")
+        if location.holder:
+            raise _in_use(location.path, location.holder)
+    async with AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(open_store(database, readonly=not commit))
+        except LogInUse as exc:  # a daemon took it meanwhile
+            raise _in_use(exc.path, exc.holder) from None
         connection = await store.get_connection(ref)
         if connection is None:
             raise NotFound(f"connection {ref} not found in {database}")
@@ -95,3 +110,12 @@ async def dryrun(
                 await store.append(ref, None, [records.new(body, causation_id=cause) for body in bodies])
             run.committed = True
         return run
+
+
+def _in_use(path: object, holder: str) -> LogInUse:
+    return LogInUse(
+        f"the event log {path} is in use by pid {holder} (a running daemon): stop the daemon or omit --commit"
+        " (without it, dryrun only reads the log, which works while the daemon runs)",
+        path=path,
+        holder=holder,
+    )

@@ -10,11 +10,12 @@ import click
 
 from orchestrator import codec, config
 from orchestrator.cli._common import (
-    checked_name,
-    configured_integrations,
+    connection_ref,
+    credential_options,
     credentials,
     database,
     environment,
+    integration,
     json_flag,
     json_object,
     print_json,
@@ -22,9 +23,10 @@ from orchestrator.cli._common import (
     table,
 )
 from orchestrator.cli._exit import FAILURE
+from orchestrator.cli._settings import config_option, configured_integrations
 
 
-@click.command()
+@click.command(short_help="List the installed event functions.")
 @json_flag
 def functions(as_json: bool) -> None:
     """List the installed event functions, with their plugin distribution and version (exit 1 if any is broken)."""
@@ -77,36 +79,26 @@ def functions(as_json: bool) -> None:
         sys.exit(FAILURE)
 
 
-@click.command()
+@click.command(short_help="Run one function once against a connection's recorded state.")
 @click.argument("function_name", metavar="FUNCTION")
 @click.argument("connection_id")
 @environment
+@integration(required=False, help="The function's integration, when several have a function of this name.")
 @click.option(
-    "-i",
-    "--integration",
-    default="",
-    callback=checked_name("--integration"),
-    help="The integration, when several have a function of this name.",
+    "--payload", metavar="JSON", callback=json_object, help="The event payload: a JSON object, or @file.json."
 )
-@click.option("--payload", callback=json_object, help="The event payload, a JSON object (or @file).")
+@credential_options
+@click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (the daemon stopped).")
 @click.option(
-    "--credential",
-    "credential_pairs",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A credential for the provider; repeatable.",
+    "--timeout",
+    "time_limit",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    help="Seconds it may take.",
 )
-@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Credentials as JSON.")
-@click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (daemon stopped).")
-@click.option("--timeout", "time_limit", type=click.FloatRange(min=0.001), default=60.0, help="Seconds it may take.")
 @database
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    envvar="ORCHESTRATOR_CONFIG",
-    help="The daemon's TOML config, for [integrations.*] settings.",
-)
+@config_option()
 @json_flag
 @click.pass_context
 def dryrun(
@@ -118,24 +110,27 @@ def dryrun(
     integration: str,
     payload: dict[str, Any],
     credential_pairs: tuple[str, ...],
-    credentials_file: str | None,
+    credentials_file: Path | None,
     commit: bool,
     time_limit: float,
     database: str | None,
-    config_file: str | None,
     as_json: bool,
 ) -> None:
     """Run FUNCTION once against CONNECTION_ID's recorded state; provider calls are real, nothing is written
-    unless --commit."""
+    unless --commit.
+
+    The provider settings are the plugins' defaults and the [integrations.*] tables of the settings
+    file (--config), as the daemon has them. Without --commit the log is only read, also while the
+    daemon runs; --commit appends to it, so the daemon must be stopped.
+    """
     import anyio
 
     from orchestrator import dryrun as dryrun_mod
     from orchestrator import plugins
 
-    configured = configured_integrations(ctx)
-    if config_file:
-        configured = config.integrations_from_toml(config.load_toml(Path(config_file)).get("integrations", {}))
-    integrations, _ = plugins.integrations(configured)
+    secrets = credentials(credential_pairs, credentials_file)  # the command line's input first: a usage error
+    connection_ref(connection_id, integration or "any", environment)
+    integrations, _ = plugins.integrations(configured_integrations(ctx))
     function = dryrun_mod.find_function(plugins.discover(), function_name, integration)
     run = anyio.run(
         lambda: dryrun_mod.dryrun(
@@ -144,7 +139,7 @@ def dryrun(
             connection_id,
             environment,
             payload=payload,
-            credentials=credentials(credential_pairs, credentials_file),
+            credentials=secrets,
             integrations=integrations,
             commit=commit,
             time_limit=time_limit,

@@ -21,6 +21,7 @@ from orchestrator.cli._common import (
     when,
 )
 from orchestrator.cli._connections import _DefaultList
+from orchestrator.cli._settings import config_option
 from orchestrator.errors import InvalidArgument
 from orchestrator.model import Job, JobStatus, check_job_id
 
@@ -28,12 +29,12 @@ ERROR_WIDTH = 120
 """Characters of a last error a table row shows (``--json`` has it whole)."""
 
 
-@click.group(cls=_DefaultList)
+@click.group(cls=_DefaultList, short_help="List jobs, or retry or cancel one (jobs retry|cancel).")
 def jobs() -> None:
     """List jobs (the default: ``jobs [list] ...``), retry one that gave up or was cancelled, or cancel a queued one."""
 
 
-@jobs.command("list")
+@jobs.command("list", short_help="List the jobs of one connection or all.")
 @click.option("--connection", "connection_id", help="Only this connection's jobs (with -i and -e).")
 @click.option("-i", "--integration", default="", callback=checked_name("--integration"), help="With --connection.")
 @environment
@@ -45,6 +46,7 @@ def jobs() -> None:
     help="Only jobs in this status; repeatable (default: any).",
 )
 @client_options
+@config_option()
 @json_flag
 def list_jobs(
     connection_id: str | None,
@@ -87,9 +89,10 @@ def list_jobs(
     print_table(out)
 
 
-@jobs.command("retry")
+@jobs.command("retry", short_help="Queue a job that gave up or was cancelled again.")
 @click.argument("job_id")
 @client_options
+@config_option()
 @json_flag
 def retry_job(job_id: str, daemon: Daemon, as_json: bool) -> None:
     """Queue JOB_ID (gave up or cancelled) again, due now, with a fresh attempt budget (RetryJob)."""
@@ -98,10 +101,11 @@ def retry_job(job_id: str, daemon: Daemon, as_json: bool) -> None:
     _print_job(job, as_json)
 
 
-@jobs.command("cancel")
+@jobs.command("cancel", short_help="Cancel a queued job.")
 @click.argument("job_id")
 @click.option("--reason", default="", help="Why, recorded in function-cancelled (default: 'cancelled by request').")
 @client_options
+@config_option()
 @json_flag
 def cancel_job(job_id: str, reason: str, daemon: Daemon, as_json: bool) -> None:
     """Cancel JOB_ID, a queued job (CancelJob); a running one is refused: wait for its attempt to end."""
