@@ -9,6 +9,11 @@ each of the four it fails when
 - a variable is named ``ORCHESTRATOR_*`` but ``serve`` reads no such variable
   (the command line ignores unknown variables, so a typo would go unnoticed);
 - ``ORCHESTRATOR_CONFIG`` names a file that no ConfigMap is mounted to provide;
+- the log (``ORCHESTRATOR_DATABASE``) is in a directory that no volume
+  (image ``VOLUME``, compose volume, Kubernetes volume, systemd
+  ``StateDirectory=``) provides: the daemon makes no directory but the default
+  ``./.orchestrator/``, and a log outside the volume would be lost with the
+  container. ``serve --check`` reads a scratch directory in its place;
 - a TLS file or the token file (:data:`SECRET_FILES`) is named, but no Secret
   (Kubernetes) or secret (compose) is mounted to provide it. Their content is
   never committed, so ``serve --check`` reads stand-ins made here instead: a
@@ -35,6 +40,7 @@ from typing import Any
 import yaml
 
 from orchestrator.cli import serve
+from orchestrator.store import sqlite_path
 
 DEPLOY = Path(__file__).resolve().parent
 
@@ -110,6 +116,49 @@ def dockerfile_env(path: Path) -> dict[str, str]:
     return env
 
 
+def dockerfile_volumes(path: Path) -> set[str]:
+    """The ``VOLUME`` folders of the Dockerfile (JSON or plain form)."""
+    folders: set[str] = set()
+    for raw in path.read_text().splitlines():
+        keyword, _, rest = raw.strip().partition(" ")
+        if keyword.upper() == "VOLUME":
+            rest = rest.strip()
+            names = yaml.safe_load(rest) if rest.startswith("[") else rest.split()
+            folders.update(str(name).rstrip("/") for name in names)
+    return folders
+
+
+def compose_volumes(path: Path, service: str) -> set[str]:
+    """The folders volumes are mounted at in one compose service."""
+    document = yaml.safe_load(path.read_text())
+    folders = set()
+    for volume in document["services"][service].get("volumes", []):
+        target = volume.split(":")[1] if isinstance(volume, str) else volume["target"]
+        folders.add(target.rstrip("/"))
+    return folders
+
+
+def kubernetes_volumes(directory: Path) -> set[str]:
+    """The folders the daemon container mounts a volume other than a ConfigMap or a Secret at (the data)."""
+    documents = [d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return {
+        mount["mountPath"].rstrip("/")
+        for mount in pod["containers"][0].get("volumeMounts", [])
+        if not {"configMap", "secret"} & set(volumes[mount["name"]])
+    }
+
+
+def systemd_state_directories(path: Path) -> set[str]:
+    """The unit's ``StateDirectory=`` folders (under /var/lib), which systemd makes before the start."""
+    folders = set()
+    for line in path.read_text().splitlines():
+        if line.startswith("StateDirectory="):
+            folders.update(f"/var/lib/{name.split(':')[0]}" for name in line.partition("=")[2].split())
+    return folders
+
+
 def compose_env(path: Path, service: str) -> tuple[dict[str, str], set[str]]:
     """One compose service's environment (``${...}`` replaced by a placeholder), and the secret files it mounts."""
     document = yaml.safe_load(path.read_text())
@@ -170,10 +219,13 @@ def known_variables() -> set[str]:
     return names
 
 
-def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[str], secrets: set[str]) -> list[str]:
+def check(
+    flavour: str, env: dict[str, str], files: dict[str, str], known: set[str], secrets: set[str], data: set[str]
+) -> list[str]:
     """The problems with one flavour's settings (empty when there are none).
 
-    ``secrets`` are the files (or, ending in ``/``, the folders) that secrets provide at deploy time.
+    ``secrets`` are the files (or, ending in ``/``, the folders) that secrets provide at deploy time;
+    ``data`` the folders volumes provide.
     """
     problems = [
         f"{flavour}: {name} is not a variable `orchestrator serve` reads"
@@ -192,6 +244,17 @@ def check(flavour: str, env: dict[str, str], files: dict[str, str], known: set[s
         if "placeholder" in settings.get("ORCHESTRATOR_SECRET_KEY", ""):
             # The key comes from a Secret (or the operator's shell), never from these files: a throwaway stands in.
             settings["ORCHESTRATOR_SECRET_KEY"] = base64.b64encode(os.urandom(32)).decode()
+        database = settings.get("ORCHESTRATOR_DATABASE")
+        log = sqlite_path(database) if database else None
+        if log is not None and log.is_absolute():
+            folder = str(log.parent)
+            if folder not in data:
+                problems.append(f"{flavour}: ORCHESTRATOR_DATABASE={database}, but no volume provides {folder}")
+            else:
+                # The volume's folder exists at deploy time: a scratch one stands in for it.
+                local = Path(scratch, "data", folder.lstrip("/"))
+                local.mkdir(parents=True)
+                settings["ORCHESTRATOR_DATABASE"] = f"sqlite://{local / log.name}"
         content = stand_ins() if any(name in settings for name in SECRET_FILES) else {}
         for name in SECRET_FILES:
             path = settings.get(name)
@@ -227,18 +290,33 @@ def main() -> int:
     image = dockerfile_env(DEPLOY / "Dockerfile")
     k8s_env, k8s_files, k8s_secrets = kubernetes_env(DEPLOY / "kubernetes")
     compose, compose_secrets = compose_env(DEPLOY / "compose.yaml", "orchestrator")
-    flavours: dict[str, tuple[dict[str, str], dict[str, str], set[str]]] = {
-        "image (deploy/Dockerfile)": (image, {}, set()),
-        "compose (deploy/compose.yaml)": ({**image, **compose}, {}, compose_secrets),
-        "kubernetes (deploy/kubernetes)": ({**image, **k8s_env}, k8s_files, k8s_secrets),
+    volumes = dockerfile_volumes(DEPLOY / "Dockerfile")
+    unit = DEPLOY / "systemd/orchestrator.service"
+    flavours: dict[str, tuple[dict[str, str], dict[str, str], set[str], set[str]]] = {
+        "image (deploy/Dockerfile)": (image, {}, set(), volumes),
+        "compose (deploy/compose.yaml)": (
+            {**image, **compose},
+            {},
+            compose_secrets,
+            volumes | compose_volumes(DEPLOY / "compose.yaml", "orchestrator"),
+        ),
+        "kubernetes (deploy/kubernetes)": (
+            {**image, **k8s_env},
+            k8s_files,
+            k8s_secrets,
+            volumes | kubernetes_volumes(DEPLOY / "kubernetes"),
+        ),
         "systemd (deploy/systemd/orchestrator.service)": (
-            systemd_env(DEPLOY / "systemd/orchestrator.service"),
+            systemd_env(unit),
             {},
             set(),
+            systemd_state_directories(unit),
         ),
     }
     problems = [
-        p for flavour, (env, files, secrets) in flavours.items() for p in check(flavour, env, files, known, secrets)
+        p
+        for flavour, (env, files, secrets, data) in flavours.items()
+        for p in check(flavour, env, files, known, secrets, data)
     ]
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)

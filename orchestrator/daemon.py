@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from orchestrator.plugins import Registry, discover
 from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import assemble
-from orchestrator.store import EventStore, Stats, open_store, sqlite_path
+from orchestrator.store import EventStore, Location, Stats, inspect, locate, open_store, sqlite_path
 from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -55,23 +56,146 @@ async def serve(
     ``on_ready`` is called with the bound port once the server is SERVING.
     Tests may pass the function ``registry`` and the credentials
     ``resolver`` (instead of entry-point discovery) and a ``clock``.
+    A start that fails before it serves (a port in use) removes what it made: a
+    new log it never wrote to, its new key file, the directories made for them.
+    """
+    # Every check that needs no file made or changed comes first (``serve --check`` makes the same ones);
+    # importing plugins reads files: done on a worker thread, off the event loop.
+    ready = await anyio.to_thread.run_sync(partial(prepare, config, registry=registry, resolver=resolver))
+    key_file = key_file_for(config, ready.database) if not config.secret_key else None
+    made = await anyio.to_thread.run_sync(_Made.before, ready.location, key_file)
+    try:
+        keyring = await anyio.to_thread.run_sync(keyring_for, config, ready.database)
+        # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            engine = _Engine(ready.registry, ready.integrations, keyring, ready.resolver)
+            await _serve(config, ready.access, ready.database, engine, signals, on_ready, stop, clock, made)
+    except BaseException:
+        if not made.served:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(made.remove)
+        raise
+    log.info("stopped; the event log is closed")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What ``serve`` checked and loaded before it makes or opens anything; ``serve --check`` reports it."""
+
+    database: str
+    location: Location
+    access: Access
+    registry: Registry
+    resolver: Resolver | None
+    integrations: dict[str, Integration]
+    warnings: list[str]
+
+
+def prepare(
+    config: ServeConfig, *, registry: Registry | None = None, resolver: Resolver | None = None, check: bool = False
+) -> Prepared:
+    """Every check ``serve`` makes before it creates anything, in its order; blocks (run it off the event loop).
+
+    The log's path (a missing directory is made only for the default ``./.orchestrator/``), the
+    listen addresses, the key file's directory, the token and TLS files, the plugins, the
+    integrations. Problems a start survives are logged as warnings (and returned). ``check``
+    (``serve --check``) also reads an existing log's file as the daemon checks it once it owns it.
     """
     database = config.database or default_database()
-    # Who may call, and over what: read first, so that a bad file refuses the start before anything is opened.
-    access = await anyio.to_thread.run_sync(load_access, config)
-    # Importing plugins reads files: done on a worker thread, off the event loop.
+    location = locate(database, create_directory=not config.database)
+    if check:
+        inspect(location, init=config.init)
+    check_listen(config.listen, "listen on")
+    if config.telemetry.metrics_listen:
+        check_listen(config.telemetry.metrics_listen, "serve metrics on")
+    if not config.secret_key and config.secret_key_file is not None:
+        key_file = config.secret_key_file
+        if not key_file.exists() and not key_file.parent.is_dir():
+            raise InvalidArgument(
+                f"the directory of the key file {key_file} does not exist: create it, or correct --secret-key-file"
+            )
+    # Who may call, and over what: a bad file refuses the start before anything is opened.
+    access = load_access(config)
     if registry is None:
-        registry = await anyio.to_thread.run_sync(partial(load_plugins, skip_broken=config.skip_broken_plugins))
-        resolver = await anyio.to_thread.run_sync(partial(load_resolver, skip_broken=config.skip_broken_plugins))
-    integrations, broken = await anyio.to_thread.run_sync(plugins.integrations, config.integrations)
-    for problem in broken:
-        log.warning("broken integration defaults, ignored: %s", problem)
-    keyring = await anyio.to_thread.run_sync(keyring_for, config, database)
-    # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        engine = _Engine(registry, integrations, keyring, resolver)
-        await _serve(config, access, database, engine, signals, on_ready, stop, clock)
-    log.info("stopped; the event log is closed")
+        registry = load_plugins(skip_broken=config.skip_broken_plugins)
+        resolver = load_resolver(skip_broken=config.skip_broken_plugins)
+    integrations, broken = plugins.integrations(config.integrations)
+    warnings = [f"broken integration defaults, ignored: {problem}" for problem in broken]
+    warnings += missing_base_urls(registry, integrations)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return Prepared(database, location, access, registry, resolver, integrations, warnings)
+
+
+def missing_base_urls(registry: Registry, integrations: Mapping[str, Integration]) -> list[str]:
+    """A warning for each integration that installed functions use but that has no ``base_url``."""
+    users: dict[str, list[str]] = {}
+    for item in registry.functions:
+        name = item.function.integration
+        configured = integrations.get(name)
+        if configured is None or not configured.base_url:
+            users.setdefault(name, []).append(item.name)
+    return [
+        f"integration {name} has no base_url: provider calls by path of its function(s) {', '.join(sorted(names))}"
+        f" have nowhere to go; set base_url in [integrations.{name}] of the settings file"
+        for name, names in sorted(users.items())
+    ]
+
+
+def check_listen(address: str, what: str) -> None:
+    """``HOST:PORT`` whose host is an address of this machine (bound on a free port for a moment, not on PORT)."""
+    host, port = split_host_port(address)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidArgument(f"cannot {what} {address}: {host!r} does not resolve ({exc.strerror})") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind((sockaddr[0], 0, *sockaddr[2:]))
+    except OSError as exc:
+        raise InvalidArgument(
+            f"cannot {what} {address}: {host} is not an address of this machine ({exc.strerror or exc})"
+        ) from None
+
+
+@dataclass(slots=True)
+class _Made:
+    """What a start makes that was not there before it; removed when the start fails before it serves."""
+
+    log: Path | None
+    """The log's file, if it did not exist (removed only if this start created it and wrote nothing)."""
+    directories: tuple[Path, ...]
+    key_file: Path | None
+    fresh_log: bool = False
+    """Set once the log is open: this start created it, and it holds no record."""
+    served: bool = False
+
+    @classmethod
+    def before(cls, location: Location, key_file: Path | None) -> _Made:
+        new_log = location.path if location.path is not None and not location.exists else None
+        new_key = key_file if key_file is not None and not key_file.exists() else None
+        return cls(new_log, location.directories, new_key)
+
+    def remove(self) -> None:
+        """Remove the new log (with its -wal, -shm and .lock), the new key file, then the new directories if empty."""
+        files: list[Path] = []
+        if self.log is not None and self.fresh_log:
+            files += [self.log.with_name(self.log.name + end) for end in ("", "-wal", "-shm", "-journal", ".lock")]
+        if self.key_file is not None:
+            files.append(self.key_file)
+        for path in files:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s, made by the failed start: %s", path, exc.strerror or exc)
+        for folder in reversed(self.directories):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (someone else's now), or gone
+                break
 
 
 def key_file_for(config: ServeConfig, database: str) -> Path | None:
@@ -117,14 +241,17 @@ async def _serve(
     on_ready: Callable[[int], None] | None,
     stop: anyio.Event | None,
     clock: Clock | None,
+    made: _Made,
 ) -> None:
     clock = clock or SystemClock()
+    new_log = made.log is not None and not await anyio.Path(made.log).exists()
     async with (
         telemetry.telemetry(config.telemetry),
         open_store(database, clock=clock, init=config.init) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):
+        made.fresh_log = new_log and await store.head() == 0
         watchdog = LoopWatchdog()
         tg.start_soon(watchdog.run)
         pool = ProcessPool(config.dispatch.pool_size) if config.dispatch.pool_size else None
@@ -162,6 +289,7 @@ async def _serve(
         tg.start_soon(gauges.run)
         tg.start_soon(engine.worker.run)
         await server.serving()
+        made.served = True
         host = config.listen.rpartition(":")[0]
         log.info("serving %s on %s:%d, log %s", SERVICE_NAME, host, port, database)
         if on_ready is not None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -24,13 +26,13 @@ from orchestrator.clock import SystemClock
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import Buffered, ConnectionInfo, EventInfo
 from orchestrator.dispatch import Dispatcher
-from orchestrator.errors import InvalidArgument, NotFound, OrchestratorError
+from orchestrator.errors import InvalidArgument, LogInUse, NotFound, OrchestratorError
 from orchestrator.ids import uuid7
 from orchestrator.model import ConnectionRef, JSONObject
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Secrets, redact
 from orchestrator.runner import AttemptResult
-from orchestrator.store import open_store
+from orchestrator.store import locate, open_store
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 """Requests that change nothing at the provider: every other one is counted, and warned about first."""
@@ -142,7 +144,10 @@ async def dryrun(
     commit: bool = False,
     given: Given | None = None,
 ) -> DryRun:
-    """Run ``function`` once against the connection as the log records it, or as ``given`` (the log unread)."""
+    """Run ``function`` once against the connection as the log records it, or as ``given`` (the log unread).
+
+    ``commit`` needs the log to exist and no daemon to own it (one process writes an SQLite log).
+    """
     ref = ConnectionRef.parse(environment, function.function.integration, connection_id)
     if given is not None:
         if commit:
@@ -153,7 +158,17 @@ async def dryrun(
         run, _ = await _run(function, ConnectionInfo(ref, given.config), given.metadata, str(uuid7()), settings)
         run.in_log = False
         return run
-    async with open_store(database, readonly=not commit) as store:
+    if commit:
+        location = await anyio.to_thread.run_sync(partial(locate, database, create_directory=True, write=True))
+        if location.path is not None and not location.exists:
+            raise NotFound(f"no event log at {location.path}: --commit records into an existing log")
+        if location.holder:
+            raise _in_use(location.path, location.holder)
+    async with AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(open_store(database, readonly=not commit))
+        except LogInUse as exc:  # a daemon took it meanwhile
+            raise _in_use(exc.path, exc.holder) from None
         connection = await store.get_connection(ref)
         if connection is None:
             raise NotFound(
@@ -210,3 +225,12 @@ async def _run(
             exchanges=[responses.record(answer, base_url, credentials) for answer in sending.answers],
         )
     return run, sink.updates
+
+
+def _in_use(path: object, holder: str) -> LogInUse:
+    return LogInUse(
+        f"the event log {path} is in use by pid {holder} (a running daemon): stop the daemon or omit --commit"
+        " (without it, dryrun only reads the log, which works while the daemon runs)",
+        path=path,
+        holder=holder,
+    )

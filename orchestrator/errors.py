@@ -14,6 +14,7 @@
     ├── ResourceExhausted      a limit or the write queue is full
     ├── Unavailable            the daemon is draining or the store is closed
     ├── StoreError             the backend failed (the driver's exception is chained)
+    │   └── LogInUse           another process owns the log (carries the path and the owner's pid)
     ├── LeaseLost              a job was claimed or started meanwhile; the write was refused (fencing)
     ├── PluginError            an installed plugin is broken
     └── ProviderError          a provider answered with an error status, or could not be reached
@@ -96,6 +97,15 @@ class Unavailable(OrchestratorError):
 
 class StoreError(OrchestratorError):
     """The event store's backend failed; the cause is chained."""
+
+
+class LogInUse(StoreError):
+    """Another process (a running daemon) owns the log; ``holder`` is its pid (or a description)."""
+
+    def __init__(self, message: str, *, path: object = None, holder: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
 
 
 class LeaseLost(OrchestratorError):

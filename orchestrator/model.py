@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,9 +173,44 @@ class NewJob:
     """Attempts already made (a cleanup continued in the background starts after its first)."""
 
 
+class JobStatus(enum.StrEnum):
+    """Where a job (one function run of the outbox) stands."""
+
+    QUEUED = "queued"
+    """Waiting for its due time (``run_at``): new, or between attempts."""
+    RUNNING = "running"
+    """Claimed: an attempt is running under a lease."""
+    SUCCEEDED = "succeeded"
+    GAVE_UP = "gave-up"
+    """No attempt left (exhausted, not retryable, parked, or the function is gone); ``RetryJob`` queues it again."""
+    CANCELLED = "cancelled"
+    """It will not run (its connection was deleted, or ``CancelJob``); ``RetryJob`` queues it again."""
+
+
+LIVE_JOBS = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+"""Statuses of a job that is still to run: what "a job left" means to the shredding rule."""
+RETRYABLE_JOBS = frozenset({JobStatus.GAVE_UP, JobStatus.CANCELLED})
+"""Statuses a job may be retried from."""
+
+
+def check_job_id(value: str, field_name: str = "job_id") -> str:
+    """Return ``value`` if it is a job id as the daemon makes them (a UUID in its canonical form)."""
+    if not value:
+        raise InvalidArgument(f"{field_name} is required")
+    try:
+        canonical = str(uuid.UUID(value)) == value
+    except ValueError:
+        canonical = False
+    if not canonical:
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgument(f"{field_name} {shown!r} is not a job id (a UUID such as ListJobs shows)")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A scheduled or running function run, as the store keeps it."""
+    """A function run of the outbox, as the store keeps it: queued or running, or finished (kept for listing and
+    retrying)."""
 
     job_id: str
     stream: str
@@ -183,17 +219,43 @@ class Job:
     causation_id: str
     payload: JSONObject
     run_at: datetime
+    """When it is due (for a queued job: its next attempt)."""
     attempt: int
-    """Attempts started so far (including the one a claim starts)."""
+    """Attempts started so far (including the one a claim starts), since it was created or last retried."""
     lease_token: int
     """Bumped by every claim: an outcome from an older claim is refused (fencing)."""
     leased: bool
     traceparent: str = ""
+    status: JobStatus = JobStatus.QUEUED
+    last_error: str = ""
+    """The error of its last failed attempt (empty once one succeeds)."""
+    incarnation: int = 0
+    """The incarnation of its connection it was scheduled in."""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    max_attempts: int = 0
+    """The attempts its function's retry policy allows (set by the service; 0: not known to the store, or the
+    function is no longer installed)."""
 
     @property
     def ref(self) -> ConnectionRef:
         """The connection this job runs for."""
         return ConnectionRef.from_stream(self.stream)
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """A filtered, keyset-paged listing of jobs, ordered by (stream, job id)."""
+
+    stream: str = ""
+    """Only this connection's jobs."""
+    environment: str = ""
+    """Only the jobs of this environment's connections."""
+    statuses: frozenset[JobStatus] = frozenset()
+    """Only jobs in these statuses (empty: any)."""
+    after: tuple[str, str] = ("", "")
+    """The (stream, job id) of the last job of the previous page."""
+    limit: int = 100
 
 
 @dataclass(frozen=True, slots=True)

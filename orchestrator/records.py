@@ -19,7 +19,8 @@ release does not know, so an older replay still reads a newer log.
     function-succeeded          FunctionSucceeded    function, attempt, duration_ms, plugin, logs
     function-failed             FunctionFailed       ... error_type, error, retryable, retry_in_ms
     function-gave-up            FunctionGaveUp       function, attempt, error, reason
-    function-cancelled          FunctionCancelled    function, reason, attempt
+    function-cancelled          FunctionCancelled    function, reason, attempt, by
+    function-retried            FunctionRetried      function, job_id, attempts_before, status_before, by
     metadata-updated            MetadataUpdated      function, metadata, merge
     credentials-updated         CredentialsUpdated   fingerprint, key_id, names, source
     credentials-destroyed       CredentialsDestroyed fingerprint, key_id, reason
@@ -91,6 +92,7 @@ class Fact(enum.StrEnum):
     FUNCTION_FAILED = "function-failed"
     FUNCTION_GAVE_UP = "function-gave-up"
     FUNCTION_CANCELLED = "function-cancelled"
+    FUNCTION_RETRIED = "function-retried"
     METADATA_UPDATED = "metadata-updated"
     CREDENTIALS_UPDATED = "credentials-updated"
     CREDENTIALS_DESTROYED = "credentials-destroyed"
@@ -331,27 +333,73 @@ class FunctionGaveUp:
 
 @dataclass(frozen=True, slots=True)
 class FunctionCancelled:
-    """A run that will not happen (after ``attempt`` attempts), and why."""
+    """A run that will not happen (after ``attempt`` attempts), and why; ``by`` names the caller of ``CancelJob``."""
 
     function: str
     reason: str
     attempt: int = 0
+    by: str = ""
 
     type = Fact.FUNCTION_CANCELLED.value
 
     def to_data(self) -> JSONObject:
-        """The record's ``data``."""
-        return {"function": self.function, "reason": self.reason, "attempt": self.attempt}
+        """The record's ``data`` (``by`` only when a caller asked for it)."""
+        data: JSONObject = {"function": self.function, "reason": self.reason, "attempt": self.attempt}
+        if self.by:
+            data["by"] = self.by
+        return data
 
     @classmethod
     def parse(cls, data: Mapping[str, Any]) -> FunctionCancelled:
         """The body of a committed record's ``data``."""
-        return cls(_str(data, "function"), _str(data, "reason"), _int(data, "attempt"))
+        return cls(_str(data, "function"), _str(data, "reason"), _int(data, "attempt"), _str(data, "by"))
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionRetried:
+    """A job that had given up or was cancelled is queued again (``RetryJob``), with a fresh attempt budget.
+
+    ``attempts_before`` is how many attempts it had made, ``status_before`` what it was (``gave-up`` or
+    ``cancelled``), ``by`` who asked (a token's fingerprint, or ``anonymous`` without a token file).
+    Its cause is the job's lifecycle record, like the job's other records: the fold shows the function
+    as scheduled again (it reads no ``attempt`` here: the new run has made none).
+    """
+
+    function: str
+    job_id: str
+    attempts_before: int
+    status_before: str
+    by: str = ""
+
+    type = Fact.FUNCTION_RETRIED.value
+
+    def to_data(self) -> JSONObject:
+        """The record's ``data`` (``by`` only when known)."""
+        data: JSONObject = {
+            "function": self.function,
+            "job_id": self.job_id,
+            "attempts_before": self.attempts_before,
+            "status_before": self.status_before,
+        }
+        if self.by:
+            data["by"] = self.by
+        return data
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> FunctionRetried:
+        """The body of a committed record's ``data``."""
+        return cls(
+            _str(data, "function"),
+            _str(data, "job_id"),
+            _int(data, "attempts_before"),
+            _str(data, "status_before"),
+            _str(data, "by"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class OutcomeSummary:
-    """What the fold reads of any ``function-*`` record, whichever of the four it is."""
+    """What the fold reads of any ``function-*`` record, whichever of the five it is."""
 
     function: str
     attempt: int
@@ -462,6 +510,7 @@ Body: TypeAlias = (
     | FunctionFailed
     | FunctionGaveUp
     | FunctionCancelled
+    | FunctionRetried
     | MetadataUpdated
     | CredentialsUpdated
     | CredentialsDestroyed
@@ -477,6 +526,7 @@ PARSERS: dict[str, Callable[[Mapping[str, Any]], Body]] = {
     Fact.FUNCTION_FAILED: FunctionFailed.parse,
     Fact.FUNCTION_GAVE_UP: FunctionGaveUp.parse,
     Fact.FUNCTION_CANCELLED: FunctionCancelled.parse,
+    Fact.FUNCTION_RETRIED: FunctionRetried.parse,
     Fact.METADATA_UPDATED: MetadataUpdated.parse,
     Fact.CREDENTIALS_UPDATED: CredentialsUpdated.parse,
     Fact.CREDENTIALS_DESTROYED: CredentialsDestroyed.parse,

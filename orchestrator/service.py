@@ -18,9 +18,10 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import httpx
@@ -36,6 +37,7 @@ from orchestrator.errors import (
     FailedPrecondition,
     IdempotencyConflict,
     InvalidArgument,
+    LeaseLost,
     NotFound,
     OrchestratorError,
     Unavailable,
@@ -44,6 +46,7 @@ from orchestrator.errors import (
 from orchestrator.ids import uuid7
 from orchestrator.isolation import ProcessPool
 from orchestrator.model import (
+    RETRYABLE_JOBS,
     Connection,
     ConnectionQuery,
     ConnectionRef,
@@ -51,8 +54,12 @@ from orchestrator.model import (
     EmitRequest,
     EmitResult,
     FunctionStatus,
+    Job,
+    JobQuery,
+    JobStatus,
     LifecycleEvent,
     Outcome,
+    check_job_id,
 )
 from orchestrator.plugins import Registry
 from orchestrator.records import Fact, Record
@@ -62,6 +69,13 @@ from orchestrator.watchdog import LoopWatchdog
 from orchestrator.worker import Worker
 
 READ_PAGE = 500
+Row = TypeVar("Row")
+CANCELLED_BY_REQUEST = "cancelled by request"
+"""The reason a ``CancelJob`` without one records."""
+MAX_REASON = 1000
+"""Characters a ``CancelJob`` reason may have."""
+JOB_WEIGHT = 256
+"""Bytes a job takes in a ListJobs reply besides its strings (ids, numbers, timestamps, framing), counted high."""
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 meter = metrics.get_meter(__name__)
@@ -78,6 +92,18 @@ class Page:
 
     connections: list[Connection]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of jobs and the token of the next (empty on the last page)."""
+
+    jobs: list[Job]
+    next_page_token: str
+
+
+def _anywhere(environment: str) -> None:
+    """The scope check of a caller who may touch every environment."""
 
 
 class _StreamLocks:
@@ -106,9 +132,11 @@ class _StreamLocks:
 class Service:
     """Emits lifecycle events and answers queries over one :class:`EventStore`."""
 
-    def __init__(self, store: EventStore, delivery: Delivery) -> None:
+    def __init__(self, store: EventStore, delivery: Delivery, worker: Worker, clock: Clock) -> None:
         self._store = store
         self._delivery = delivery
+        self._worker = worker
+        self._clock = clock
         self._locks = _StreamLocks()
         self._draining = anyio.Event()
         self._inflight = 0
@@ -386,6 +414,174 @@ class Service:
         )
         return updated
 
+    # -- jobs ----------------------------------------------------------------
+
+    async def list_jobs(
+        self,
+        *,
+        ref: ConnectionRef | None = None,
+        statuses: frozenset[JobStatus] = frozenset(),
+        page_size: int = 0,
+        page_token: str = "",
+        environments: frozenset[str] | None = None,
+    ) -> JobPage:
+        """One page of jobs (of ``ref``, or every connection), in (stream, job id) order.
+
+        ``environments`` (a caller's scope; None: all) leaves out the jobs of other environments
+        when no connection is named: each environment of the scope is read in order, as
+        :meth:`list_connections` does. A page also stops at a size, so that a reply never
+        outgrows the gRPC message limit (at least one job).
+        """
+        self._open()
+        limit = limits.clamp_page_size(page_size)
+        after = _decode_job_token(page_token, ref)
+
+        async def read(name: str, wanted: int) -> list[Job]:
+            return await self._store.list_jobs(JobQuery(environment=name, statuses=statuses, after=after, limit=wanted))
+
+        if ref is not None:
+            query = JobQuery(stream=ref.stream, statuses=statuses, after=after, limit=limit + 1)
+            rows = await self._store.list_jobs(query)
+        elif environments is None:
+            rows = await read("", limit + 1)
+        else:
+            rows = await _in_scope(environments, limit + 1, read)
+        rows, more = _page(rows, limit, _job_bytes)
+        token = _encode_job_token(rows[-1]) if more and rows else ""
+        return JobPage([self._budgeted(row) for row in rows], token)
+
+    async def get_job(self, job_id: str) -> Job:
+        """The job ``job_id`` (with its function's attempt budget); :class:`NotFound` if there is none."""
+        self._open()
+        check_job_id(job_id)
+        return self._budgeted(await self._job(job_id))
+
+    async def retry_job(
+        self, job_id: str, *, by: str = "", check: Callable[[str], None] = _anywhere, traceparent: str = ""
+    ) -> Job:
+        """Queue a job that gave up or was cancelled again, due now, with a fresh attempt budget (``function-retried``).
+
+        ``check`` is the caller's scope: it raises for the job's environment before anything is
+        written; ``by`` names the caller in the record. Refused (FAILED_PRECONDITION, nothing
+        written) for a job in another status, a creation job of a connection whose deletion began
+        or that was rejected, a job of an earlier incarnation, and a function no longer installed.
+        """
+        self._open()
+        check_job_id(job_id)
+        job = await self._job(job_id)
+        check(job.ref.environment)
+        traceparent = tracing.current_traceparent() or tracing.valid_traceparent(traceparent)
+        async with self._locks.hold(job.stream):  # not while an emit of the connection decides about its jobs
+            job = await self._job(job_id)
+            what = _described(job)
+            if job.status not in RETRYABLE_JOBS:
+                raise FailedPrecondition(
+                    f"{what} is {job.status.value}: only a job that gave up or was cancelled can be retried"
+                )
+            connection = await self._store.get_connection(job.ref)
+            if connection is None:
+                raise NotFound(f"connection {job.ref} of {what} not found")
+            if job.event is not LifecycleEvent.PRE_CONNECTION_DELETION:
+                if connection.state in (ConnectionState.DELETING, ConnectionState.DELETED):
+                    raise FailedPrecondition(
+                        f"{what} cannot be retried: connection {job.ref} is {connection.state.value} and its cleanup"
+                        " has begun; only its cleanup jobs can be retried"
+                    )
+                if connection.state is ConnectionState.REJECTED:
+                    raise FailedPrecondition(
+                        f"{what} cannot be retried: connection {job.ref} is rejected; creating it again runs its"
+                        " functions anew"
+                    )
+            if job.incarnation != connection.incarnation:
+                raise FailedPrecondition(
+                    f"{what} cannot be retried: it ran for an earlier incarnation of connection {job.ref},"
+                    " which has been created anew since"
+                )
+            if self._worker.max_attempts(job) is None:
+                raise FailedPrecondition(
+                    f"{what} cannot be retried: function {job.function} is no longer installed for integration"
+                    f" {job.ref.integration} ({job.event.value}); install it, then retry"
+                )
+            body = records.FunctionRetried(job.function, job.job_id, job.attempt, job.status.value, by)
+            event = records.new(body, causation_id=job.causation_id, traceparent=traceparent or job.traceparent)
+            with self._shielded():
+                try:
+                    await self._store.retry_job(job, [event], run_at=self._clock.now())
+                except LeaseLost as exc:
+                    raise FailedPrecondition(f"{what} changed meanwhile; nothing was written: {exc}") from None
+        self._worker.wake()
+        log.info(
+            "%s queued again by %s (%d attempt(s) made before, %s)",
+            what,
+            by or "a caller",
+            job.attempt,
+            job.status.value,
+            extra={"connection": job.stream, "job_id": job.job_id, "function": job.function},
+        )
+        return self._budgeted(await self._job(job_id))
+
+    async def cancel_job(
+        self,
+        job_id: str,
+        *,
+        reason: str = "",
+        by: str = "",
+        check: Callable[[str], None] = _anywhere,
+        traceparent: str = "",
+    ) -> Job:
+        """Cancel a queued job (``function-cancelled``, with ``reason`` and ``by``).
+
+        ``check`` is the caller's scope, as for :meth:`retry_job`. A running job is refused
+        (FAILED_PRECONDITION): its attempt is not stopped; it can be cancelled once it is queued
+        for another attempt. An ended job is refused too.
+        """
+        self._open()
+        check_job_id(job_id)
+        if len(reason) > MAX_REASON:
+            raise InvalidArgument(f"reason is {len(reason)} characters long; the maximum is {MAX_REASON}")
+        if not reason.isprintable():
+            raise InvalidArgument("reason contains a control or non-printable character")
+        job = await self._job(job_id)
+        check(job.ref.environment)
+        traceparent = tracing.current_traceparent() or tracing.valid_traceparent(traceparent)
+        async with self._locks.hold(job.stream):
+            job = await self._job(job_id)
+            what = _described(job)
+            if job.status is JobStatus.RUNNING:
+                raise FailedPrecondition(
+                    f"{what} is running (attempt {job.attempt}): a running attempt is not stopped; wait for it to"
+                    " end, then cancel the job if it is queued for another attempt"
+                )
+            if job.status is not JobStatus.QUEUED:
+                raise FailedPrecondition(f"{what} has ended ({job.status.value}): only a queued job can be cancelled")
+            body = records.FunctionCancelled(job.function, reason or CANCELLED_BY_REQUEST, job.attempt, by)
+            event = records.new(body, causation_id=job.causation_id, traceparent=traceparent or job.traceparent)
+            with self._shielded():
+                try:
+                    await self._store.append(job.ref, None, [event], cancel_jobs=[job])
+                except LeaseLost:
+                    raise FailedPrecondition(
+                        f"{what} started an attempt meanwhile; nothing was written: wait for the attempt to end"
+                    ) from None
+        log.info(
+            "%s cancelled by %s: %s",
+            what,
+            by or "a caller",
+            reason or CANCELLED_BY_REQUEST,
+            extra={"connection": job.stream, "job_id": job.job_id, "function": job.function},
+        )
+        return self._budgeted(await self._job(job_id))
+
+    async def _job(self, job_id: str) -> Job:
+        job = await self._store.get_job(job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} not found")
+        return job
+
+    def _budgeted(self, job: Job) -> Job:
+        """``job`` with the attempts its function may make (0 when it is no longer installed)."""
+        return dataclasses.replace(job, max_attempts=self._worker.max_attempts(job) or 0)
+
     # -- reading -------------------------------------------------------------
 
     async def get_connection(self, ref: ConnectionRef) -> Connection:
@@ -416,28 +612,16 @@ class Service:
         self._open()
         limit = limits.clamp_page_size(page_size)
         after = _decode_token(page_token)
+
+        async def read(name: str, wanted: int) -> list[Connection]:
+            query = ConnectionQuery(name, integration, state, after_stream=after, limit=wanted)
+            return await self._store.list_connections(query)
+
         if environment or environments is None:
-            rows = await self._store.list_connections(
-                ConnectionQuery(environment, integration, state, after_stream=after, limit=limit + 1)
-            )
+            rows = await read(environment, limit + 1)
         else:
-            rows = []
-            # Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
-            for name in sorted(environments, key=lambda e: e + "/"):
-                rows += await self._store.list_connections(
-                    ConnectionQuery(name, integration, state, after_stream=after, limit=limit + 1 - len(rows))
-                )
-                if len(rows) > limit:
-                    break
-        more = len(rows) > limit
-        rows = rows[:limit]
-        # A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
-        weight = 0
-        for kept, row in enumerate(rows):
-            weight += limits.page_bytes(row.metadata, row.config)
-            if kept and weight > limits.MAX_PAGE_BYTES:
-                rows, more = rows[:kept], True
-                break
+            rows = await _in_scope(environments, limit + 1, read)
+        rows, more = _page(rows, limit, lambda row: limits.page_bytes(row.metadata, row.config))
         token = _encode_token(rows[-1].ref.stream) if more and rows else ""
         return Page(rows, token)
 
@@ -491,6 +675,67 @@ class Service:
             raise Unavailable(f"the daemon is shutting down; resume reading from position {position}")
 
 
+async def _in_scope(
+    environments: frozenset[str], limit: int, read: Callable[[str, int], Awaitable[list[Row]]]
+) -> list[Row]:
+    """Up to ``limit`` rows of a scope's environments, in stream order: ``read(environment, wanted)`` of each in turn.
+
+    Streams are "environment/...", and names hold no "/": ordering the names as "name/" orders their rows.
+    """
+    rows: list[Row] = []
+    for name in sorted(environments, key=lambda e: e + "/"):
+        rows += await read(name, limit - len(rows))
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def _page(rows: list[Row], limit: int, weight: Callable[[Row], int]) -> tuple[list[Row], bool]:
+    """The page of ``rows`` (read one beyond ``limit``), and whether more follow.
+
+    A page also stops at a size, so that a reply never outgrows the gRPC message limit (at least one row).
+    """
+    more = len(rows) > limit
+    rows = rows[:limit]
+    total = 0
+    for kept, row in enumerate(rows):
+        total += weight(row)
+        if kept and total > limits.MAX_PAGE_BYTES:
+            return rows[:kept], True
+    return rows, more
+
+
+def _job_bytes(job: Job) -> int:
+    """What one job weighs in a ListJobs reply."""
+    return JOB_WEIGHT + len(job.last_error.encode()) + len(job.stream.encode()) + len(job.function.encode())
+
+
+def _described(job: Job) -> str:
+    return f"job {job.job_id} ({job.function} on {job.ref})"
+
+
+def _encode_job_token(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.stream}\n{job.job_id}".encode()).decode().rstrip("=")
+
+
+def _decode_job_token(token: str, ref: ConnectionRef | None) -> tuple[str, str]:
+    """The (stream, job id) a ListJobs page token names; a token the server did not issue is INVALID_ARGUMENT."""
+    if not token:
+        return ("", "")
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        stream, newline, job_id = text.partition("\n")
+        if not newline:
+            raise ValueError(token)
+        ConnectionRef.from_stream(stream)
+        check_job_id(job_id)
+    except (ValueError, InvalidArgument):  # binascii.Error, UnicodeDecodeError, or not ours at all
+        raise InvalidArgument("page_token is not a token this server returned") from None
+    if ref is not None and stream != ref.stream:
+        raise InvalidArgument(f"page_token is of another listing than the jobs of {ref}: send the same filters")
+    return (stream, job_id)
+
+
 def _encode_token(stream: str) -> str:
     return base64.urlsafe_b64encode(stream.encode()).decode().rstrip("=")
 
@@ -541,4 +786,4 @@ def assemble(
     vault = Vault(store, keyring, resolver=resolver)
     worker = Worker(store, registry, dispatcher, clock, rng=rng, vault=vault)
     delivery = Delivery(store, registry, dispatcher, worker, vault=vault, rng=rng, new_id=new_id)
-    return Engine(Service(store, delivery), worker, dispatcher, vault)
+    return Engine(Service(store, delivery, worker, clock), worker, dispatcher, vault)

@@ -85,6 +85,8 @@ _OUTCOME_STATUS: dict[Fact, FunctionStatus] = {
     Fact.FUNCTION_FAILED: FunctionStatus.FAILED,
     Fact.FUNCTION_GAVE_UP: FunctionStatus.GAVE_UP,
     Fact.FUNCTION_CANCELLED: FunctionStatus.CANCELLED,
+    # A job queued again (RetryJob): the function is scheduled, with no attempt of its new run made yet.
+    Fact.FUNCTION_RETRIED: FunctionStatus.SCHEDULED,
 }
 
 

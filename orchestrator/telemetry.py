@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 from orchestrator.config import TelemetryConfig, split_host_port
+from orchestrator.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,10 @@ async def _serve_prometheus(listen: str, *, task_status: anyio.abc.TaskStatus[in
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
     host, port = split_host_port(listen)
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
     bound = listener.extra(anyio.abc.SocketAttribute.local_port)
     log.info("serving Prometheus metrics on http://%s:%d/metrics", host, bound)
     task_status.started(bound)

@@ -274,6 +274,11 @@ class Worker:
                 return function
         return None
 
+    def max_attempts(self, job: Job) -> int | None:
+        """The attempts ``job``'s function may make (its retry policy's); None when it is no longer installed."""
+        function = self._find(job)
+        return None if function is None else self._dispatcher.policy(function).max_attempts
+
     async def _attempt_job(self, job: Job) -> None:
         function = self._find(job)
         if function is None:

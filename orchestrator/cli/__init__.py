@@ -1,10 +1,11 @@
 """The ``orchestrator`` command.
 
-Every option can also be set with the ``ORCHESTRATOR_*`` variable shown in
-``--help`` or in the TOML file named by ``ORCHESTRATOR_CONFIG`` (or by
-``serve --config``); flags win over the environment, which wins over the file.
-Exit codes (:mod:`orchestrator.cli._exit`): 0 success, 1 failure (one line on
-stderr), 2 usage error, 130 interrupted.
+Every setting can be given as a flag, as the ``ORCHESTRATOR_*`` variable shown
+in ``--help``, or in the TOML settings file named by ``--config FILE`` or
+``ORCHESTRATOR_CONFIG`` (:mod:`orchestrator.cli._settings`: one file for the
+daemon and the clients); flags win over the environment, which wins over the
+file. Exit codes (:mod:`orchestrator.cli._exit`): 0 success, 1 failure (one
+line on stderr), 2 usage error, 130 interrupted.
 
 One module per command (group); each imports what only it needs (gRPC, the
 daemon, the store) when it runs, so ``--help`` and the offline commands stay quick.
@@ -12,19 +13,17 @@ daemon, the store) when it runs, so ``--help`` and the offline commands stay qui
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import click
 
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml
 from orchestrator.cli._connections import connections
 from orchestrator.cli._credentials import credentials_group, keygen, rotate_key
 from orchestrator.cli._emit import emit
 from orchestrator.cli._events import events
 from orchestrator.cli._functions import dryrun, functions
+from orchestrator.cli._jobs import jobs
 from orchestrator.cli._new import new
 from orchestrator.cli._replay import replay
 from orchestrator.cli._serve import serve
@@ -36,6 +35,7 @@ __all__ = [
     "emit",
     "events",
     "functions",
+    "jobs",
     "keygen",
     "main",
     "new",
@@ -76,14 +76,15 @@ def _show_version(ctx: click.Context, param: click.Parameter, value: bool) -> No
     callback=_show_version,
     help="Show the version and exit.",
 )
-@click.pass_context
-def main(ctx: click.Context) -> None:
-    """The lifecycle orchestrator: runs event functions when connections are validated, created or deleted."""
-    path = os.environ.get("ORCHESTRATOR_CONFIG", "")  # the edge: read once, here
-    if path:
-        apply_toml(ctx, Path(path))
+def main() -> None:
+    """The lifecycle orchestrator: runs event functions when connections are validated, created or deleted.
+
+    Settings come from flags, then ORCHESTRATOR_* variables, then the TOML file of
+    --config FILE or ORCHESTRATOR_CONFIG (one file for the daemon and the clients).
+    Exit codes: 0 success, 1 failure (one line on stderr), 2 usage error.
+    """
 
 
-for _command in (serve, emit, connections, events, functions, dryrun, new, replay, keygen, rotate_key):
+for _command in (serve, emit, connections, jobs, events, functions, dryrun, new, replay, keygen, rotate_key):
     main.add_command(_command)
 main.add_command(credentials_group, "credentials")

@@ -19,65 +19,20 @@ import click
 from click.core import ParameterSource
 
 from orchestrator import codec, config, records
-from orchestrator.errors import InvalidArgument
+from orchestrator.cli._exit import BadInput
+from orchestrator.cli._files import read_bytes, read_json, read_text
+from orchestrator.errors import InvalidArgument, NotFound
 from orchestrator.model import Connection, ConnectionRef, Outcome, check_connection_id, check_name
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from orchestrator.config import Integration
     from orchestrator.rpc.client import Client
 
-TOML_TABLES = {"integrations", "environments"}  # tables read by later features, not command options
-_INTEGRATIONS = "orchestrator.integrations"
-_VARIABLES = "orchestrator.variables"
-
-# -- the config file ---------------------------------------------------------------
-
-
-def apply_toml(ctx: click.Context, path: Path, command: click.Command | None = None) -> None:
-    """Make the file's settings the defaults of every option they name."""
-    settings = config.load_toml(path)
-    options = _option_names(command or ctx.command)
-    unknown = sorted(k for k in settings if k not in options and k not in TOML_TABLES)
-    if unknown:
-        raise click.BadParameter(f"{path}: unknown setting(s) {', '.join(unknown)}", param_hint="config file")
-    ctx.default_map = _defaults_for(command or ctx.command, settings)
-    ctx.meta[_INTEGRATIONS] = config.integrations_from_toml(settings.get("integrations", {}))
-    ctx.meta[_VARIABLES] = config.variables_from_toml(settings.get("environments", {}))
-
-
-def configured_integrations(ctx: click.Context) -> dict[str, Integration]:
-    """The ``[integrations.*]`` tables of the config file, if one was read."""
-    found: dict[str, Integration] = ctx.meta.get(_INTEGRATIONS, {})
-    return found
-
-
-def configured_variables(ctx: click.Context) -> dict[str, dict[str, str]]:
-    """The ``[environments.<env>.variables]`` tables of the config file, if one was read."""
-    found: dict[str, dict[str, str]] = ctx.meta.get(_VARIABLES, {})
-    return found
-
-
-def _option_names(command: click.Command) -> set[str]:
-    names = {p.name for p in command.params if isinstance(p, click.Option) and p.name}
-    if isinstance(command, click.Group):
-        for sub in command.commands.values():
-            names |= _option_names(sub)
-    return names
-
-
-def _defaults_for(command: click.Command, settings: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        p.name: settings[p.name] for p in command.params if isinstance(p, click.Option) and p.name in settings
-    }
-    if isinstance(command, click.Group):
-        for name, sub in command.commands.items():
-            out[name] = _defaults_for(sub, settings)
-    return out
-
-
 # -- options and arguments ---------------------------------------------------------
+
+POSITION = click.IntRange(min=0, max=2**63 - 1)
+"""A position or a version: what the log's 64-bit integers hold."""
 
 
 def checked_name(option: str) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
@@ -131,22 +86,13 @@ def quiet_grpc() -> None:
 
 
 def _file_bytes(option: str, path: Path | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}", param_hint=option) from None
+    return read_bytes(option, path) if path is not None else None
 
 
 def _token_from_file(path: Path) -> str:
-    data = _file_bytes("--token-file", path) or b""
-    try:
-        token = data.decode().strip()
-    except UnicodeDecodeError:
-        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint="--token-file") from None
+    token = read_text("--token-file", path).strip()
     if not token or any(c.isspace() for c in token):
-        raise click.BadParameter(f"{path} must hold the token and nothing else", param_hint="--token-file")
+        raise BadInput(f"--token-file: {path} must hold the token and nothing else")
     return token
 
 
@@ -159,13 +105,14 @@ def _no_token_flag(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
-_FILE = click.Path(dir_okay=False, path_type=Path)
+_FILE = click.Path(path_type=Path)
 _CLIENT_OPTIONS = [
     click.option(
         "--address",
         envvar="ORCHESTRATOR_ADDRESS",
         show_envvar=True,
         default=config.DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
         help="The daemon's gRPC address.",
     ),
     click.option(
@@ -173,6 +120,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_CA",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Speak TLS, trusting the CA in this PEM file (the one that signed the daemon's certificate).",
     ),
     click.option(
@@ -180,6 +128,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_CERT",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Mutual TLS: this client's certificate (PEM), with --tls-key.",
     ),
     click.option(
@@ -187,6 +136,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TLS_KEY",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="Mutual TLS: the key of --tls-cert (PEM, unencrypted).",
     ),
     click.option(
@@ -194,6 +144,7 @@ _CLIENT_OPTIONS = [
         envvar="ORCHESTRATOR_TOKEN_FILE",
         show_envvar=True,
         type=_FILE,
+        metavar="FILE",
         help="A file holding the bearer token to send (ORCHESTRATOR_TOKEN holds the token itself).",
     ),
     # The token itself: from ORCHESTRATOR_TOKEN or the config file's `token`, never from the command line.
@@ -232,37 +183,151 @@ def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-json_flag = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+json_flag = click.option("--json", "as_json", is_flag=True, help="Print one JSON document for scripts.")
+json_lines_flag = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per line, a record each (JSON lines)."
+)
 environment = click.option(
     "-e",
     "--environment",
     envvar="ORCHESTRATOR_ENVIRONMENT",
     show_envvar=True,
     default="dev",
+    metavar="ENV",
     callback=checked_name("--environment"),
-    help="The environment (like `nango ... -e dev`).",
+    help="The connection's environment (like `nango ... -e dev`).",
 )
+environment_filter = click.option(
+    "-e",
+    "--environment",
+    envvar="ORCHESTRATOR_ENVIRONMENT",
+    show_envvar=True,
+    default="",
+    show_default=False,
+    metavar="ENV",
+    callback=checked_name("--environment"),
+    help="Only this environment (default: any).",
+)
+
+
+def integration(*, required: bool, help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``-i/--integration``: required when a command names one connection, else a filter (default: any)."""
+    settings: dict[str, Any] = {} if required else {"default": "", "show_default": False}
+    return click.option(
+        "-i",
+        "--integration",
+        required=required,
+        metavar="INTEGRATION",
+        callback=checked_name("--integration"),
+        help=help,
+        **settings,
+    )
+
+
 database = click.option(
     "--database",
     envvar="ORCHESTRATOR_DATABASE",
     show_envvar=True,
     default=None,
-    help="The event log's URL: sqlite:///path/to/events.db (default: ./.orchestrator/events.db).",
+    metavar="URL",
+    help="The event log: sqlite:///absolute/path.db, sqlite:relative/path.db or a path, in a directory that"
+    " exists (default: ./.orchestrator/events.db, the one directory made when missing).",
 )
+
+
+def credential_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--credential NAME=VALUE`` (repeatable) and ``--credentials-file FILE``, handed over as they are."""
+    command = click.option(
+        "--credentials-file",
+        type=click.Path(path_type=Path),
+        metavar="FILE",
+        help='Credentials as a JSON object of strings, e.g. {"access_token": "..."}.',
+    )(command)
+    return click.option(
+        "--credential",
+        "credential_pairs",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="A credential for the provider; repeatable (wins over --credentials-file).",
+    )(command)
 
 
 def json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
     """A callback reading a JSON object given inline or as ``@file``."""
+    return parse_json_object(param.opts[0] if param.opts else f"--{param.name}", value)
+
+
+def parse_json_object(option: str, value: str | None) -> dict[str, Any]:
+    """A JSON object given inline (a bad one is a click usage error) or as ``@file`` (one line, exit 2)."""
     if not value:
         return {}
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    if value.startswith("@"):
+        data = read_json(option, value[1:])
+        if not isinstance(data, dict):
+            raise BadInput(f"{option}: {value[1:]} must hold a JSON object, not {_json_kind(data)}")
+        return data
     try:
-        data = json.loads(text)
+        data = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}") from None
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint=option) from None
+    except RecursionError:
+        raise click.BadParameter("nests too deeply to be read", param_hint=option) from None
     if not isinstance(data, dict):
-        raise click.BadParameter('must be a JSON object, e.g. \'{"instance_url": "acme.my.salesforce.com"}\'')
+        raise click.BadParameter(
+            'must be a JSON object, e.g. \'{"instance_url": "acme.my.salesforce.com"}\'', param_hint=option
+        )
     return data
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+connection_option = click.option(
+    "--connection",
+    "connection_id",
+    metavar="ID",
+    help="Only this connection: its ID, with -i and -e when several connections have it.",
+)
+
+
+def named_connection(
+    ctx: click.Context, connection_id: str | None, integration: str, environment: str
+) -> tuple[str, str, str] | None:
+    """``--connection``, ``-i`` and ``-e`` of ``events`` and ``replay``, checked: None when no connection is named.
+
+    ``-i`` or ``-e`` given on the command line without ``--connection`` is a usage error
+    (``-e`` from ORCHESTRATOR_ENVIRONMENT or the settings file is not: it only narrows a lookup).
+    """
+    if not connection_id:
+        for name, flag in (("integration", "-i/--integration"), ("environment", "-e/--environment")):
+            if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{flag} goes with --connection ID")
+        return None
+    try:
+        check_connection_id(connection_id, "--connection")
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="--connection") from None
+    return connection_id, integration, environment
+
+
+def one_connection(named: tuple[str, str, str], found: Iterable[ConnectionRef], where: str) -> ConnectionRef:
+    """The one connection ``--connection`` names among ``found`` (those with its ID, of -i and in -e if given).
+
+    None found is a failure (exit 1); several, a usage error listing them, to be told apart with -i and -e.
+    """
+    connection_id, integration, environment = named
+    refs = sorted(set(found))
+    if len(refs) == 1:
+        return refs[0]
+    narrowed = ", ".join(f"{flag} {value}" for flag, value in (("-i", integration), ("-e", environment)) if value)
+    if not refs:
+        raise NotFound(f"no connection {connection_id!r}" + (f" ({narrowed})" if narrowed else "") + f" {where}")
+    raise BadInput(
+        f"--connection {connection_id} names {len(refs)} connections ({', '.join(r.stream for r in refs)}):"
+        " pass -i INTEGRATION and -e ENV to name one"
+    )
 
 
 def connection_ref(connection_id: str, integration: str, environment: str) -> ConnectionRef:
@@ -274,13 +339,16 @@ def connection_ref(connection_id: str, integration: str, environment: str) -> Co
     return ConnectionRef(environment, integration, connection_id)
 
 
-def credentials(pairs: tuple[str, ...], file: str | None) -> dict[str, str]:
+_EXAMPLE = '{"access_token": "..."}'
+
+
+def credentials(pairs: tuple[str, ...], file: str | Path | None) -> dict[str, str]:
     """``--credentials-file`` and then each ``--credential NAME=VALUE``, the later winning."""
     creds: dict[str, str] = {}
     if file:
-        data = json.loads(Path(file).read_text())
+        data = read_json("--credentials-file", file)
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise click.BadParameter("must hold a JSON object of strings", param_hint="--credentials-file")
+            raise BadInput(f"--credentials-file: {file} must hold a JSON object of strings, e.g. {_EXAMPLE}")
         creds.update(data)
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -369,7 +437,11 @@ def detail(record: records.Record) -> str:
         return f"{body.function} attempt {body.attempt}: {body.error_type}: {_line(body.error)}{retry}"
     if isinstance(body, records.FunctionGaveUp | records.FunctionCancelled):
         said = f"{body.reason}: {body.error}" if isinstance(body, records.FunctionGaveUp) else body.reason
-        return f"{body.function} after attempt {body.attempt}: {_line(said)}"
+        by = f" (by {body.by})" if isinstance(body, records.FunctionCancelled) and body.by else ""
+        return f"{body.function} after attempt {body.attempt}: {_line(said)}{by}"
+    if isinstance(body, records.FunctionRetried):
+        by = f" by {body.by}" if body.by else ""
+        return f"{body.function} job {body.job_id} queued again{by} ({body.status_before} after {body.attempts_before})"
     if isinstance(body, records.FunctionSucceeded):
         return f"{body.function} attempt {body.attempt} ({body.duration_ms} ms)"
     if isinstance(body, records.CredentialsUpdated):

@@ -7,18 +7,20 @@ import click
 from orchestrator import codec, state
 from orchestrator.cli._common import (
     Daemon,
-    checked_name,
     client_options,
     connection_json,
     connection_ref,
     connections_table,
     environment,
+    environment_filter,
+    integration,
     json_flag,
     outcome_row,
     print_json,
     print_table,
     table,
 )
+from orchestrator.cli._settings import config_option
 from orchestrator.model import ConnectionState
 
 
@@ -31,23 +33,18 @@ class _DefaultList(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultList)
+@click.group(cls=_DefaultList, short_help="List connections, or show one (connections get).")
 def connections() -> None:
-    """List connections (the default: ``connections [list] ...``), or show one (``connections get``)."""
+    """List connections (the default: `connections [list] ...`), or show one (`connections get`), through the
+    daemon."""
 
 
-@connections.command("list")
-@click.option(
-    "-e",
-    "--environment",
-    envvar="ORCHESTRATOR_ENVIRONMENT",
-    default="",
-    callback=checked_name("--environment"),
-    help="Only this environment (default: all).",
-)
-@click.option("-i", "--integration", default="", callback=checked_name("--integration"), help="Only this integration.")
+@connections.command("list", short_help="List connections with their state.")
+@environment_filter
+@integration(required=False, help="Only this integration (default: any).")
 @click.option("--state", type=click.Choice([s.value for s in ConnectionState]), help="Only this state.")
 @client_options
+@config_option()
 @json_flag
 def list_connections(environment: str, integration: str, state: str | None, daemon: Daemon, as_json: bool) -> None:
     """List connections with their state (every page)."""
@@ -65,11 +62,12 @@ def list_connections(environment: str, integration: str, state: str | None, daem
     print_table(connections_table(rows))
 
 
-@connections.command("get")
+@connections.command("get", short_help="Show one connection and the outcome of each of its functions.")
 @click.argument("connection_id")
-@click.option("-i", "--integration", required=True, callback=checked_name("--integration"), help="The integration.")
+@integration(required=True, help="The connection's integration.")
 @environment
 @client_options
+@config_option()
 @json_flag
 def get_connection(connection_id: str, integration: str, environment: str, daemon: Daemon, as_json: bool) -> None:
     """Show one connection: state, version, metadata, config, and the last outcome of every function of its

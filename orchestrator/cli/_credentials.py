@@ -14,17 +14,19 @@ import click
 
 from orchestrator.cli._common import (
     Daemon,
-    checked_name,
     client_options,
     connection_ref,
+    credential_options,
     credentials,
     database,
     environment,
+    integration,
     json_flag,
     print_json,
     print_table,
     table,
 )
+from orchestrator.cli._settings import config_option
 
 SECRET_KEY_ENV = "ORCHESTRATOR_SECRET_KEY"
 
@@ -32,32 +34,33 @@ secret_key_file = click.option(
     "--secret-key-file",
     envvar="ORCHESTRATOR_SECRET_KEY_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     default=None,
     help="The key file, when ORCHESTRATOR_SECRET_KEY is not set (default: secret.key beside the SQLite log,"
     " created 0600 on first start; refused when group or others may read it).",
 )
 
 
-@click.group()
+@click.group(short_help="Replace a connection's credentials (credentials set).")
 def credentials_group() -> None:
     """A connection's credentials: sealed at rest by the daemon, never printed."""
 
 
-@credentials_group.command("set")
+@credentials_group.command("set", short_help="Replace a connection's credentials, through the daemon.")
 @click.argument("connection_id")
-@click.option("-i", "--integration", required=True, callback=checked_name("--integration"), help="The integration.")
+@integration(required=True, help="The connection's integration.")
 @environment
-@click.option("--credential", "credential_pairs", multiple=True, metavar="NAME=VALUE", help="A secret; repeatable.")
-@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Secrets as a JSON object.")
+@credential_options
 @client_options
+@config_option()
 @json_flag
 def set_credentials(
     connection_id: str,
     integration: str,
     environment: str,
     credential_pairs: tuple[str, ...],
-    credentials_file: str | None,
+    credentials_file: Path | None,
     daemon: Daemon,
     as_json: bool,
 ) -> None:
@@ -90,19 +93,28 @@ def set_credentials(
     print_table(out)
 
 
-@click.command()
-def keygen() -> None:
-    """Print a new key (base64 of 32 random bytes) for ORCHESTRATOR_SECRET_KEY or the key file; its id on stderr."""
+@click.command(short_help="Print a new key for sealing credentials.")
+@json_flag
+def keygen(as_json: bool) -> None:
+    """Print a new key (base64 of 32 random bytes) for ORCHESTRATOR_SECRET_KEY or the key file; its id on stderr.
+
+    With --json, one document with both: {"key": ..., "key_id": ...}.
+    """
     from orchestrator import sealing
 
     key = sealing.generate()
+    key_id = sealing.Keyring.parse(key, "the new key").sealing.id
+    if as_json:
+        print_json({"key": key, "key_id": key_id})
+        return
     click.echo(key)
-    click.echo(f"key id {sealing.Keyring.parse(key, 'the new key').sealing.id}", err=True)
+    click.echo(f"key id {key_id}", err=True)
 
 
-@click.command("rotate-key")
+@click.command("rotate-key", short_help="Reseal every stored credential under the key ring's first key.")
 @database
 @secret_key_file
+@config_option()
 @json_flag
 def rotate_key(database: str | None, secret_key_file: Path | None, as_json: bool) -> None:
     """Reseal every sealed credential under the first key of the key ring; safe while the daemon runs.
@@ -116,15 +128,17 @@ def rotate_key(database: str | None, secret_key_file: Path | None, as_json: bool
     from orchestrator.config import ServeConfig
     from orchestrator.errors import InvalidArgument
     from orchestrator.sealing import reseal
-    from orchestrator.store import sqlite_path
+    from orchestrator.store import inspect, locate, sqlite_path
     from orchestrator.store.sqlite import reseal_sqlite
 
     url = database or config.default_database()
+    location = locate(url, create_directory=True)  # a directory, or a file it may not write: said here, in one line
     path = sqlite_path(url)
     if path is None:
         raise InvalidArgument(f"rotate-key works on an SQLite log (--database sqlite:///...), not {url!r}")
     if not path.exists():
         raise InvalidArgument(f"no event log at {path}")
+    inspect(location, init=False)  # an empty file or no log at all, before any key is looked for
     settings = ServeConfig(database=url, secret_key=os.environ.get(SECRET_KEY_ENV, ""), secret_key_file=secret_key_file)
     keyring = daemon.keyring_for(settings, url, create=False)
     resealed, skipped, problems = reseal_sqlite(path, lambda sealed: reseal(keyring, sealed), clock=SystemClock())

@@ -2,49 +2,67 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from orchestrator import codec
 from orchestrator.cli._common import (
+    POSITION,
     Daemon,
-    checked_name,
     client_options,
     connection_ref,
+    credential_options,
     credentials,
     environment,
+    integration,
     json_flag,
     json_object,
     outcome_row,
+    parse_json_object,
     print_json,
     print_table,
     table,
 )
-from orchestrator.cli._exit import fail
+from orchestrator.cli._exit import BadInput, fail
+from orchestrator.cli._settings import config_option, legacy_json
 from orchestrator.model import ConnectionState, EmitRequest, EmitResult, FunctionStatus, LifecycleEvent
 
 
-@click.command()
-@click.argument("event", type=click.Choice([e.value for e in LifecycleEvent]))
+@click.command(short_help="Emit a lifecycle event for a connection, through the daemon.")
+@click.argument("event", metavar="EVENT", type=click.Choice([e.value for e in LifecycleEvent]))
 @click.argument("connection_id")
-@click.option("-i", "--integration", required=True, callback=checked_name("--integration"), help="The integration.")
+@integration(required=True, help="The connection's integration.")
 @environment
 @click.option(
-    "--config",
-    "connection_config",
+    "--connection-config",
+    metavar="JSON",
     callback=json_object,
-    help="The connection's non-secret settings as a JSON object (or @file.json).",
+    help="The connection's non-secret settings: a JSON object, or @file.json.",
 )
-@click.option("--payload", callback=json_object, help="Data for the event functions, a JSON object (or @file).")
-@click.option("--credential", "credential_pairs", multiple=True, metavar="NAME=VALUE", help="A secret; repeatable.")
-@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Secrets as a JSON object.")
-@click.option("--idempotency-key", default="", help="Makes retrying this command safe.")
-@click.option("--expected-version", type=click.IntRange(min=0), help="Refuse unless the connection is at it.")
-@click.option("--wait", is_flag=True, help="Also wait for asynchronous functions.")
+@click.option(
+    "--payload", metavar="JSON", callback=json_object, help="Data for the functions: a JSON object, or @file.json."
+)
+@credential_options
+@click.option(
+    "--idempotency-key", metavar="KEY", default="", show_default=False, help="Makes retrying this command safe."
+)
+@click.option(
+    "--expected-version",
+    metavar="N",
+    type=POSITION,
+    help="Refuse unless the connection is at this version.",
+)
+@click.option("--wait", is_flag=True, help="Also wait for the asynchronous functions.")
 @client_options
+@config_option(legacy_json="--connection-config")
 @json_flag
+@click.pass_context
 def emit(
+    ctx: click.Context,
+    /,
     event: str,
     connection_id: str,
     integration: str,
@@ -52,7 +70,7 @@ def emit(
     connection_config: dict[str, Any],
     payload: dict[str, Any],
     credential_pairs: tuple[str, ...],
-    credentials_file: str | None,
+    credentials_file: Path | None,
     idempotency_key: str,
     expected_version: int | None,
     wait: bool,
@@ -62,8 +80,14 @@ def emit(
     """Emit a lifecycle EVENT for CONNECTION_ID (validate-connection, post-connection-creation, ...).
 
     Exits 1 (after printing the answer) when the connection was rejected, or, with --wait, when a
-    function did not succeed.
+    function did not succeed. --config JSON, the former name of --connection-config, still works,
+    with a warning on stderr.
     """
+    legacy = legacy_json(ctx)
+    if legacy is not None:
+        if ctx.get_parameter_source("connection_config") is ParameterSource.COMMANDLINE:
+            raise BadInput("give the connection's settings once: --connection-config (not also --config JSON)")
+        connection_config = parse_json_object("--config", legacy)
     request = EmitRequest(
         ref=connection_ref(connection_id, integration, environment),
         event=LifecycleEvent(event),

@@ -18,10 +18,23 @@ INTERRUPTED = 130
 """Ctrl-C: 128 + SIGINT."""
 
 PREFIX = "orchestrator: error: "
+WARNING = "orchestrator: warning: "
+
+
+class BadInput(Exception):
+    """A usage error in what the command line names rather than in the command line itself: one line, exit 2.
+
+    A file an option names for input (``@file``, ``--credentials-file``, ``--config``, the
+    client's ``--token-file`` and ``--tls-*``) that cannot be read or does not hold what it
+    must, a setting of the config file, an ambiguous ``--connection``. The message names the
+    option, the file or the key. Nothing has been done when it is raised.
+    """
 
 
 def outcome(exc: BaseException) -> tuple[str, int] | None:
     """The message (empty for none) and exit code for what a command raised; None when it is not ours to handle."""
+    if isinstance(exc, BadInput):
+        return str(exc), USAGE
     actionable = _actionable()
     if isinstance(exc, actionable):
         return str(exc), FAILURE
@@ -41,6 +54,11 @@ def leave(message: str, code: int) -> NoReturn:
     if message:
         click.echo(PREFIX + message, err=True)
     sys.exit(code)
+
+
+def warn(message: str) -> None:
+    """``orchestrator: warning: MESSAGE`` on stderr (the command goes on)."""
+    click.echo(WARNING + message, err=True)
 
 
 def fail(message: str) -> NoReturn:

@@ -12,22 +12,23 @@ from click.core import ParameterSource
 
 from orchestrator import codec, config
 from orchestrator.cli._common import (
-    checked_name,
-    configured_integrations,
-    configured_variables,
+    connection_ref,
+    credential_options,
     credentials,
     database,
     environment,
+    integration,
     json_flag,
     json_object,
     print_json,
     print_table,
     table,
 )
-from orchestrator.cli._exit import FAILURE
+from orchestrator.cli._exit import FAILURE, warn
+from orchestrator.cli._settings import config_option, configured_integrations, configured_variables
 
 
-@click.command()
+@click.command(short_help="List the installed event functions.")
 @json_flag
 def functions(as_json: bool) -> None:
     """List the installed event functions, with their plugin distribution and version (exit 1 if any is broken)."""
@@ -80,39 +81,31 @@ def functions(as_json: bool) -> None:
         sys.exit(FAILURE)
 
 
-@click.command()
+@click.command(short_help="Run one function once against a recorded or a given connection.")
 @click.argument("function_name", metavar="FUNCTION")
 @click.argument("connection_id")
 @environment
+@integration(required=False, help="The function's integration, when several have a function of this name.")
 @click.option(
-    "-i",
-    "--integration",
-    default="",
-    callback=checked_name("--integration"),
-    help="The integration, when several have a function of this name.",
+    "--payload", metavar="JSON", callback=json_object, help="The event payload: a JSON object, or @file.json."
 )
-@click.option("--payload", callback=json_object, help="The event payload, a JSON object (or @file).")
 @click.option(
     "--connection-config",
+    metavar="JSON",
     callback=json_object,
     help="Run against a connection that is not in the log, with this connection config (a JSON object, or @file).",
 )
 @click.option(
     "--metadata",
+    metavar="JSON",
     callback=json_object,
     help="Run against a connection that is not in the log, with this metadata (a JSON object, or @file).",
 )
-@click.option(
-    "--credential",
-    "credential_pairs",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="A credential for the provider; repeatable.",
-)
-@click.option("--credentials-file", type=click.Path(exists=True, dir_okay=False), help="Credentials as JSON.")
-@click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (daemon stopped).")
+@credential_options
+@click.option("--commit", is_flag=True, help="Record the outcome and metadata writes in the log (the daemon stopped).")
 @click.option(
     "--save-responses",
+    metavar="DIR",
     type=click.Path(file_okay=False, path_type=Path),
     help="Save every provider exchange (credentials redacted) to DIR/FUNCTION.json, for orchestrator.testing.",
 )
@@ -122,15 +115,16 @@ def functions(as_json: bool) -> None:
     is_flag=True,
     help="Send requests that change the provider (not GET or HEAD) without a warning, or a question on a terminal.",
 )
-@click.option("--timeout", "time_limit", type=click.FloatRange(min=0.001), default=60.0, help="Seconds it may take.")
-@database
 @click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    envvar="ORCHESTRATOR_CONFIG",
-    help="The daemon's TOML config, for [integrations.*] settings and [environments.*.variables].",
+    "--timeout",
+    "time_limit",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0.001),
+    default=60.0,
+    help="Seconds it may take.",
 )
+@database
+@config_option()
 @json_flag
 @click.pass_context
 def dryrun(
@@ -144,58 +138,50 @@ def dryrun(
     connection_config: dict[str, Any],
     metadata: dict[str, Any],
     credential_pairs: tuple[str, ...],
-    credentials_file: str | None,
+    credentials_file: Path | None,
     commit: bool,
     save_responses: Path | None,
     yes: bool,
     time_limit: float,
     database: str | None,
-    config_file: str | None,
     as_json: bool,
 ) -> None:
     """Run FUNCTION once against CONNECTION_ID's recorded state (or, with --connection-config or --metadata, a
     connection that is not in the log); provider calls are real, nothing is written to the log unless --commit.
 
-    Before the first request that changes the provider (not GET or HEAD) it warns on stderr, or on a terminal asks
-    whether to send it (--yes: neither).
+    The provider settings are the plugins' defaults and the [integrations.*] tables of the settings
+    file (--config), as the daemon has them, and ctx.env its [environments.*.variables]. Without
+    --commit the log is only read, also while the daemon runs; --commit appends to it, so the daemon
+    must be stopped. Before the first request that changes the provider (not GET or HEAD) it warns on
+    stderr, or on a terminal asks whether to send it (--yes: neither).
     """
     import anyio
 
     from orchestrator import dryrun as dryrun_mod
     from orchestrator import plugins
 
-    configured, variables = configured_integrations(ctx), configured_variables(ctx)
-    if config_file:
-        settings = config.load_toml(Path(config_file))
-        configured = config.integrations_from_toml(settings.get("integrations", {}))
-        variables = config.variables_from_toml(settings.get("environments", {}))
-    integrations, _ = plugins.integrations(configured)
+    secrets = credentials(credential_pairs, credentials_file)  # the command line's input first: a usage error
+    connection_ref(connection_id, integration or "any", environment)
+    integrations, _ = plugins.integrations(configured_integrations(ctx))
     function = dryrun_mod.find_function(plugins.discover(), function_name, integration)
     given = None
-    if ctx.get_parameter_source("connection_config") is ParameterSource.COMMANDLINE or (
-        ctx.get_parameter_source("metadata") is ParameterSource.COMMANDLINE
-    ):
+    if any(ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE for name in ("connection_config", "metadata")):
         given = dryrun_mod.Given(connection_config, metadata)
-    settings_ = dryrun_mod.Settings(
+    settings = dryrun_mod.Settings(
         payload=payload,
-        credentials=credentials(credential_pairs, credentials_file),
+        credentials=secrets,
         integrations=integrations,
-        variables=variables,
+        variables=configured_variables(ctx),
         time_limit=time_limit,
         before_change=None if yes else _before_change(function.name),
         save_to=save_responses,
     )
     run = anyio.run(
         lambda: dryrun_mod.dryrun(
-            database or config.default_database(),
-            function,
-            connection_id,
-            environment,
-            settings_,
-            commit=commit,
+            database or config.default_database(), function, connection_id, environment, settings, commit=commit,
             given=given,
         )
-    )
+    )  # fmt: skip
     result = run.result
     if as_json:
         print_json(
@@ -250,11 +236,7 @@ def _before_change(function: str) -> Callable[[str], Awaitable[bool]]:
                 f"orchestrator: {function} is about to send {request}: this changes the provider for real. Send it?"
             )
             return await anyio.to_thread.run_sync(lambda: click.confirm(question, default=False, err=True))
-        click.echo(
-            f"orchestrator: warning: {function} sends {request}: this changes the provider for real"
-            " (--yes: no warning)",
-            err=True,
-        )
+        warn(f"{function} sends {request}: this changes the provider for real (--yes: no warning)")
         return True
 
     return before_change

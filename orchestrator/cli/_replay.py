@@ -10,18 +10,24 @@ import click
 
 from orchestrator import codec, config
 from orchestrator.cli._common import (
-    checked_name,
+    POSITION,
     connection_json,
+    connection_option,
     connections_table,
     database,
     detail,
+    environment_filter,
+    integration,
     json_flag,
+    named_connection,
+    one_connection,
     print_json,
     print_table,
     table,
     when,
 )
-from orchestrator.cli._exit import FAILURE, fail
+from orchestrator.cli._exit import FAILURE
+from orchestrator.cli._settings import config_option
 
 if TYPE_CHECKING:
     from orchestrator.replay import Replayed, Until
@@ -34,6 +40,8 @@ def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) 
     if not value:
         return None
     if value.isdigit():
+        if int(value) > POSITION.max:  # type: ignore[operator]
+            raise click.BadParameter(f"{value} is larger than any position (at most {POSITION.max})")
         return Until(position=int(value))
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -44,17 +52,11 @@ def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) 
     return Until(time=moment)
 
 
-@click.command()
+@click.command(short_help="Fold the event log offline (works while the daemon runs).")
 @database
-@click.option("--connection", "connection_id", help="Print this connection's timeline.")
-@click.option("-i", "--integration", default="", callback=checked_name("--integration"), help="With --connection.")
-@click.option(
-    "-e",
-    "--environment",
-    default="",
-    callback=checked_name("--environment"),
-    help="With --connection (default: any).",
-)
+@connection_option
+@integration(required=False, help="With --connection: its integration (default: any).")
+@environment_filter
 @click.option(
     "--until",
     callback=_parse_until,
@@ -62,8 +64,12 @@ def _parse_until(ctx: click.Context, param: click.Parameter, value: str | None) 
     help="Show the world as it was at that position or ISO-8601 time.",
 )
 @click.option("--verify", is_flag=True, help="Compare the fold with the read model; exit 1 on any difference.")
+@config_option()
 @json_flag
+@click.pass_context
 def replay(
+    ctx: click.Context,
+    /,
     database: str | None,
     connection_id: str | None,
     integration: str,
@@ -72,27 +78,32 @@ def replay(
     verify: bool,
     as_json: bool,
 ) -> None:
-    """Fold the event log offline (works while the daemon runs)."""
+    """Fold the event log offline, reading its file (works while the daemon runs): a table of connections,
+    one connection's timeline (--connection), the world at a past position or time (--until), or --verify.
+
+    --connection ID alone names the one connection with that ID; when several have it, -i and -e
+    tell them apart.
+    """
     import anyio
 
     if verify and (until or connection_id):
         raise click.UsageError("--verify checks the whole log: it takes no --until or --connection")
+    named = named_connection(ctx, connection_id, integration, environment)
     url = database or config.default_database()
-    anyio.run(_replay, url, connection_id, integration, environment, until, verify, as_json)
+    anyio.run(_replay, url, named, until, verify, as_json)
 
 
 async def _replay(
     url: str,
-    connection_id: str | None,
-    integration: str,
-    environment: str,
+    named: tuple[str, str, str] | None,
     until: Until | None,
     verify: bool,
     as_json: bool,
 ) -> None:
     from orchestrator import replay as replay_mod
-    from orchestrator.store import open_store
+    from orchestrator.store import locate, open_store
 
+    locate(url, create_directory=True, write=False)  # a directory or an unreadable file: said here, in one line
     async with open_store(url, readonly=True) as store:
         with _Progress(await store.head()) as progress:
             if verify:
@@ -122,8 +133,8 @@ async def _replay(
                 return
             result = await replay_mod.replay(store, until=until, progress=progress.update)
             progress.close()
-        if connection_id:
-            await _timeline(store, result, connection_id, integration, environment, until, as_json)
+        if named is not None:
+            await _timeline(store, result, named, until, as_json)
             return
     rows = sorted(result.connections.values(), key=lambda c: c.ref)
     if as_json:
@@ -136,43 +147,38 @@ async def _replay(
 async def _timeline(
     store: EventStore,
     result: Replayed,
-    connection_id: str,
-    integration: str,
-    environment: str,
+    named: tuple[str, str, str],
     until: Until | None,
     as_json: bool,
 ) -> None:
     from orchestrator.replay import timeline
 
-    refs = result.named(connection_id, integration=integration, environment=environment)
-    if not refs:
-        fail(f"no connection {connection_id!r} in the log" + (" up to --until" if until else ""))
+    connection_id, integration, environment = named
+    found = result.named(connection_id, integration=integration, environment=environment)
+    ref = one_connection(named, found, "in the log" + (" up to --until" if until else ""))
     out: list[dict[str, Any]] = []
     steps = table("POSITION", "VERSION", "RECORDED", "TYPE", "STATE AFTER", "DETAIL")
-    for ref in refs:
-        last = None
-        async for record, connection in timeline(store, ref, until=until):
-            last = connection
-            if as_json:
-                out.append({**codec.record_to_json(record), "state_after": connection.state.value})
-                continue
-            steps.add_row(
-                str(record.position),
-                str(record.version),
-                when(record.recorded_at),
-                record.type,
-                connection.state.value,
-                detail(record),
-            )
+    last = None
+    async for record, connection in timeline(store, ref, until=until):
+        last = connection
         if as_json:
-            out.append({"connection": connection_json(last)} if last else {})
+            out.append({**codec.record_to_json(record), "state_after": connection.state.value})
+            continue
+        steps.add_row(
+            str(record.position),
+            str(record.version),
+            when(record.recorded_at),
+            record.type,
+            connection.state.value,
+            detail(record),
+        )
     if as_json:
+        out.append({"connection": connection_json(last)} if last else {})
         print_json(out)
         return
     print_table(steps)
-    for ref in refs:
-        c = result.connections[ref.stream]
-        click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
+    c = result.connections[ref.stream]
+    click.echo(f"\n{ref}: {c.state.value} at version {c.version}; metadata {codec.dumps(c.metadata)}")
 
 
 class _Progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,8 +12,16 @@ import click
 
 from orchestrator import config
 from orchestrator.cli import _exit
-from orchestrator.cli._common import apply_toml, configured_integrations, configured_variables, database, quiet_grpc
+from orchestrator.cli._common import database, print_json, print_table, quiet_grpc, table
 from orchestrator.cli._credentials import SECRET_KEY_ENV, secret_key_file
+from orchestrator.cli._settings import (
+    config_file,
+    config_option,
+    configured_integrations,
+    configured_variables,
+    sources,
+)
+from orchestrator.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from orchestrator.config import DispatchConfig
@@ -41,10 +50,20 @@ _DISPATCH_OPTIONS: list[tuple[str, Any, float | int | str, str]] = [
 ]
 
 
+_METAVARS = {"--retry-backoff": "FACTOR"}
+
+
 def _dispatch_options(command: Callable[..., Any]) -> Callable[..., Any]:
     for flag, kind, default, text in reversed(_DISPATCH_OPTIONS):
         envvar = "ORCHESTRATOR_" + flag.removeprefix("--").replace("-", "_").upper()
-        command = click.option(flag, envvar=envvar, show_envvar=True, type=kind, default=default, help=text)(command)
+        metavar = (
+            None
+            if isinstance(kind, click.Choice)
+            else _METAVARS.get(flag, "N" if isinstance(default, int) else "SECONDS")
+        )
+        command = click.option(
+            flag, envvar=envvar, show_envvar=True, type=kind, default=default, metavar=metavar, help=text
+        )(command)
     return command
 
 
@@ -69,27 +88,12 @@ def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]
     )
 
 
-def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value:
-        apply_toml(ctx, Path(value), ctx.command)
-    return value
-
-
-@click.command()
-@click.option(
-    "--config",
-    "config_file",
-    envvar="ORCHESTRATOR_CONFIG",
-    show_envvar=True,
-    is_eager=True,
-    expose_value=False,
-    callback=_load_serve_config,
-    type=click.Path(dir_okay=False),
-    help="A TOML file of settings (keys as these options, with '_' for '-').",
-)
+@click.command(short_help="Run the daemon, or check its settings with --check.")
+@config_option()
 @click.option(
     "--listen",
     envvar="ORCHESTRATOR_LISTEN",
+    metavar="HOST:PORT",
     show_envvar=True,
     default=config.DEFAULT_LISTEN,
     help="HOST:PORT to serve gRPC on (port 0 picks a free one).",
@@ -98,6 +102,7 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option(
     "--grace-period",
     envvar="ORCHESTRATOR_GRACE_PERIOD",
+    metavar="SECONDS",
     show_envvar=True,
     type=click.FloatRange(min=0),
     default=config.DEFAULT_GRACE_PERIOD,
@@ -114,28 +119,32 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     "--tls-cert",
     envvar="ORCHESTRATOR_TLS_CERT",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Serve TLS with this certificate (PEM, the chain after it); with --tls-key. SIGHUP rereads it.",
 )
 @click.option(
     "--tls-key",
     envvar="ORCHESTRATOR_TLS_KEY",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="The private key of --tls-cert (PEM, unencrypted). SIGHUP rereads it.",
 )
 @click.option(
     "--tls-client-ca",
     envvar="ORCHESTRATOR_TLS_CLIENT_CA",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Mutual TLS: require a client certificate signed by the CA in this PEM file. SIGHUP rereads it.",
 )
 @click.option(
     "--auth-token-file",
     envvar="ORCHESTRATOR_AUTH_TOKEN_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Require a bearer token of this file: one per line, optionally followed by a space and the"
     " comma-separated environments it may touch; '#' comments. SIGHUP rereads it.",
 )
@@ -145,6 +154,7 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     show_envvar=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
+    help="The least important log lines written.",
 )
 @click.option(
     "--skip-broken-plugins",
@@ -173,19 +183,27 @@ def _load_serve_config(ctx: click.Context, param: click.Parameter, value: str | 
     "--log-file",
     envvar="ORCHESTRATOR_LOG_FILE",
     show_envvar=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
+    metavar="FILE",
     help="Log to this file (JSON lines) instead of stderr; SIGHUP reopens it.",
 )
 @click.option(
     "--metrics-listen",
     envvar="ORCHESTRATOR_METRICS_LISTEN",
+    metavar="HOST:PORT",
     show_envvar=True,
     default="",
     help="HOST:PORT for a Prometheus text endpoint at /metrics (default: none).",
 )
 @secret_key_file
-@click.option("--check", is_flag=True, help="Validate the configuration and plugins, print a summary, and exit.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Make every check serve makes before it starts (creating and changing nothing), print the effective"
+    " settings and what was found, and exit.",
+)
 @_dispatch_options
+@click.option("--json", "as_json", is_flag=True, help="With --check: print one JSON document for scripts.")
 @click.pass_context
 def serve(
     ctx: click.Context,
@@ -206,9 +224,11 @@ def serve(
     metrics_listen: str,
     secret_key_file: Path | None,
     check: bool,
+    as_json: bool,
     **dispatch: Any,
 ) -> None:
-    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default).
+    """Run the daemon (SQLite under ./.orchestrator/ and 127.0.0.1:50051 by default), or with --check make
+    every check it makes at start, print the effective settings, and exit.
 
     Traces and metrics are exported as the standard OTEL_* variables say
     (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER: otlp, console or none;
@@ -222,15 +242,20 @@ def serve(
     from orchestrator import daemon, logs
     from orchestrator._version import VERSION
     from orchestrator.config import TelemetryConfig
-    from orchestrator.store import sqlite_path
 
-    try:
-        file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
-    except OSError as exc:
-        _exit.fail(f"cannot open the log file {log_file}: {exc.strerror or exc}")
+    if as_json and not check:
+        raise click.UsageError("--json goes with --check (the daemon logs, it prints no data)")
+    file_handler = None
+    if check:
+        _check_log_file(log_file)
+        _log_warnings_only()
+    else:
+        try:
+            file_handler = logs.setup(log_level, fmt=log_format, file=log_file)
+        except OSError as exc:
+            _exit.fail(f"cannot open the log file {log_file}: {exc.strerror or exc}")
     if metrics_listen:
         config.split_host_port(metrics_listen)
-    integrations = configured_integrations(ctx)
     settings = config.ServeConfig(
         listen=listen,
         database=database or "",
@@ -239,7 +264,7 @@ def serve(
         skip_broken_plugins=skip_broken_plugins,
         init=init,
         dispatch=_dispatch_config(dispatch, configured_variables(ctx)),
-        integrations=integrations,
+        integrations=configured_integrations(ctx),
         telemetry=TelemetryConfig.from_environ(os.environ, version=VERSION, metrics_listen=metrics_listen),
         on_sighup=file_handler.reopen if file_handler is not None else None,
         tls_cert=tls_cert,
@@ -250,29 +275,11 @@ def serve(
         secret_key_file=secret_key_file,
     )
     if check:
-        access = daemon.load_access(settings)  # refuses unreadable or bad TLS files and token files
-        registry = daemon.load_plugins(skip_broken=skip_broken_plugins)
-        url = settings.database or config.default_database()
-        sqlite_path(url)  # refuses a malformed URL
-        click.echo(f"configuration is valid: listen {settings.listen}, log {url}")
-        click.echo(f"{len(registry.functions)} event function(s), {len(registry.broken)} broken plugin(s) skipped")
-        if settings.dispatch.pool_size:
-            click.echo(f"isolation: process, {settings.dispatch.pool_size} worker process(es)")
-        for name, integration in sorted(integrations.items()):
-            click.echo(f"integration {name}: base_url {integration.base_url or '(none)'}, auth {integration.auth}")
-            for environment in sorted(integration.environments):
-                own = integration.for_environment(environment)
-                click.echo(f"integration {name} in {environment}: base_url {own.base_url or '(none)'}, auth {own.auth}")
-        for environment, variables in sorted(settings.dispatch.variables.items()):
-            click.echo(f"environment {environment}: variables {', '.join(sorted(variables)) or '(none)'}")
-        click.echo(
-            f"telemetry: traces {settings.telemetry.traces_exporter}, metrics {settings.telemetry.metrics_exporter}"
-            + (f", Prometheus on {metrics_listen}" if metrics_listen else "")
-        )
-        click.echo(f"tls: {access.tls.material.summary() if access.tls is not None else 'off'}")
-        tokens = access.tokens
-        click.echo(f"bearer tokens: {len(tokens.tokens)} from {tokens.path}" if tokens else "bearer tokens: none asked")
-        click.echo(_key_summary(settings, url))
+        report = _check(ctx, settings)
+        if as_json:
+            print_json(report)
+        else:
+            _print_check(report)
         return
     backend_options: dict[str, Any] = {}
     try:
@@ -285,16 +292,145 @@ def serve(
     _leave_hung_threads()
 
 
+def _check(ctx: click.Context, settings: config.ServeConfig) -> dict[str, Any]:
+    """``--check``: every check ``serve`` makes before it starts, making and changing nothing; what it found."""
+    from orchestrator import daemon
+
+    ready = daemon.prepare(settings, check=True)
+    values = dict(ctx.params)
+    values["database"] = ready.database
+    key_file = daemon.key_file_for(settings, ready.database)
+    values["secret_key_file"] = str(key_file) if key_file is not None and not settings.secret_key else None
+    found = sources(ctx)
+    dispatch = settings.dispatch
+    tokens = ready.access.tokens
+    path = config_file(ctx)
+    return {
+        "valid": True,
+        "config_file": str(path) if path is not None else None,
+        "settings": {key: {"value": _plain(values.get(key)), "from": source} for key, source in found.items()},
+        "log": {
+            "url": ready.database,
+            "path": str(ready.location.path) if ready.location.path is not None else None,
+            "exists": ready.location.exists,
+            "in_use_by": ready.location.holder or None,
+            "summary": ready.location.describe(),
+        },
+        "isolation": {"mode": dispatch.isolation, "worker_processes": dispatch.pool_size},
+        "functions": [
+            {"name": f.name, "integration": f.function.integration, "event": f.function.event.value}
+            for f in ready.registry.functions
+        ],
+        "broken_plugins": [str(b) for b in ready.registry.broken],
+        "integrations": {
+            name: {
+                "base_url": i.base_url,
+                "auth": i.auth,
+                "timeout": i.timeout,
+                "retries": i.retries,
+                "settings": dict(i.settings),
+                "environments": {
+                    environment: {"base_url": own.base_url, "auth": own.auth, "settings": dict(own.settings)}
+                    for environment in sorted(i.environments)
+                    for own in [i.for_environment(environment)]
+                },
+            }
+            for name, i in sorted(ready.integrations.items())
+        },
+        "variables": {environment: sorted(names) for environment, names in sorted(dispatch.variables.items())},
+        "telemetry": {
+            "traces": settings.telemetry.traces_exporter,
+            "metrics": settings.telemetry.metrics_exporter,
+            "prometheus": settings.telemetry.metrics_listen or None,
+        },
+        "tls": ready.access.tls.material.summary() if ready.access.tls is not None else None,
+        "bearer_tokens": {"count": len(tokens.tokens), "file": str(tokens.path)} if tokens else None,
+        "credentials": _key_summary(settings, ready.database),
+        "warnings": ready.warnings,
+    }
+
+
+def _print_check(report: dict[str, Any]) -> None:
+    rows = report["settings"]
+    click.echo(f"configuration is valid: listen {rows['listen']['value']}, log {report['log']['url']}")
+    out = table("SETTING", "VALUE", "FROM")
+    for key, row in rows.items():
+        value = row["value"]
+        shown = "-" if value in (None, "") else str(value).lower() if isinstance(value, bool) else str(value)
+        out.add_row(key, shown, row["from"])
+    click.echo(f"settings file: {report['config_file'] or 'none'}")
+    print_table(out)
+    click.echo(f"log: {report['log']['summary']}")
+    functions, broken = report["functions"], report["broken_plugins"]
+    click.echo(f"{len(functions)} event function(s), {len(broken)} broken plugin(s) skipped")
+    isolation = report["isolation"]
+    if isolation["worker_processes"]:
+        click.echo(f"isolation: process, {isolation['worker_processes']} worker process(es)")
+    else:
+        click.echo("isolation: thread (functions run in the daemon)")
+    for name, integration in report["integrations"].items():
+        click.echo(f"integration {name}: base_url {integration['base_url'] or '(none)'}, auth {integration['auth']}")
+        for environment, own in integration["environments"].items():
+            click.echo(
+                f"integration {name} in {environment}: base_url {own['base_url'] or '(none)'}, auth {own['auth']}"
+            )
+    for environment, names in report["variables"].items():
+        click.echo(f"environment {environment}: variables {', '.join(names) or '(none)'}")
+    telemetry = report["telemetry"]
+    click.echo(
+        f"telemetry: traces {telemetry['traces']}, metrics {telemetry['metrics']}"
+        + (f", Prometheus on {telemetry['prometheus']}" if telemetry["prometheus"] else "")
+    )
+    click.echo(f"tls: {report['tls'] or 'off'}")
+    tokens = report["bearer_tokens"]
+    click.echo(f"bearer tokens: {tokens['count']} from {tokens['file']}" if tokens else "bearer tokens: none asked")
+    click.echo(f"credentials: {report['credentials']}")
+
+
+def _plain(value: Any) -> Any:
+    """A setting's value as JSON has it (paths as strings)."""
+    return str(value) if isinstance(value, Path) else value
+
+
+def _check_log_file(path: Path | None) -> None:
+    """``--check``: the log file could be opened for appending (it is not opened, nor made)."""
+    if path is None:
+        return
+    if path.exists():
+        if path.is_dir():
+            raise InvalidArgument(f"cannot open the log file {path}: it is a directory")
+        if not os.access(path, os.W_OK):
+            raise InvalidArgument(f"cannot open the log file {path}: permission denied")
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        raise InvalidArgument(f"cannot open the log file {path}: its directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot create the log file {path}: permission denied (in {folder})")
+
+
+def _log_warnings_only() -> None:
+    """``--check`` prints what it found: of the daemon's log lines, only its warnings, as ``orchestrator: warning:``."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_exit.WARNING + "%(message)s"))
+    handler.addFilter(lambda record: record.levelno == logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
 def _key_summary(settings: config.ServeConfig, url: str) -> str:
     """Where the key ring comes from, checked (``--check`` creates no key file)."""
     from orchestrator import daemon
 
     key_file = daemon.key_file_for(settings, url)
     if not settings.secret_key and key_file is not None and not key_file.exists():
-        return f"credentials: a new key file {key_file} (mode 0600) will be created at the first start"
+        return f"a new key file {key_file} (mode 0600) will be created at the first start"
     keyring = daemon.keyring_for(settings, url, create=False)
     source = SECRET_KEY_ENV if settings.secret_key else f"key file {key_file}" if key_file else "an ephemeral key"
-    return f"credentials: sealed under key id {keyring.sealing.id} ({len(keyring.ids)} key(s) from {source})"
+    return f"sealed under key id {keyring.sealing.id} ({len(keyring.ids)} key(s) from {source})"
 
 
 def _leave_hung_threads() -> None:

@@ -1,4 +1,4 @@
-"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events`` and ``credentials``.
+"""A small synchronous gRPC client for the CLI's ``emit``, ``connections``, ``events``, ``credentials`` and ``jobs``.
 
 It speaks TLS when given :class:`ClientTls` (a CA to trust, and for mutual TLS
 a certificate and key), and sends ``authorization: Bearer <token>`` on every
@@ -7,7 +7,7 @@ call when given a token.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -15,7 +15,7 @@ import grpc
 
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from orchestrator.model import Connection, ConnectionRef, ConnectionState, EmitRequest, EmitResult
+from orchestrator.model import Connection, ConnectionRef, ConnectionState, EmitRequest, EmitResult, Job, JobStatus
 from orchestrator.records import Record
 from orchestrator.rpc import wire
 
@@ -164,6 +164,47 @@ class Client:
             token = response.next_page_token
             if not token:
                 return
+
+    def list_jobs(
+        self, *, ref: ConnectionRef | None = None, statuses: Collection[JobStatus] = (), page_size: int = 0
+    ) -> Iterator[Job]:
+        """Every matching job, following page tokens."""
+        token = ""
+        while True:
+            request = pb.ListJobsRequest(
+                statuses=[wire.JOB_STATUSES[s] for s in statuses], page_size=page_size, page_token=token
+            )
+            if ref is not None:
+                request.connection.CopyFrom(wire.ref_to_proto(ref))
+            try:
+                response = self._stub.ListJobs(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise self._error(exc) from None
+            for message in response.jobs:
+                yield wire.job_from_proto(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def retry_job(self, job_id: str) -> Job:
+        """Queue a job that gave up or was cancelled again."""
+        try:
+            response = self._stub.RetryJob(
+                pb.RetryJobRequest(job_id=job_id), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return wire.job_from_proto(response)
+
+    def cancel_job(self, job_id: str, reason: str = "") -> Job:
+        """Cancel a queued job."""
+        try:
+            response = self._stub.CancelJob(
+                pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return wire.job_from_proto(response)
 
     def read_events(
         self, *, ref: ConnectionRef | None = None, from_position: int = 0, follow: bool = False

@@ -235,6 +235,40 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             fingerprint=updated.fingerprint, key_id=updated.key_id, version=updated.version, changed=updated.changed
         )
 
+    @_unary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        """See the proto."""
+        ref = wire.ref_from_proto(request.connection) if request.HasField("connection") else None
+        who = caller()
+        if ref is not None:
+            who.require(ref.environment)
+        page = await self._service.list_jobs(
+            ref=ref,
+            statuses=wire.job_statuses_from_proto(request.statuses),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            environments=who.environments,
+        )
+        return pb.ListJobsResponse(jobs=[wire.job_to_proto(j) for j in page.jobs], next_page_token=page.next_page_token)
+
+    @_unary
+    async def RetryJob(self, request: pb.RetryJobRequest, context: Ctx) -> pb.Job:
+        """See the proto."""
+        who = caller()
+        job = await self._service.retry_job(
+            request.job_id, by=who.name, check=who.require, traceparent=_traceparent(context)
+        )
+        return wire.job_to_proto(job)
+
+    @_unary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
+        """See the proto."""
+        who = caller()
+        job = await self._service.cancel_job(
+            request.job_id, reason=request.reason, by=who.name, check=who.require, traceparent=_traceparent(context)
+        )
+        return wire.job_to_proto(job)
+
     # grpc.aio's reader/writer form (a coroutine that writes) rather than an async generator: when the
     # caller goes away, grpc cancels this coroutine's task where it waits, so the span and the log's
     # reader are closed right there, in the call's own context. (An async generator suspended at a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shlex
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,8 @@ from orchestrator.model import (
     EmitRequest,
     EmitResult,
     FunctionStatus,
+    Job,
+    JobStatus,
     JSONObject,
     LifecycleEvent,
     Mark,
@@ -64,6 +66,15 @@ _STATUSES: dict[FunctionStatus, pb.FunctionStatus.ValueType] = {
     FunctionStatus.CANCELLED: pb.FUNCTION_STATUS_CANCELLED,
 }
 _STATUSES_BACK = {v: k for k, v in _STATUSES.items()}
+
+JOB_STATUSES: dict[JobStatus, pb.JobStatus.ValueType] = {
+    JobStatus.QUEUED: pb.JOB_STATUS_QUEUED,
+    JobStatus.RUNNING: pb.JOB_STATUS_RUNNING,
+    JobStatus.SUCCEEDED: pb.JOB_STATUS_SUCCEEDED,
+    JobStatus.GAVE_UP: pb.JOB_STATUS_GAVE_UP,
+    JobStatus.CANCELLED: pb.JOB_STATUS_CANCELLED,
+}
+_JOB_STATUSES_BACK = {v: k for k, v in JOB_STATUSES.items()}
 
 
 # -- values ------------------------------------------------------------------
@@ -164,6 +175,18 @@ def state_from_proto(value: int) -> ConnectionState | None:
         raise InvalidArgument(f"state {value} is not a ConnectionState") from None
 
 
+def job_statuses_from_proto(values: Sequence[int]) -> frozenset[JobStatus]:
+    """A ListJobs status filter (empty: any); UNSPECIFIED and unknown values are refused, naming the entry."""
+    statuses = set()
+    for i, value in enumerate(values):
+        status = _JOB_STATUSES_BACK.get(value)  # type: ignore[call-overload]  # an int off the wire, checked here
+        if status is None:
+            names = ", ".join(pb.JobStatus.Name(v) for v in JOB_STATUSES.values())
+            raise InvalidArgument(f"statuses[{i}] must be one of {names}, not {value} (send none for every status)")
+        statuses.add(status)
+    return frozenset(statuses)
+
+
 # -- messages ----------------------------------------------------------------
 
 
@@ -210,6 +233,51 @@ def update_credentials_from_proto(message: pb.UpdateCredentialsRequest) -> tuple
 def update_credentials_to_proto(ref: ConnectionRef, credentials: Mapping[str, str]) -> pb.UpdateCredentialsRequest:
     """The wire form of an UpdateCredentials request (what the CLI sends)."""
     return pb.UpdateCredentialsRequest(connection=ref_to_proto(ref), credentials=dict(credentials))
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    """The wire form of a job (``next_attempt_at`` only while it is queued)."""
+    message = pb.Job(
+        id=job.job_id,
+        connection=ref_to_proto(job.ref),
+        function=job.function,
+        event=EVENTS[job.event],
+        event_id=job.causation_id,
+        status=JOB_STATUSES[job.status],
+        attempts=job.attempt,
+        max_attempts=job.max_attempts,
+        last_error=job.last_error,
+    )
+    if job.status is JobStatus.QUEUED:
+        message.next_attempt_at.CopyFrom(timestamp(job.run_at))
+    if job.created_at is not None:
+        message.created_at.CopyFrom(timestamp(job.created_at))
+    if job.updated_at is not None:
+        message.updated_at.CopyFrom(timestamp(job.updated_at))
+    return message
+
+
+def job_from_proto(message: pb.Job) -> Job:
+    """A job off the wire (what ``orchestrator jobs`` prints); ``run_at`` is its next attempt's due time, or its
+    last change when it is not queued."""
+    updated = message.updated_at.ToDatetime(tzinfo=UTC)
+    return Job(
+        job_id=message.id,
+        stream=f"{message.connection.environment}/{message.connection.integration}/{message.connection.connection_id}",
+        function=message.function,
+        event=_EVENTS_BACK[message.event],
+        causation_id=message.event_id,
+        payload={},  # not on the wire
+        run_at=message.next_attempt_at.ToDatetime(tzinfo=UTC) if message.HasField("next_attempt_at") else updated,
+        attempt=message.attempts,
+        lease_token=0,  # not on the wire
+        leased=message.status == pb.JOB_STATUS_RUNNING,
+        status=_JOB_STATUSES_BACK[message.status],
+        last_error=message.last_error,
+        created_at=message.created_at.ToDatetime(tzinfo=UTC),
+        updated_at=updated,
+        max_attempts=message.max_attempts,
+    )
 
 
 def outcome_to_proto(outcome: Outcome) -> pb.FunctionOutcome:

@@ -6,7 +6,8 @@
   :mod:`orchestrator.store._sqlite_writer`, row mapping in :mod:`orchestrator.store._sqlite_rows`);
 - :mod:`orchestrator.store._tail`: the last committed records in memory, which every backend fills
   at commit time and serves caught-up followers from (:meth:`EventStore.read_tail`);
-- :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``.
+- :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``;
+- :mod:`orchestrator.store._location`: the checks of a log's path before it is opened (``serve --check``).
 
 Every backend passes ``tests/contract/test_store_contract.py``. Backends are
 chosen by URL with :func:`open_store`. Nothing here imports the RPC layer.
@@ -21,9 +22,22 @@ from pathlib import Path
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.store._base import Appended, EventStore, Stats, scan
+from orchestrator.store._location import Location, inspect, locate
 from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
-__all__ = ["Appended", "EventStore", "Stats", "TailBounds", "TailPage", "open_store", "scan", "sqlite_path"]
+__all__ = [
+    "Appended",
+    "EventStore",
+    "Location",
+    "Stats",
+    "TailBounds",
+    "TailPage",
+    "inspect",
+    "locate",
+    "open_store",
+    "scan",
+    "sqlite_path",
+]
 
 
 def sqlite_path(url: str) -> Path | None:

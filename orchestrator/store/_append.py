@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
 
 from orchestrator import records as bodies
 from orchestrator import state
-from orchestrator.errors import InvalidArgument, VersionConflict
-from orchestrator.model import Connection, ConnectionRef, ConnectionState, SealedCredentials
+from orchestrator.errors import InvalidArgument, LeaseLost, VersionConflict
+from orchestrator.model import (
+    RETRYABLE_JOBS,
+    Connection,
+    ConnectionRef,
+    ConnectionState,
+    Job,
+    JobQuery,
+    JobStatus,
+    SealedCredentials,
+)
 from orchestrator.records import Fact, NewEvent, Record
 
 ENDED = frozenset({ConnectionState.DELETED, ConnectionState.REJECTED})
@@ -89,3 +99,58 @@ def shredding(
     if after is None:
         return bodies.new(body)
     return bodies.new(body, causation_id=after.causation_id or after.event_id, traceparent=after.traceparent)
+
+
+_FINAL: dict[str, JobStatus] = {
+    Fact.FUNCTION_SUCCEEDED: JobStatus.SUCCEEDED,
+    Fact.FUNCTION_FAILED: JobStatus.GAVE_UP,
+    Fact.FUNCTION_GAVE_UP: JobStatus.GAVE_UP,
+    Fact.FUNCTION_CANCELLED: JobStatus.CANCELLED,
+}
+
+
+def finished(events: Sequence[NewEvent], *, requeued: bool, last_error: str) -> tuple[JobStatus, str]:
+    """The status and last error of a job after an attempt whose outcome ``events`` are recorded.
+
+    ``requeued``: another attempt is scheduled (queued again). Otherwise the last outcome record
+    says how it ended (none: succeeded). The last error is that of the last failed or given-up
+    record, ``last_error`` (the job's before) when there is none, and empty once it succeeded.
+    """
+    status = JobStatus.SUCCEEDED
+    for event in events:
+        if event.type in (Fact.FUNCTION_FAILED, Fact.FUNCTION_GAVE_UP):
+            last_error = bodies.OutcomeSummary.parse(event.data).error or last_error
+        status = _FINAL.get(event.type, status)
+    if requeued:
+        return JobStatus.QUEUED, last_error
+    return status, "" if status is JobStatus.SUCCEEDED else last_error
+
+
+def claimed(job: Job, now: datetime) -> Job:
+    """``job`` as a claim at ``now`` leaves it: one more attempt, the next fencing token, running."""
+    return dataclasses.replace(
+        job,
+        attempt=job.attempt + 1,
+        lease_token=job.lease_token + 1,
+        leased=True,
+        status=JobStatus.RUNNING,
+        updated_at=now,
+    )
+
+
+def check_retry(current: Job | None, job: Job) -> None:
+    """Fencing for :meth:`~orchestrator.store.EventStore.retry_job`: ``job`` is still as it was read, and finished."""
+    if current is None or current.lease_token != job.lease_token or current.status is not job.status:
+        raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) changed meanwhile; nothing was written")
+    if current.status not in RETRYABLE_JOBS:
+        raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) is {current.status}; nothing was written")
+
+
+def matches(job: Job, query: JobQuery) -> bool:
+    """Whether ``job`` is one ``query`` lists (its filters and its keyset position)."""
+    return (
+        (job.stream, job.job_id) > query.after
+        and (not query.stream or job.stream == query.stream)
+        and (not query.environment or job.stream.startswith(query.environment + "/"))
+        and (not query.statuses or job.status in query.statuses)
+    )

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import anyio
 
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
+from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, JobQuery, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
 from orchestrator.store._tail import TailPage
 
@@ -19,6 +19,7 @@ class Stats:
     """Gauges of the store, for metrics."""
 
     jobs: int
+    """Jobs queued or running."""
     oldest_job_at: datetime | None
     connections: dict[str, int]
     """Connections by state."""
@@ -42,6 +43,11 @@ class EventStore(Protocol):
     every write: when a write leaves a connection ``deleted`` or ``rejected`` with no job of
     it queued or running and a sealed row stored, the row is deleted and a
     ``credentials-destroyed`` record appended, in that same transaction.
+
+    **Jobs** (the outbox) are kept once they end, with their status (succeeded, gave up,
+    cancelled) and last error, so that they can be listed (:meth:`list_jobs`) and retried
+    (:meth:`retry_job`); only queued and running ones are claimed, counted in :meth:`stats`,
+    returned by :meth:`jobs`, or count as "left" to the shredding rule.
     """
 
     async def append(
@@ -59,9 +65,10 @@ class EventStore(Protocol):
         In the same transaction, ``seal`` replaces the connection's sealed credentials (its
         ``version`` becomes that of the append's ``credentials-updated`` record, which must be
         among ``events``), ``jobs`` are scheduled (the outbox) and the
-        jobs ``cancel_jobs`` are removed, each as it was read or claimed: one
-        whose fencing token has moved on since (claimed again) refuses the
-        whole append with :class:`~orchestrator.errors.LeaseLost`. Returns once all of it is durable. Raises
+        jobs ``cancel_jobs`` are marked cancelled, each as it was read or claimed: one
+        whose fencing token has moved on since (claimed again), or that is no longer
+        queued or running, refuses the whole append with :class:`~orchestrator.errors.LeaseLost`.
+        Returns once all of it is durable. Raises
         :class:`~orchestrator.errors.VersionConflict` when the stream moved,
         :class:`~orchestrator.errors.InvalidTransition` when the fold refuses a
         record, :class:`~orchestrator.errors.IdempotencyConflict` when a key is
@@ -72,22 +79,41 @@ class EventStore(Protocol):
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
         """Lease up to ``limit`` due jobs (not of the ``exclude`` streams) for ``lease`` seconds.
 
-        Each claim counts an attempt and bumps the job's fencing token.
+        Each claim counts an attempt, bumps the job's fencing token and makes it running.
         """
         ...
 
     async def finish_job(
         self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
     ) -> Appended | None:
-        """Record an attempt's outcome ``events`` and remove the job, or reschedule it at ``retry_at``.
+        """Record an attempt's outcome ``events`` and end the job, or queue it again at ``retry_at``.
 
-        Refused with :class:`~orchestrator.errors.LeaseLost` (nothing written)
-        when the job was claimed again since ``job`` was (its token moved on).
+        The job's status and last error follow from ``events`` (see
+        :func:`~orchestrator.store._append.finished`). Refused with
+        :class:`~orchestrator.errors.LeaseLost` (nothing written) when the job was
+        claimed again since ``job`` was (its token moved on), or is no longer running.
         """
         ...
 
     async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
-        """Scheduled and running jobs (of one connection, or all), by due time."""
+        """Queued and running jobs (of one connection, or all), by due time."""
+        ...
+
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """Jobs of any status matching ``query``, ordered by (stream, job id), after ``query.after``."""
+        ...
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job ``job_id`` whatever its status, or None."""
+        ...
+
+    async def retry_job(self, job: Job, events: Sequence[NewEvent], *, run_at: datetime) -> Appended:
+        """Queue ``job`` (given up or cancelled) again, due at ``run_at``, with no attempt made, and append
+        ``events`` (its ``function-retried``) to its stream, in one transaction.
+
+        Fenced like the other job changes: refused with :class:`~orchestrator.errors.LeaseLost`
+        (nothing written) unless the job is still as ``job`` was read (same status and token).
+        """
         ...
 
     async def next_job_at(self) -> datetime | None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from orchestrator.clock import Clock
-from orchestrator.errors import StoreError
+from orchestrator.errors import LogInUse, StoreError
 from orchestrator.store._migrations import migrate_sqlite
 
 log = logging.getLogger(__name__)
@@ -194,11 +194,13 @@ class Lock:
                 self._key = None
 
     def _in_use(self, status: os.stat_result) -> StoreError:
-        holder = _pid_in(self._pid_path) or _flock_holder(status) or "another process"
+        holder = _pid_in(self._pid_path) or flock_holder(status) or "another process"
         also = f" (that is {self.path})" if self.path != self._shown else ""
-        return StoreError(
+        return LogInUse(
             f"the event log {self._shown}{also} is in use by pid {holder}:"
-            " one daemon owns an SQLite log (use PostgreSQL to run several)"
+            " one daemon owns an SQLite log (use PostgreSQL to run several)",
+            path=self._shown,
+            holder=holder,
         )
 
 
@@ -218,7 +220,7 @@ def _pid_in(path: Path) -> str:
     return text if text.isdigit() else ""
 
 
-def _flock_holder(status: os.stat_result) -> str:
+def flock_holder(status: os.stat_result) -> str:
     """The pid holding an ``flock`` on the file (Linux's /proc/locks), or ``""``."""
     device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
     try:

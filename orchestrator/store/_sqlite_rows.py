@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestrator import codec
-from orchestrator.model import Connection, Job, LifecycleEvent, NewJob, SealedCredentials
+from orchestrator.model import Connection, Job, JobStatus, LifecycleEvent, NewJob, SealedCredentials
 from orchestrator.records import Record
 
 RECORD_COLUMNS = (
@@ -16,8 +16,11 @@ RECORD_COLUMNS = (
 )
 SEALED_COLUMNS = "stream, incarnation, key_id, nonce, ciphertext, fingerprint, version"
 JOB_COLUMNS = (
-    "job_id, stream, function, event, causation_id, payload, traceparent, run_at, attempt, lease_until, lease_token"
+    "job_id, stream, function, event, causation_id, payload, traceparent, run_at, attempt, lease_until, lease_token,"
+    " status, last_error, created_at, updated_at, incarnation"
 )
+LIVE = "status IN ('queued', 'running')"
+"""The condition of a job still to run, written as the partial index ``jobs_due`` is (so that it is used)."""
 
 
 def record_from_row(row: Sequence[Any]) -> Record:
@@ -68,11 +71,18 @@ def job_from_row(row: Sequence[Any]) -> Job:
         attempt=row[8],
         leased=row[9] is not None,
         lease_token=row[10],
+        status=JobStatus(row[11]),
+        last_error=row[12],
+        created_at=codec.from_micros(row[13]),
+        updated_at=codec.from_micros(row[14]),
+        incarnation=row[15],
     )
 
 
 def job_to_row(job: NewJob, stream: str, created_micros: int) -> tuple[Any, ...]:
-    """The ``jobs`` row of a new job (columns :data:`JOB_COLUMNS`, then ``created_at``)."""
+    """The ``jobs`` row of a new job, queued: the columns of :data:`JOB_COLUMNS` but the last, ``incarnation``,
+    which the writer adds once the append that schedules it is folded (raises TypeError or ValueError for a
+    payload JSON cannot hold)."""
     return (
         job.job_id,
         stream,
@@ -85,6 +95,9 @@ def job_to_row(job: NewJob, stream: str, created_micros: int) -> tuple[Any, ...]
         job.attempt,
         None,
         0,
+        JobStatus.QUEUED.value,
+        "",
+        created_micros,
         created_micros,
     )
 

@@ -20,7 +20,6 @@ stored, and writing resumes by itself once there is room.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -46,14 +45,24 @@ from orchestrator.errors import (
     StoreError,
     Unavailable,
 )
-from orchestrator.model import Connection, ConnectionRef, Job, NewJob, SealedCredentials
+from orchestrator.model import Connection, ConnectionRef, Job, JobStatus, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
-from orchestrator.store._append import ENDED, check_seal, plan_append, sealed_version, shredding
+from orchestrator.store._append import (
+    ENDED,
+    check_retry,
+    check_seal,
+    claimed,
+    finished,
+    plan_append,
+    sealed_version,
+    shredding,
+)
 from orchestrator.store._base import Appended
 from orchestrator.store._migrations import migrate_sqlite
 from orchestrator.store._sqlite_file import check_is_a_log, check_quickly, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
+    LIVE,
     RECORD_COLUMNS,
     SEALED_COLUMNS,
     connection_from_body,
@@ -117,6 +126,13 @@ class _Finish(_Op):
 
 
 @dataclass(eq=False)
+class _Retry(_Op):
+    job: Job = field(default=None)  # type: ignore[assignment]  # always given
+    events: Sequence[NewEvent] = ()
+    run_at: int = 0
+
+
+@dataclass(eq=False)
 class _Txn:
     """What one batch writes, gathered for ``executemany``."""
 
@@ -129,8 +145,9 @@ class _Txn:
     """The records staged, in position order, and their weights in the tail."""
     touched: set[str] = field(default_factory=set)
     job_rows: list[tuple[Any, ...]] = field(default_factory=list)
-    deleted_jobs: list[str] = field(default_factory=list)
-    rescheduled: list[tuple[int, str]] = field(default_factory=list)
+    """New jobs, inserted at the end of the batch."""
+    jobs_changed: bool = False
+    """Jobs were scheduled, rescheduled, ended or queued again (changes to existing jobs are made at once)."""
     sealed: dict[str, SealedCredentials | None] = field(default_factory=dict)
     """Sealed credentials written (or, None, deleted) by this batch, by stream."""
 
@@ -190,7 +207,7 @@ class Writer:
             migrate_sqlite(db, self._path, self._clock)
             # We hold the file's lock, so whoever leased a job before is dead:
             # its attempt is retried now rather than after the lease runs out.
-            db.execute("UPDATE jobs SET lease_until = NULL WHERE lease_until IS NOT NULL")
+            db.execute("UPDATE jobs SET lease_until = NULL, status = 'queued' WHERE status = 'running'")
             head: int = db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
             self._last_micros = db.execute("SELECT COALESCE(MAX(recorded_at), 0) FROM events").fetchone()[0]
         except sqlite3.Error as exc:
@@ -280,6 +297,11 @@ class Writer:
         result: Appended | None = await self.submit(op)
         return result
 
+    async def retry_job(self, job: Job, events: Sequence[NewEvent], *, run_at: datetime) -> Appended:
+        """Queue a finished job again (see :meth:`~orchestrator.store.EventStore.retry_job`)."""
+        result: Appended = await self.submit(_Retry(job.stream, job=job, events=events, run_at=codec.to_micros(run_at)))
+        return result
+
     async def sweep_credentials(self) -> int:
         """Apply the shredding rule everywhere (see :meth:`~orchestrator.store.EventStore.sweep_credentials`)."""
         shredded: int = await self.submit(_Sweep(None))
@@ -322,7 +344,7 @@ class Writer:
             self._last_micros = now
             # Before any write of the batch is acknowledged: whoever hears of one reads it in the tail.
             added = self.tail.add(txn.records, txn.weights)
-            if txn.job_rows or txn.rescheduled or txn.deleted_jobs:
+            if txn.job_rows or txn.jobs_changed:
                 self._jobs_changed()
         for op in batch:
             op.done.set()
@@ -373,6 +395,8 @@ class Writer:
                         op.result = self._apply_append(db, txn, op)
                     elif isinstance(op, _Finish):
                         op.result = self._apply_finish(db, txn, op)
+                    elif isinstance(op, _Retry):
+                        op.result = self._apply_retry(db, txn, op)
                     elif isinstance(op, _Claim):
                         op.result = self._apply_claim(db, op)
                     elif isinstance(op, _Sweep):
@@ -417,34 +441,67 @@ class Writer:
         txn.weights.extend(weight(record, row[5]) for record, row in zip(records, rows, strict=True))
         return Appended(tuple(records), connection)
 
+    # Each write below checks everything, then stages its records (``_add_records``, which refuses
+    # before staging anything), and only then changes existing job rows, at once: a claim later in
+    # the same batch sees those changes (it never claims a job this batch cancelled).
+
     def _apply_append(self, db: sqlite3.Connection, txn: _Txn, op: _Append) -> Appended:
         if op.cancel_jobs:
             wanted = {j.job_id: j.lease_token for j in op.cancel_jobs}
             marks = ",".join("?" * len(wanted))
-            sql = f"SELECT job_id, lease_token FROM jobs WHERE job_id IN ({marks})"
+            sql = f"SELECT job_id, lease_token FROM jobs WHERE job_id IN ({marks}) AND {LIVE}"
             if dict(db.execute(sql, list(wanted)).fetchall()) != wanted:
-                raise LeaseLost(f"{op.ref}: a job to cancel was claimed again meanwhile; nothing was written")
+                raise LeaseLost(f"{op.ref}: a job to cancel was claimed again or ended meanwhile; nothing was written")
         check_seal(op.ref, op.events, op.seal)
         created = codec.to_micros(txn.recorded_at)
         job_rows = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
         appended = self._add_records(txn, op.ref, op.expected_version, op.events)
-        txn.deleted_jobs.extend(j.job_id for j in op.cancel_jobs)
-        txn.job_rows.extend(job_rows)
+        if op.cancel_jobs:
+            db.executemany(
+                "UPDATE jobs SET status = 'cancelled', lease_until = NULL, updated_at = ? WHERE job_id = ?",
+                [(created, j.job_id) for j in op.cancel_jobs],
+            )
+            txn.jobs_changed = True
+        # The jobs belong to the incarnation the append leaves the connection in.
+        txn.job_rows.extend((*row, appended.connection.incarnation) for row in job_rows)
         if op.seal is not None:
             txn.sealed[op.ref.stream] = sealed_version(op.seal, appended.records)
         return self._shred(db, txn, op.ref, appended) or appended
 
     def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
         job = op.job
-        row = db.execute("SELECT lease_token FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
-        if row is None or row[0] != job.lease_token:
+        row = db.execute("SELECT lease_token, status, last_error FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
+        if row is None or row[0] != job.lease_token or row[1] != JobStatus.RUNNING:
             raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
         appended = self._add_records(txn, job.ref, None, op.events) if op.events else None
+        status, error = finished(op.events, requeued=op.retry_at is not None, last_error=row[2])
+        now = codec.to_micros(txn.recorded_at)
         if op.retry_at is None:
-            txn.deleted_jobs.append(job.job_id)
+            db.execute(
+                "UPDATE jobs SET status = ?, last_error = ?, lease_until = NULL, updated_at = ? WHERE job_id = ?",
+                (status.value, error, now, job.job_id),
+            )
         else:
-            txn.rescheduled.append((op.retry_at, job.job_id))
+            db.execute(
+                "UPDATE jobs SET status = ?, last_error = ?, run_at = ?, lease_until = NULL, updated_at = ?"
+                " WHERE job_id = ?",
+                (status.value, error, op.retry_at, now, job.job_id),
+            )
+        txn.jobs_changed = True
         return self._shred(db, txn, job.ref, appended)
+
+    def _apply_retry(self, db: sqlite3.Connection, txn: _Txn, op: _Retry) -> Appended:
+        job = op.job
+        row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
+        check_retry(job_from_row(row) if row is not None else None, job)
+        appended = self._add_records(txn, job.ref, None, op.events)
+        db.execute(
+            "UPDATE jobs SET status = 'queued', attempt = 0, run_at = ?, lease_until = NULL, updated_at = ?"
+            " WHERE job_id = ?",
+            (op.run_at, codec.to_micros(txn.recorded_at), job.job_id),
+        )
+        txn.jobs_changed = True
+        return self._shred(db, txn, job.ref, appended) or appended
 
     def _shred(
         self, db: sqlite3.Connection, txn: _Txn, ref: ConnectionRef, appended: Appended | None
@@ -461,8 +518,9 @@ class Writer:
             sealed = sealed_from_row(row) if row is not None else None
         if sealed is None:
             return appended
-        stored = {row[0] for row in db.execute("SELECT job_id FROM jobs WHERE stream = ?", (stream,))}
-        left = (stored - set(txn.deleted_jobs)) | {row[0] for row in txn.job_rows if row[1] == stream}
+        # Changes to existing jobs are made at once; new ones wait for the end of the batch.
+        stored = {row[0] for row in db.execute(f"SELECT job_id FROM jobs WHERE stream = ? AND {LIVE}", (stream,))}
+        left = stored | {row[0] for row in txn.job_rows if row[1] == stream}
         event = shredding(connection, sealed, bool(left), appended.records[-1] if appended else None)
         if event is None:
             return appended
@@ -476,7 +534,7 @@ class Writer:
             for row in db.execute(
                 "SELECT c.stream FROM credentials c JOIN connections n ON n.stream = c.stream"
                 " WHERE n.state IN ('deleted', 'rejected')"
-                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.stream = c.stream)"
+                f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.stream = c.stream AND j.{LIVE})"
             )
         ]
         txn.current.update(self._load_connections(db, [s for s in streams if s not in txn.current]))
@@ -491,20 +549,18 @@ class Writer:
         marks = ",".join("?" * len(excluded))
         not_excluded = f" AND stream NOT IN ({marks})" if excluded else ""
         sql = (
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE run_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
-            f"{not_excluded} ORDER BY run_at LIMIT ?"
+            f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_due WHERE {LIVE} AND run_at <= ?"
+            f" AND (lease_until IS NULL OR lease_until < ?){not_excluded} ORDER BY run_at LIMIT ?"
         )
         rows = db.execute(sql, [op.now, op.now, *excluded, op.limit]).fetchall()
-        claimed = []
-        for row in rows:
-            job = job_from_row(row)
-            job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
-            claimed.append(job)
+        now = codec.from_micros(op.now)
+        jobs = [claimed(job_from_row(row), now) for row in rows]
         db.executemany(
-            "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ? WHERE job_id = ?",
-            [(j.attempt, j.lease_token, op.lease_until, j.job_id) for j in claimed],
+            "UPDATE jobs SET attempt = ?, lease_token = ?, lease_until = ?, status = 'running', updated_at = ?"
+            " WHERE job_id = ?",
+            [(j.attempt, j.lease_token, op.lease_until, op.now, j.job_id) for j in jobs],
         )
-        return claimed
+        return jobs
 
     def _flush(self, db: sqlite3.Connection, txn: _Txn) -> None:
         if txn.event_rows:
@@ -515,11 +571,7 @@ class Writer:
                 [connection_to_row(txn.current[s]) for s in txn.touched],
             )
         if txn.job_rows:
-            db.executemany(f"INSERT INTO jobs ({JOB_COLUMNS}, created_at) VALUES ({','.join('?' * 12)})", txn.job_rows)
-        if txn.deleted_jobs:
-            db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in txn.deleted_jobs])
-        if txn.rescheduled:
-            db.executemany("UPDATE jobs SET run_at = ?, lease_until = NULL WHERE job_id = ?", txn.rescheduled)
+            db.executemany(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({','.join('?' * 16)})", txn.job_rows)
         if txn.sealed:
             updated = codec.to_micros(txn.recorded_at)
             kept = [sealed_to_row(s, updated) for s in txn.sealed.values() if s is not None]

@@ -11,10 +11,29 @@ import anyio
 from orchestrator import codec
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import IdempotencyConflict, InvalidArgument, LeaseLost, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
+from orchestrator.model import (
+    LIVE_JOBS,
+    Connection,
+    ConnectionQuery,
+    ConnectionRef,
+    Job,
+    JobQuery,
+    JobStatus,
+    NewJob,
+    SealedCredentials,
+)
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import Appended, Stats
-from orchestrator.store._append import check_seal, plan_append, sealed_version, shredding
+from orchestrator.store._append import (
+    check_retry,
+    check_seal,
+    claimed,
+    finished,
+    matches,
+    plan_append,
+    sealed_version,
+    shredding,
+)
 from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, TailPage, weight
 
 
@@ -30,7 +49,9 @@ class MemoryEventStore:
         self._keys: dict[tuple[str, str], Record] = {}
         self._lock = anyio.Lock()
         self._jobs: dict[str, Job] = {}
+        """Every job, live or finished (kept for listing and retrying)."""
         self._leases: dict[str, datetime | None] = {}
+        """The lease of each live job (None: not claimed)."""
         self._jobs_event = anyio.Event()
         self._sealed: dict[str, SealedCredentials] = {}
         self._closed = False
@@ -51,15 +72,12 @@ class MemoryEventStore:
             if self._closed:
                 raise Unavailable("the event store is closed")
             check_seal(ref, events, seal)
-            if any(
-                self._jobs.get(j.job_id) is None or self._jobs[j.job_id].lease_token != j.lease_token
-                for j in cancel_jobs
-            ):
-                raise LeaseLost(f"{ref}: a job to cancel was claimed again meanwhile; nothing was written")
+            if any(not self._live(j) for j in cancel_jobs):
+                raise LeaseLost(f"{ref}: a job to cancel was claimed again or ended meanwhile; nothing was written")
             appended = self._append_locked(ref, expected_version, events)
+            now = appended.records[-1].recorded_at
             for job in cancel_jobs:
-                del self._jobs[job.job_id]
-                del self._leases[job.job_id]
+                self._end(self._jobs[job.job_id], JobStatus.CANCELLED, now)
             for new in jobs:
                 self._jobs[new.job_id] = Job(
                     new.job_id,
@@ -73,6 +91,9 @@ class MemoryEventStore:
                     lease_token=0,
                     leased=False,
                     traceparent=new.traceparent,
+                    incarnation=appended.connection.incarnation,
+                    created_at=now,
+                    updated_at=now,
                 )
                 self._leases[new.job_id] = None
             if seal is not None:
@@ -112,9 +133,20 @@ class MemoryEventStore:
         self._tail.wake()
         return Appended(tuple(records), connection)
 
+    def _live(self, job: Job) -> bool:
+        """Whether ``job`` is still queued or running, with the fencing token it was read or claimed with."""
+        current = self._jobs.get(job.job_id)
+        return current is not None and current.status in LIVE_JOBS and current.lease_token == job.lease_token
+
+    def _end(self, job: Job, status: JobStatus, now: datetime, last_error: str | None = None) -> None:
+        """Keep ``job`` as ended with ``status`` (the caller holds the lock)."""
+        error = job.last_error if last_error is None else last_error
+        self._jobs[job.job_id] = dataclasses.replace(job, status=status, leased=False, last_error=error, updated_at=now)
+        self._leases.pop(job.job_id, None)
+
     def _shred_locked(self, ref: ConnectionRef, appended: Appended | None) -> Appended | None:
         """The shredding rule after a write (the caller holds the lock): ``appended`` and what it added."""
-        jobs_left = any(j.stream == ref.stream for j in self._jobs.values())
+        jobs_left = any(j.stream == ref.stream and j.status in LIVE_JOBS for j in self._jobs.values())
         last = appended.records[-1] if appended is not None else None
         event = shredding(self._connections.get(ref.stream), self._sealed.get(ref.stream), jobs_left, last)
         if event is None:
@@ -150,17 +182,18 @@ class MemoryEventStore:
                 (
                     j
                     for j in self._jobs.values()
-                    if j.run_at <= now and j.stream not in exclude and _lease_free(self._leases[j.job_id], now)
+                    if j.status in LIVE_JOBS
+                    and j.run_at <= now
+                    and j.stream not in exclude
+                    and _lease_free(self._leases[j.job_id], now)
                 ),
                 key=lambda j: j.run_at,
             )[:limit]
-            claimed = []
-            for job in due:
-                job = dataclasses.replace(job, attempt=job.attempt + 1, lease_token=job.lease_token + 1, leased=True)
+            leased = [claimed(job, now) for job in due]
+            for job in leased:
                 self._jobs[job.job_id] = job
                 self._leases[job.job_id] = now + timedelta(seconds=lease)
-                claimed.append(job)
-            return claimed
+            return leased
 
     async def finish_job(
         self, job: Job, events: Sequence[NewEvent], *, retry_at: datetime | None = None
@@ -170,28 +203,61 @@ class MemoryEventStore:
             if self._closed:
                 raise Unavailable("the event store is closed")
             current = self._jobs.get(job.job_id)
-            if current is None or current.lease_token != job.lease_token:
+            if current is None or current.lease_token != job.lease_token or current.status is not JobStatus.RUNNING:
                 raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
             appended = self._append_locked(job.ref, None, events) if events else None
+            self._last_time = max(self._last_time, self._clock.now())
+            status, error = finished(events, requeued=retry_at is not None, last_error=current.last_error)
             if retry_at is None:
-                del self._jobs[job.job_id]
-                del self._leases[job.job_id]
-                self._jobs_changed()
+                self._end(current, status, self._last_time, error)
             else:
-                self._jobs[job.job_id] = dataclasses.replace(current, run_at=retry_at, leased=False)
+                self._jobs[job.job_id] = dataclasses.replace(
+                    current, run_at=retry_at, leased=False, status=status, last_error=error, updated_at=self._last_time
+                )
                 self._leases[job.job_id] = None
-                self._jobs_changed()
+            self._jobs_changed()
             return self._shred_locked(job.ref, appended)
+
+    async def retry_job(self, job: Job, events: Sequence[NewEvent], *, run_at: datetime) -> Appended:
+        """See :meth:`EventStore.retry_job`."""
+        async with self._lock:
+            if self._closed:
+                raise Unavailable("the event store is closed")
+            check_retry(self._jobs.get(job.job_id), job)
+            appended = self._append_locked(job.ref, None, events)
+            self._jobs[job.job_id] = dataclasses.replace(
+                self._jobs[job.job_id],
+                run_at=run_at,
+                attempt=0,
+                leased=False,
+                status=JobStatus.QUEUED,
+                updated_at=appended.records[-1].recorded_at,
+            )
+            self._leases[job.job_id] = None
+            self._jobs_changed()
+            return self._shred_locked(job.ref, appended) or appended
 
     async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
         """See :meth:`EventStore.jobs`."""
-        return sorted((j for j in self._jobs.values() if ref is None or j.stream == ref.stream), key=lambda j: j.run_at)
+        return sorted(
+            (j for j in self._jobs.values() if j.status in LIVE_JOBS and (ref is None or j.stream == ref.stream)),
+            key=lambda j: j.run_at,
+        )
+
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """See :meth:`EventStore.list_jobs`."""
+        rows = sorted((j for j in self._jobs.values() if matches(j, query)), key=lambda j: (j.stream, j.job_id))
+        return rows[: query.limit]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """See :meth:`EventStore.get_job`."""
+        return self._jobs.get(job_id)
 
     async def next_job_at(self) -> datetime | None:
         """See :meth:`EventStore.next_job_at`."""
         times = [
-            max(j.run_at, lease) if (lease := self._leases[j.job_id]) is not None else j.run_at
-            for j in self._jobs.values()
+            max(self._jobs[job_id].run_at, lease) if lease is not None else self._jobs[job_id].run_at
+            for job_id, lease in self._leases.items()
         ]
         return min(times, default=None)
 
@@ -200,8 +266,9 @@ class MemoryEventStore:
         by_state: dict[str, int] = {}
         for connection in self._connections.values():
             by_state[connection.state.value] = by_state.get(connection.state.value, 0) + 1
-        oldest = min((j.run_at for j in self._jobs.values()), default=None)
-        return Stats(len(self._jobs), oldest, by_state)
+        live = [j for j in self._jobs.values() if j.status in LIVE_JOBS]
+        oldest = min((j.run_at for j in live), default=None)
+        return Stats(len(live), oldest, by_state)
 
     def jobs_changed(self) -> anyio.Event:
         """See :meth:`EventStore.jobs_changed`."""

@@ -27,13 +27,22 @@ import anyio.to_thread
 from orchestrator import codec
 from orchestrator.clock import Clock
 from orchestrator.errors import OrchestratorError, StoreError, Unavailable
-from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, NewJob, SealedCredentials
+from orchestrator.model import (
+    Connection,
+    ConnectionQuery,
+    ConnectionRef,
+    Job,
+    JobQuery,
+    NewJob,
+    SealedCredentials,
+)
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
 from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
+    LIVE,
     RECORD_COLUMNS,
     SEALED_COLUMNS,
     connection_from_body,
@@ -167,6 +176,10 @@ class SQLiteEventStore:
         """See :meth:`EventStore.finish_job`."""
         return await self._writing().finish_job(job, events, retry_at=retry_at)
 
+    async def retry_job(self, job: Job, events: Sequence[NewEvent], *, run_at: datetime) -> Appended:
+        """See :meth:`EventStore.retry_job`."""
+        return await self._writing().retry_job(job, events, run_at=run_at)
+
     async def sweep_credentials(self) -> int:
         """See :meth:`EventStore.sweep_credentials`."""
         return await self._writing().sweep_credentials()
@@ -250,15 +263,47 @@ class SQLiteEventStore:
     async def jobs(self, ref: ConnectionRef | None = None) -> list[Job]:
         """See :meth:`EventStore.jobs`."""
         if ref is None:
-            rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY run_at", ())
+            sql = f"SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_due WHERE {LIVE} ORDER BY run_at"
+            rows = await self._fetch(sql, ())
         else:
-            sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE stream = ? ORDER BY run_at"
+            sql = f"SELECT {JOB_COLUMNS} FROM jobs WHERE stream = ? AND {LIVE} ORDER BY run_at"
             rows = await self._fetch(sql, (ref.stream,))
         return [job_from_row(row) for row in rows]
 
+    async def list_jobs(self, query: JobQuery) -> list[Job]:
+        """See :meth:`EventStore.list_jobs`.
+
+        Keyset paging on (stream, job id), by the indexes ``jobs_by_stream`` and ``jobs_by_status``:
+        with a status filter, one bounded query per status, merged (each walks its index in order).
+        """
+        where, params = ["(stream, job_id) > (?, ?)"], list(query.after)
+        if query.stream:
+            where.append("stream = ?")
+            params.append(query.stream)
+        if query.environment:
+            # Names hold no "/" and "0" follows "/": the environment's streams are exactly this range.
+            where.append("stream > ? AND stream < ?")
+            params += [query.environment + "/", query.environment + "0"]
+        columns = f"SELECT {JOB_COLUMNS} FROM jobs WHERE"
+        if not query.statuses:
+            sql = f"{columns} {' AND '.join(where)} ORDER BY stream, job_id LIMIT ?"
+            rows = await self._fetch(sql, [*params, query.limit])
+        else:
+            one = f"SELECT * FROM ({columns} status = ? AND {' AND '.join(where)} ORDER BY stream, job_id LIMIT ?)"
+            statuses = sorted(query.statuses)
+            sql = " UNION ALL ".join([one] * len(statuses)) + " ORDER BY stream, job_id LIMIT ?"
+            bound = [value for status in statuses for value in (status.value, *params, query.limit)]
+            rows = await self._fetch(sql, [*bound, query.limit])
+        return [job_from_row(row) for row in rows]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        """See :meth:`EventStore.get_job`."""
+        rows = await self._fetch(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,))
+        return job_from_row(rows[0]) if rows else None
+
     async def stats(self) -> Stats:
         """See :meth:`EventStore.stats`."""
-        jobs = await self._fetch("SELECT COUNT(*), MIN(run_at) FROM jobs", ())
+        jobs = await self._fetch(f"SELECT COUNT(*), MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE {LIVE}", ())
         states = await self._fetch("SELECT state, COUNT(*) FROM connections GROUP BY state", ())
         count, oldest = jobs[0]
         return Stats(
@@ -270,7 +315,9 @@ class SQLiteEventStore:
     async def next_job_at(self) -> datetime | None:
         """See :meth:`EventStore.next_job_at`."""
         rows = await self._fetch(
-            "SELECT MIN(CASE WHEN lease_until IS NULL THEN run_at ELSE MAX(run_at, lease_until) END) FROM jobs", ()
+            "SELECT MIN(CASE WHEN lease_until IS NULL THEN run_at ELSE MAX(run_at, lease_until) END)"
+            f" FROM jobs INDEXED BY jobs_due WHERE {LIVE}",
+            (),
         )
         return codec.from_micros(rows[0][0]) if rows[0][0] is not None else None
 

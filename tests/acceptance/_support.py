@@ -18,7 +18,8 @@ INSTALL_TIMEOUT = 300.0
 
 async def create_acme(address: str, *options: str) -> Result:
     """``orchestrator emit post-connection-creation acme -i salesforce --json`` (instance acme) to ``address``."""
-    args = ("post-connection-creation", "acme", "-i", "salesforce", "--config", '{"instance": "acme"}', "--json")
+    args = ("post-connection-creation", "acme", "-i", "salesforce", "--connection-config", '{"instance": "acme"}')
+    args = (*args, "--json")
     return await arun("emit", *args, *options, "--address", address)
 
 

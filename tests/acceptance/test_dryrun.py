@@ -164,7 +164,11 @@ async def test_works_read_only_while_the_daemon_runs_but_commit_is_refused(log: 
         assert looked.code == 0, str(looked)
         committed = await log.dryrun("delete-webhook", "acme", "--commit")
         assert committed.code == 1, str(committed)
-        assert re.fullmatch(r"orchestrator: error: the event log \S+ is in use by pid \d+: .*\n", committed.err)
+        assert re.fullmatch(
+            r"orchestrator: error: the event log \S+ is in use by pid \d+ \(a running daemon\):"
+            r" stop the daemon or omit --commit .*\n",
+            committed.err,
+        )
         assert snapshot(log.database) == before
         assert await daemon.stop() == 0, str(daemon)
 

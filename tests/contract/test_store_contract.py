@@ -30,6 +30,9 @@ from orchestrator.model import (
     ConnectionQuery,
     ConnectionRef,
     ConnectionState,
+    Job,
+    JobQuery,
+    JobStatus,
     LifecycleEvent,
     NewJob,
     SealedCredentials,
@@ -37,6 +40,9 @@ from orchestrator.model import (
 from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.replay import verify as replay_verify
 from orchestrator.store import Appended, EventStore, TailBounds, open_store
+from orchestrator.store._append import plan_append
+from orchestrator.store._migrations import CREATE_TABLE, migrations
+from orchestrator.store._sqlite_rows import RECORD_COLUMNS, connection_to_row, record_to_row
 from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -126,6 +132,41 @@ def activity(index: int, config: dict[str, Any] | None = None) -> list[NewEvent]
         fact(Fact.FUNCTION_SUCCEEDED, creation, {"function": "register", "attempt": 1}),
     ]
     return events[: 1 + index % 3]
+
+
+def cleanup(cause: NewEvent, function: str = "cleanup") -> NewJob:
+    """A cleanup job of the deletion ``cause``, due at once."""
+    return NewJob(str(uuid7()), function, LifecycleEvent.PRE_CONNECTION_DELETION, cause.event_id, {}, T0)
+
+
+def outcome(kind: Fact, job: Job, error: str = "") -> NewEvent:
+    """A ``function-*`` record of ``job``'s attempt, caused by its lifecycle record, as the worker writes it."""
+    data: dict[str, Any] = {"function": job.function, "attempt": job.attempt}
+    if error:
+        data["error"] = error
+    return NewEvent(event_id=str(uuid7()), type=kind.value, data=data, causation_id=job.causation_id)
+
+
+def retried(job: Job) -> NewEvent:
+    """The ``function-retried`` record of ``job``, as the service writes it."""
+    body = records.FunctionRetried(job.function, job.job_id, job.attempt, job.status.value, "token:0123abcd")
+    return records.new(body, causation_id=job.causation_id)
+
+
+async def give_up(store: EventStore, error: str = "503 from the provider") -> Job:
+    """Claim the one due job and record that it gave up (a failed attempt, then function-gave-up); the job after."""
+    (claimed,) = await store.claim_jobs(limit=1, lease=60)
+    await store.finish_job(
+        claimed, [outcome(Fact.FUNCTION_FAILED, claimed, error), outcome(Fact.FUNCTION_GAVE_UP, claimed, error)]
+    )
+    job = await store.get_job(claimed.job_id)
+    assert job is not None and job.status is JobStatus.GAVE_UP
+    return job
+
+
+async def all_jobs(store: EventStore, query: JobQuery | None = None) -> list[Job]:
+    """Every job ``query`` lists (every job of the store without one)."""
+    return await store.list_jobs(query or JobQuery(limit=LIMIT_ALL))
 
 
 async def interleave(store: EventStore, appends: int, refs: Sequence[ConnectionRef] = (ACME, GLOBEX, INITECH)) -> None:
@@ -633,8 +674,8 @@ class StoreContract:
 
     # Run in a child process: if the writer task dies, the caller's shielded wait can never be cancelled.
 
-    async def test_cancelling_a_job_as_listed_removes_it_with_the_append(self, store: EventStore) -> None:
-        """A job cancelled with the token it was listed with is removed in the same transaction as the records."""
+    async def test_cancelling_a_job_as_listed_ends_it_with_the_append(self, store: EventStore) -> None:
+        """A job cancelled with the token it was listed with ends (cancelled) in the same transaction as the records."""
         created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
         await store.append(ACME, None, [created], jobs=[job(created)])
         (listed,) = await store.jobs(ACME)
@@ -655,7 +696,7 @@ class StoreContract:
         assert await store.head() == head
         assert [j.job_id for j in await store.jobs(ACME)] == [claimed.job_id]
 
-    async def test_a_claimed_job_cancelled_with_its_claim_is_removed_and_fenced(self, store: EventStore) -> None:
+    async def test_a_claimed_job_cancelled_with_its_claim_ends_and_is_fenced(self, store: EventStore) -> None:
         """A claim's holder may cancel its job; the claim's outcome is then refused (LeaseLost)."""
         created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
         await store.append(ACME, None, [created], jobs=[job(created)])
@@ -773,6 +814,232 @@ class StoreContract:
         assert await store.head() == head
         assert await store.sealed_credentials(ACME) is not None
 
+    # -- jobs you can see and steer: finished jobs are kept, listed, retried ----------------------
+
+    async def test_finished_jobs_are_kept_with_their_status_and_last_error(self, store: EventStore) -> None:
+        """Succeeded, given-up and cancelled jobs stay listed; only queued and running ones are claimed or counted."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, 0, [creation], jobs=[job(creation, name) for name in ("a", "b", "c", "d")])
+        ok, flaky, down = await store.claim_jobs(limit=3, lease=60)
+        (left,) = [j for j in await store.jobs(ACME) if not j.leased]
+        listed = {j.job_id: j for j in await all_jobs(store)}
+        assert {j.job_id for j in listed.values() if j.status is JobStatus.RUNNING} == {
+            ok.job_id,
+            flaky.job_id,
+            down.job_id,
+        }
+        await store.finish_job(ok, [outcome(Fact.FUNCTION_SUCCEEDED, ok)])
+        await store.finish_job(flaky, [outcome(Fact.FUNCTION_FAILED, flaky, "timeout")], retry_at=T0)
+        await store.finish_job(
+            down, [outcome(Fact.FUNCTION_FAILED, down, "HTTP 503"), outcome(Fact.FUNCTION_GAVE_UP, down, "HTTP 503")]
+        )
+        await store.append(ACME, None, [lifecycle(LifecycleEvent.PRE_CONNECTION_DELETION)], cancel_jobs=[left])
+
+        kept = {j.job_id: j for j in await all_jobs(store)}
+        assert {job_id: (j.status, j.last_error) for job_id, j in kept.items()} == {
+            ok.job_id: (JobStatus.SUCCEEDED, ""),
+            flaky.job_id: (JobStatus.QUEUED, "timeout"),
+            down.job_id: (JobStatus.GAVE_UP, "HTTP 503"),
+            left.job_id: (JobStatus.CANCELLED, ""),
+        }
+        for kept_job in kept.values():
+            assert kept_job.incarnation == 1
+            assert kept_job.created_at is not None and kept_job.updated_at is not None
+            assert kept_job.updated_at >= kept_job.created_at
+        assert [j.job_id for j in await store.jobs()] == [flaky.job_id]
+        assert (await store.stats()).jobs == 1
+        again = await store.claim_jobs(limit=10, lease=60)
+        assert [j.job_id for j in again] == [flaky.job_id], "only a queued job is claimed again"
+        assert await store.get_job(str(uuid7())) is None
+
+    async def test_a_finished_job_takes_no_second_outcome(self, store: EventStore) -> None:
+        """Fencing holds once a job ended: its claim's outcome, recorded twice, is refused the second time."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, 0, [creation], jobs=[job(creation)])
+        (claimed,) = await store.claim_jobs(limit=1, lease=60)
+        await store.finish_job(claimed, [outcome(Fact.FUNCTION_SUCCEEDED, claimed)])
+        head = await store.head()
+        with pytest.raises(LeaseLost):
+            await store.finish_job(claimed, [outcome(Fact.FUNCTION_SUCCEEDED, claimed)])
+        assert await store.head() == head
+
+    async def test_list_jobs_pages_in_stream_and_job_order_with_filters(self, store: EventStore) -> None:
+        """Keyset pages over (stream, job id); one connection, one environment, and statuses filter them."""
+        made: list[tuple[str, str]] = []
+        for ref in (UMBRELLA, GLOBEX, ACME, INITECH):
+            creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+            jobs = [job(creation, f"f{n}") for n in range(3)]
+            await store.append(ref, 0, [creation], jobs=jobs)
+            made += [(ref.stream, j.job_id) for j in jobs]
+        await give_up(store)  # the first due job
+        everything_listed = await all_jobs(store)
+        assert [(j.stream, j.job_id) for j in everything_listed] == sorted(made)
+
+        pages: list[list[Job]] = []
+        after = ("", "")
+        while True:
+            page = await store.list_jobs(JobQuery(after=after, limit=5))
+            if not page:
+                break
+            pages.append(page)
+            after = (page[-1].stream, page[-1].job_id)
+        assert [len(p) for p in pages] == [5, 5, 2]
+        assert [j.job_id for p in pages for j in p] == [j.job_id for j in everything_listed]
+
+        one = await all_jobs(store, JobQuery(stream=GLOBEX.stream, limit=LIMIT_ALL))
+        assert [(j.stream, j.job_id) for j in one] == sorted(m for m in made if m[0] == GLOBEX.stream)
+        prod = await all_jobs(store, JobQuery(environment="prod", limit=LIMIT_ALL))
+        assert {j.stream for j in prod} == {UMBRELLA.stream} and len(prod) == 3
+        dev = await all_jobs(store, JobQuery(environment="dev", limit=2))
+        assert [(j.stream, j.job_id) for j in dev] == sorted(m for m in made if m[0].startswith("dev/"))[:2]
+        assert await all_jobs(store, JobQuery(environment="de", limit=LIMIT_ALL)) == []
+
+        gave_up = await all_jobs(store, JobQuery(statuses=frozenset({JobStatus.GAVE_UP}), limit=LIMIT_ALL))
+        assert len(gave_up) == 1
+        queued = await all_jobs(store, JobQuery(statuses=frozenset({JobStatus.QUEUED}), limit=LIMIT_ALL))
+        assert len(queued) == 11
+        both = frozenset({JobStatus.GAVE_UP, JobStatus.QUEUED})
+        merged = await all_jobs(store, JobQuery(statuses=both, limit=LIMIT_ALL))
+        assert [j.job_id for j in merged] == [j.job_id for j in everything_listed]
+        first, second = gave_up[0], queued[0]
+        paged = await store.list_jobs(JobQuery(statuses=both, after=(first.stream, first.job_id), limit=3))
+        assert [j.job_id for j in paged] == [
+            j.job_id for j in merged if (j.stream, j.job_id) > (first.stream, first.job_id)
+        ][:3]
+        assert await all_jobs(store, JobQuery(stream=second.stream, statuses=frozenset({JobStatus.SUCCEEDED}))) == []
+
+    async def test_retry_queues_a_given_up_job_with_a_fresh_budget_in_the_same_write(self, store: EventStore) -> None:
+        """function-retried is appended with the job's reset: queued, no attempt made, due at run_at, claimable."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, 0, [creation], jobs=[job(creation)])
+        gone = await give_up(store)
+        changed = store.jobs_changed()
+        record = retried(gone)
+        appended = await store.retry_job(gone, [record], run_at=T0 + timedelta(seconds=1))
+        assert [r.type for r in appended.records] == [Fact.FUNCTION_RETRIED]
+        assert appended.records[0].causation_id == creation.event_id
+        assert changed.is_set(), "the worker is told"
+        again = await store.get_job(gone.job_id)
+        assert again is not None
+        assert (again.status, again.attempt, again.run_at, again.leased) == (
+            JobStatus.QUEUED,
+            0,
+            T0 + timedelta(seconds=1),
+            False,
+        )
+        assert again.last_error == "503 from the provider", "kept until an attempt succeeds"
+        row = appended.connection
+        assert [(o.name, o.status.value, o.attempts) for o in row.outcomes] == [("register", "scheduled", 0)]
+        (claimed,) = await store.claim_jobs(limit=1, lease=60)
+        assert (claimed.job_id, claimed.attempt) == (gone.job_id, 1)
+        await store.finish_job(claimed, [outcome(Fact.FUNCTION_SUCCEEDED, claimed)])
+        done = await store.get_job(gone.job_id)
+        assert done is not None and (done.status, done.last_error) == (JobStatus.SUCCEEDED, "")
+        cancelled = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(GLOBEX, 0, [cancelled], jobs=[job(cancelled)])
+        (listed,) = await store.jobs(GLOBEX)
+        await store.append(
+            GLOBEX, None, [fact(Fact.FUNCTION_CANCELLED, cancelled, {"function": "register"})], cancel_jobs=[listed]
+        )
+        (was,) = await all_jobs(store, JobQuery(stream=GLOBEX.stream))
+        assert was.status is JobStatus.CANCELLED
+        await store.retry_job(was, [retried(was)], run_at=T0)
+        assert [j.job_id for j in await store.jobs(GLOBEX)] == [was.job_id]
+
+    async def test_retry_is_refused_and_writes_nothing_unless_the_job_is_as_read_and_ended(
+        self, store: EventStore
+    ) -> None:
+        """A queued or running job, a job changed since it was read, or an unknown one: LeaseLost, nothing written."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, 0, [creation], jobs=[job(creation), job(creation, "other")])
+        queued = (await store.jobs(ACME))[0]
+        head = await store.head()
+        with pytest.raises(LeaseLost):
+            await store.retry_job(queued, [retried(queued)], run_at=T0)
+        gone = await give_up(store)
+        (running,) = await store.claim_jobs(limit=1, lease=60)
+        with pytest.raises(LeaseLost):
+            await store.retry_job(running, [retried(running)], run_at=T0)
+        await store.retry_job(gone, [retried(gone)], run_at=T0)
+        head = await store.head()
+        stale = gone  # read as gave-up; queued again since
+        with pytest.raises(LeaseLost):
+            await store.retry_job(stale, [retried(stale)], run_at=T0)
+        ghost = Job(
+            str(uuid7()),
+            ACME.stream,
+            "x",
+            LifecycleEvent.POST_CONNECTION_CREATION,
+            creation.event_id,
+            {},
+            T0,
+            1,
+            1,
+            False,
+            status=JobStatus.GAVE_UP,
+        )
+        with pytest.raises(LeaseLost):
+            await store.retry_job(ghost, [retried(ghost)], run_at=T0)
+        assert await store.head() == head
+        current = await store.get_job(gone.job_id)
+        assert current is not None and current.status is JobStatus.QUEUED
+
+    async def test_cancelling_a_job_twice_is_refused_the_second_time(self, store: EventStore) -> None:
+        """A cancelled job is kept as cancelled; cancelling it again as it was read is LeaseLost, nothing written."""
+        creation = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(ACME, 0, [creation], jobs=[job(creation)])
+        (listed,) = await store.jobs(ACME)
+        cancel = fact(Fact.FUNCTION_CANCELLED, creation, {"function": "register", "reason": "not needed"})
+        appended = await store.append(ACME, None, [cancel], cancel_jobs=[listed])
+        assert [o.status.value for o in appended.connection.outcomes] == ["cancelled"]
+        head = await store.head()
+        with pytest.raises(LeaseLost):
+            await store.append(ACME, None, [cancel], cancel_jobs=[listed])
+        assert await store.head() == head
+        (kept,) = await all_jobs(store)
+        assert kept.status is JobStatus.CANCELLED
+        assert await store.claim_jobs(limit=1, lease=60) == []
+
+    async def test_only_queued_or_running_jobs_keep_the_credentials(self, store: EventStore) -> None:
+        """Shredding: an ended job is not "left"; a retried one is, until it ends."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        await store.append(ACME, 2, deletion, jobs=[cleanup(deletion[0], "a"), cleanup(deletion[0], "b")])
+        first, second = await store.claim_jobs(limit=2, lease=60)
+        gave_up = await store.finish_job(
+            first, [outcome(Fact.FUNCTION_FAILED, first, "x"), outcome(Fact.FUNCTION_GAVE_UP, first, "x")]
+        )
+        assert gave_up is not None and gave_up.records[-1].type == Fact.FUNCTION_GAVE_UP
+        assert await store.sealed_credentials(ACME) is not None, "the other cleanup is still running"
+        ended = await store.get_job(first.job_id)
+        assert ended is not None
+        await store.retry_job(ended, [retried(ended)], run_at=T0)
+        last = await store.finish_job(second, [outcome(Fact.FUNCTION_SUCCEEDED, second)])
+        assert last is not None and last.records[-1].type == Fact.FUNCTION_SUCCEEDED
+        assert await store.sealed_credentials(ACME) is not None, "the retried cleanup is queued"
+        assert await store.sweep_credentials() == 0
+        (again,) = await store.claim_jobs(limit=1, lease=60)
+        shred = await store.finish_job(again, [outcome(Fact.FUNCTION_SUCCEEDED, again)])
+        assert shred is not None
+        assert [r.type for r in shred.records] == [Fact.FUNCTION_SUCCEEDED, Fact.CREDENTIALS_DESTROYED]
+        assert await store.sealed_credentials(ACME) is None
+        assert len(await all_jobs(store, JobQuery(stream=ACME.stream))) == 2, "both kept, ended"
+
+    async def test_a_retried_cleanup_of_a_shredded_connection_shreds_nothing_more(self, store: EventStore) -> None:
+        """Retrying a cleanup once the credentials are gone appends function-retried alone."""
+        update, sealed = sealed_for(ACME, 1, {"access_token": "t0k3n-one"})
+        await store.append(ACME, 0, [*created(), update], seal=sealed)
+        deletion = deleted()
+        await store.append(ACME, 2, deletion, jobs=[cleanup(deletion[0])])
+        gone = await give_up(store)
+        assert (await store.read(ref=ACME))[-1].type == Fact.CREDENTIALS_DESTROYED
+        appended = await store.retry_job(gone, [retried(gone)], run_at=T0)
+        assert [r.type for r in appended.records] == [Fact.FUNCTION_RETRIED]
+        assert appended.connection.state is ConnectionState.DELETED
+        assert await store.sealed_credentials(ACME) is None
+        assert await replay_verify(store) == []
+
 
 UNENCODABLE_APPEND = """
 import sys, anyio
@@ -793,6 +1060,36 @@ async def main(url):
 
 anyio.run(main, sys.argv[1])
 """
+
+
+def log_of_schema_3(path: Path, leased_until: int) -> tuple[str, str]:
+    """A log as a release before job history wrote it (migrations 0001-0003): ACME created, with two jobs in the
+    outbox, the second leased by a daemon that died; their ids."""
+    creation = created()
+    records, connection = plan_append(None, ACME, 0, creation, first_position=1, recorded_at=T0)
+    ids = (str(uuid7()), str(uuid7()))
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(CREATE_TABLE)
+        for migration in migrations("sqlite")[:3]:
+            db.executescript(
+                f"BEGIN;\n{migration.sql}\nINSERT INTO schema_migrations VALUES"
+                f" ({migration.number}, '{migration.name}', 0);\nCOMMIT;"
+            )
+        with db:
+            db.executemany(
+                f"INSERT INTO events ({RECORD_COLUMNS}) VALUES ({','.join('?' * 11)})",
+                [record_to_row(r) for r in records],
+            )
+            db.execute("INSERT INTO connections VALUES (?, ?, ?, ?, ?, ?, ?, ?)", connection_to_row(connection))
+            db.executemany(
+                "INSERT INTO jobs (job_id, stream, function, event, causation_id, payload, traceparent, run_at,"
+                " attempt, lease_until, lease_token, created_at) VALUES (?, ?, ?, ?, ?, '{}', '', 0, ?, ?, ?, 7)",
+                [
+                    (ids[0], ACME.stream, "one", creation[0].type, creation[0].event_id, 0, None, 0),
+                    (ids[1], ACME.stream, "two", creation[0].type, creation[0].event_id, 1, leased_until, 1),
+                ],
+            )
+    return ids
 
 
 class TestMemoryStore(StoreContract):
@@ -855,6 +1152,21 @@ class TestSQLiteStore(StoreContract):
             (last,) = (await store.read(ref=GLOBEX))[-1:]
             assert last.type == Fact.CREDENTIALS_DESTROYED and last.data["fingerprint"] == sealed.fingerprint
             assert await store.sweep_credentials() == 0
+            assert await replay_verify(store) == []
+
+    async def test_jobs_of_a_log_before_job_history_are_queued_after_the_migration(self, url: str, path: Path) -> None:
+        """Migration 0004: jobs in the outbox become queued jobs of the connection's incarnation (a lease left by a
+        dead daemon released), listed and claimed as any other."""
+        first, second = await anyio.to_thread.run_sync(log_of_schema_3, path, 2**62)
+        async with open_store(url) as store:
+            listed = await store.list_jobs(JobQuery(stream=ACME.stream))
+            assert sorted(j.job_id for j in listed) == sorted([first, second])
+            for kept in listed:
+                assert (kept.status, kept.incarnation, kept.last_error, kept.leased) == (JobStatus.QUEUED, 1, "", False)
+                assert kept.updated_at == kept.created_at
+            claimed = await store.claim_jobs(limit=5, lease=60)
+            assert sorted(j.job_id for j in claimed) == sorted([first, second])
+            assert {j.job_id: j.attempt for j in claimed} == {first: 1, second: 2}
             assert await replay_verify(store) == []
 
     async def test_second_writer_is_refused(self, store: EventStore, url: str) -> None:

@@ -85,7 +85,7 @@ def test_emit_prints_the_state_after_each_event(cli: Cli, name: str) -> None:
     config = '{"instance_url": "acme.my.salesforce.com"}'
     seen = []
     for event, state in zip(LIFECYCLE, ("pending", "active", "deleted"), strict=True):
-        table = fields(cli.ok("emit", event, "acme-1", "-i", name, "--config", config).out)
+        table = fields(cli.ok("emit", event, "acme-1", "-i", name, "--connection-config", config).out)
         assert table["connection"] == f"dev/{name}/acme-1"
         assert table["event"] == event
         assert table["state"] == state
@@ -279,7 +279,7 @@ def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> 
     assert f"dev/{name}/ghost" in line
     stale = cli("emit", "post-connection-creation", "ghost", "-i", name, "--expected-version", "3")
     assert "current version is 0" in one_error_line(stale, f"ABORTED: dev/{name}/ghost: expected version 3")
-    assert cli.ok("events", "--connection", "ghost", "-i", name).out == ""
+    assert cli.ok("events", "--connection", "ghost", "-i", name, "-e", "dev").out == ""
 
 
 @pytest.mark.parametrize(
@@ -287,12 +287,28 @@ def test_refused_emit_prints_one_error_line_and_exits_1(cli: Cli, name: str) -> 
     [
         (["emit", "connection-created", "acme-1", "-i", "salesforce"], "'connection-created' is not one of"),
         (["emit", "validate-connection", "acme-1"], "Missing option '-i' / '--integration'"),
-        (["emit", "validate-connection", "acme-1", "-i", "salesforce", "--config", "{oops"], "not valid JSON"),
+        (
+            ["emit", "validate-connection", "acme-1", "-i", "salesforce", "--connection-config", "{oops"],
+            "not valid JSON",
+        ),
         (["emit", "validate-connection", "acme-1", "-i", "Sales Force"], "--integration 'Sales Force' is invalid"),
         (["replay", "--until", "yesterday"], "neither a position nor an ISO-8601 timestamp"),
+        (["replay", "--until", "9" * 20], "larger than any position"),
+        (["emit", "validate-connection", "a", "-i", "x", "--expected-version", "9" * 20], "0<=x<=9223372036854775807"),
+        (["events", "--from", "9" * 20], "0<=x<=9223372036854775807"),
         (["no-such-command"], "No such command 'no-such-command'"),
     ],
-    ids=["unknown-event", "missing-integration", "bad-json-config", "bad-integration", "bad-until", "unknown-command"],
+    ids=[
+        "unknown-event",
+        "missing-integration",
+        "bad-json-config",
+        "bad-integration",
+        "bad-until",
+        "huge-until",
+        "huge-version",
+        "huge-from",
+        "unknown-command",
+    ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     """A usage error prints the usage and what is wrong on stderr and exits 2 before contacting any daemon."""
@@ -455,6 +471,45 @@ def test_replay_verify_names_a_tampered_stream(api: Api, cli: Cli, name: str, tm
     }
 
 
+# -- one connection: events and replay alike ----------------------------------------
+
+
+@pytest.mark.parametrize("command", ["events", "replay"])
+def test_connection_alone_names_the_one_connection_with_that_id(api: Api, cli: Cli, name: str, command: str) -> None:
+    """``--connection ID`` without -i or -e: the one connection with that ID, in either command."""
+    connection = f"{name}-only"
+    position = api.emit("post-connection-creation", connection, name, environment="prod")["position"]
+    result = cli.ok(command, "--connection", connection, "--json", ORCHESTRATOR_DATABASE=cli.daemon.url)
+    records = result.json_lines() if command == "events" else result.json()[:-1]
+    assert [(r["stream"], r["position"]) for r in records] == [(f"prod/{name}/{connection}", position)]
+
+
+@pytest.mark.parametrize("command", ["events", "replay"])
+def test_connection_that_several_have_needs_i_and_e_and_lists_them(api: Api, cli: Cli, name: str, command: str) -> None:
+    """Several connections with that ID: one usage line listing them, in either command; -i and -e pick one."""
+    connection = f"{name}-twice"
+    api.emit("post-connection-creation", connection, name, environment="dev")
+    api.emit("validate-connection", connection, name, environment="prod")
+    result = cli(command, "--connection", connection, ORCHESTRATOR_DATABASE=cli.daemon.url)
+    assert (result.code, result.out) == (2, ""), str(result)
+    assert result.err == (
+        f"orchestrator: error: --connection {connection} names 2 connections (dev/{name}/{connection},"
+        f" prod/{name}/{connection}): pass -i INTEGRATION and -e ENV to name one\n"
+    )
+    picked = cli.ok(command, "--connection", connection, "-e", "prod", "--json", ORCHESTRATOR_DATABASE=cli.daemon.url)
+    records = picked.json_lines() if command == "events" else picked.json()[:-1]
+    assert {r["stream"] for r in records} == {f"prod/{name}/{connection}"}
+
+
+@pytest.mark.parametrize(("command", "where"), [("events", "at the daemon"), ("replay", "in the log")])
+def test_a_connection_nobody_has_is_one_error_line(cli: Cli, name: str, command: str, where: str) -> None:
+    """No connection with that ID (of -i): exit 1, one line; ``-i`` without ``--connection`` is a usage error."""
+    result = cli(command, "--connection", "nobody", "-i", name, ORCHESTRATOR_DATABASE=cli.daemon.url)
+    assert one_error_line(result, f"no connection 'nobody' (-i {name}) {where}")
+    refused = cli(command, "-i", name, ORCHESTRATOR_DATABASE=cli.daemon.url)
+    assert refused.code == 2 and "-i/--integration goes with --connection ID" in refused.err, str(refused)
+
+
 # -- configuration -------------------------------------------------------------------
 
 
@@ -535,15 +590,18 @@ def test_serve_on_a_log_whose_directory_has_a_hash(
 
 # -- help ----------------------------------------------------------------------------
 
-DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events", "new"}
+DOCUMENTED = {"serve", "replay", "dryrun", "functions", "emit", "connections", "events", "keygen", "rotate-key", "new"}
 """The commands docs/cli.md names."""
 ENV_SHOWN = {
     "serve": ["ORCHESTRATOR_LISTEN", "ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
-    "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT"],
-    "connections list": ["ORCHESTRATOR_ADDRESS"],
-    "connections get": ["ORCHESTRATOR_ADDRESS"],
-    "events": ["ORCHESTRATOR_ADDRESS"],
-    "replay": ["ORCHESTRATOR_DATABASE"],
+    "emit": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "connections list": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "connections get": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "credentials set": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_CONFIG"],
+    "events": ["ORCHESTRATOR_ADDRESS", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "replay": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_ENVIRONMENT", "ORCHESTRATOR_CONFIG"],
+    "dryrun": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_CONFIG"],
+    "rotate-key": ["ORCHESTRATOR_DATABASE", "ORCHESTRATOR_SECRET_KEY_FILE", "ORCHESTRATOR_CONFIG"],
 }
 """Environment variables that a command's --help must show."""
 

@@ -30,6 +30,15 @@ def keygen() -> tuple[str, str]:
     return key, made.err.split()[-1]
 
 
+def test_keygen_json_is_one_document_with_the_key_and_its_id() -> None:
+    """``keygen --json``: the key and its id together on stdout, nothing on stderr."""
+    made = run("keygen", "--json")
+    assert (made.code, made.err) == (0, ""), str(made)
+    document = made.json()
+    assert set(document) == {"key", "key_id"}
+    assert len(base64.b64decode(document["key"], validate=True)) == 32 and len(document["key_id"]) == 8
+
+
 def test_keygen_prints_a_new_32_byte_key_and_its_id() -> None:
     """base64 of 32 random bytes on stdout, alone; its 8-hex-digit id on stderr; never the same twice."""
     first, first_id = keygen()

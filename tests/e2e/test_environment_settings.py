@@ -9,7 +9,8 @@ from tests.support.process import run
 
 def test_serve_check_reads_per_environment_settings_and_variables(tmp_path: Path) -> None:
     """The daemon's TOML takes [integrations.*.environments.*], [integrations.*.settings] and
-    [environments.*.variables]; --check shows what each environment gets, and a bad variable is one line."""
+    [environments.*.variables]; --check shows what each environment gets, and a bad variable is one line (a usage
+    error, as any bad setting)."""
     config = tmp_path / "o.toml"
     config.write_text(
         "[integrations.acme]\nbase_url = 'https://acme.test'\nauth = 'bearer'\n"
@@ -26,7 +27,7 @@ def test_serve_check_reads_per_environment_settings_and_variables(tmp_path: Path
     assert "environment prod: variables SLACK_APP_ID, WEBHOOK_URL" in lines
     config.write_text("[environments.prod.variables]\nRETRIES = 3\n")
     refused = run("serve", "--config", str(config), "--database", url, "--check", cwd=tmp_path)
-    assert refused.code == 1, str(refused)
+    assert refused.code == 2, str(refused)
     assert refused.err == (
-        "orchestrator: error: environments.prod.variables.RETRIES = 3 is not a string: quote it\n"
+        f"orchestrator: error: {config}: environments.prod.variables.RETRIES = 3 is not a string: quote it\n"
     ), str(refused)

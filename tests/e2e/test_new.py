@@ -70,6 +70,16 @@ def test_an_existing_directory_is_refused_and_left_alone(tmp_path: Path) -> None
     assert [p.name for p in (tmp_path / "orchestrator-acme").iterdir()] == ["notes.txt"]
 
 
+def test_json_names_the_files(tmp_path: Path) -> None:
+    """--json: one document with the directory, the integration, the files written and the functions."""
+    result = run("new", "orchestrator-acme", "-i", "acme", "--json", cwd=tmp_path)
+    assert result.code == 0, str(result)
+    data = result.json()
+    assert (data["directory"], data["integration"]) == ("orchestrator-acme", "acme")
+    assert data["functions"] == ["check-credentials", "register-webhook", "delete-webhook"]
+    assert "orchestrator-acme/tests/test_functions.py" in data["files"]
+
+
 def test_the_integration_is_required(tmp_path: Path) -> None:
     """Without --integration: click's usage error (exit 2) naming it."""
     result = run("new", "orchestrator-acme", cwd=tmp_path)

@@ -42,6 +42,7 @@ KNOWN_TYPES = frozenset(
         "function-failed",
         "function-gave-up",
         "function-cancelled",
+        "function-retried",
         "metadata-updated",
         "credentials-updated",
         "credentials-destroyed",

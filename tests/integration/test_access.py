@@ -21,11 +21,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from orchestrator import Context, NonRetryable
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 from orchestrator._proto.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from orchestrator.access import fingerprint
 from orchestrator.plugins import Registry
 from tests.support import grpc as rpc
-from tests.support.daemon import Daemon, run_daemon
+from tests.support.daemon import Daemon, function, run_daemon
 from tests.support.grpc import CREATE, PENDING, VALIDATE, WAIT
 from tests.support.tls import Authority, Pair
 
@@ -78,13 +80,14 @@ def token_file(tmp_path: Path) -> Path:
 
 @asynccontextmanager
 async def tls_daemon(
-    database: str, material: Material, *, mutual: bool = False, **settings: Any
+    database: str, material: Material, *, mutual: bool = False, registry: Registry | None = None, **settings: Any
 ) -> AsyncIterator[Daemon]:
-    """A daemon serving TLS with ``material`` (and requiring client certificates when ``mutual``)."""
+    """A daemon serving TLS with ``material`` (and requiring client certificates when ``mutual``), running the
+    functions of ``registry`` (none by default)."""
     cert, key = material.server.paths
     async with run_daemon(
         database,
-        registry=Registry(),
+        registry=registry or Registry(),
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=material.ca_path if mutual else None,
@@ -340,6 +343,68 @@ async def test_a_scoped_token_reads_no_record_of_another_environment(guarded: Da
         call.cancel()
     assert seen, "the follower saw nothing"
     assert {r.stream for r in seen} == {"dev/acme/f-2"}
+
+
+async def closed(ctx: Context) -> None:
+    """A creation function whose job gives up at once."""
+    raise NonRetryable("the account is closed")
+
+
+async def test_a_scoped_token_sees_and_steers_only_its_environments_jobs(
+    database: str, material: Material, token_file: Path
+) -> None:
+    """ListJobs leaves out other environments' jobs (page by page); ListJobs of, RetryJob and CancelJob of a job of
+    another environment are PERMISSION_DENIED and write nothing; its own environment's job is retried."""
+    registry = Registry.of([function("register", "post-connection-creation", closed)])
+    async with tls_daemon(database, material, auth_token_file=token_file, registry=registry) as daemon:
+        stub = daemon.stub
+        prod = rpc.ref("j-1", environment="prod")
+        for ref in (prod, rpc.ref("j-1"), rpc.ref("j-2", environment="staging"), rpc.ref("j-3", environment="zz")):
+            request = rpc.emit_request(CREATE, ref, wait=True)
+            await stub.EmitLifecycleEvent(request, metadata=bearer(ADMIN), timeout=WAIT)
+        everything = await stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(ADMIN), timeout=WAIT)
+        jobs = {j.connection.environment: j for j in everything.jobs}
+        assert sorted(jobs) == ["dev", "prod", "staging", "zz"]
+        assert {j.status for j in jobs.values()} == {pb.JOB_STATUS_GAVE_UP}
+
+        only_dev = await stub.ListJobs(pb.ListJobsRequest(), metadata=bearer(DEV), timeout=WAIT)
+        assert [j.id for j in only_dev.jobs] == [jobs["dev"].id]
+        seen, token = [], ""
+        while True:
+            page = await stub.ListJobs(
+                pb.ListJobsRequest(page_size=1, page_token=token), metadata=bearer(DEV_AND_STAGING), timeout=WAIT
+            )
+            seen += [j.connection.environment for j in page.jobs]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == ["dev", "staging"]
+
+        before = await rpc.records(stub, metadata=bearer(ADMIN))
+        refused = [
+            stub.ListJobs(pb.ListJobsRequest(connection=prod), metadata=bearer(DEV), timeout=WAIT),
+            stub.RetryJob(pb.RetryJobRequest(job_id=jobs["prod"].id), metadata=bearer(DEV), timeout=WAIT),
+            stub.CancelJob(pb.CancelJobRequest(job_id=jobs["prod"].id), metadata=bearer(DEV), timeout=WAIT),
+        ]
+        for call in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert caught.value.details() == "this token may not touch environment 'prod'"
+        for call in (
+            stub.ListJobs(pb.ListJobsRequest(), timeout=WAIT),
+            stub.RetryJob(pb.RetryJobRequest(job_id=jobs["dev"].id), timeout=WAIT),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert await rpc.records(stub, metadata=bearer(ADMIN)) == before, "a refused call wrote something"
+
+        mine = await stub.RetryJob(pb.RetryJobRequest(job_id=jobs["dev"].id), metadata=bearer(DEV), timeout=WAIT)
+        assert mine.id == jobs["dev"].id
+        after = await rpc.records(stub, "j-1", metadata=bearer(ADMIN))
+        retried = [r for r in after if r.type == "function-retried"]
+        assert [rpc.as_dict(r.data)["by"] for r in retried] == [fingerprint(DEV)]
 
 
 async def test_without_a_token_file_no_token_is_asked_for(database: str) -> None:

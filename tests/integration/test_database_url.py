@@ -42,6 +42,7 @@ async def create_then_restart(url: str) -> pb.Connection:
 )
 async def test_log_is_kept_at_the_named_path_across_restarts(tmp_path: Path, url: str, folder: str) -> None:
     """The log file is created at the literal path the URL names, and a restarted daemon serves what it holds."""
+    await anyio.Path(tmp_path / folder).mkdir()  # a log is created only in an existing directory
     connection = await create_then_restart(url.format(tmp=tmp_path, folder=folder))
 
     assert await anyio.Path(tmp_path / folder / "events.db").is_file()

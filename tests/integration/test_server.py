@@ -1059,7 +1059,7 @@ async def test_health_of_unknown_service_is_not_found(daemon: Daemon) -> None:
 
 
 async def test_reflection_lists_and_describes_the_service(daemon: Daemon) -> None:
-    """Server reflection lists orchestrator.v1.Orchestrator and serves its descriptor with the four RPCs."""
+    """Server reflection lists orchestrator.v1.Orchestrator and serves its descriptor with its eight RPCs."""
     reflection = reflection_pb2_grpc.ServerReflectionStub(daemon.channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -1082,7 +1082,16 @@ async def test_reflection_lists_and_describes_the_service(daemon: Daemon) -> Non
         if service.name == "Orchestrator"
         for method in service.method
     }
-    assert methods == {"EmitLifecycleEvent", "GetConnection", "ListConnections", "ReadEvents", "UpdateCredentials"}
+    assert methods == {
+        "EmitLifecycleEvent",
+        "GetConnection",
+        "ListConnections",
+        "ReadEvents",
+        "UpdateCredentials",
+        "ListJobs",
+        "RetryJob",
+        "CancelJob",
+    }
 
 
 async def test_traceparent_is_stored_on_the_records(stub: Stub) -> None:

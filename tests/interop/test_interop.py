@@ -171,7 +171,7 @@ def test_grpcurl_lists_services_through_reflection(grpcurl: str, daemon: Daemon)
 
 
 def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: Daemon) -> None:
-    """Reflection describes the five public RPCs with their request and response types."""
+    """Reflection describes the eight public RPCs with their request and response types."""
     described = _call(grpcurl, daemon, "--", "describe", "orchestrator.v1.Orchestrator")
     assert described.code == 0, _explain(described, daemon)
     text = " ".join(described.out.split())
@@ -185,6 +185,9 @@ def test_grpcurl_describes_the_service_through_reflection(grpcurl: str, daemon: 
         "rpc ReadEvents ( .orchestrator.v1.ReadEventsRequest ) returns ( stream .orchestrator.v1.EventRecord );",
         "rpc UpdateCredentials ( .orchestrator.v1.UpdateCredentialsRequest ) "
         "returns ( .orchestrator.v1.UpdateCredentialsResponse );",
+        "rpc ListJobs ( .orchestrator.v1.ListJobsRequest ) returns ( .orchestrator.v1.ListJobsResponse );",
+        "rpc RetryJob ( .orchestrator.v1.RetryJobRequest ) returns ( .orchestrator.v1.Job );",
+        "rpc CancelJob ( .orchestrator.v1.CancelJobRequest ) returns ( .orchestrator.v1.Job );",
     ):
         assert rpc in text, f"{rpc!r} not in:\n{described.out}"
 
@@ -205,6 +208,18 @@ def test_grpcurl_emits_validate_connection_from_json(grpcurl: str, daemon: Daemo
     assert response["version"] == "2"  # int64 is a JSON string in the proto3 JSON mapping
     assert int(response["position"]) >= 1
     assert uuid.UUID(response["event_id"]).version == 7
+
+
+def test_grpcurl_lists_jobs_and_is_told_why_a_retry_is_refused(grpcurl: str, daemon: Daemon) -> None:
+    """ListJobs answers a JSON filter (this daemon runs no function: no job); RetryJob of an unknown job: NotFound."""
+    body = {"statuses": ["JOB_STATUS_GAVE_UP", "JOB_STATUS_CANCELLED"], "page_size": 10}
+    listed = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/ListJobs")
+    assert listed.code == 0, _explain(listed, daemon)
+    assert json.loads(listed.out) == {}
+    body = {"job_id": str(uuid.uuid4())}
+    retried = _call(grpcurl, daemon, "-d", json.dumps(body), "--", "orchestrator.v1.Orchestrator/RetryJob")
+    assert retried.code != 0, _explain(retried, daemon)
+    assert "Code: NotFound" in retried.err and f"job {body['job_id']} not found" in retried.err
 
 
 @pytest.mark.parametrize(

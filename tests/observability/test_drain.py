@@ -186,7 +186,7 @@ async def test_sigterm_under_load_answers_every_acknowledged_call_and_loses_no_j
 
 
 async def test_serve_check_validates_the_config_without_starting(tmp_path: Path) -> None:
-    """``serve --check``: 0 and a summary on a good config; a usage error naming an unknown key; 1 on a bad value."""
+    """``serve --check``: 0 and a summary on a good config; a usage error naming an unknown key or a bad value."""
     database = tmp_path / "events.db"
     good = tmp_path / "good.toml"
     good.write_text(
@@ -211,9 +211,8 @@ async def test_serve_check_validates_the_config_without_starting(tmp_path: Path)
     bad_value = tmp_path / "bad.toml"
     bad_value.write_text('[integrations.acme]\nauth = "magic"\n')
     failed = await arun("serve", "--config", str(bad_value), "--database", sqlite_url(database), "--check")
-    assert failed.code == 1, str(failed)
-    assert failed.err.startswith("orchestrator: error: ")
-    assert "integrations.acme.auth = 'magic'" in failed.err
+    assert failed.code == 2, str(failed)  # a bad value in the file is a usage error too, naming the file
+    assert failed.err.startswith(f"orchestrator: error: {bad_value}: integrations.acme.auth = 'magic'")
     assert "Traceback" not in failed.err
     assert not database.exists()
 

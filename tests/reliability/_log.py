@@ -59,10 +59,11 @@ def read(database: Path) -> list[Entry]:
 
 
 def read_jobs(database: Path) -> list[dict[str, Any]]:
-    """Every row of the outbox (``jobs``) at ``database``."""
+    """The outbox at ``database``: every job still to run (queued or running; ended jobs are kept beside them)."""
     with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT * FROM jobs ORDER BY job_id")]
+        sql = "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY job_id"
+        return [dict(row) for row in db.execute(sql)]
 
 
 def from_pb(record: pb.EventRecord) -> Entry:

@@ -657,11 +657,18 @@ async def test_the_log_files_and_the_directories_made_for_them_are_private(tmp_p
 
 
 def test_the_log_file_of_serve_is_private(tmp_path: Path) -> None:
-    """serve --log-file creates its log file 0600 (umask 022), and so does the reopen on SIGHUP after a rotation."""
+    """serve --log-file creates its log file 0600 (umask 022), and so does the reopen on SIGHUP after a rotation.
+
+    ``serve --check`` checks that it could, and makes none.
+    """
     log = tmp_path / "orchestrator.log"
     env = environment()
     checked = run("serve", "--check", "--log-file", str(log), cwd=tmp_path, env=env)
     assert checked.code == 0, str(checked)
+    assert not log.exists()
+    # The log file is opened first thing: a start refused later (here, for its log's missing folder) has made it.
+    refused = run("serve", "--log-file", str(log), "--database", str(tmp_path / "nowhere" / "events.db"), env=env)
+    assert refused.code == 1, str(refused)
     assert mode(log) == 0o600
     log.rename(tmp_path / "orchestrator.log.1")  # logrotate moves it, then SIGHUP reopens it
     previous = os.umask(0o022)

@@ -71,11 +71,13 @@ def closed_port() -> int:
 
 
 def snapshot(database: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the log's tables, read through a read-only SQLite connection."""
+    """Every row of the log's tables, read through a read-only SQLite connection; ``jobs`` is the outbox: the jobs
+    still to run (queued or running), not those that ended (kept beside them)."""
+    outbox = "jobs WHERE status IN ('queued', 'running')"
     with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         return {
-            name: db.execute(f"SELECT * FROM {name} ORDER BY 1").fetchall()
-            for name in ("events", "connections", "jobs")
+            name: db.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for name, table in (("events", "events"), ("connections", "connections"), ("jobs", outbox))
         }
 
 

@@ -385,6 +385,18 @@ def test_latest_outcome_of_a_function_wins() -> None:
     }
 
 
+def test_a_retried_function_is_scheduled_again_with_no_attempt_made() -> None:
+    """function-retried (RetryJob) puts the function back to scheduled: the attempts and error of its last run go."""
+    history = in_state(_S.DELETED)
+    history.fact(Fact.FUNCTION_GAVE_UP, {"function": "cleanup", "attempt": 5, "error": "HTTP 503"})
+    retried = {"function": "cleanup", "job_id": "j", "attempts_before": 5, "status_before": "gave-up", "by": "token:1"}
+    history.fact(Fact.FUNCTION_RETRIED, retried)
+    after = history.connection
+    assert after is not None
+    assert after.outcomes == (Outcome("cleanup", FunctionStatus.SCHEDULED),)
+    assert (after.state, after.last_event) == (_S.DELETED, "function-retried")
+
+
 def test_outcome_of_an_earlier_lifecycle_event_is_not_shown() -> None:
     """An outcome whose causation_id is not the current lifecycle record stays in the log only."""
     history = in_state(_S.ACTIVE)

@@ -15,6 +15,8 @@ from orchestrator.model import (
     EmitRequest,
     EmitResult,
     FunctionStatus,
+    Job,
+    JobStatus,
     LifecycleEvent,
     Outcome,
 )
@@ -127,3 +129,59 @@ def test_encoded_records_are_bounded_by_count_and_bytes() -> None:
     for position in range(1, 10):
         by_bytes(log_record(position))
     assert len(by_bytes) == 2
+
+
+def job(status: JobStatus) -> Job:
+    """A job of dev/acme/c-1 in ``status``, as the service returns it."""
+    at = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    return Job(
+        "01900000-0000-7000-8000-000000000001",
+        "dev/acme/c-1",
+        "register",
+        LifecycleEvent.POST_CONNECTION_CREATION,
+        "01900000-0000-7000-8000-000000000002",
+        {"kept": "in the store only"},
+        at,
+        2,
+        7,
+        status is JobStatus.RUNNING,
+        status=status,
+        last_error="HTTP 503",
+        created_at=at,
+        updated_at=at,
+        max_attempts=5,
+    )
+
+
+@pytest.mark.parametrize("status", list(JobStatus), ids=str)
+def test_a_job_crosses_the_wire_with_its_next_attempt_only_while_queued(status: JobStatus) -> None:
+    """Every field the proto has comes back; next_attempt_at is set for a queued job only."""
+    message = wire.job_to_proto(job(status))
+    assert message.HasField("next_attempt_at") is (status is JobStatus.QUEUED)
+    assert (message.id, message.event_id, message.attempts, message.max_attempts) == (
+        "01900000-0000-7000-8000-000000000001",
+        "01900000-0000-7000-8000-000000000002",
+        2,
+        5,
+    )
+    back = wire.job_from_proto(message)
+    sent = job(status)
+    assert (back.job_id, back.stream, back.function, back.event, back.causation_id) == (
+        sent.job_id,
+        sent.stream,
+        sent.function,
+        sent.event,
+        sent.causation_id,
+    )
+    assert (back.status, back.attempt, back.max_attempts, back.last_error) == (status, 2, 5, "HTTP 503")
+    assert (back.run_at, back.created_at, back.updated_at) == (sent.run_at, sent.created_at, sent.updated_at)
+
+
+def test_a_status_filter_refuses_unspecified_and_unknown_values() -> None:
+    """Empty means any; the zero value and numbers the enum lacks are named."""
+    assert wire.job_statuses_from_proto([]) == frozenset()
+    assert wire.job_statuses_from_proto([pb.JOB_STATUS_GAVE_UP, pb.JOB_STATUS_GAVE_UP]) == {JobStatus.GAVE_UP}
+    with pytest.raises(InvalidArgument, match=r"statuses\[1\] must be one of JOB_STATUS_QUEUED, .* not 0"):
+        wire.job_statuses_from_proto([pb.JOB_STATUS_QUEUED, pb.JOB_STATUS_UNSPECIFIED])
+    with pytest.raises(InvalidArgument, match=r"statuses\[0\] .* not 42"):
+        wire.job_statuses_from_proto([42])

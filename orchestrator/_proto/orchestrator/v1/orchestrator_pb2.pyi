@@ -115,6 +115,40 @@ FUNCTION_STATUS_GAVE_UP: FunctionStatus.ValueType  # 5
 FUNCTION_STATUS_CANCELLED: FunctionStatus.ValueType  # 6
 Global___FunctionStatus: _TypeAlias = FunctionStatus  # noqa: Y015
 
+class _JobStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_STATUS_UNSPECIFIED: _JobStatus.ValueType  # 0
+    """Never returned; not a valid filter."""
+    JOB_STATUS_QUEUED: _JobStatus.ValueType  # 1
+    """Waiting for its due time (`next_attempt_at`): new, or between attempts."""
+    JOB_STATUS_RUNNING: _JobStatus.ValueType  # 2
+    """An attempt is running."""
+    JOB_STATUS_SUCCEEDED: _JobStatus.ValueType  # 3
+    JOB_STATUS_GAVE_UP: _JobStatus.ValueType  # 4
+    """No attempt left: exhausted, not retryable, parked, or the function is gone."""
+    JOB_STATUS_CANCELLED: _JobStatus.ValueType  # 5
+    """It will not run: its connection was deleted, or CancelJob."""
+
+class JobStatus(_JobStatus, metaclass=_JobStatusEnumTypeWrapper):
+    """Where a job (one asynchronous function run) stands."""
+
+JOB_STATUS_UNSPECIFIED: JobStatus.ValueType  # 0
+"""Never returned; not a valid filter."""
+JOB_STATUS_QUEUED: JobStatus.ValueType  # 1
+"""Waiting for its due time (`next_attempt_at`): new, or between attempts."""
+JOB_STATUS_RUNNING: JobStatus.ValueType  # 2
+"""An attempt is running."""
+JOB_STATUS_SUCCEEDED: JobStatus.ValueType  # 3
+JOB_STATUS_GAVE_UP: JobStatus.ValueType  # 4
+"""No attempt left: exhausted, not retryable, parked, or the function is gone."""
+JOB_STATUS_CANCELLED: JobStatus.ValueType  # 5
+"""It will not run: its connection was deleted, or CancelJob."""
+Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
+
 @_typing.final
 class ConnectionRef(_message.Message):
     """Identifies one customer's authorised account at one provider."""
@@ -653,3 +687,182 @@ class UpdateCredentialsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateCredentialsResponse: _TypeAlias = UpdateCredentialsResponse  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    """One asynchronous function run: a creation function, or a cleanup continued
+    in the background.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """A UUID."""
+    function: _builtins.str
+    """The function's name, e.g. `register-webhook`."""
+    event: Global___LifecycleEvent.ValueType
+    """The lifecycle event it runs for."""
+    event_id: _builtins.str
+    """The event_id of that lifecycle event's record."""
+    status: Global___JobStatus.ValueType
+    attempts: _builtins.int
+    """Attempts made since it was created or last retried."""
+    max_attempts: _builtins.int
+    """Attempts its function's retry policy allows (0 when the function is no
+    longer installed).
+    """
+    last_error: _builtins.str
+    """The error of its last failed attempt; empty once one succeeded."""
+    @_builtins.property
+    def connection(self) -> Global___ConnectionRef: ...
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp:
+        """When its next attempt is due; set for a QUEUED job only."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        connection: Global___ConnectionRef | None = ...,
+        function: _builtins.str = ...,
+        event: Global___LifecycleEvent.ValueType = ...,
+        event_id: _builtins.str = ...,
+        status: Global___JobStatus.ValueType = ...,
+        attempts: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "created_at", b"created_at", "next_attempt_at", b"next_attempt_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "connection", b"connection", "created_at", b"created_at", "event", b"event", "event_id", b"event_id", "function", b"function", "id", b"id", "last_error", b"last_error", "max_attempts", b"max_attempts", "next_attempt_at", b"next_attempt_at", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many jobs (default 100, values above 1000 are clamped)."""
+    page_token: _builtins.str
+    """From a previous response's `next_page_token` (with the same filters)."""
+    @_builtins.property
+    def connection(self) -> Global___ConnectionRef:
+        """Unset: the jobs of every connection (of the environments the caller's
+        token may touch).
+        """
+
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___JobStatus.ValueType]:
+        """Only jobs in these statuses; empty means any."""
+
+    def __init__(
+        self,
+        *,
+        connection: Global___ConnectionRef | None = ...,
+        statuses: _abc.Iterable[Global___JobStatus.ValueType] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Job]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___Job] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
+
+@_typing.final
+class RetryJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id, as ListJobs shows it."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobRequest: _TypeAlias = RetryJobRequest  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id, as ListJobs shows it."""
+    reason: _builtins.str
+    """Why, recorded in `function-cancelled` (at most 1,000 characters; empty:
+    "cancelled by request").
+    """
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015

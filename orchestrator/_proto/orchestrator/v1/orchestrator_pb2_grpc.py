@@ -62,6 +62,21 @@ class OrchestratorStub:
                 request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.SerializeToString,
                 response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/orchestrator.v1.Orchestrator/ListJobs',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/orchestrator.v1.Orchestrator/RetryJob',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/orchestrator.v1.Orchestrator/CancelJob',
+                request_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -109,6 +124,34 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """The jobs (asynchronous function runs: queued, running, or ended) of one
+        connection or all, filtered by status, paged in (connection, job id) order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """Queue a GAVE_UP or CANCELLED job again, due now, with a fresh attempt
+        budget; recorded as `function-retried`. FAILED_PRECONDITION for a job in
+        another status, for a creation job of a connection deleted, being deleted
+        or rejected (only cleanup jobs run once a deletion began), for a job of an
+        earlier incarnation, and for a function no longer installed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancel a QUEUED job (new, or waiting for its next attempt); recorded as
+        `function-cancelled`. FAILED_PRECONDITION for a RUNNING job (wait for its
+        attempt to end) or one that has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +179,21 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.UpdateCredentials,
                     request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.FromString,
                     response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.RetryJobRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.FromString,
+                    response_serializer=orchestrator_dot_v1_dot_orchestrator__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +334,87 @@ class Orchestrator:
             '/orchestrator.v1.Orchestrator/UpdateCredentials',
             orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsRequest.SerializeToString,
             orchestrator_dot_v1_dot_orchestrator__pb2.UpdateCredentialsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.Orchestrator/ListJobs',
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.Orchestrator/RetryJob',
+            orchestrator_dot_v1_dot_orchestrator__pb2.RetryJobRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestrator.v1.Orchestrator/CancelJob',
+            orchestrator_dot_v1_dot_orchestrator__pb2.CancelJobRequest.SerializeToString,
+            orchestrator_dot_v1_dot_orchestrator__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

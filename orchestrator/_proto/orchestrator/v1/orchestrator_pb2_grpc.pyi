@@ -56,6 +56,22 @@ class OrchestratorStub:
     credentials again writes nothing. NOT_FOUND for an unknown connection;
     FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
     """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsResponse]
+    """The jobs (asynchronous function runs: queued, running, or ended) of one
+    connection or all, filtered by status, paged in (connection, job id) order.
+    """
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.Job]
+    """Queue a GAVE_UP or CANCELLED job again, due now, with a fresh attempt
+    budget; recorded as `function-retried`. FAILED_PRECONDITION for a job in
+    another status, for a creation job of a connection deleted, being deleted
+    or rejected (only cleanup jobs run once a deletion began), for a job of an
+    earlier incarnation, and for a function no longer installed.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.Job]
+    """Cancel a QUEUED job (new, or waiting for its next attempt); recorded as
+    `function-cancelled`. FAILED_PRECONDITION for a RUNNING job (wait for its
+    attempt to end) or one that has ended.
+    """
 
 @_typing.type_check_only
 class OrchestratorAsyncStub(OrchestratorStub):
@@ -80,6 +96,22 @@ class OrchestratorAsyncStub(OrchestratorStub):
     announced there by a `credentials-updated` record. Sending the stored
     credentials again writes nothing. NOT_FOUND for an unknown connection;
     FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListJobsRequest, _orchestrator_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """The jobs (asynchronous function runs: queued, running, or ended) of one
+    connection or all, filtered by status, paged in (connection, job id) order.
+    """
+    RetryJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RetryJobRequest, _orchestrator_pb2.Job]  # type: ignore[assignment]
+    """Queue a GAVE_UP or CANCELLED job again, due now, with a fresh attempt
+    budget; recorded as `function-retried`. FAILED_PRECONDITION for a job in
+    another status, for a creation job of a connection deleted, being deleted
+    or rejected (only cleanup jobs run once a deletion began), for a job of an
+    earlier incarnation, and for a function no longer installed.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelJobRequest, _orchestrator_pb2.Job]  # type: ignore[assignment]
+    """Cancel a QUEUED job (new, or waiting for its next attempt); recorded as
+    `function-cancelled`. FAILED_PRECONDITION for a RUNNING job (wait for its
+    attempt to end) or one that has ended.
     """
 
 class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
@@ -132,6 +164,40 @@ class OrchestratorServicer(metaclass=_abc_1.ABCMeta):
         announced there by a `credentials-updated` record. Sending the stored
         credentials again writes nothing. NOT_FOUND for an unknown connection;
         FAILED_PRECONDITION for one deleted or rejected with nothing of it left to run.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _orchestrator_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListJobsResponse, _abc.Awaitable[_orchestrator_pb2.ListJobsResponse]]:
+        """The jobs (asynchronous function runs: queued, running, or ended) of one
+        connection or all, filtered by status, paged in (connection, job id) order.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _orchestrator_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.Job, _abc.Awaitable[_orchestrator_pb2.Job]]:
+        """Queue a GAVE_UP or CANCELLED job again, due now, with a fresh attempt
+        budget; recorded as `function-retried`. FAILED_PRECONDITION for a job in
+        another status, for a creation job of a connection deleted, being deleted
+        or rejected (only cleanup jobs run once a deletion began), for a job of an
+        earlier incarnation, and for a function no longer installed.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _orchestrator_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.Job, _abc.Awaitable[_orchestrator_pb2.Job]]:
+        """Cancel a QUEUED job (new, or waiting for its next attempt); recorded as
+        `function-cancelled`. FAILED_PRECONDITION for a RUNNING job (wait for its
+        attempt to end) or one that has ended.
         """
 
 def add_OrchestratorServicer_to_server(servicer: OrchestratorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
