@@ -33,6 +33,7 @@ from orchestrator import records
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher, SyncRun
+from orchestrator.errors import Misconfigured
 from orchestrator.ids import uuid7
 from orchestrator.model import Connection, EmitRequest, Job, JSONObject, LifecycleEvent, NewJob, SealedCredentials
 from orchestrator.plugins import Installed, Registry
@@ -189,6 +190,14 @@ class Delivery:
             stop_on_failure=True,
             secrets=secrets,
         )
+        misconfigured = sorted((r for r in run.results if r.misconfigured), key=lambda r: r.function.name)
+        if misconfigured:
+            # The daemon's settings are at fault, not the connection: refuse the emit, write nothing.
+            first = misconfigured[0]
+            raise Misconfigured(
+                f"{request.event} of {request.ref} was refused and nothing was recorded: the daemon is misconfigured"
+                f" (function {first.function.name}): {first.misconfigured}"
+            )
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
         plan.events += [records.new(r.outcome(), causation_id=cause, traceparent=trace) for r in run.results]
         plan.events += [
@@ -257,7 +266,7 @@ class Delivery:
             if result.ok or not result.retryable or policy.gives_up_after(result.attempt):
                 plan.events.append(records.new(result.outcome(), causation_id=cause, traceparent=trace))
                 if not result.ok:
-                    body = gave_up(result.function.name, result.attempt, result.error, retryable=result.retryable)
+                    body = gave_up(result, result.attempt)
                     plan.events.append(records.new(body, causation_id=cause, traceparent=trace))
                 continue
             # Deletion is never blocked: the cleanup goes on in the background, and its record says when.

@@ -31,6 +31,7 @@ from orchestrator.errors import LeaseLost, OrchestratorError
 from orchestrator.model import ConnectionRef, Job, JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent
+from orchestrator.runner import AttemptResult
 from orchestrator.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -315,14 +316,23 @@ class Worker:
         else:
             bodies.append(result.outcome())
             if not result.ok:
-                bodies.append(gave_up(result.function.name, job.attempt, result.error, retryable=result.retryable))
+                bodies.append(gave_up(result, job.attempt))
         events: list[NewEvent] = [
             records.new(body, causation_id=job.causation_id, traceparent=job.traceparent) for body in bodies
         ]
         await self._store.finish_job(job, events, retry_at=retry_at)
 
 
-def gave_up(function: str, attempts: int, error: str, *, retryable: bool) -> records.FunctionGaveUp:
-    """The ``function-gave-up`` body after the last attempt (number ``attempts``)."""
-    reason = "not retryable" if not retryable else f"{attempts} attempts exhausted"
-    return records.FunctionGaveUp(function, attempts, error, reason)
+MISCONFIGURED = "misconfigured"
+"""The ``reason`` of a ``function-gave-up`` whose attempt the daemon's settings failed (its ``error`` names one)."""
+
+
+def gave_up(result: AttemptResult, attempts: int) -> records.FunctionGaveUp:
+    """The ``function-gave-up`` body after ``result``, the last attempt (number ``attempts``).
+
+    An attempt the daemon's settings failed gives up naming the setting, whatever the function made of it.
+    """
+    if result.misconfigured:
+        return records.FunctionGaveUp(result.function.name, attempts, result.misconfigured, MISCONFIGURED)
+    reason = "not retryable" if not result.retryable else f"{attempts} attempts exhausted"
+    return records.FunctionGaveUp(result.function.name, attempts, result.error, reason)

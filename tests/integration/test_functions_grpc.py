@@ -349,6 +349,51 @@ async def test_a_refused_emit_runs_no_function_and_writes_nothing(tmp_path: Path
     assert provider.requests == []
 
 
+@pytest.mark.parametrize(
+    ("configured", "credentials", "says"),
+    [
+        ({"acme": ""}, None, "set [integrations.acme] base_url in the daemon's config"),
+        ({"acmee": "{provider}"}, None, "set [integrations.acme] base_url in the daemon's config"),
+        ({"acme": "api.acme.test"}, None, "base_url 'api.acme.test' is not an http:// or https:// URL"),
+        ({"acme": "{provider}"}, {}, "has no credential 'access_token', which integration acme's auth 'bearer' needs"),
+    ],
+    ids=["no-base-url", "settings-under-a-misspelled-name", "no-scheme", "no-credential"],
+)
+async def test_a_validation_the_daemons_settings_fail_is_refused_and_the_log_is_unchanged(
+    tmp_path: Path,
+    provider: ProviderServer,
+    configured: dict[str, str],
+    credentials: dict[str, str] | None,
+    says: str,
+) -> None:
+    """FAILED_PRECONDITION naming the setting to fix; no record (not even the request), no call to the provider:
+    the connection is neither rejected nor its earlier state touched."""
+    provider.route("GET", "/user", Reply(200, {"login": "acme"}))
+
+    async def check_token(ctx: Context) -> None:
+        await ctx.get("/user")
+
+    integrations = {
+        name: Integration(name, base_url=url.format(provider=provider.url), auth="bearer")
+        for name, url in configured.items()
+    }
+    functions = [validator("check-token", check_token), creator("noop", lambda ctx: None)]
+    async with in_process.serving(tmp_path, *functions, integrations=integrations) as daemon:
+        await emit(daemon.stub, CREATE, credentials={}, wait=True)
+        before = await records(daemon.stub)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await emit(daemon.stub, VALIDATE, credentials=credentials)
+        after = await records(daemon.stub)
+        connection = await get(daemon.stub)
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert says in details and "function check-token" in details and "nothing was recorded" in details
+    assert after == before
+    assert (connection.state, connection.version) == (ACTIVE, before[-1].version)
+    assert provider.requests == []
+
+
 # -- post-connection-creation ---------------------------------------------------------
 
 

@@ -7,9 +7,10 @@ from datetime import timedelta
 import anyio
 import pytest
 
-from orchestrator.config import DispatchConfig
+from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import Context
 from orchestrator.delivery import DELETION_CANCELLED, VALIDATION_CANCELLED
+from orchestrator.errors import Misconfigured
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.model import ConnectionState, FunctionStatus, Job, LifecycleEvent, Outcome
 from orchestrator.records import (
@@ -29,6 +30,7 @@ from tests.support.engine import (
     ACME,
     CREATE,
     DELETE,
+    INTEGRATION,
     VALIDATE,
     Append,
     Call,
@@ -208,6 +210,99 @@ async def test_metadata_written_during_validation_lands_in_the_verdicts_append()
         log = await h.log()
         assert {r.causation_id for r in log[1:]} == {log[0].event_id}
         assert (await h.service.get_connection(ACME)).metadata == {"account": "acme", "plan": "pro"}
+
+
+# -- validate-connection: a misconfigured daemon is not the customer's fault -------------------
+
+
+async def call_me(ctx: Context) -> None:
+    """A validate function that asks the provider who the credentials belong to."""
+    await ctx.get("/me")
+
+
+@pytest.mark.parametrize(
+    ("integration", "credentials", "says"),
+    [
+        (Integration(INTEGRATION), {}, "integration acme has no base_url"),
+        (Integration(INTEGRATION, base_url="acme.test"), {}, "base_url 'acme.test' is not an http:// or https://"),
+        (
+            Integration(INTEGRATION, base_url="https://acme.test", auth="bearer"),
+            {"api_key": "k-123456"},
+            "has no credential 'access_token'",
+        ),
+    ],
+    ids=["no-base-url", "no-scheme", "no-credential"],
+)
+@pytest.mark.parametrize("before", [None, CREATE], ids=["new", "active"])
+async def test_a_validation_the_daemons_settings_fail_is_refused_and_writes_nothing(
+    integration: Integration, credentials: dict[str, str], says: str, before: LifecycleEvent | None
+) -> None:
+    """FAILED_PRECONDITION naming the setting; nothing is appended, not even the request; no call is made."""
+    async with running(function("check", VALIDATE, call_me), integrations={INTEGRATION: integration}) as h:
+        if before is not None:
+            await h.emit(before)
+        head, connection = await h.head(), await h.store.get_connection(ACME)
+        with pytest.raises(Misconfigured) as refused:
+            await h.emit(VALIDATE, credentials=credentials)
+        message = str(refused.value)
+        assert says in message and "function check" in message and "nothing was recorded" in message
+        assert "\n" not in message
+        assert (await h.head(), await h.store.get_connection(ACME)) == (head, connection)
+        assert h.requests == []
+
+
+async def test_one_misconfigured_function_refuses_a_validation_the_others_pass() -> None:
+    """One function meeting the misconfiguration is enough: the emit is refused whatever the others did."""
+    async with running(
+        function("a-passes", VALIDATE, ok),
+        function("b-calls", VALIDATE, call_me),
+        integrations={INTEGRATION: Integration(INTEGRATION)},
+    ) as h:
+        with pytest.raises(Misconfigured, match="function b-calls"):
+            await h.emit(VALIDATE)
+        assert await h.head() == 0
+
+
+async def test_a_function_that_wraps_the_proxys_refusal_still_refuses_the_validation() -> None:
+    """The mark is the proxy's, not the exception's: a Rejected raised of it still refuses the emit."""
+
+    async def check(ctx: Context) -> None:
+        try:
+            await ctx.get("/me")
+        except Exception as exc:
+            raise Rejected("cannot reach the provider") from exc
+
+    async with running(function("check", VALIDATE, check), integrations={INTEGRATION: Integration(INTEGRATION)}) as h:
+        with pytest.raises(Misconfigured, match="has no base_url"):
+            await h.emit(VALIDATE)
+        assert await h.head() == 0
+
+
+async def test_a_plugin_raising_misconfigured_of_its_own_rejects_as_usual() -> None:
+    """A function raising Misconfigured itself (no proxy call refused) is an ordinary failure: a rejection."""
+
+    async def check(ctx: Context) -> None:
+        raise Misconfigured("integration acme has no base_url (says the plugin)")
+
+    async with running(function("check", VALIDATE, check)) as h:
+        result = await h.emit(VALIDATE)
+        assert result.state is S.REJECTED
+        assert result.rejection_reason == "check: integration acme has no base_url (says the plugin)"
+
+
+async def test_a_misconfigured_call_a_function_recovers_from_is_no_refusal() -> None:
+    """A function that catches the refusal and passes passes: only a failed attempt is refused."""
+
+    async def check(ctx: Context) -> None:
+        try:
+            await ctx.get("/me")
+        except Misconfigured:
+            ctx.log("no provider configured: skipped")
+
+    async with running(function("check", VALIDATE, check), integrations={INTEGRATION: Integration(INTEGRATION)}) as h:
+        result = await h.emit(VALIDATE)
+        assert result.state is S.PENDING
+        assert await h.types() == ["validate-connection", "function-succeeded", "connection-validated"]
 
 
 # -- post-connection-creation: one durable job per function -------------------------------------
