@@ -24,8 +24,8 @@ nothing: the store shreds what was sealed before.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -35,7 +35,17 @@ from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher, SyncRun
 from orchestrator.errors import Misconfigured
 from orchestrator.ids import uuid7
-from orchestrator.model import Connection, EmitRequest, Job, JSONObject, LifecycleEvent, NewJob, SealedCredentials
+from orchestrator.model import (
+    Connection,
+    ConnectionState,
+    EmitRequest,
+    FunctionStatus,
+    Job,
+    JSONObject,
+    LifecycleEvent,
+    NewJob,
+    SealedCredentials,
+)
 from orchestrator.plugins import Installed, Registry
 from orchestrator.provider import Secrets
 from orchestrator.records import NewEvent
@@ -45,6 +55,30 @@ from orchestrator.worker import Hold, Worker, gave_up
 
 VALIDATION_CANCELLED = "another validation failed"
 DELETION_CANCELLED = "the connection is being deleted"
+REJECTION_CANCELLED = "the connection was rejected"
+TAKEN_OVER = "the deletion runs it now"
+
+
+def _rejected(plan: Plan) -> bool:
+    """Whether the plan rejects the connection (its verdict is ``connection-rejected``)."""
+    return any(e.type == records.Fact.CONNECTION_REJECTED for e in plan.events)
+
+
+class Barrier:
+    """The worker's hold on a connection's jobs, taken the first time the plan asks (:meth:`held`).
+
+    :meth:`Delivery.exclusive` releases it once the plan is appended.
+    """
+
+    def __init__(self, take: Callable[[], Awaitable[Hold]]) -> None:
+        self._take = take
+        self._hold: Hold | None = None
+
+    async def held(self) -> Hold:
+        """Hold the connection's jobs (once: later calls return the same hold)."""
+        if self._hold is None:
+            self._hold = await self._take()
+        return self._hold
 
 
 @dataclass(slots=True)
@@ -88,20 +122,24 @@ class Delivery:
         return self._registry.for_event(request.ref.integration, request.event)
 
     @asynccontextmanager
-    async def exclusive(self, request: EmitRequest) -> AsyncIterator[Hold]:
-        """Hold what the plan depends on until it is appended: a deletion is a barrier for its creation jobs."""
-        if request.event is LifecycleEvent.PRE_CONNECTION_DELETION:
-            async with self._worker.hold(request.ref) as hold:
-                yield hold
-        else:
-            yield Hold()
+    async def exclusive(self, request: EmitRequest) -> AsyncIterator[Barrier]:
+        """Hold what the plan depends on until it is appended: a deletion is a barrier for its creation jobs.
 
-    async def plan(self, request: EmitRequest, current: Connection | None, *, fresh: bool, hold: Hold) -> Plan:
+        A deletion holds the connection's jobs from the start; a validation does only once it rejects an
+        active connection (:meth:`Barrier.held`), so that a passing re-validation never waits for them.
+        """
+        async with AsyncExitStack() as stack:
+            barrier = Barrier(lambda: stack.enter_async_context(self._worker.hold(request.ref)))
+            if request.event is LifecycleEvent.PRE_CONNECTION_DELETION:
+                await barrier.held()
+            yield barrier
+
+    async def plan(self, request: EmitRequest, current: Connection | None, *, fresh: bool, hold: Barrier) -> Plan:
         """Run what runs synchronously and return the records and jobs to append.
 
         ``current`` is the connection before the event; ``fresh`` says the
         event starts a new incarnation (no earlier config or metadata);
-        ``hold`` is what :meth:`exclusive` found.
+        ``hold`` is what :meth:`exclusive` gave, held until the plan is appended.
         """
         lifecycle = records.new(
             records.Lifecycle(request.event, request.config, request.payload),
@@ -129,8 +167,10 @@ class Delivery:
                 secrets = await self.vault.open(request.ref, incarnation, refresh=refresh)
             if request.event is LifecycleEvent.VALIDATE_CONNECTION:
                 await self._validate(request, plan, info, metadata, secrets)
+                if old is not None and old.state is ConnectionState.ACTIVE and _rejected(plan):
+                    await self._clean_up_after_rejection(request, plan, await hold.held())
             else:
-                await self._delete(request, plan, info, metadata, hold, secrets)
+                await self._delete(request, plan, info, metadata, await hold.held(), secrets, old)
         await self._seal(request, plan, incarnation, refreshed())
         return plan
 
@@ -141,9 +181,10 @@ class Delivery:
         credentials = refreshed or request.credentials
         if not credentials:
             return
-        rejected = any(e.type == records.Fact.CONNECTION_REJECTED for e in plan.events)
-        if rejected or (request.event is LifecycleEvent.PRE_CONNECTION_DELETION and not plan.jobs):
-            return  # nothing of the connection runs later: nothing to keep (the store shreds what was)
+        if _rejected(plan) or (request.event is LifecycleEvent.PRE_CONNECTION_DELETION and not plan.jobs):
+            # A rejection keeps nothing it brought: its cleanup, if any, runs with the credentials the connection
+            # had (the store keeps their row while a job is left, and shreds it after the last).
+            return
         sealing = await self.vault.sealing(
             request.ref, incarnation, credentials, source="resolver" if refreshed else "emit"
         )
@@ -217,6 +258,40 @@ class Delivery:
         )
         plan.events.append(self._fact(records.ConnectionRejected(reason, failure.function.name), plan))
 
+    async def _clean_up_after_rejection(self, request: EmitRequest, plan: Plan, hold: Hold) -> None:
+        """An active connection is rejected: its creation jobs end, and its cleanup is scheduled, in the same append.
+
+        As a deletion does, under the worker's hold on the connection (taken once the verdict was known):
+        creation jobs not started are cancelled, running attempts were awaited (bounded) and those still
+        running stopped (``hold``), so no creation succeeds after the rejection; then one background job per
+        cleanup function, due now, for the rejecting validation (its event id is their ``ctx.event.event_id``).
+        The records go before the verdict, which stays the last of the append.
+        """
+        verdict = plan.events.pop()
+        cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
+        pending = [
+            j
+            for j in await self._store.jobs(request.ref)
+            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
+        ]
+        pending += hold.stopped
+        plan.events += [
+            records.new(
+                records.FunctionCancelled(j.function, REJECTION_CANCELLED, j.attempt),
+                causation_id=j.causation_id,
+                traceparent=trace,
+            )
+            for j in pending
+        ]
+        plan.cancel_jobs += pending
+        now = self._dispatcher.clock.now()
+        deletion = LifecycleEvent.PRE_CONNECTION_DELETION
+        plan.jobs += [
+            NewJob(str(uuid7()), f.name, deletion, cause, {}, now, trace)
+            for f in self._registry.for_event(request.ref.integration, deletion)
+        ]
+        plan.events.append(verdict)
+
     def _create(self, request: EmitRequest, plan: Plan) -> None:
         """Schedule one durable job per creation function, in the event's transaction."""
         now = self._dispatcher.clock.now()
@@ -234,14 +309,16 @@ class Delivery:
         metadata: JSONObject,
         hold: Hold,
         secrets: Secrets,
+        current: Connection | None,
     ) -> None:
-        """Cancel creation jobs (pending, and those the hold stopped), run the cleanup functions, delete."""
+        """Cancel creation jobs (pending, and those the hold stopped), run the cleanup functions, delete.
+
+        Of a rejected connection, only the cleanup its rejection scheduled and that is not done yet runs
+        (:meth:`_left_by_rejection`).
+        """
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-        pending = [
-            j
-            for j in await self._store.jobs(request.ref)
-            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
-        ]
+        jobs = await self._store.jobs(request.ref)
+        pending = [j for j in jobs if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION]
         pending += hold.stopped
         plan.events += [
             records.new(
@@ -251,9 +328,21 @@ class Delivery:
             )
             for j in pending
         ]
+        functions = self._functions(request)
+        if current is not None and current.state is ConnectionState.REJECTED:
+            functions, taken = self._left_by_rejection(functions, jobs, current)
+            plan.events += [
+                records.new(
+                    records.FunctionCancelled(j.function, TAKEN_OVER, j.attempt),
+                    causation_id=j.causation_id,
+                    traceparent=trace,
+                )
+                for j in taken
+            ]
+            pending += taken
         plan.cancel_jobs = pending
         run = await self._dispatcher.run_sync(
-            self._functions(request),
+            functions,
             info,
             EventInfo(request.event, request.payload, cause),
             metadata,
@@ -276,6 +365,32 @@ class Delivery:
             plan.jobs.append(self._retry_job(result, request, plan, delay))
         plan.events += self._metadata(run, plan)
         plan.events.append(self._fact(records.ConnectionDeleted(), plan))
+
+    @staticmethod
+    def _left_by_rejection(
+        functions: tuple[Installed, ...], jobs: list[Job], rejected: Connection
+    ) -> tuple[tuple[Installed, ...], list[Job]]:
+        """The cleanup functions a deletion of ``rejected`` runs, and the rejection's jobs it takes over.
+
+        The rejection of an active connection scheduled one job per cleanup function, for the rejecting
+        validation (the connection's latest lifecycle event, whose outcomes it shows). Per function: a job
+        still queued (due, or waiting for its retry) is taken over: cancelled, and run now; a job running
+        (it outlived the hold's wait) is left to finish in the background, never run twice at once; with no
+        job left, a run that succeeded is done, and one that gave up (or was cancelled) runs again. A
+        function with neither (the connection was rejected while pending: nothing was set up) does not run.
+        """
+        cleanup = [j for j in jobs if j.event is LifecycleEvent.PRE_CONNECTION_DELETION]
+        taken = [j for j in cleanup if not j.leased]
+        running = {j.function for j in cleanup if j.leased}
+        queued = {j.function for j in taken}
+        outcomes = {o.name: o.status for o in rejected.outcomes}
+        left = tuple(
+            f
+            for f in functions
+            if f.name not in running
+            and (f.name in queued or outcomes.get(f.name, FunctionStatus.SUCCEEDED) is not FunctionStatus.SUCCEEDED)
+        )
+        return left, taken
 
     def _retry_job(self, result: AttemptResult, request: EmitRequest, plan: Plan, delay: float) -> NewJob:
         """A job to continue a synchronous attempt that failed or ran out of time, ``delay`` seconds from now."""

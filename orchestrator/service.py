@@ -250,6 +250,8 @@ class Service:
                 outcomes = await self._outcomes_of(lifecycle)
             elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
                 outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
+            elif request.event is LifecycleEvent.VALIDATE_CONNECTION:  # a rejection's cleanup, due now
+                outcomes += tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,

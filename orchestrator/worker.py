@@ -22,21 +22,28 @@ from datetime import datetime, timedelta
 
 import anyio
 
-from orchestrator import records, tracing
+from orchestrator import records, state, tracing
 from orchestrator.clock import Clock
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import LeaseLost, OrchestratorError
-from orchestrator.model import ConnectionRef, Job, JSONObject, LifecycleEvent
+from orchestrator.model import Connection, ConnectionRef, Job, JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent
 from orchestrator.runner import AttemptResult
-from orchestrator.store import EventStore
+from orchestrator.store import EventStore, scan
 
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "the function is no longer installed"
+SUPERSEDED = "superseded"
+"""The ``reason`` of a ``function-gave-up`` of a cleanup whose incarnation ended before it could run."""
+SUPERSEDED_ERROR = (
+    "a new incarnation of the connection began before this cleanup ran: not run, since it would see the new"
+    " incarnation's metadata and credentials"
+)
+SCAN_PAGE = 500
 POISON = "{n} attempt(s) began and never ended: the daemon stopped during each (a crash or a kill); not run again"
 CLAIM_RETRY = 5.0
 """Seconds before the worker looks for jobs again when the store failed to lease them (a full disk)."""
@@ -269,6 +276,26 @@ class Worker:
             finished, self._finished = self._finished, anyio.Event()
             finished.set()
 
+    async def _of_current_incarnation(self, job: Job, connection: Connection) -> bool:
+        """Whether ``job`` runs for ``connection``'s current incarnation (a cleanup may outlive its own).
+
+        Only a cleanup job can: a rejection or a deletion ends the creation jobs of its incarnation. The
+        stream is folded (the one fold) to find the incarnation of the job's lifecycle record only when it
+        is not the connection's latest one, nor its deletion.
+        """
+        cause = job.causation_id
+        deletion = connection.deletion.event_id if connection.deletion is not None else ""
+        if job.event is not LifecycleEvent.PRE_CONNECTION_DELETION:
+            return True
+        if cause in (connection.lifecycle.event_id, deletion):
+            return True
+        folded: Connection | None = None
+        async for record in scan(self._store, ref=job.ref, page=SCAN_PAGE):
+            folded = state.apply(folded, record)
+            if record.event_id == cause:
+                return folded.incarnation == connection.incarnation
+        return True  # its lifecycle record is not in the stream: nothing tells it apart
+
     def _find(self, job: Job) -> Installed | None:
         for function in self._registry.for_event(job.ref.integration, job.event):
             if function.name == job.function:
@@ -295,6 +322,14 @@ class Worker:
             log.error("job %s (%s on %s) parked: %s", job.job_id, job.function, job.stream, parked.error)
             return
         connection = await self._store.get_connection(job.ref)
+        if connection is not None and not await self._of_current_incarnation(job, connection):
+            # Its metadata and credentials are gone with its incarnation: run now, it would act on the new one's.
+            superseded = records.FunctionGaveUp(function.name, job.attempt - 1, SUPERSEDED_ERROR, SUPERSEDED)
+            await self._store.finish_job(
+                job, [records.new(superseded, causation_id=job.causation_id, traceparent=job.traceparent)]
+            )
+            log.warning("job %s (%s on %s) not run: %s", job.job_id, job.function, job.stream, SUPERSEDED_ERROR)
+            return
         config = connection.config if connection is not None else {}
         metadata = connection.metadata if connection is not None else {}
         sink = _Immediate(self._store, job.ref, metadata, function.name, job.causation_id, job.traceparent)
