@@ -59,6 +59,9 @@ REJECTION_CANCELLED = "the connection was rejected"
 TAKEN_OVER = "the deletion runs it now"
 
 
+_ENDED = frozenset({ConnectionState.REJECTED, ConnectionState.DELETED})
+
+
 def _rejected(plan: Plan) -> bool:
     """Whether the plan rejects the connection (its verdict is ``connection-rejected``)."""
     return any(e.type == records.Fact.CONNECTION_REJECTED for e in plan.events)
@@ -92,6 +95,9 @@ class Plan:
     cancel_jobs: list[Job] = field(default_factory=list)
     seal: SealedCredentials | None = None
     """Credentials to seal in the same append (announced by its ``credentials-updated`` record)."""
+    expected_version: int | None = None
+    """The stream's version the append expects: the request's, moved past what the plan recorded before it
+    (the earlier incarnation's cleanup a new incarnation took over)."""
 
 
 class Delivery:
@@ -147,7 +153,7 @@ class Delivery:
             traceparent=request.traceparent,
             idempotency_key=request.idempotency_key,
         )
-        plan = Plan(lifecycle, [lifecycle])
+        plan = Plan(lifecycle, [lifecycle], expected_version=request.expected_version)
         if request.event is LifecycleEvent.PRE_CONNECTION_DELETION and current is not None:
             # The creation attempts the hold awaited may have written metadata (a webhook's id)
             # since the caller read the connection: the cleanup must see it.
@@ -158,7 +164,9 @@ class Delivery:
         # The incarnation the event runs in: the credentials are bound to it.
         incarnation = old.incarnation if old is not None else (current.incarnation + 1 if current is not None else 1)
         refresh, refreshed = self.vault.refresher(request.ref, request.credentials)
+        ended = current if fresh and current is not None and current.state in _ENDED else None
         if request.event is LifecycleEvent.POST_CONNECTION_CREATION:
+            await self._finish_earlier_cleanup(request, plan, ended, hold)
             self._create(request, plan)
         else:
             if request.credentials:
@@ -167,6 +175,7 @@ class Delivery:
                 secrets = await self.vault.open(request.ref, incarnation, refresh=refresh)
             if request.event is LifecycleEvent.VALIDATE_CONNECTION:
                 await self._validate(request, plan, info, metadata, secrets)
+                await self._finish_earlier_cleanup(request, plan, ended, hold)  # not before a refusal: it writes
                 if old is not None and old.state is ConnectionState.ACTIVE and _rejected(plan):
                     await self._clean_up_after_rejection(request, plan, await hold.held())
             else:
@@ -257,6 +266,32 @@ class Delivery:
             if f is failure or (failure.error_type == TIMEOUT and f.error_type == TIMEOUT)
         )
         plan.events.append(self._fact(records.ConnectionRejected(reason, failure.function.name), plan))
+
+    async def _finish_earlier_cleanup(
+        self, request: EmitRequest, plan: Plan, ended: Connection | None, hold: Barrier
+    ) -> None:
+        """Before a new incarnation of ``ended`` (rejected or deleted) begins, run the cleanup it left queued.
+
+        Left for later, a cleanup would run with the new incarnation's metadata and credentials. Under the
+        worker's hold (claims in flight and running attempts awaited, bounded), each cleanup job still queued
+        is taken over (:meth:`Worker.take_over`): it runs once now, under the deletion deadline, with the
+        earlier incarnation's metadata and credentials, and its outcome is recorded before the new lifecycle
+        record (a failure gives up: ``superseded``). One still running after the wait is left to finish; the
+        worker gives up, unrun, any retry of it. The plan's expected version moves past those records.
+        """
+        if ended is None:
+            return
+        cleanup = LifecycleEvent.PRE_CONNECTION_DELETION
+        if not any(j.event is cleanup for j in await self._store.jobs(request.ref)):
+            return
+        await hold.held()
+        queued = [j for j in await self._store.jobs(request.ref) if j.event is cleanup and not j.leased]
+        if not queued:
+            return
+        await self._worker.take_over(queued, time_limit=self._config.deletion_deadline)
+        if plan.expected_version is not None:
+            after = await self._store.get_connection(request.ref)
+            plan.expected_version = after.version if after is not None else plan.expected_version
 
     async def _clean_up_after_rejection(self, request: EmitRequest, plan: Plan, hold: Hold) -> None:
         """An active connection is rejected: its creation jobs end, and its cleanup is scheduled, in the same append.

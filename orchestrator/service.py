@@ -267,7 +267,7 @@ class Service:
             started = time.perf_counter()
             appended = await self._store.append(
                 request.ref,
-                request.expected_version,
+                plan.expected_version,
                 plan.events,
                 jobs=plan.jobs,
                 cancel_jobs=plan.cancel_jobs,

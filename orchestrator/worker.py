@@ -13,6 +13,7 @@ its jobs is claimed while the deletion decides what to cancel.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "the function is no longer installed"
 SUPERSEDED = "superseded"
-"""The ``reason`` of a ``function-gave-up`` of a cleanup whose incarnation ended before it could run."""
+"""The ``reason`` of a ``function-gave-up`` of a cleanup whose incarnation ended before it could run, or that a
+new incarnation ran at once (taking it over) and that failed again."""
 SUPERSEDED_ERROR = (
     "a new incarnation of the connection began before this cleanup ran: not run, since it would see the new"
     " incarnation's metadata and credentials"
@@ -302,7 +304,29 @@ class Worker:
                 return function
         return None
 
-    async def _attempt_job(self, job: Job) -> None:
+    async def take_over(self, jobs: list[Job], *, time_limit: float) -> None:
+        """Run each of ``jobs`` (queued, of a connection the caller holds) once now, concurrently, as its next attempt.
+
+        For a new incarnation, whose cleanup must not be left to later: each attempt gets the connection's
+        metadata and credentials as they are (the incarnation's that ends), at most ``time_limit`` seconds, and
+        its outcome is recorded as the worker records one, with the job's removal. A failure is final: it
+        gives up (``superseded``) instead of being retried into the new incarnation.
+        """
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                # Counted as a claim counts it; its fencing token stays (checked; the hold keeps claims away).
+                tg.start_soon(self._take_over_one, dataclasses.replace(job, attempt=job.attempt + 1), time_limit)
+
+    async def _take_over_one(self, job: Job, time_limit: float) -> None:
+        try:
+            await self._attempt_job(job, time_limit=time_limit, final=SUPERSEDED)
+        except OrchestratorError as exc:  # the store refused or failed: the job stays, the guard ends it later
+            log.error("job %s (%s on %s) could not be taken over: %s", job.job_id, job.function, job.stream, exc)
+        except Exception:  # a bug of ours must not fail the emit: the job stays, the guard ends it later
+            log.exception("job %s (%s on %s) failed unexpectedly when taken over", job.job_id, job.function, job.stream)
+
+    async def _attempt_job(self, job: Job, *, time_limit: float | None = None, final: str = "") -> None:
+        """One attempt of ``job``, recorded; with ``final``, a failure is not retried: it gives up, for that reason."""
         function = self._find(job)
         if function is None:
             gone = records.FunctionGaveUp(job.function, job.attempt, NOT_INSTALLED)
@@ -340,17 +364,26 @@ class Worker:
             job.ref, incarnation, causation_id=job.causation_id, traceparent=job.traceparent
         )
         result = await self._dispatcher.attempt(
-            function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent, secrets=secrets
+            function,
+            ConnectionInfo(job.ref, config),
+            event,
+            sink,
+            time_limit=time_limit,
+            traceparent=job.traceparent,
+            secrets=secrets,
         )
         retry_at = None
         bodies: list[records.Body] = []
-        if not result.ok and result.retryable and not policy.gives_up_after(job.attempt):
+        retried = not result.ok and result.retryable and not policy.gives_up_after(job.attempt)
+        if retried and not final:
             delay = policy.delay(job.attempt, self._rng)
             retry_at = self._clock.now() + timedelta(seconds=delay)
             bodies.append(result.outcome(retry_in_ms=int(delay * 1000)))
         else:
             bodies.append(result.outcome())
-            if not result.ok:
+            if retried:
+                bodies.append(records.FunctionGaveUp(function.name, job.attempt, result.error, final))
+            elif not result.ok:
                 bodies.append(gave_up(result, job.attempt))
         events: list[NewEvent] = [
             records.new(body, causation_id=job.causation_id, traceparent=job.traceparent) for body in bodies

@@ -977,27 +977,109 @@ async def test_deleting_a_rejected_connection_never_runs_a_cleanup_twice_at_once
 # -- a new incarnation while the previous one's cleanup is left -----------------------------------
 
 
-async def test_a_cleanup_left_when_a_new_incarnation_begins_gives_up_unrun() -> None:
-    """The rejection's cleanup never ran when the connection was validated anew: it is not run against the new
-    incarnation's metadata and credentials; it gives up, superseded."""
-    ran: list[str] = []
+@pytest.mark.parametrize("event", [VALIDATE, CREATE], ids=["validate", "create"])
+async def test_a_new_incarnation_first_runs_the_cleanup_its_predecessor_left_queued(event: LifecycleEvent) -> None:
+    """The rejection's cleanup has not run when the connection is validated (or created) anew: the emit runs it
+    now, with the earlier incarnation's metadata and credentials, recorded before its own lifecycle record; the
+    new incarnation starts afresh, and the expected version the caller read still holds."""
+    provider = Webhooks()
+    functions = [
+        function("check", VALIDATE, rejects_when_asked),
+        function("register", CREATE, ok),
+        function("delete", DELETE, delete_webhook),
+    ]
+    async with running(*functions, integrations=WEBHOOKS, provider=provider) as h:
+        await h.emit(CREATE, credentials={"access_token": TOKEN})
+        await h.store.append(ACME, None, [records.new(MetadataUpdated("register", {"webhook_id": "wh1"}, False))])
+        provider.live.add("wh1")
+        rejected = await h.emit(VALIDATE, payload=REJECT)
+        again = await h.emit(event, credentials={"access_token": "tok-new-5678"}, expected_version=rejected.version)
+        log = [r for r in await h.log() if r.version > rejected.version]
+        assert [r.type for r in log[:4]] == [
+            "metadata-updated",
+            "function-succeeded",
+            "credentials-destroyed",
+            event.value,
+        ]
+        assert {r.causation_id for r in log[:2]} == {rejected.event_id}
+        assert provider.deleted == [("wh1", f"Bearer {TOKEN}")]
+        connection = await h.service.get_connection(ACME)
+        assert (connection.incarnation, connection.metadata, again.version) == (2, {}, connection.version)
+        assert [j.function for j in await h.store.jobs()] == ([] if event is VALIDATE else ["register"])
+        sealed = await h.store.sealed_credentials(ACME)
+        assert sealed is not None and sealed.incarnation == 2
+
+
+async def test_a_taken_over_cleanup_that_fails_again_gives_up_and_the_new_incarnation_begins() -> None:
+    """Run once more by the new incarnation's emit and failing, the cleanup is not retried into it: superseded."""
+    attempts: list[int] = []
 
     async def cleanup(ctx: Context) -> None:
-        ran.append("cleanup")
+        attempts.append(ctx.event.attempt)
+        raise RuntimeError("provider down")
 
-    clock = FakeClock()
-    store = SpyStore(clock)
     functions = [function("check", VALIDATE, rejects_when_asked), function("cleanup", DELETE, cleanup)]
-    async with running(*functions, store=store, clock=clock) as before:
-        await before.emit(CREATE)
-        rejected = await before.emit(VALIDATE, payload=REJECT)
-        again = await before.emit(VALIDATE)
+    async with running(*functions) as h:
+        await h.emit(CREATE)
+        rejected = await h.emit(VALIDATE, payload=REJECT)
+        again = await h.emit(VALIDATE)
+        log = [r for r in await h.log() if r.version > rejected.version]
+        assert [r.type for r in log[:2]] == ["function-failed", "function-gave-up"]
+        assert records.parse(log[1].type, log[1].data) == FunctionGaveUp("cleanup", 1, "provider down", SUPERSEDED)
+        assert attempts == [1]
+        assert (again.state, await h.store.jobs()) == (S.PENDING, [])
+
+
+async def test_a_new_incarnation_takes_over_the_background_cleanup_of_a_deletion() -> None:
+    """Deleted, its cleanup waiting for a retry, the connection is created anew: the cleanup runs now, before it."""
+    attempts: list[tuple[str, int]] = []
+
+    async def cleanup(ctx: Context) -> None:
+        attempts.append((ctx.event.event_id, ctx.event.attempt))
+        if len(attempts) == 1:
+            raise RuntimeError("provider down")
+
+    async with running(function("cleanup", DELETE, cleanup)) as h:
+        await h.emit(CREATE)
+        deleted = await h.emit(DELETE)
+        created = await h.emit(CREATE)
+        log = [r for r in await h.log() if r.position > deleted.position]
+        assert [r.type for r in log] == [
+            "function-failed",
+            "connection-deleted",
+            "function-succeeded",
+            "post-connection-creation",
+        ]
+        assert attempts == [(deleted.event_id, 1), (deleted.event_id, 2)]
+        assert (created.state, await h.store.jobs()) == (S.ACTIVE, [])
+
+
+async def test_a_cleanup_still_running_when_a_new_incarnation_begins_is_not_retried_into_it() -> None:
+    """A rejection's cleanup attempt that outlives the new incarnation's wait finishes; its retry is not run against
+    the new incarnation's metadata and credentials: it gives up, unrun (superseded)."""
+    cleaning = Gate()
+    runs: list[int] = []
+
+    async def cleanup(ctx: Context) -> None:
+        runs.append(ctx.event.attempt)
+        await cleaning.enter()
+        raise RuntimeError("provider down")
+
+    functions = [function("check", VALIDATE, rejects_when_asked), function("cleanup", DELETE, cleanup)]
+    async with running(*functions, worker=True, config=DispatchConfig(running_wait=0.01)) as h:
+        await h.emit(CREATE)
+        rejected = await h.emit(VALIDATE, payload=REJECT)
+        await cleaning.arrivals(1)
+        again = await h.emit(VALIDATE)
         assert again.state is S.PENDING
-    async with running(*functions, store=store, clock=clock, worker=True) as h:
-        log = await h.records_up_to(again.position + 3)
-        gave_up = records.parse(log[-1].type, log[-1].data)
-        assert isinstance(gave_up, FunctionGaveUp)
-        assert (gave_up.function, gave_up.attempt, gave_up.reason) == ("cleanup", 0, SUPERSEDED)
-        assert log[-1].causation_id == rejected.event_id
+        cleaning.open()
+        await h.records_up_to(again.position + 3)  # validated, then the running attempt's failure
+        (job,) = await h.store.jobs(ACME)
+        await h.until_due(job.run_at)
+        log = await h.records_up_to(again.position + 4)
         assert await h.store.jobs() == []
-    assert ran == []
+    gave_up = records.parse(log[-1].type, log[-1].data)
+    assert isinstance(gave_up, FunctionGaveUp)
+    assert (gave_up.function, gave_up.attempt, gave_up.reason) == ("cleanup", 1, SUPERSEDED)
+    assert log[-1].causation_id == rejected.event_id
+    assert runs == [1]
