@@ -2,23 +2,33 @@
 
     event                      functions run                         the plan appends
     validate-connection        now, concurrently, one deadline;      the request, each outcome, metadata
-                               the first failure stops the others    writes, then the verdict
+                               the first failure stops the others    writes, then the verdict; rejecting an
+                                                                     active connection: creation jobs
+                                                                     cancelled, one cleanup job per function
     post-connection-creation   later, as durable jobs (the outbox)   the request and one job per function
     pre-connection-deletion    pending creation jobs cancelled,      the request, cancellations, each cleanup
                                running ones awaited (bounded), then  outcome (a failed one continues as a
                                cleanup functions under one deadline  background job), metadata writes,
-                                                                     then connection-deleted
+                               (of a rejected connection: what of    then connection-deleted
+                               its cleanup is not done)
 
 :class:`Delivery` decides; :class:`~orchestrator.service.Service` appends the
 plan in one atomic append, so a crash never leaves half of a contract in the
-log. Records are built through :mod:`orchestrator.records` only.
+log. Records are built through :mod:`orchestrator.records` only. A deletion
+holds the connection's jobs (:meth:`Worker.hold`) from the start; a validation
+only once it rejects an active connection, or once it (or a creation) starts
+a new incarnation while the previous one's cleanup is queued, which it runs
+first (:meth:`Worker.take_over`). A validation whose function the daemon's
+settings failed (:attr:`AttemptResult.misconfigured`) is refused: nothing of it
+is appended.
 
 Credentials an emit brings are what its synchronous functions use (else the
 connection's sealed ones); when anything of the connection runs later (it is
 pending or active, or a cleanup continues in the background) they are sealed
 into the plan's append with a ``credentials-updated`` record right after the
 lifecycle record. A rejection, or a deletion with nothing left to run, seals
-nothing: the store shreds what was sealed before.
+nothing: the store shreds what was sealed before, once no job is left (the
+cleanup a rejection schedules runs with the credentials the connection had).
 """
 
 from __future__ import annotations

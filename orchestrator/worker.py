@@ -7,8 +7,11 @@ under its timeout, and records ``function-succeeded`` / ``function-failed`` /
 ``function-gave-up`` with the job's removal or rescheduling in one
 transaction. Retries back off exponentially with full jitter on the injected
 clock. It wakes on new jobs, finished attempts and the next due time, never
-by polling. A deletion :meth:`~Worker.hold`\\ s a connection so that none of
-its jobs is claimed while the deletion decides what to cancel.
+by polling. A deletion (or a rejection of an active connection, or a new
+incarnation that finishes its predecessor's cleanup) :meth:`~Worker.hold`\\ s a
+connection so that none of its jobs is claimed while it decides what to cancel.
+A cleanup job whose incarnation ended since it was scheduled is not run: it
+would see the new incarnation's metadata and credentials.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class Worker:
 
     @asynccontextmanager
     async def hold(self, ref: ConnectionRef) -> AsyncIterator[Hold]:
-        """Claim no job of ``ref`` while held: a barrier for a deletion.
+        """Claim no job of ``ref`` while held: a barrier for a deletion (and a rejection, a new incarnation).
 
         On entry: a claim already on its way to the store is waited for (it may
         lease a job of ``ref``), then the running attempts of ``ref`` get

@@ -1083,3 +1083,30 @@ async def test_a_cleanup_still_running_when_a_new_incarnation_begins_is_not_retr
     assert (gave_up.function, gave_up.attempt, gave_up.reason) == ("cleanup", 1, SUPERSEDED)
     assert log[-1].causation_id == rejected.event_id
     assert runs == [1]
+
+
+async def test_repeats_of_a_rejection_and_of_a_takeover_answer_as_the_originals() -> None:
+    """The verdict stays last in a rejection's append, and a takeover's records come before the new lifecycle
+    record: a repeat (same idempotency key) answers the original version, runs nothing and writes nothing."""
+    ran: list[str] = []
+
+    async def cleanup(ctx: Context) -> None:
+        ran.append(ctx.event.event_id)
+
+    functions = [function("check", VALIDATE, rejects_when_asked), function("cleanup", DELETE, cleanup)]
+    async with running(*functions) as h:
+        await h.emit(CREATE)
+        rejected = await h.emit(VALIDATE, payload=REJECT, idempotency_key="r-1")
+        again = await h.emit(VALIDATE, idempotency_key="v-2")
+        head = await h.head()
+        for original, key, payload in ((rejected, "r-1", REJECT), (again, "v-2", {})):
+            repeat = await h.emit(VALIDATE, payload=payload, idempotency_key=key)
+            assert repeat.deduplicated
+            assert (repeat.event_id, repeat.position, repeat.version, repeat.state) == (
+                original.event_id,
+                original.position,
+                original.version,
+                original.state,
+            )
+        assert await h.head() == head
+        assert ran == [rejected.event_id]
