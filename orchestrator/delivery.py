@@ -77,6 +77,24 @@ def _rejected(plan: Plan) -> bool:
     return any(e.type == records.Fact.CONNECTION_REJECTED for e in plan.events)
 
 
+def _creations_to_end(jobs: list[Job], hold: Hold) -> list[Job]:
+    """The creation jobs a deletion or a rejection cancels: those not started, and those the hold stopped."""
+    unstarted = [j for j in jobs if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION]
+    return unstarted + hold.stopped
+
+
+def _cancelled(jobs: list[Job], reason: str, traceparent: str) -> list[NewEvent]:
+    """A ``function-cancelled`` record for each of ``jobs`` (caused by its own lifecycle record), for ``reason``."""
+    return [
+        records.new(
+            records.FunctionCancelled(j.function, reason, j.attempt),
+            causation_id=j.causation_id,
+            traceparent=traceparent,
+        )
+        for j in jobs
+    ]
+
+
 class Barrier:
     """The worker's hold on a connection's jobs, taken the first time the plan asks (:meth:`held`).
 
@@ -314,20 +332,8 @@ class Delivery:
         """
         verdict = plan.events.pop()
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
-        pending = [
-            j
-            for j in await self._store.jobs(request.ref)
-            if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION
-        ]
-        pending += hold.stopped
-        plan.events += [
-            records.new(
-                records.FunctionCancelled(j.function, REJECTION_CANCELLED, j.attempt),
-                causation_id=j.causation_id,
-                traceparent=trace,
-            )
-            for j in pending
-        ]
+        pending = _creations_to_end(await self._store.jobs(request.ref), hold)
+        plan.events += _cancelled(pending, REJECTION_CANCELLED, trace)
         plan.cancel_jobs += pending
         now = self._dispatcher.clock.now()
         deletion = LifecycleEvent.PRE_CONNECTION_DELETION
@@ -363,27 +369,12 @@ class Delivery:
         """
         cause, trace = plan.lifecycle.event_id, plan.lifecycle.traceparent
         jobs = await self._store.jobs(request.ref)
-        pending = [j for j in jobs if not j.leased and j.event is LifecycleEvent.POST_CONNECTION_CREATION]
-        pending += hold.stopped
-        plan.events += [
-            records.new(
-                records.FunctionCancelled(j.function, DELETION_CANCELLED, j.attempt),
-                causation_id=j.causation_id,
-                traceparent=trace,
-            )
-            for j in pending
-        ]
+        pending = _creations_to_end(jobs, hold)
+        plan.events += _cancelled(pending, DELETION_CANCELLED, trace)
         functions = self._functions(request)
         if current is not None and current.state is ConnectionState.REJECTED:
             functions, taken = self._left_by_rejection(functions, jobs, current)
-            plan.events += [
-                records.new(
-                    records.FunctionCancelled(j.function, TAKEN_OVER, j.attempt),
-                    causation_id=j.causation_id,
-                    traceparent=trace,
-                )
-                for j in taken
-            ]
+            plan.events += _cancelled(taken, TAKEN_OVER, trace)
             pending += taken
         plan.cancel_jobs = pending
         run = await self._dispatcher.run_sync(

@@ -14,7 +14,7 @@ from orchestrator.context import Context
 from orchestrator.delivery import DELETION_CANCELLED, REJECTION_CANCELLED, TAKEN_OVER, VALIDATION_CANCELLED
 from orchestrator.errors import Misconfigured
 from orchestrator.functions import NonRetryable, Rejected
-from orchestrator.model import ConnectionState, FunctionStatus, Job, LifecycleEvent, Outcome
+from orchestrator.model import ConnectionState, EmitResult, FunctionStatus, Job, LifecycleEvent, Outcome
 from orchestrator.records import (
     ConnectionDeleted,
     ConnectionRejected,
@@ -38,6 +38,7 @@ from tests.support.engine import (
     Append,
     Call,
     Gate,
+    Harness,
     SpyStore,
     function,
     jitter,
@@ -836,6 +837,15 @@ async def test_a_rejection_stops_a_creation_attempt_that_outlives_its_wait_no_su
 # -- deleting a rejected connection: whatever cleanup is not done yet -------------------------------
 
 
+async def rejected_with_a_webhook(h: Harness, provider: Webhooks) -> EmitResult:
+    """Create the connection (with :data:`TOKEN`) and its webhook wh1 (recorded as creation would), then reject it:
+    the rejection's cleanup job is queued (no worker runs it); the rejection's answer."""
+    await h.emit(CREATE, credentials={"access_token": TOKEN})
+    await h.store.append(ACME, None, [records.new(MetadataUpdated("register", {"webhook_id": "wh1"}, False))])
+    provider.live.add("wh1")
+    return await h.emit(VALIDATE, payload=REJECT)
+
+
 async def test_deleting_a_rejected_connection_takes_over_its_queued_cleanup() -> None:
     """Cleanup jobs still queued are cancelled (taken over) and run now, as the deletion's own, under its deadline."""
     provider = Webhooks()
@@ -844,10 +854,7 @@ async def test_deleting_a_rejected_connection_takes_over_its_queued_cleanup() ->
         function("delete", DELETE, delete_webhook),
     ]
     async with running(*functions, integrations=WEBHOOKS, provider=provider) as h:
-        await h.emit(CREATE, credentials={"access_token": TOKEN})
-        await h.store.append(ACME, None, [records.new(MetadataUpdated("register", {"webhook_id": "wh1"}, False))])
-        provider.live.add("wh1")
-        rejected = await h.emit(VALIDATE, payload=REJECT)
+        rejected = await rejected_with_a_webhook(h, provider)
         (job,) = await h.store.jobs(ACME)
         deleted = await h.emit(DELETE)
         log = [r for r in await h.log() if r.position > rejected.position]
@@ -989,10 +996,7 @@ async def test_a_new_incarnation_first_runs_the_cleanup_its_predecessor_left_que
         function("delete", DELETE, delete_webhook),
     ]
     async with running(*functions, integrations=WEBHOOKS, provider=provider) as h:
-        await h.emit(CREATE, credentials={"access_token": TOKEN})
-        await h.store.append(ACME, None, [records.new(MetadataUpdated("register", {"webhook_id": "wh1"}, False))])
-        provider.live.add("wh1")
-        rejected = await h.emit(VALIDATE, payload=REJECT)
+        rejected = await rejected_with_a_webhook(h, provider)
         again = await h.emit(event, credentials={"access_token": "tok-new-5678"}, expected_version=rejected.version)
         log = [r for r in await h.log() if r.version > rejected.version]
         assert [r.type for r in log[:4]] == [
