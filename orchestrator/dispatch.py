@@ -16,8 +16,9 @@ results into records.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -35,6 +36,7 @@ from orchestrator.context import (
     EventInfo,
     IntegrationInfo,
     MetadataSink,
+    backends,
     cut,
 )
 from orchestrator.isolation import ProcessPool
@@ -43,7 +45,7 @@ from orchestrator.plugins import Installed
 from orchestrator.provider import Provider, Secrets, redact_excerpt
 from orchestrator.records import MetadataUpdated
 from orchestrator.retry import RetryPolicy
-from orchestrator.runner import TIMEOUT, AttemptResult, ThreadSlots, run_attempt
+from orchestrator.runner import MAX_ERROR, TIMEOUT, AttemptResult, ThreadSlots, run_attempt
 from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,19 @@ class SyncRun:
     def failures(self) -> list[AttemptResult]:
         """The attempts that failed, in order of completion."""
         return [r for r in self.results if not r.ok]
+
+
+def _misconfigured(result: AttemptResult, ctx: Context | None, scrub: Callable[[str, int], str]) -> AttemptResult:
+    """``result``, marked misconfigured (and not retried) when it failed after the daemon's proxy refused a call.
+
+    The proxy is the daemon's own (with ``--isolation process`` too: a worker's calls are made by it), so the
+    mark comes from what the daemon saw, never from the name of what the function raised.
+    """
+    provider = backends(ctx).provider if ctx is not None else None
+    reason = provider.misconfiguration if isinstance(provider, Provider) else ""
+    if result.ok or not reason:
+        return result
+    return dataclasses.replace(result, misconfigured=scrub(reason, MAX_ERROR), retryable=False)
 
 
 class Dispatcher:
@@ -161,8 +176,11 @@ class Dispatcher:
         limit = min(time_limit, self.timeout(function)) if time_limit is not None else self.timeout(function)
         parent = tracing.context_from(traceparent) if traceparent is not None else None
 
+        made: list[Context] = []
+
         def make(log: AttemptLog) -> Context:  # the runner owns the attempt's log
-            return self._context(function, info, event, sink, log, secrets, calls)
+            made.append(self._context(function, info, event, sink, log, secrets, calls))
+            return made[0]
 
         ref = info.ref
         attributes = {
@@ -196,6 +214,7 @@ class Dispatcher:
                         invoke_with=pool.invoke if pool is not None else None,
                         scrub=scrub,
                     )
+            result = _misconfigured(result, made[0] if made else None, scrub)
             outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
             span.set_attribute("orchestrator.outcome", outcome)
             if not result.ok:

@@ -7,6 +7,7 @@
     ├── NotFound               the connection does not exist
     ├── FailedPrecondition     the event is not allowed in the connection's current state
     │   ├── InvalidTransition  a record cannot follow the state before it (a refused event or a corrupt log)
+    │   ├── Misconfigured      a provider call needs a setting the daemon lacks (an integration's base_url)
     │   └── SealError          sealed credentials do not open (altered, or moved to another connection)
     │       └── KeyMissing     they were sealed under a key that is not configured
     ├── VersionConflict        ``expected_version`` does not match (carries the current version)
@@ -22,7 +23,10 @@
 Event functions raise two more, which are not errors of the orchestrator's
 own (see :mod:`orchestrator.functions`): ``Rejected`` and ``NonRetryable``; the
 provider proxy raises ``CredentialsUnavailable``, a ``NonRetryable``, when the
-connection has no usable credentials for its integration's auth scheme.
+connection has no usable credentials for its integration's auth scheme. Either
+that or ``Misconfigured``, raised by the proxy, fails the attempt without retries,
+and a validation that meets one is refused as a whole (FAILED_PRECONDITION,
+nothing written): the daemon's settings, not the customer's connection, are at fault.
 
 Each class is mapped to a gRPC status code in :mod:`orchestrator.rpc.server`
 (``STATUS_CODES``) and to an exit code in :mod:`orchestrator.cli`, and
@@ -59,6 +63,19 @@ class FailedPrecondition(OrchestratorError):
 
 class InvalidTransition(FailedPrecondition):
     """A record cannot follow the connection's current state (a refused event or a corrupt log)."""
+
+
+class Misconfigured(FailedPrecondition):
+    """A provider call needs a setting the daemon lacks (an integration's ``base_url``, or an unusable one).
+
+    ``setting`` names it as the config spells it (``integrations.salesforce.base_url``); the
+    message says what to set where. Not the customer's fault: not retried, and a validation
+    that meets it is refused rather than rejecting the connection.
+    """
+
+    def __init__(self, message: str, *, setting: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class SealError(FailedPrecondition):

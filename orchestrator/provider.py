@@ -8,7 +8,11 @@ error answer raises :class:`~orchestrator.errors.ProviderError`. A 401 asks
 the attempt's :class:`Secrets` for fresher credentials once (the credentials
 resolver, when one is installed) and, given some, sends the call once more. A
 credential the auth scheme needs and the connection lacks raises
-:class:`CredentialsUnavailable` (not retried: it does not come back by itself). Credentials
+:class:`CredentialsUnavailable` (not retried: it does not come back by itself);
+a relative endpoint of an integration with no ``base_url`` (or one that is not
+an ``http(s)://`` URL) raises :class:`~orchestrator.errors.Misconfigured`. The
+proxy notes either in :attr:`Provider.misconfiguration`, where the dispatcher
+(in the daemon, whatever the isolation) finds it: a plugin cannot forge it. Credentials
 never appear in an error message: :func:`redact` replaces them in every form a
 provider may echo them back in (URL-encoded, JSON-escaped, HTML-escaped,
 base64, and these combined), and is what the dispatcher runs over a function's
@@ -38,7 +42,7 @@ from opentelemetry import trace
 from orchestrator import tracing
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration
-from orchestrator.errors import ProviderError
+from orchestrator.errors import Misconfigured, ProviderError
 from orchestrator.functions import NonRetryable
 from orchestrator.model import JSONObject
 
@@ -514,11 +518,46 @@ class Provider:
         self._integration = integration
         self._config = config
         self.secrets = credentials if isinstance(credentials, Secrets) else Secrets(credentials)
-        self.credentials = ReadOnlyCredentials(self.secrets.current)
+        self.credentials = ReadOnlyCredentials(self._current)
         """The credentials as ``ctx.credentials`` shows them."""
         self._connection = connection
         self.calls: list[str] = calls if calls is not None else []
         """One line per HTTP exchange (method, URL without secrets, status), for dryrun and logs."""
+        self.misconfiguration = ""
+        """Why this proxy refused a call for what the daemon lacks (a ``base_url``, a credential the auth
+        scheme needs, credentials it cannot open); empty when it never did. The first reason is kept."""
+
+    def _noted(self, exc: Misconfigured | CredentialsUnavailable) -> None:
+        if not self.misconfiguration:
+            self.misconfiguration = str(exc)
+
+    def _current(self) -> Mapping[str, str]:
+        try:
+            return self.secrets.current()
+        except CredentialsUnavailable as exc:
+            self._noted(exc)
+            raise
+
+    def _base(self) -> str:
+        """The integration's base URL for this connection; :class:`Misconfigured` when there is no usable one."""
+        integration = self._integration
+        base = integration.url_for(self._config)
+        if base.lower().startswith(("http://", "https://")):
+            return base
+        name = integration.name
+        setting = f"integrations.{name}.base_url"
+        if not integration.base_url:
+            raise Misconfigured(
+                f"integration {name} has no base_url, which a call to a relative endpoint needs: set"
+                f" [integrations.{name}] base_url in the daemon's config",
+                setting=setting,
+            )
+        filled = f" ({base[:200]!r} with the connection's config)" if base != integration.base_url else ""
+        raise Misconfigured(
+            f"integration {name}'s base_url {integration.base_url[:200]!r}{filled} is not an http:// or https://"
+            f" URL: fix [integrations.{name}] base_url in the daemon's config",
+            setting=setting,
+        )
 
     async def request(
         self,
@@ -535,9 +574,24 @@ class Provider:
         A 401 to a call that carried credentials asks for fresher ones once; given some, the call
         is sent once more with them.
         """
+        try:
+            return await self._request_once_refreshed(method, endpoint, params, json, data, headers)
+        except (Misconfigured, CredentialsUnavailable) as exc:
+            self._noted(exc)
+            raise
+
+    async def _request_once_refreshed(
+        self,
+        method: str,
+        endpoint: str,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        data: Any,
+        headers: Mapping[str, str] | None,
+    ) -> httpx.Response:
         integration = self._integration
-        base = integration.url_for(self._config)
         absolute = endpoint.startswith(("http://", "https://"))
+        base = integration.url_for(self._config) if absolute else self._base()
         url = endpoint if absolute else base.rstrip("/") + "/" + endpoint.lstrip("/")
         # A URL from elsewhere (say, from a provider's response) gets no credentials.
         authed = integration.auth != "none" and not (absolute and _origin(url) != _origin(base))

@@ -41,7 +41,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
-from orchestrator.errors import InvalidArgument, ProviderError, ResourceExhausted
+from orchestrator.errors import InvalidArgument, Misconfigured, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
 from orchestrator.records import FunctionFailed, FunctionSucceeded
@@ -108,6 +108,10 @@ class AttemptResult:
     logs: list[str] = field(default_factory=list)
     traceback: str = ""
     """Where the function raised: its own frames (see :func:`own_traceback`)."""
+    misconfigured: str = ""
+    """Why the daemon's provider proxy refused one of the attempt's calls, when it failed after that: a setting
+    the daemon lacks (a ``base_url``, a credential the auth scheme needs). Set by the dispatcher from the proxy
+    itself, never from what the function raised, so no plugin can claim it; such a failure is not retried."""
 
     def outcome(self, *, retry_in_ms: int | None = None, dryrun: bool = False) -> FunctionSucceeded | FunctionFailed:
         """The body of this attempt's ``function-succeeded`` or ``function-failed`` record."""
@@ -136,7 +140,7 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     """(retryable, rejected) for an exception a function raised."""
     if isinstance(exc, Rejected):
         return False, True
-    if isinstance(exc, NonRetryable | InvalidArgument | ResourceExhausted):
+    if isinstance(exc, NonRetryable | InvalidArgument | ResourceExhausted | Misconfigured):
         return False, False
     if isinstance(exc, ProviderError) and 400 <= exc.status < 500 and exc.status not in (408, 429):
         return False, False

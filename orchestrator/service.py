@@ -278,6 +278,8 @@ class Service:
                 outcomes = await self._outcomes_of(lifecycle)
             elif request.event is LifecycleEvent.POST_CONNECTION_CREATION:
                 outcomes = tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
+            elif request.event is LifecycleEvent.VALIDATE_CONNECTION:  # a rejection's cleanup, due now
+                outcomes += tuple(Outcome(job.function, FunctionStatus.SCHEDULED) for job in plan.jobs)
         return EmitResult(
             event_id=lifecycle.event_id,
             position=lifecycle.position,
@@ -293,7 +295,7 @@ class Service:
             started = time.perf_counter()
             appended = await self._store.append(
                 request.ref,
-                request.expected_version,
+                plan.expected_version,
                 plan.events,
                 jobs=plan.jobs,
                 cancel_jobs=plan.cancel_jobs,

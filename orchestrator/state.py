@@ -58,7 +58,8 @@ TABLE: dict[tuple[ConnectionState | None, LifecycleEvent], Rule] = {
     (None, _E.PRE_CONNECTION_DELETION): Rule(Verdict.NOT_FOUND),
     (_S.REJECTED, _E.VALIDATE_CONNECTION): Rule(Verdict.NEW_INCARNATION, _S.PENDING),
     (_S.REJECTED, _E.POST_CONNECTION_CREATION): Rule(Verdict.NEW_INCARNATION, _S.ACTIVE),
-    (_S.REJECTED, _E.PRE_CONNECTION_DELETION): Rule(Verdict.REFUSE),
+    # The rejection of an active connection scheduled its cleanup; a deletion finishes what is left of it.
+    (_S.REJECTED, _E.PRE_CONNECTION_DELETION): Rule(Verdict.START, _S.DELETING),
     (_S.DELETED, _E.VALIDATE_CONNECTION): Rule(Verdict.NEW_INCARNATION, _S.PENDING),
     (_S.DELETED, _E.POST_CONNECTION_CREATION): Rule(Verdict.NEW_INCARNATION, _S.ACTIVE),
     (_S.DELETED, _E.PRE_CONNECTION_DELETION): Rule(Verdict.REPEAT),
@@ -112,17 +113,14 @@ def admit(connection: Connection | None, event: LifecycleEvent, ref: object = No
     if rule.verdict is Verdict.REFUSE:
         assert connection is not None
         raise FailedPrecondition(
-            f"{event} is not allowed while connection {connection.ref} is {connection.state}"
-            + _hint(connection.state, event)
+            f"{event} is not allowed while connection {connection.ref} is {connection.state}" + _hint(connection.state)
         )
     return rule
 
 
-def _hint(state: ConnectionState, event: LifecycleEvent) -> str:
+def _hint(state: ConnectionState) -> str:
     if state is _S.DELETING:
         return " (wait for the deletion to finish)"
-    if state is _S.REJECTED and event is _E.PRE_CONNECTION_DELETION:
-        return " (a rejected connection has nothing to clean up; validate it again to reuse it)"
     return ""
 
 
@@ -220,6 +218,8 @@ def _apply_lifecycle(connection: Connection | None, record: Record, event: Lifec
         config=config or connection.config,
         deletion=mark if event is _E.PRE_CONNECTION_DELETION else connection.deletion,
         outcomes=(),
+        # Only a deletion leaves rejected within its incarnation: the connection is no longer rejected.
+        rejection_reason="",
     )
 
 

@@ -7,12 +7,16 @@ under its timeout, and records ``function-succeeded`` / ``function-failed`` /
 ``function-gave-up`` with the job's removal or rescheduling in one
 transaction. Retries back off exponentially with full jitter on the injected
 clock. It wakes on new jobs, finished attempts and the next due time, never
-by polling. A deletion :meth:`~Worker.hold`\\ s a connection so that none of
-its jobs is claimed while the deletion decides what to cancel.
+by polling. A deletion (or a rejection of an active connection, or a new
+incarnation that finishes its predecessor's cleanup) :meth:`~Worker.hold`\\ s a
+connection so that none of its jobs is claimed while it decides what to cancel.
+A cleanup job whose incarnation ended since it was scheduled is not run: it
+would see the new incarnation's metadata and credentials.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -22,20 +26,29 @@ from datetime import datetime, timedelta
 
 import anyio
 
-from orchestrator import records, tracing
+from orchestrator import records, state, tracing
 from orchestrator.clock import Clock
 from orchestrator.context import ConnectionInfo, EventInfo
 from orchestrator.credentials import Vault
 from orchestrator.dispatch import Dispatcher
 from orchestrator.errors import LeaseLost, OrchestratorError
-from orchestrator.model import ConnectionRef, Job, JSONObject, LifecycleEvent
+from orchestrator.model import Connection, ConnectionRef, Job, JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed, Registry
 from orchestrator.records import NewEvent
-from orchestrator.store import EventStore
+from orchestrator.runner import AttemptResult
+from orchestrator.store import EventStore, scan
 
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "the function is no longer installed"
+SUPERSEDED = "superseded"
+"""The ``reason`` of a ``function-gave-up`` of a cleanup whose incarnation ended before it could run, or that a
+new incarnation ran at once (taking it over) and that failed again."""
+SUPERSEDED_ERROR = (
+    "a new incarnation of the connection began before this cleanup ran: not run, since it would see the new"
+    " incarnation's metadata and credentials"
+)
+SCAN_PAGE = 500
 POISON = "{n} attempt(s) began and never ended: the daemon stopped during each (a crash or a kill); not run again"
 CLAIM_RETRY = 5.0
 """Seconds before the worker looks for jobs again when the store failed to lease them (a full disk)."""
@@ -138,7 +151,7 @@ class Worker:
 
     @asynccontextmanager
     async def hold(self, ref: ConnectionRef) -> AsyncIterator[Hold]:
-        """Claim no job of ``ref`` while held: a barrier for a deletion.
+        """Claim no job of ``ref`` while held: a barrier for a deletion (and a rejection, a new incarnation).
 
         On entry: a claim already on its way to the store is waited for (it may
         lease a job of ``ref``), then the running attempts of ``ref`` get
@@ -268,6 +281,26 @@ class Worker:
             finished, self._finished = self._finished, anyio.Event()
             finished.set()
 
+    async def _of_current_incarnation(self, job: Job, connection: Connection) -> bool:
+        """Whether ``job`` runs for ``connection``'s current incarnation (a cleanup may outlive its own).
+
+        Only a cleanup job can: a rejection or a deletion ends the creation jobs of its incarnation. The
+        stream is folded (the one fold) to find the incarnation of the job's lifecycle record only when it
+        is not the connection's latest one, nor its deletion.
+        """
+        cause = job.causation_id
+        deletion = connection.deletion.event_id if connection.deletion is not None else ""
+        if job.event is not LifecycleEvent.PRE_CONNECTION_DELETION:
+            return True
+        if cause in (connection.lifecycle.event_id, deletion):
+            return True
+        folded: Connection | None = None
+        async for record in scan(self._store, ref=job.ref, page=SCAN_PAGE):
+            folded = state.apply(folded, record)
+            if record.event_id == cause:
+                return folded.incarnation == connection.incarnation
+        return True  # its lifecycle record is not in the stream: nothing tells it apart
+
     def _find(self, job: Job) -> Installed | None:
         for function in self._registry.for_event(job.ref.integration, job.event):
             if function.name == job.function:
@@ -279,7 +312,29 @@ class Worker:
         function = self._find(job)
         return None if function is None else self._dispatcher.policy(function).max_attempts
 
-    async def _attempt_job(self, job: Job) -> None:
+    async def take_over(self, jobs: list[Job], *, time_limit: float) -> None:
+        """Run each of ``jobs`` (queued, of a connection the caller holds) once now, concurrently, as its next attempt.
+
+        For a new incarnation, whose cleanup must not be left to later: each attempt gets the connection's
+        metadata and credentials as they are (the incarnation's that ends), at most ``time_limit`` seconds, and
+        its outcome is recorded as the worker records one, with the job's removal. A failure is final: it
+        gives up (``superseded``) instead of being retried into the new incarnation.
+        """
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                # Counted as a claim counts it; its fencing token stays (checked; the hold keeps claims away).
+                tg.start_soon(self._take_over_one, dataclasses.replace(job, attempt=job.attempt + 1), time_limit)
+
+    async def _take_over_one(self, job: Job, time_limit: float) -> None:
+        try:
+            await self._attempt_job(job, time_limit=time_limit, final=SUPERSEDED)
+        except OrchestratorError as exc:  # the store refused or failed: the job stays, the guard ends it later
+            log.error("job %s (%s on %s) could not be taken over: %s", job.job_id, job.function, job.stream, exc)
+        except Exception:  # a bug of ours must not fail the emit: the job stays, the guard ends it later
+            log.exception("job %s (%s on %s) failed unexpectedly when taken over", job.job_id, job.function, job.stream)
+
+    async def _attempt_job(self, job: Job, *, time_limit: float | None = None, final: str = "") -> None:
+        """One attempt of ``job``, recorded; with ``final``, a failure is not retried: it gives up, for that reason."""
         function = self._find(job)
         if function is None:
             gone = records.FunctionGaveUp(job.function, job.attempt, NOT_INSTALLED)
@@ -299,6 +354,14 @@ class Worker:
             log.error("job %s (%s on %s) parked: %s", job.job_id, job.function, job.stream, parked.error)
             return
         connection = await self._store.get_connection(job.ref)
+        if connection is not None and not await self._of_current_incarnation(job, connection):
+            # Its metadata and credentials are gone with its incarnation: run now, it would act on the new one's.
+            superseded = records.FunctionGaveUp(function.name, job.attempt - 1, SUPERSEDED_ERROR, SUPERSEDED)
+            await self._store.finish_job(
+                job, [records.new(superseded, causation_id=job.causation_id, traceparent=job.traceparent)]
+            )
+            log.warning("job %s (%s on %s) not run: %s", job.job_id, job.function, job.stream, SUPERSEDED_ERROR)
+            return
         config = connection.config if connection is not None else {}
         metadata = connection.metadata if connection is not None else {}
         sink = _Immediate(self._store, job.ref, metadata, function.name, job.causation_id, job.traceparent)
@@ -309,25 +372,43 @@ class Worker:
             job.ref, incarnation, causation_id=job.causation_id, traceparent=job.traceparent
         )
         result = await self._dispatcher.attempt(
-            function, ConnectionInfo(job.ref, config), event, sink, traceparent=job.traceparent, secrets=secrets
+            function,
+            ConnectionInfo(job.ref, config),
+            event,
+            sink,
+            time_limit=time_limit,
+            traceparent=job.traceparent,
+            secrets=secrets,
         )
         retry_at = None
         bodies: list[records.Body] = []
-        if not result.ok and result.retryable and not policy.gives_up_after(job.attempt):
+        retried = not result.ok and result.retryable and not policy.gives_up_after(job.attempt)
+        if retried and not final:
             delay = policy.delay(job.attempt, self._rng)
             retry_at = self._clock.now() + timedelta(seconds=delay)
             bodies.append(result.outcome(retry_in_ms=int(delay * 1000)))
         else:
             bodies.append(result.outcome())
-            if not result.ok:
-                bodies.append(gave_up(result.function.name, job.attempt, result.error, retryable=result.retryable))
+            if retried:
+                bodies.append(records.FunctionGaveUp(function.name, job.attempt, result.error, final))
+            elif not result.ok:
+                bodies.append(gave_up(result, job.attempt))
         events: list[NewEvent] = [
             records.new(body, causation_id=job.causation_id, traceparent=job.traceparent) for body in bodies
         ]
         await self._store.finish_job(job, events, retry_at=retry_at)
 
 
-def gave_up(function: str, attempts: int, error: str, *, retryable: bool) -> records.FunctionGaveUp:
-    """The ``function-gave-up`` body after the last attempt (number ``attempts``)."""
-    reason = "not retryable" if not retryable else f"{attempts} attempts exhausted"
-    return records.FunctionGaveUp(function, attempts, error, reason)
+MISCONFIGURED = "misconfigured"
+"""The ``reason`` of a ``function-gave-up`` whose attempt the daemon's settings failed (its ``error`` names one)."""
+
+
+def gave_up(result: AttemptResult, attempts: int) -> records.FunctionGaveUp:
+    """The ``function-gave-up`` body after ``result``, the last attempt (number ``attempts``).
+
+    An attempt the daemon's settings failed gives up naming the setting, whatever the function made of it.
+    """
+    if result.misconfigured:
+        return records.FunctionGaveUp(result.function.name, attempts, result.misconfigured, MISCONFIGURED)
+    reason = "not retryable" if not result.retryable else f"{attempts} attempts exhausted"
+    return records.FunctionGaveUp(result.function.name, attempts, result.error, reason)

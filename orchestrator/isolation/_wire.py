@@ -35,7 +35,7 @@ import httpx
 
 from orchestrator import errors
 from orchestrator.context import Context
-from orchestrator.errors import ProviderError, ResourceExhausted
+from orchestrator.errors import Misconfigured, ProviderError, ResourceExhausted
 from orchestrator.model import JSONObject
 from orchestrator.plugins import Installed
 from orchestrator.provider import CredentialsUnavailable
@@ -255,6 +255,8 @@ def error(exc: Exception) -> JSONObject:
     out: JSONObject = {"type": type(exc).__name__, "message": str(exc)}
     if isinstance(exc, ProviderError):
         out.update(status=exc.status, body=exc.body)
+    if isinstance(exc, Misconfigured):
+        out.update(setting=exc.setting)
     return out
 
 
@@ -265,6 +267,8 @@ def error_from(value: JSONObject) -> Exception:
         return ProviderError(message, status=value.get("status", 0), body=value.get("body", ""))
     if kind == "CredentialsUnavailable":  # not retried, as in the daemon
         return CredentialsUnavailable(message)
+    if kind == "Misconfigured":  # not retried either (the daemon marks the attempt from its own proxy)
+        return Misconfigured(message, setting=str(value.get("setting", "")))
     if kind in _PLAIN_ERRORS:
         plain: type[Exception] = getattr(errors, kind)
         return plain(message)

@@ -85,6 +85,9 @@ class Result:
     """Whether the daemon would retry it (an asynchronous function's job)."""
     traceback: str = ""
     duration_ms: int = 0
+    misconfigured: str = ""
+    """Why the daemon's proxy refused a call for what the daemon lacks (a ``base_url``, a credential the auth
+    scheme needs): the daemon would then refuse the emit (validation) or not retry; empty otherwise."""
 
     @property
     def ok(self) -> bool:
@@ -261,6 +264,7 @@ async def arun(
         result.retryable,
         result.traceback,
         result.duration_ms,
+        result.misconfigured,
     )
 
 

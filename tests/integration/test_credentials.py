@@ -18,7 +18,6 @@ from tests.support.daemon import function, run_daemon, serving
 from tests.support.grpc import (
     CREATE,
     DELETE,
-    REJECTED,
     VALIDATE,
     WAIT,
     as_dict,
@@ -176,15 +175,19 @@ async def test_a_validation_refreshed_by_the_resolver_seals_the_fresh_credential
     assert as_dict(log[1].data)["source"] == "resolver"
 
 
-async def test_credentials_sealed_under_a_key_no_longer_configured_fail_naming_the_key_id(
+async def test_credentials_sealed_under_a_key_no_longer_configured_refuse_a_validation_naming_the_key_id(
     tmp_path: Path, provider: ProviderServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """After a key change the start-up log names the missing key id; an attempt needing the credentials fails on it."""
+    """After a key change the start-up log names the missing key id; a validation needing the credentials is refused
+    on it (FAILED_PRECONDITION: the daemon's key ring is at fault, not the connection), and nothing is written: the
+    connection is not rejected (its cleanup does not run), its credentials are kept, and they open once the key is
+    configured again."""
     database = f"sqlite://{tmp_path}/events.db"
     first, second = sealing.generate(), sealing.generate()
     old_id = sealing.Keyring.parse(first, "k").sealing.id
     async with run_daemon(database, registry=Registry(), secret_key=first) as daemon:
         await emit(daemon.stub, CREATE, "c1", credentials={"access_token": OLD_TOKEN})
+        before = await records(daemon.stub)
 
     async def whoami(ctx: Context) -> None:
         await ctx.get("/me")
@@ -192,18 +195,22 @@ async def test_credentials_sealed_under_a_key_no_longer_configured_fail_naming_t
     registry = Registry.of([function("whoami", "validate-connection", whoami)])
     caplog.set_level(logging.WARNING, "orchestrator.daemon")
     async with run_daemon(database, registry=registry, integrations=acme(provider), secret_key=second) as daemon:
-        rejected = await emit(daemon.stub, VALIDATE, "c1")
-        assert rejected.state == REJECTED
-        connection = await daemon.stub.GetConnection(pb.GetConnectionRequest(connection=ref("c1")), timeout=WAIT)
-    assert f"key id {old_id}, which is not configured" in rejected.rejection_reason
-    assert "whoami" in rejected.rejection_reason
-    assert connection.connection.state == REJECTED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await emit(daemon.stub, VALIDATE, "c1")
+        after = await records(daemon.stub)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert f"key id {old_id}, which is not configured" in details and "function whoami" in details
+    assert after == before
     assert provider.requests == []
     assert any(f"under key id {old_id}, which is not configured" in r.getMessage() for r in caplog.records)
-    # Rejected with nothing left to run: the row it could not open is destroyed all the same.
-    async with run_daemon(database, registry=Registry(), secret_key=f"{second},{first}") as daemon:
-        log = await records(daemon.stub)
-    assert [r.type for r in log][-1] == "credentials-destroyed"
+    provider.route("GET", "/me", Reply(200, {"login": "acme"}))
+    async with run_daemon(
+        database, registry=registry, integrations=acme(provider), secret_key=f"{second},{first}"
+    ) as daemon:
+        validated = await emit(daemon.stub, VALIDATE, "c1")
+    assert validated.state == pb.CONNECTION_STATE_ACTIVE
+    assert [r.headers["authorization"] for r in provider.requests_to("GET", "/me")] == [f"Bearer {OLD_TOKEN}"]
 
 
 async def test_a_job_without_the_credential_its_scheme_needs_gives_up_at_once_saying_how_to_supply_it(
@@ -227,4 +234,6 @@ async def test_a_job_without_the_credential_its_scheme_needs_gives_up_at_once_sa
         " supply it with UpdateCredentials (`orchestrator credentials set 'c 1' -i acme -e dev --credential"
         " access_token=...`) or with the connection's next emit"
     )
+    gave_up = next(as_dict(r.data) for r in log if r.type == "function-gave-up")
+    assert (gave_up["attempt"], gave_up["reason"], gave_up["error"]) == (1, "misconfigured", failed["error"])
     assert provider.requests == []

@@ -50,7 +50,7 @@ from tests.support.grpc import (
     records,
 )
 from tests.support.process import arun
-from tests.support.provider import ProviderServer, Reply
+from tests.support.provider import ProviderServer, Reply, WebhookProvider
 
 pytestmark = pytest.mark.anyio
 
@@ -346,6 +346,51 @@ async def test_a_refused_emit_runs_no_function_and_writes_nothing(tmp_path: Path
     assert stale.value.code() == grpc.StatusCode.ABORTED
     assert calls.count == 0
     assert log == []
+    assert provider.requests == []
+
+
+@pytest.mark.parametrize(
+    ("configured", "credentials", "says"),
+    [
+        ({"acme": ""}, None, "set [integrations.acme] base_url in the daemon's config"),
+        ({"acmee": "{provider}"}, None, "set [integrations.acme] base_url in the daemon's config"),
+        ({"acme": "api.acme.test"}, None, "base_url 'api.acme.test' is not an http:// or https:// URL"),
+        ({"acme": "{provider}"}, {}, "has no credential 'access_token', which integration acme's auth 'bearer' needs"),
+    ],
+    ids=["no-base-url", "settings-under-a-misspelled-name", "no-scheme", "no-credential"],
+)
+async def test_a_validation_the_daemons_settings_fail_is_refused_and_the_log_is_unchanged(
+    tmp_path: Path,
+    provider: ProviderServer,
+    configured: dict[str, str],
+    credentials: dict[str, str] | None,
+    says: str,
+) -> None:
+    """FAILED_PRECONDITION naming the setting to fix; no record (not even the request), no call to the provider:
+    the connection is neither rejected nor its earlier state touched."""
+    provider.route("GET", "/user", Reply(200, {"login": "acme"}))
+
+    async def check_token(ctx: Context) -> None:
+        await ctx.get("/user")
+
+    integrations = {
+        name: Integration(name, base_url=url.format(provider=provider.url), auth="bearer")
+        for name, url in configured.items()
+    }
+    functions = [validator("check-token", check_token), creator("noop", lambda ctx: None)]
+    async with in_process.serving(tmp_path, *functions, integrations=integrations) as daemon:
+        await emit(daemon.stub, CREATE, credentials={}, wait=True)
+        before = await records(daemon.stub)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await emit(daemon.stub, VALIDATE, credentials=credentials)
+        after = await records(daemon.stub)
+        connection = await get(daemon.stub)
+
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert says in details and "function check-token" in details and "nothing was recorded" in details
+    assert after == before
+    assert (connection.state, connection.version) == (ACTIVE, before[-1].version)
     assert provider.requests == []
 
 
@@ -687,6 +732,82 @@ async def test_a_second_deletion_is_answered_idempotently(tmp_path: Path, provid
         )
     assert after == before
     assert [r.type for r in after].count("pre-connection-deletion") == 1
+
+
+# -- a rejection of an active connection cleans up ------------------------------------
+
+
+@pytest.fixture
+def webhooks() -> Iterator[WebhookProvider]:
+    """A provider that creates and deletes webhooks, one path prefix per instance."""
+    with WebhookProvider() as server:
+        yield server
+
+
+async def test_a_failed_revalidation_deletes_the_webhook_and_the_rejected_connection_can_then_be_deleted(
+    tmp_path: Path, webhooks: WebhookProvider
+) -> None:
+    """An active connection with a webhook fails its re-validation: the rejection's cleanup deletes the webhook at
+    the provider (with the connection's token, its id from the metadata); pre-connection-deletion then ends
+    DELETED, running nothing more; the credentials are shredded once no job is left."""
+
+    class Webhook(BaseModel):
+        webhook_id: str | None = None
+
+    async def check_token(ctx: Context) -> None:
+        if ctx.event.payload.get("revoked"):
+            raise Rejected("the token was revoked")
+
+    async def register_webhook(ctx: Context) -> None:
+        response = await ctx.post("/webhooks", json={"url": "https://platform.test/hooks"})
+        await ctx.set_metadata(Webhook(webhook_id=response.json()["id"]))
+
+    async def delete_webhook(ctx: Context) -> None:
+        webhook: Webhook = await ctx.get_metadata()
+        if webhook.webhook_id:
+            await ctx.delete(f"/webhooks/{webhook.webhook_id}")
+            await ctx.set_metadata(Webhook())
+
+    functions = [
+        validator("check-token", check_token),
+        creator("register-webhook", register_webhook, metadata=Webhook),
+        cleaner("delete-webhook", delete_webhook, metadata=Webhook),
+    ]
+    config = struct_pb2.Struct()
+    config.update({"instance": "acme"})
+    provider = webhooks
+    acme = {"acme": Integration("acme", base_url=provider.url + "/{instance}", auth="bearer")}
+    async with in_process.serving(tmp_path, *functions, integrations=acme) as daemon:
+        await emit(daemon.stub, CREATE, connection_config=config, wait=True)
+        assert list(provider.webhooks) == ["wh1"]
+        payload = struct_pb2.Struct()
+        payload.update({"revoked": True})
+        rejected = await emit(daemon.stub, VALIDATE, payload=payload, credentials={}, wait=True)
+        after_rejection = await get(daemon.stub)
+        deleted = await emit(daemon.stub, DELETE, credentials={})
+        log = await records(daemon.stub)
+
+    assert (rejected.state, rejected.rejection_reason) == (REJECTED, "check-token: the token was revoked")
+    assert outcomes(rejected) == {"check-token": (FAILED, 1), "delete-webhook": (SUCCEEDED, 1)}
+    assert provider.webhooks == {}
+    (deletion,) = provider.requests_to("DELETE", "/acme/webhooks/*")
+    assert (deletion.path, deletion.headers["authorization"]) == ("/acme/webhooks/wh1", f"Bearer {TOKEN}")
+    assert (after_rejection.state, json_format.MessageToDict(after_rejection.metadata)) == (
+        REJECTED,
+        {"webhook_id": None},
+    )
+    assert (deleted.state, list(deleted.outcomes)) == (DELETED, [])
+    cleanup = [r for r in log if r.position > rejected.position]
+    assert summary(cleanup) == [
+        ("function-failed", "check-token"),
+        ("connection-rejected", "check-token"),
+        ("metadata-updated", "delete-webhook"),
+        ("function-succeeded", "delete-webhook"),
+        ("credentials-destroyed", ""),
+        ("pre-connection-deletion", ""),
+        ("connection-deleted", ""),
+    ]
+    assert {r.causation_id for r in cleanup[2:4]} == {rejected.event_id}
 
 
 # -- metadata ----------------------------------------------------------------------

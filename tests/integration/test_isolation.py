@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpc
 import httpx
 import pytest
 from google.protobuf import struct_pb2
@@ -130,16 +131,18 @@ def context(event: EventInfo) -> Context:
 
 @asynccontextmanager
 async def dispatching(
-    provider: ProviderServer, size: int = 1, **pool: Any
+    provider: ProviderServer, size: int = 1, settings: dict[str, Any] | None = None, **pool: Any
 ) -> AsyncIterator[tuple[Dispatcher, ProcessPool]]:
-    """A dispatcher whose attempts run in a pool of ``size`` worker processes (``pool``: its options)."""
+    """A dispatcher whose attempts run in a pool of ``size`` worker processes (``pool``: its options), with the
+    integrations ``settings`` (by default :func:`integrations`)."""
     async with httpx.AsyncClient() as http, anyio.create_task_group() as tg:
         processes = ProcessPool(size, **pool)
         await tg.start(processes.run)  # each worker ready (or failed), as the daemon waits before serving
         clock: Clock = SystemClock()
+        chosen = settings if settings is not None else integrations(provider)
         config = DispatchConfig(variables=VARIABLES)
         yield (
-            Dispatcher(clock, http=http, integrations=integrations(provider), pool=processes, config=config),
+            Dispatcher(clock, http=http, integrations=chosen, pool=processes, config=config),
             processes,
         )
         tg.cancel_scope.cancel()
@@ -506,6 +509,55 @@ async def test_credentials_that_cannot_be_opened_fail_the_attempt_without_retrie
     assert provider.requests == []
 
 
+def no_base_url() -> dict[str, Any]:
+    """The integration's settings without a base_url: the daemon's configuration is at fault."""
+    from orchestrator.config import Integration
+
+    return {INTEGRATION: Integration(INTEGRATION, auth="bearer")}
+
+
+async def test_a_misconfiguration_met_in_a_worker_is_marked_by_the_daemon_as_in_a_thread(
+    functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """No base_url: the daemon's proxy refuses the worker's call; the function sees Misconfigured (rebuilt, naming
+    the setting), lets it through, and the attempt comes back marked misconfigured, not retried, as in a thread."""
+    async with dispatching(provider, settings=no_base_url()) as (dispatcher, _):
+        in_worker = await attempt(dispatcher, functions["registers"])
+    async with httpx.AsyncClient() as http:
+        in_daemon = Dispatcher(SystemClock(), http=http, integrations=no_base_url())
+        in_thread = await attempt(in_daemon, functions["registers"])
+    for result in (in_worker, in_thread):
+        assert (result.ok, result.error_type, result.retryable) == (False, "Misconfigured", False), result
+        assert result.misconfigured.startswith("integration isolated has no base_url"), result
+        assert "set [integrations.isolated] base_url in the daemon's config" in result.misconfigured
+        assert result.error == result.misconfigured
+    assert provider.requests == []
+
+
+async def test_a_plugin_claiming_a_misconfiguration_in_a_worker_is_not_marked(
+    functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """The mark is the daemon's finding: a worker's function raising Misconfigured of its own is a plain failure."""
+    async with dispatching(provider) as (dispatcher, _):
+        result = await attempt(dispatcher, functions["claims-misconfigured"])
+    assert (result.ok, result.error_type, result.retryable, result.misconfigured) == (
+        False,
+        "Misconfigured",
+        False,
+        "",
+    )
+
+
+def test_misconfigured_is_rebuilt_in_a_worker_with_its_setting() -> None:
+    """The daemon's Misconfigured reaches a worker's function as Misconfigured, its message and setting intact."""
+    from orchestrator.errors import Misconfigured
+
+    sent = Misconfigured("integration isolated has no base_url", setting="integrations.isolated.base_url")
+    rebuilt = _wire.error_from(json.loads(json.dumps(_wire.error(sent))))
+    assert isinstance(rebuilt, Misconfigured)
+    assert (str(rebuilt), rebuilt.setting) == (str(sent), sent.setting)
+
+
 # -- a daemon ----------------------------------------------------------------------------
 
 
@@ -618,6 +670,19 @@ async def test_a_daemon_whose_workers_cannot_start_serves_and_fails_attempts_ret
     assert [(f["error_type"], f["retryable"]) for f in failures] == [(WORKER_UNAVAILABLE, True)] * 3
     assert "exit code 3" in failures[0]["error"]
     assert validated.state == rpc.PENDING
+    assert provider.requests == []
+
+
+async def test_a_validation_a_misconfigured_daemon_fails_in_a_worker_is_refused_and_writes_nothing(
+    tmp_path: Path, functions: dict[str, Installed], provider: ProviderServer
+) -> None:
+    """Over gRPC, the validate function in a worker process: FAILED_PRECONDITION naming the setting; no record."""
+    async with serving(tmp_path, functions["checks"], integrations=no_base_url(), isolation="process") as daemon:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rpc.emit(daemon.stub, rpc.VALIDATE, "c1", INTEGRATION, credentials={"access_token": TOKEN})
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "set [integrations.isolated] base_url in the daemon's config" in (refused.value.details() or "")
+        assert await rpc.records(daemon.stub) == []
     assert provider.requests == []
 
 

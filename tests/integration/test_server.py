@@ -282,22 +282,21 @@ async def test_event_after_deletion_starts_a_new_incarnation(database: str, even
     assert connection.created_at == new_record.recorded_at
 
 
-async def test_pre_deletion_of_rejected_connection_fails_precondition(database: str) -> None:
-    """pre-connection-deletion of a rejected connection is FAILED_PRECONDITION naming the state; nothing written."""
+async def test_pre_deletion_of_a_rejected_connection_ends_it_deleted(database: str) -> None:
+    """pre-connection-deletion of a rejected connection is accepted: with nothing of its cleanup left (it was
+    rejected while pending), the deletion runs nothing and the connection ends DELETED, reason cleared."""
     validation = lifecycle("validate-connection")
     await seed(database, REF, [validation, fact("connection-rejected", validation, reason="check: token revoked")])
 
     async with run_daemon(database, registry=Registry()) as daemon:
         rejected = await get(daemon.stub)
-        before = await read_events(daemon.stub)
-        details = await refused(emit(daemon.stub, DELETE), grpc.StatusCode.FAILED_PRECONDITION)
+        deleted = await emit(daemon.stub, DELETE)
+        connection = await get(daemon.stub)
         after = await read_events(daemon.stub)
 
     assert (rejected.state, rejected.rejection_reason) == (REJECTED, "check: token revoked")
-    assert "pre-connection-deletion" in details
-    assert "rejected" in details
-    assert STREAM in details
-    assert after == before
+    assert (deleted.state, connection.state, connection.rejection_reason) == (DELETED, DELETED, "")
+    assert [r.type for r in after[2:]] == ["pre-connection-deletion", "connection-deleted"]
 
 
 @pytest.mark.parametrize(("event", "state"), [(VALIDATE, PENDING), (CREATE, ACTIVE)], ids=["validate", "create"])

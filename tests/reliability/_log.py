@@ -5,9 +5,11 @@ daemon stopped or running); :func:`from_pb` takes one from ``ReadEvents``.
 :func:`numbering` lists what is wrong with positions, versions, event ids and
 idempotency keys. A :class:`Ledger` folds records one at a time into
 incarnations, lifecycle records and function runs: which runs are still open
-(a creation's job with no terminal outcome, a cleanup scheduled to retry),
-which ended twice, and which creation succeeded after its incarnation's
-deletion. Bodies are read with :func:`orchestrator.records.parse` only.
+(a creation's job with no terminal outcome, the cleanup a rejection of an
+active incarnation scheduled, a cleanup scheduled to retry), which ended
+twice, and which creation succeeded after its incarnation's ending (the
+rejection of the active incarnation, or its deletion, whichever came first).
+Bodies are read with :func:`orchestrator.records.parse` only.
 """
 
 from __future__ import annotations
@@ -130,42 +132,71 @@ class Run:
 class Ledger:
     """Records folded one at a time (in position order) into incarnations, lifecycle records and function runs."""
 
-    def __init__(self, creation_functions: Iterable[str]) -> None:
+    def __init__(self, creation_functions: Iterable[str], cleanup_functions: Iterable[str] = ()) -> None:
         self.creation_functions = frozenset(creation_functions)
         """The post-connection-creation functions installed: each creation owes one run of each."""
+        self.cleanup_functions = frozenset(cleanup_functions)
+        """The pre-connection-deletion functions installed: rejecting an active incarnation owes one run of each."""
         self.lifecycle: dict[str, Lifecycle] = {}
         """Lifecycle records by event id."""
         self.deletions: dict[tuple[str, int], Entry] = {}
         """The deletion of each (stream, incarnation) that has one."""
+        self.rejections: dict[tuple[str, int], Entry] = {}
+        """The rejecting validation of each (stream, incarnation) rejected once active (its cleanup's cause)."""
+        self.endings: dict[tuple[str, int], Entry] = {}
+        """The first of the two (rejection once active, or deletion) of each (stream, incarnation) that has one: the
+        lifecycle record after which no creation may succeed, and whose cleanup deletes what creation made."""
         self.runs: dict[tuple[str, str], Run] = {}
         """Function runs by (lifecycle event id, function)."""
+        self.owed: set[tuple[str, str]] = set()
+        """Runs a rejection scheduled (the cleanup of an active incarnation): open until they end."""
         self.metadata_before: dict[str, dict[str, Any]] = {}
-        """The connection's metadata as the log held it just before each deletion record, by its event id."""
+        """The connection's metadata as the log held it just before each deletion or validation record, by its
+        event id."""
         self.head = 0
         self._metadata: dict[str, dict[str, Any]] = {}
         self._incarnation: dict[str, int] = {}
         self._ended: dict[str, bool] = {}
+        self._active: dict[str, bool] = {}
+        self._latest: dict[str, Entry] = {}
 
-    def add(self, entry: Entry) -> None:
-        """Fold the next record."""
+    def add(self, entry: Entry) -> list[tuple[str, str]]:
+        """Fold the next record; the runs it opens (those it owes)."""
         assert entry.position > self.head, f"record {entry.position} after {self.head}"
         self.head = entry.position
         stream = entry.stream
+        opened: list[tuple[str, str]] = []
         if entry.type in LIFECYCLE:
             if self._ended.get(stream, True) and entry.type != DELETE:
                 self._incarnation[stream] = self._incarnation.get(stream, 0) + 1
                 self._ended[stream] = False
+                self._active[stream] = False
                 self._metadata[stream] = {}
             incarnation = self._incarnation.get(stream, 0)
             self.lifecycle[entry.event_id] = Lifecycle(entry, incarnation)
+            self._latest[stream] = entry
+            if entry.type in (DELETE, VALIDATE):
+                self.metadata_before[entry.event_id] = dict(self._metadata.get(stream, {}))
             if entry.type == CREATE:
+                self._active[stream] = True
                 for function in self.creation_functions:
                     self.runs[(entry.event_id, function)] = Run(entry.event_id, function)
+                    opened.append((entry.event_id, function))
             elif entry.type == DELETE:
                 self.deletions.setdefault((stream, incarnation), entry)
-                self.metadata_before[entry.event_id] = dict(self._metadata.get(stream, {}))
+                self.endings.setdefault((stream, incarnation), entry)
         elif entry.type in ENDINGS:
             self._ended[stream] = True
+            if entry.type == "connection-rejected" and self._active.get(stream):
+                validation = self._latest[stream]
+                incarnation = self._incarnation[stream]
+                self.rejections.setdefault((stream, incarnation), validation)
+                self.endings.setdefault((stream, incarnation), validation)
+                for function in self.cleanup_functions:
+                    key = (validation.event_id, function)
+                    self.runs.setdefault(key, Run(validation.event_id, function))
+                    self.owed.add(key)
+                    opened.append(key)
         elif entry.type == "metadata-updated":
             update = records.parse(entry.type, entry.data)
             assert isinstance(update, records.MetadataUpdated)
@@ -176,6 +207,7 @@ class Ledger:
             function = str(getattr(body, "function", ""))
             run = self.runs.setdefault((entry.causation_id, function), Run(entry.causation_id, function))
             run.outcomes.append(entry)
+        return opened
 
     def extend(self, entries: Iterable[Entry]) -> Ledger:
         """Fold every record of ``entries``; this ledger."""
@@ -189,9 +221,10 @@ class Ledger:
         return cause.entry.type if cause is not None else ""
 
     def is_open(self, key: tuple[str, str]) -> bool:
-        """Whether the run ``key`` still owes an outcome: a creation's with no terminal one, or one set to retry."""
+        """Whether the run ``key`` still owes an outcome: a creation's or a rejection's cleanup with no terminal
+        one, or one set to retry."""
         run = self.runs.get(key)
-        return run is not None and not run.ended and (self.kind(run) == CREATE or run.retrying)
+        return run is not None and not run.ended and (self.kind(run) == CREATE or key in self.owed or run.retrying)
 
     def open(self) -> set[tuple[str, str]]:
         """The runs that still owe an outcome (see :meth:`is_open`)."""
@@ -206,18 +239,23 @@ class Ledger:
         cause = self.lifecycle[event_id]
         return self.deletions.get((cause.entry.stream, cause.incarnation))
 
+    def ending_of(self, event_id: str) -> Entry | None:
+        """The ending (see :attr:`endings`) of the incarnation the lifecycle record ``event_id`` belongs to."""
+        cause = self.lifecycle[event_id]
+        return self.endings.get((cause.entry.stream, cause.incarnation))
+
     def late_successes(self) -> list[tuple[Entry, Entry]]:
-        """(success, deletion) of each creation function that succeeded after its incarnation's deletion."""
+        """(success, ending) of each creation function that succeeded after its incarnation's ending."""
         late = []
         for run in self.runs.values():
             if self.kind(run) != CREATE:
                 continue
-            deletion = self.deletion_of(run.cause)
-            if deletion is None:
+            ending = self.ending_of(run.cause)
+            if ending is None:
                 continue
             late += [
-                (outcome, deletion)
+                (outcome, ending)
                 for outcome in run.outcomes
-                if outcome.type == "function-succeeded" and outcome.position > deletion.position
+                if outcome.type == "function-succeeded" and outcome.position > ending.position
             ]
         return late

@@ -83,6 +83,7 @@ FUNCTIONS = {
     "delete-webhook": "orchestrator_crashloop:delete_webhook",
 }
 CREATION_FUNCTIONS = ("register-webhook",)
+CLEANUP_FUNCTIONS = ("delete-webhook",)
 DAEMON_OPTIONS = (
     "--retry-max-attempts",
     "10",
@@ -196,8 +197,10 @@ class Client:
         if self.rng.random() >= STICKY:
             self.current = self.rng.choice(sorted(self.states))
         state, roll = self.states[self.current], self.rng.random()
-        if state in ("none", "rejected", "deleted"):
+        if state in ("none", "deleted"):
             event = VALIDATE if roll < 0.6 else CREATE
+        elif state == "rejected":  # a new incarnation, or the deletion that finishes the rejection's cleanup
+            event = VALIDATE if roll < 0.4 else CREATE if roll < 0.7 else DELETE
         elif state == "pending":
             event = VALIDATE if roll < 0.15 else CREATE if roll < 0.7 else DELETE
         else:
@@ -320,8 +323,7 @@ def settle(address: str, ledger: Ledger) -> set[tuple[str, str]]:
         try:
             for record in follow:
                 entry = _log.from_pb(record)
-                ledger.add(entry)
-                changed = [(entry.event_id, f) for f in CREATION_FUNCTIONS] if entry.type == CREATE else []
+                changed = ledger.add(entry)  # the runs it opens: a creation's, a rejection's cleanup
                 if entry.type.startswith("function-"):
                     changed.append((entry.causation_id, str(entry.data.get("function", ""))))
                 for key in changed:
@@ -364,7 +366,7 @@ def crash(tmp: Path, seed: int, cycles: int) -> Outcome:
                 for running in clients:
                     running.result(timeout=CALL_TIMEOUT + STOP_TIMEOUT)
 
-        outcome.before_final = Ledger(CREATION_FUNCTIONS).extend(_log.read(database))
+        outcome.before_final = Ledger(CREATION_FUNCTIONS, CLEANUP_FUNCTIONS).extend(_log.read(database))
         outcome.jobs_before_final = _log.read_jobs(database)
         provider.faults, provider.run = False, cycles
         with daemon_on(database, config, env, outcome, cycles) as daemon:
@@ -372,11 +374,12 @@ def crash(tmp: Path, seed: int, cycles: int) -> Outcome:
             resent = [pool.submit(c.run, daemon.address, cycles, gone, resend_only=True) for c in outcome.clients]
             for running in resent:
                 running.result(timeout=SETTLE_TIMEOUT)
-            outcome.unsettled = settle(daemon.address, Ledger(CREATION_FUNCTIONS).extend(_log.read(database)))
+            ledger = Ledger(CREATION_FUNCTIONS, CLEANUP_FUNCTIONS).extend(_log.read(database))
+            outcome.unsettled = settle(daemon.address, ledger)
             end(daemon, signal.SIGTERM, outcome, cycles)
         outcome.calls, outcome.webhooks = provider.snapshot()
     outcome.entries = _log.read(database)
-    outcome.ledger = Ledger(CREATION_FUNCTIONS).extend(outcome.entries)
+    outcome.ledger = Ledger(CREATION_FUNCTIONS, CLEANUP_FUNCTIONS).extend(outcome.entries)
     outcome.jobs = _log.read_jobs(database)
     outcome.verify = run("replay", "--verify", "--database", sqlite_url(database))
     outcome.seconds = time.monotonic() - started
@@ -387,22 +390,23 @@ def crash(tmp: Path, seed: int, cycles: int) -> Outcome:
 
 
 def orphans(outcome: Outcome) -> list[Call]:
-    """Registrations (webhooks created) that arrived after the cleanup call of their incarnation's deletion."""
+    """Registrations (webhooks created) that arrived after the cleanup call of their incarnation's ending (the
+    rejection of the active incarnation, or its deletion)."""
     assert outcome.ledger is not None
     first = first_cleanups(outcome)
     late = []
     for call in outcome.calls:
         if call.kind != REGISTER or call.status != 201:
             continue
-        deletion = outcome.ledger.deletion_of(call.record)
-        cleanup = first.get(deletion.event_id) if deletion is not None else None
+        ending = outcome.ledger.ending_of(call.record)
+        cleanup = first.get(ending.event_id) if ending is not None else None
         if cleanup is not None and cleanup.seq < call.seq:
             late.append(call)
     return late
 
 
 def first_cleanups(outcome: Outcome) -> dict[str, Call]:
-    """The first cleanup call of each deletion (by the deletion record's event id)."""
+    """The first cleanup call of each deletion or rejection (by the deletion's or rejecting validation's event id)."""
     first: dict[str, Call] = {}
     for call in outcome.calls:
         if call.kind == CLEANUP:
@@ -411,33 +415,36 @@ def first_cleanups(outcome: Outcome) -> dict[str, Call]:
 
 
 def stale_cleanups(outcome: Outcome) -> list[tuple[Entry, Call]]:
-    """(deletion, its first cleanup call) where the cleanup asked for another webhook than the log held before it.
+    """(deletion or rejection, its first cleanup call) where the cleanup asked for another webhook than the log
+    held before its record.
 
-    The cleanup runs after the deletion has waited for the connection's running
-    creation attempts, so it should see the webhook they recorded.
+    The cleanup runs after the deletion (or the rejection of an active
+    connection) has waited for the connection's running creation attempts, so
+    it should see the webhook they recorded.
     """
     ledger = outcome.ledger
     assert ledger is not None
     first = first_cleanups(outcome)
     stale = []
-    for deletion in ledger.deletions.values():
-        call = first.get(deletion.event_id)
-        held = ledger.metadata_before[deletion.event_id].get("webhook_id") or "none"
+    for ending in [*ledger.deletions.values(), *ledger.rejections.values()]:
+        call = first.get(ending.event_id)
+        held = ledger.metadata_before[ending.event_id].get("webhook_id") or "none"
         if call is not None and call.target != held:
-            stale.append((deletion, call))
+            stale.append((ending, call))
     return stale
 
 
 def leaks(outcome: Outcome) -> Counter[str]:
-    """Webhooks left at the provider by incarnations that were deleted, by cause.
+    """Webhooks left at the provider by incarnations that ended (rejected once active, or deleted), by cause.
 
     ``after_cleanup``: registered after the cleanup call (an orphan);
     ``unrecorded``: its id never reached the log (the attempt that made it was
     killed first: at-least-once); ``held_at_deletion``: the connection's
-    webhook just before the deletion record, yet the cleanup did not delete it
-    (a stale cleanup); ``replaced``: recorded, then replaced in the metadata by
+    webhook just before the ending's record, yet the cleanup did not delete it
+    (a stale cleanup, or one that gave up: superseded by a new incarnation
+    before it ran); ``replaced``: recorded, then replaced in the metadata by
     another creation job's webhook (two jobs of one connection ran at once);
-    ``recorded_after_deletion``: recorded after the deletion record.
+    ``recorded_after_deletion``: recorded after the ending's record.
     """
     ledger = outcome.ledger
     assert ledger is not None
@@ -450,7 +457,7 @@ def leaks(outcome: Outcome) -> Counter[str]:
                 recorded.setdefault(str(webhook), entry.position)
     causes: Counter[str] = Counter()
     for webhook_id, webhook in outcome.webhooks.items():
-        deletion = ledger.deletion_of(webhook.record) if webhook.record in ledger.lifecycle else None
+        deletion = ledger.ending_of(webhook.record) if webhook.record in ledger.lifecycle else None
         if deletion is None:
             continue  # the connection still exists: its webhook is in use
         if webhook.seq in late:
@@ -499,6 +506,10 @@ def figures(outcome: Outcome) -> dict[str, Any]:
         "records": len(outcome.entries),
         "creations": len(creation_runs),
         "deletions": len(ledger.deletions),
+        "rejections_with_cleanup": len(ledger.rejections),
+        "cleanups_superseded": sum(
+            e.type == "function-gave-up" and e.data.get("reason") == "superseded" for e in outcome.entries
+        ),
         "creation_runs_ended": dict(sorted(ended.items())),
         "jobs_after_last_kill": len(outcome.jobs_before_final),
         "registration_calls": sum(c.kind == REGISTER for c in outcome.calls),
@@ -598,20 +609,23 @@ def test_the_daemon_answered_and_exited_as_expected(crash_loop: Outcome) -> None
 
 
 def test_no_creation_succeeds_or_provisions_after_its_cleanup_began(crash_loop: Outcome) -> None:
-    """No creation function succeeds after its incarnation's deletion record, nor registers after the cleanup call."""
+    """No creation function succeeds after its incarnation's ending (the rejection of the active incarnation, or its
+    deletion), nor registers after the ending's cleanup call."""
     assert crash_loop.ledger is not None
     late = crash_loop.ledger.late_successes()
     orphaned = orphans(crash_loop)
     assert (len(late), len(orphaned)) == (0, 0), (
-        f"seed {crash_loop.seed}: {len(late)} creation successes after the deletion record,"
+        f"seed {crash_loop.seed}: {len(late)} creation successes after the rejection or deletion record,"
         f" {len(orphaned)} registrations after the cleanup call; e.g. {late[:2]} {orphaned[:2]}"
     )
 
 
 def test_a_cleanup_sees_the_webhook_the_creations_it_awaited_recorded(crash_loop: Outcome) -> None:
-    """Each deletion's cleanup asks to delete the webhook the log held just before the deletion record."""
+    """Each deletion's (and each rejection's) cleanup asks to delete the webhook the log held just before its
+    record."""
+    ledger = crash_loop.ledger
     stale = stale_cleanups(crash_loop)
     assert stale == [], (
-        f"seed {crash_loop.seed}: {len(stale)} of {len(crash_loop.ledger.deletions) if crash_loop.ledger else 0}"
+        f"seed {crash_loop.seed}: {len(stale)} of {len(ledger.deletions) + len(ledger.rejections) if ledger else 0}"
         f" cleanups asked for another webhook than the log held; e.g. {stale[:2]}"
     )

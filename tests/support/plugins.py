@@ -27,6 +27,8 @@ ISOLATED = {
     "registers-sync": "orchestrator_isolated:registers_sync",
     "uses-an-sdk": "orchestrator_isolated:uses_an_sdk",
     "uses-an-sdk-sync": "orchestrator_isolated:uses_an_sdk_sync",
+    "checks": "orchestrator_isolated:checks",
+    "claims-misconfigured": "orchestrator_isolated:claims_misconfigured",
     "shows-its-context": "orchestrator_isolated:shows_its_context",
     "shows-its-context-sync": "orchestrator_isolated:shows_its_context_sync",
 }

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from orchestrator.config import Integration
-from orchestrator.errors import InvalidArgument, ProviderError
+from orchestrator.errors import FailedPrecondition, InvalidArgument, Misconfigured, ProviderError
 from orchestrator.functions import NonRetryable
 from orchestrator.provider import BODY_EXCERPT, CredentialsUnavailable, Provider, ReadOnlyCredentials, Secrets
 from tests.support.provider import ProviderServer, Reply, Request
@@ -125,6 +125,25 @@ async def test_a_missing_credential_is_a_clear_error(server: ProviderServer, htt
     assert server.requests == []
 
 
+async def test_the_proxy_notes_a_missing_credential_as_a_misconfiguration(
+    server: ProviderServer, http: httpx.AsyncClient
+) -> None:
+    """The refusal is noted on the proxy (where the dispatcher reads it), whatever the function makes of it."""
+    proxy = provider(http, server.url, "bearer", {"api_key": SECRET})
+    assert proxy.misconfiguration == ""
+    with pytest.raises(CredentialsUnavailable):
+        await proxy.request("GET", "/me")
+    assert "has no credential 'access_token'" in proxy.misconfiguration
+
+
+async def test_unopenable_credentials_read_through_ctx_credentials_are_noted(http: httpx.AsyncClient) -> None:
+    """Reading ctx.credentials that cannot be opened notes the reason too: the daemon's key ring is at fault."""
+    proxy = Provider(http, Integration("acme"), {}, Secrets(unavailable="sealed under key id 1234abcd"))
+    with pytest.raises(CredentialsUnavailable):
+        dict(proxy.credentials)
+    assert proxy.misconfiguration == "sealed under key id 1234abcd"
+
+
 @pytest.mark.parametrize("auth", ["oauth", "header", "query:", "header:", "basic:x"])
 def test_an_unknown_auth_scheme_is_refused(auth: str) -> None:
     """An integration's auth must be one of the documented schemes."""
@@ -158,6 +177,48 @@ async def test_a_missing_placeholder_is_a_clear_error(server: ProviderServer, ht
         await provider(http, base_url, config={"other": 1}).request("GET", "/me")
 
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("base_url", "config", "says"),
+    [
+        ("", {}, "integration acme has no base_url"),
+        ("api.acme.test/v1", {}, "integration acme's base_url 'api.acme.test/v1' is not an http:// or https:// URL"),
+        ("htps://api.acme.test", {}, "base_url 'htps://api.acme.test' is not an http:// or https:// URL"),
+        ("{instance_url}/v1", {"instance_url": "acme.test"}, "('acme.test/v1' with the connection's config)"),
+    ],
+    ids=["missing", "no-scheme", "misspelled-scheme", "placeholder-without-scheme"],
+)
+async def test_a_relative_call_without_a_usable_base_url_is_a_misconfiguration(
+    http: httpx.AsyncClient, base_url: str, config: dict[str, Any], says: str
+) -> None:
+    """No base_url (or one that is not http(s)): Misconfigured naming the setting, noted, and nothing is sent."""
+    proxy = provider(http, base_url, config=config)
+
+    with pytest.raises(Misconfigured) as refused:
+        await proxy.request("GET", "/me")
+
+    message = str(refused.value)
+    assert says in message
+    assert "set [integrations.acme] base_url" in message or "fix [integrations.acme] base_url" in message
+    assert "\n" not in message
+    assert refused.value.setting == "integrations.acme.base_url"
+    assert isinstance(refused.value, FailedPrecondition)
+    assert proxy.misconfiguration == message
+    assert proxy.calls == []
+
+
+async def test_an_absolute_url_needs_no_base_url(server: ProviderServer, http: httpx.AsyncClient) -> None:
+    """A call to an absolute URL is made without a base_url (and gets no credentials: not the provider's origin)."""
+    server.route("GET", "/status", Reply(200, {"ok": True}))
+    proxy = provider(http, "", "bearer", {"access_token": SECRET})
+
+    response = await proxy.request("GET", server.url + "/status")
+
+    assert response.json() == {"ok": True}
+    assert proxy.misconfiguration == ""
+    (request,) = server.requests
+    assert "authorization" not in request.headers
 
 
 # -- retries -------------------------------------------------------------------

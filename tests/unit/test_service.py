@@ -11,7 +11,6 @@ import pytest
 from orchestrator import records
 from orchestrator.context import Context
 from orchestrator.errors import (
-    FailedPrecondition,
     IdempotencyConflict,
     InvalidArgument,
     NotFound,
@@ -94,6 +93,9 @@ async def emit_steps(h: Harness, steps: list[tuple[LifecycleEvent, dict[str, Any
         ([(VALIDATE, REJECT), (CREATE, {})], S.ACTIVE, 2),
         ([(CREATE, {}), (DELETE, {}), (VALIDATE, {})], S.PENDING, 2),
         ([(CREATE, {}), (DELETE, {}), (CREATE, {})], S.ACTIVE, 2),
+        ([(VALIDATE, REJECT), (DELETE, {})], S.DELETED, 1),
+        ([(CREATE, {}), (VALIDATE, REJECT), (DELETE, {})], S.DELETED, 1),
+        ([(CREATE, {}), (VALIDATE, REJECT), (DELETE, {}), (VALIDATE, {})], S.PENDING, 2),
     ],
 )
 async def test_accepted_emits_move_the_connection_through_the_state_table(
@@ -117,18 +119,15 @@ async def test_deleting_an_unknown_connection_is_not_found_and_writes_nothing() 
         assert calls.count() == 0
 
 
-async def test_deleting_a_rejected_connection_fails_naming_the_state() -> None:
-    """pre-connection-deletion of a rejected connection raises FailedPrecondition naming state and event."""
+async def test_deleting_a_connection_rejected_while_pending_runs_no_cleanup_and_ends_deleted() -> None:
+    """A connection rejected before it was ever active set nothing up: its deletion runs no cleanup."""
     calls = Calls()
     async with running(*standard(calls)) as h:
         await h.emit(VALIDATE, payload=REJECT)
-        before = await h.log()
-        with pytest.raises(
-            FailedPrecondition,
-            match=r"pre-connection-deletion is not allowed while connection dev/acme/acme-1 is rejected",
-        ):
-            await h.emit(DELETE)
-        assert await h.log() == before
+        assert await h.store.jobs() == []
+        deleted = await h.emit(DELETE)
+        assert (deleted.state, deleted.outcomes, deleted.rejection_reason) == (S.DELETED, (), "")
+        assert (await h.types())[-2:] == ["pre-connection-deletion", "connection-deleted"]
         assert calls.count("cleanup") == 0
 
 
@@ -252,7 +251,6 @@ async def test_every_refused_request_writes_nothing_and_runs_nothing() -> None:
         before, appends, ran = await h.log(), list(h.store.appends), calls.count()
         refusals: list[tuple[type[Exception], LifecycleEvent, dict[str, Any]]] = [
             (NotFound, DELETE, {"ref": GLOBEX}),
-            (FailedPrecondition, DELETE, {}),
             (VersionConflict, VALIDATE, {"expected_version": 1}),
             (IdempotencyConflict, CREATE, {"idempotency_key": "k-1"}),
             (InvalidArgument, VALIDATE, {"expected_version": -1}),

@@ -106,7 +106,7 @@ DESIGN_TABLE: dict[tuple[ConnectionState | None, LifecycleEvent], tuple[Cell, Co
     (None, DELETE): (Cell.NOT_FOUND, None),
     (_S.REJECTED, VALIDATE): (Cell.NEW, _S.PENDING),
     (_S.REJECTED, CREATE): (Cell.NEW, _S.ACTIVE),
-    (_S.REJECTED, DELETE): (Cell.REFUSED, None),
+    (_S.REJECTED, DELETE): (Cell.SAME, _S.DELETING),
     (_S.DELETED, VALIDATE): (Cell.NEW, _S.PENDING),
     (_S.DELETED, CREATE): (Cell.NEW, _S.ACTIVE),
     (_S.DELETED, DELETE): (Cell.REPEAT, None),
@@ -336,6 +336,57 @@ def test_failed_revalidation_of_an_active_connection_rejects_it() -> None:
     after = history.connection
     assert after is not None
     assert (after.state, after.rejection_reason, after.incarnation) == (_S.REJECTED, "token revoked", 1)
+
+
+def rejected_after_being_active() -> History:
+    """An active connection with a webhook in its metadata whose re-validation failed."""
+    history = History()
+    history.add(CREATE, {"config": {"instance_url": "a.example"}, "payload": {}})
+    history.fact(Fact.METADATA_UPDATED, {"metadata": {"webhook_id": "w1"}})
+    history.add(VALIDATE)
+    history.fact(Fact.CONNECTION_REJECTED, {"reason": "check: token revoked"})
+    return history
+
+
+def test_a_rejected_connection_keeps_its_metadata_and_config_for_its_cleanup() -> None:
+    """Rejection keeps the incarnation's metadata (the webhook id its cleanup needs) and config."""
+    after = rejected_after_being_active().connection
+    assert after is not None
+    assert (after.state, after.incarnation) == (_S.REJECTED, 1)
+    assert (after.metadata, after.config) == ({"webhook_id": "w1"}, {"instance_url": "a.example"})
+
+
+@pytest.mark.parametrize("history", [in_state(_S.REJECTED), rejected_after_being_active()], ids=["pending", "active"])
+def test_deleting_a_rejected_connection_stays_in_its_incarnation_then_ends_deleted(history: History) -> None:
+    """rejected + pre-connection-deletion: deleting in the same incarnation (metadata, config kept, the reason
+    cleared, the deletion marked); connection-deleted then ends it; another deletion is a repeat."""
+    before = history.connection
+    assert before is not None and before.state is _S.REJECTED
+    assert state.admit(before, DELETE) == state.Rule(state.Verdict.START, _S.DELETING)
+    deletion = history.add(DELETE)
+    deleting = history.connection
+    assert deleting is not None
+    assert (deleting.state, deleting.incarnation, deleting.rejection_reason) == (_S.DELETING, before.incarnation, "")
+    assert (deleting.metadata, deleting.config) == (before.metadata, before.config)
+    assert deleting.deletion == Mark(deletion.event_id, deletion.type, deletion.position, deletion.version)
+    history.fact(Fact.CONNECTION_DELETED)
+    deleted = history.connection
+    assert deleted is not None
+    assert (deleted.state, deleted.incarnation, deleted.metadata) == (_S.DELETED, before.incarnation, before.metadata)
+    assert state.admit(deleted, DELETE).verdict is state.Verdict.REPEAT
+
+
+def test_a_rejection_cleanups_outcomes_show_until_the_deletion() -> None:
+    """The cleanup a rejection scheduled runs for the rejecting validation: its outcome shows on the rejected
+    connection; the deletion's own outcomes replace them."""
+    history = rejected_after_being_active()
+    history.fact(Fact.FUNCTION_SUCCEEDED, {"function": "delete-webhook", "attempt": 1})
+    rejected = history.connection
+    assert rejected is not None
+    assert ("delete-webhook", FunctionStatus.SUCCEEDED) in {(o.name, o.status) for o in rejected.outcomes}
+    history.add(DELETE)
+    deleting = history.connection
+    assert deleting is not None and deleting.outcomes == ()
 
 
 def test_metadata_update_replaces_the_metadata() -> None:

@@ -12,12 +12,12 @@ import pytest
 from orchestrator import records
 from orchestrator.config import DispatchConfig, Integration
 from orchestrator.context import Context
-from orchestrator.errors import LeaseLost
+from orchestrator.errors import LeaseLost, Misconfigured
 from orchestrator.functions import NonRetryable
 from orchestrator.provider import Provider
 from orchestrator.records import FunctionFailed, FunctionGaveUp, FunctionSucceeded, MetadataUpdated
 from orchestrator.retry import RetryPolicy
-from orchestrator.worker import NOT_INSTALLED
+from orchestrator.worker import MISCONFIGURED, NOT_INSTALLED
 from tests.support.clock import FakeClock
 from tests.support.engine import (
     ACME,
@@ -141,6 +141,73 @@ async def test_a_non_retryable_failure_gives_up_after_one_attempt() -> None:
         assert await h.store.jobs() == []
         await settle()
         assert run.attempts == [1]
+
+
+class Calling:
+    """A creation function that calls the provider (``GET /me``), optionally wrapping what the proxy raises."""
+
+    def __init__(self, wrap: bool = False) -> None:
+        self.wrap = wrap
+        self.attempts: list[int] = []
+
+    async def handler(self, ctx: Context) -> None:
+        """The event function."""
+        self.attempts.append(ctx.event.attempt)
+        try:
+            await ctx.get("/me")
+        except Exception as exc:
+            if self.wrap:
+                raise RuntimeError("could not reach the provider") from exc
+            raise
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["let-through", "wrapped"])
+@pytest.mark.parametrize(
+    ("integration", "raised", "says"),
+    [
+        (Integration(INTEGRATION), "Misconfigured", "integration acme has no base_url"),
+        (
+            Integration(INTEGRATION, base_url="https://acme.test", auth="bearer"),
+            "CredentialsUnavailable",
+            "has no credential 'access_token'",
+        ),
+    ],
+    ids=["no-base-url", "no-credential"],
+)
+async def test_a_job_the_daemons_settings_fail_gives_up_after_one_attempt_naming_the_setting(
+    integration: Integration, raised: str, says: str, wrap: bool
+) -> None:
+    """A misconfigured call fails the job once, not retried, and its give-up names the setting (even when the
+    function raised something else of it)."""
+    run = Calling(wrap)
+    async with running(
+        function("register", CREATE, run.handler), worker=True, integrations={INTEGRATION: integration}
+    ) as h:
+        await h.emit(CREATE)
+        log = await h.records_up_to(3)
+        assert [r.type for r in log] == ["post-connection-creation", "function-failed", "function-gave-up"]
+        failed, gave_up = (await h.bodies())[1:]
+        assert isinstance(failed, FunctionFailed) and isinstance(gave_up, FunctionGaveUp)
+        assert (failed.retryable, failed.retry_in_ms) == (False, None)
+        assert failed.error_type == ("RuntimeError" if wrap else raised)
+        assert (gave_up.function, gave_up.attempt, gave_up.reason) == ("register", 1, MISCONFIGURED)
+        assert says in gave_up.error
+        assert await h.store.jobs() == []
+        await settle()
+        assert run.attempts == [1]
+        assert h.requests == []
+
+
+async def test_a_plugin_raising_misconfigured_itself_is_an_ordinary_failure() -> None:
+    """The mark comes from the daemon's proxy: a function that raises Misconfigured of its own is not marked."""
+    run = Failing(Misconfigured("integration acme has no base_url (says the plugin)"))
+    async with running(function("register", CREATE, run.handler), worker=True) as h:
+        await h.emit(CREATE)
+        await h.records_up_to(3)
+        gave_up = (await h.bodies())[2]
+        assert gave_up == FunctionGaveUp(
+            "register", 1, "integration acme has no base_url (says the plugin)", "not retryable"
+        )
 
 
 async def test_a_job_whose_function_is_no_longer_installed_gives_up() -> None:

@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from orchestrator import Context, on_event
+from orchestrator.errors import Misconfigured
 
 INTEGRATION = "isolated"
 
@@ -88,6 +89,20 @@ def uses_an_sdk_sync(ctx: Any) -> None:
     names = sorted(ctx.credentials)
     ctx.log("pid", os.getpid(), "names", names, "token", dict(ctx.credentials)["access_token"])
     ctx.get("/me")
+
+
+@on_event("validate-connection", integration=INTEGRATION)
+async def checks(ctx: Context) -> None:
+    """Asks the provider who the credentials belong to (``GET /me``), letting whatever the proxy raises through."""
+    await ctx.get("/me")
+
+
+@on_event("post-connection-creation", integration=INTEGRATION)
+async def claims_misconfigured(ctx: Context) -> None:
+    """Raises Misconfigured of its own, with no call refused: a plugin's claim, not the daemon's finding."""
+    raise Misconfigured(
+        "integration isolated has no base_url (says the plugin)", setting="integrations.isolated.base_url"
+    )
 
 
 class Webhook(BaseModel):
