@@ -22,6 +22,8 @@ from orchestrator.model import (
 from orchestrator.records import Fact, NewEvent, Record
 
 ENDED = frozenset({ConnectionState.DELETED, ConnectionState.REJECTED})
+FINISHABLE = frozenset({JobStatus.RUNNING, JobStatus.QUEUED})
+"""The statuses a job's outcome may be recorded in, under its token: claimed, or taken over while queued."""
 """States in which nothing of the connection runs any more, once its jobs are done."""
 
 

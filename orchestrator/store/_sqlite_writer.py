@@ -49,6 +49,7 @@ from orchestrator.model import Connection, ConnectionRef, Job, JobStatus, NewJob
 from orchestrator.records import NewEvent, Record
 from orchestrator.store._append import (
     ENDED,
+    FINISHABLE,
     check_retry,
     check_seal,
     claimed,
@@ -471,7 +472,8 @@ class Writer:
     def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
         job = op.job
         row = db.execute("SELECT lease_token, status, last_error FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
-        if row is None or row[0] != job.lease_token or row[1] != JobStatus.RUNNING:
+        # Running under this token, or still queued under it (a job an emit took over, see Worker.take_over).
+        if row is None or row[0] != job.lease_token or JobStatus(row[1]) not in FINISHABLE:
             raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
         appended = self._add_records(txn, job.ref, None, op.events) if op.events else None
         status, error = finished(op.events, requeued=op.retry_at is not None, last_error=row[2])

@@ -25,6 +25,7 @@ from orchestrator.model import (
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import Appended, Stats
 from orchestrator.store._append import (
+    FINISHABLE,
     check_retry,
     check_seal,
     claimed,
@@ -203,7 +204,8 @@ class MemoryEventStore:
             if self._closed:
                 raise Unavailable("the event store is closed")
             current = self._jobs.get(job.job_id)
-            if current is None or current.lease_token != job.lease_token or current.status is not JobStatus.RUNNING:
+            # Running under this token, or still queued under it (a job an emit took over, see Worker.take_over).
+            if current is None or current.lease_token != job.lease_token or current.status not in FINISHABLE:
                 raise LeaseLost(f"job {job.job_id} ({job.function} on {job.stream}) was claimed again; outcome dropped")
             appended = self._append_locked(job.ref, None, events) if events else None
             self._last_time = max(self._last_time, self._clock.now())
