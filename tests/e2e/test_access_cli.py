@@ -11,13 +11,9 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.e2e.test_cli import last_error_line, one_error_line
 from tests.support.process import STARTUP_TIMEOUT, Daemon, Process, Result, environment, run, sqlite_url
@@ -94,31 +90,10 @@ def test_a_non_loopback_address_needs_tls_a_token_or_insecure(tmp_path: Path, se
             assert process.signal(signal.SIGTERM) == 0, str(process)
 
 
-def _expired(ca: Authority, folder: Path) -> Pair:
-    """A server certificate whose validity ended yesterday (signed by a throwaway key: only its dates matter)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "expired")])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=30))
-        .not_valid_after(now - timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return Pair(cert.public_bytes(serialization.Encoding.PEM), key_pem).write(folder, "expired")
-
-
 def test_bad_tls_files_refuse_the_start_with_one_line(tmp_path: Path, ca: Authority, server: Pair) -> None:
     """A missing file, a key of another certificate, an expired certificate, a CA that is not PEM: exit 1, one line."""
     other = ca.server().write(tmp_path / "tls", "other")
-    expired = _expired(ca, tmp_path / "tls")
+    expired = ca.server(days=-1).write(tmp_path / "tls", "expired")
     garbage = tmp_path / "tls" / "garbage.pem"
     garbage.write_text("not a certificate\n")
     cert, key = server.paths

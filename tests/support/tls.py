@@ -100,7 +100,8 @@ class Authority:
         return path
 
     def server(self, *names: str, days: float = 30) -> Pair:
-        """A server certificate for ``names`` (IP addresses or DNS names; loopback by default)."""
+        """A server certificate for ``names`` (IP addresses or DNS names; loopback by default), valid for ``days``
+        from now (a negative number: one that expired that many days ago, valid for a month before)."""
         return self._issue(names or LOOPBACK_NAMES, ExtendedKeyUsageOID.SERVER_AUTH, days)
 
     def client(self, common_name: str = "test client") -> Pair:
@@ -122,7 +123,7 @@ class Authority:
             .issuer_name(self._name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_before(now - timedelta(minutes=5) + min(timedelta(days=days - 30), timedelta()))
             .not_valid_after(now + timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
