@@ -4,6 +4,7 @@
 - :mod:`orchestrator.store.memory`: in-process, for tests;
 - :mod:`orchestrator.store.sqlite`: the embedded default (its group-committing writer in
   :mod:`orchestrator.store._sqlite_writer`, row mapping in :mod:`orchestrator.store._sqlite_rows`);
+- :mod:`orchestrator.store._cache`: the read model's last committed rows, owned by the event loop;
 - :mod:`orchestrator.store._tail`: the last committed records in memory, which every backend fills
   at commit time and serves caught-up followers from (:meth:`EventStore.read_tail`);
 - :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``;
@@ -22,6 +23,7 @@ from pathlib import Path
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.store._base import Appended, EventStore, Stats, scan
+from orchestrator.store._cache import ROW_CACHE
 from orchestrator.store._location import Location, inspect, locate
 from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
@@ -71,19 +73,23 @@ async def open_store(
     clock: Clock | None = None,
     init: bool = False,
     tail: TailBounds = DEFAULT_TAIL,
+    cache_rows: int = ROW_CACHE,
 ) -> AsyncIterator[EventStore]:
     """Open the store that ``url`` names for the duration of the ``async with`` block.
 
     ``init`` lets a new log start in an existing file that holds none (``serve --init``);
     a missing file is created without it. ``tail`` bounds the in-memory tail of recent
-    commits that caught-up followers are served from.
+    commits that caught-up followers are served from; ``cache_rows`` the read-model rows an
+    SQLite store keeps in memory (see :mod:`orchestrator.store._cache`).
     """
     clock = clock or SystemClock()
     path = sqlite_path(url)
     if path is not None:
         from orchestrator.store.sqlite import SQLiteEventStore
 
-        async with SQLiteEventStore.open(path, readonly=readonly, clock=clock, init=init, tail=tail) as store:
+        async with SQLiteEventStore.open(
+            path, readonly=readonly, clock=clock, init=init, tail=tail, cache_rows=cache_rows
+        ) as store:
             yield store
         return
     if url.startswith("memory:"):

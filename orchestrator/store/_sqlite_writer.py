@@ -23,8 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +58,7 @@ from orchestrator.store._append import (
     shredding,
 )
 from orchestrator.store._base import Appended
+from orchestrator.store._cache import ROW_CACHE, RowCache
 from orchestrator.store._migrations import migrate_sqlite
 from orchestrator.store._sqlite_file import check_is_a_log, check_quickly, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
@@ -75,6 +75,7 @@ from orchestrator.store._sqlite_rows import (
     sealed_to_row,
 )
 from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, weight
+from orchestrator.store._thread import OwnThread
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,6 @@ MAX_BATCH = 512
 """Writes committed together at most (bounds a transaction's size and latency)."""
 QUEUE_SIZE = 4096
 """Writes waiting for the writer at most; more are refused with RESOURCE_EXHAUSTED."""
-ROW_CACHE = 8192
-"""Read-model rows the writer keeps in memory, so a busy connection's append skips a read and a decode."""
 
 
 @dataclass(eq=False)
@@ -156,7 +155,15 @@ class _Txn:
 class Writer:
     """The single writer of one SQLite file (the caller holds the file's lock)."""
 
-    def __init__(self, path: Path, clock: Clock, *, init: bool = False, tail: TailBounds = DEFAULT_TAIL) -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        init: bool = False,
+        tail: TailBounds = DEFAULT_TAIL,
+        cache_rows: int = ROW_CACHE,
+    ) -> None:
         self._path = path
         self._clock = clock
         self._init = init
@@ -164,10 +171,10 @@ class Writer:
         self._full = False
         """Whether the last write failed for want of space (logged once, until a commit succeeds)."""
         self._db: sqlite3.Connection | None = None
-        # Copies of recently written read-model rows (bounded, least recently used out).
-        self._rows: OrderedDict[str, Connection] = OrderedDict()
+        self.cache = RowCache(cache_rows)
+        """The read-model rows last committed, owned by the event loop (see :mod:`orchestrator.store._cache`)."""
         # The connection is only ever used by one thread at a time, through this limiter.
-        self._thread = anyio.CapacityLimiter(1)
+        self._thread = OwnThread("orchestrator event-log writer")
         send, receive = anyio.create_memory_object_stream[_Op](QUEUE_SIZE)
         self._send: MemoryObjectSendStream[_Op] = send
         self._receive: MemoryObjectReceiveStream[_Op] = receive
@@ -184,7 +191,8 @@ class Writer:
 
         ``status`` is the database file's, taken under the file's lock (which the caller holds).
         """
-        head = await anyio.to_thread.run_sync(self._start, status, limiter=self._thread)
+        await anyio.to_thread.run_sync(self._thread.start)  # Thread.start waits for the thread: off the loop
+        head = await self._thread.call(self._start, status)
         self.tail = Tail(head, self._bounds)
 
     def _start(self, status: os.stat_result) -> int:
@@ -230,7 +238,10 @@ class Writer:
         """Close the database connection (shielded: also when the owner is cancelled)."""
         with anyio.CancelScope(shield=True):
             if self._db is not None:
-                await anyio.to_thread.run_sync(self._db.close, limiter=self._thread)
+                await self._thread.call(self._db.close)
+                self._db = None
+            self._thread.stop()
+            await anyio.to_thread.run_sync(self._thread.join)
 
     def jobs_changed(self) -> anyio.Event:
         """An event set at the next commit that schedules, reschedules or removes jobs."""
@@ -326,8 +337,9 @@ class Writer:
     async def _commit_isolating(self, batch: list[_Op]) -> None:
         now = max(codec.to_micros(self._clock.now()), self._last_micros)
         added = False
+        known = self.cache.known({op.stream for op in batch if op.stream})  # copies for the writer's thread
         try:
-            txn = await anyio.to_thread.run_sync(self._commit, batch, now, limiter=self._thread)
+            txn = await self._thread.call(self._commit, batch, now, known)
         except Exception as exc:  # the writer must outlive any one write; its callers get the error
             if len(batch) == 1 or _is_full(exc):
                 # A full disk fails every write alike: retrying them one by one would only fail again.
@@ -343,7 +355,9 @@ class Writer:
                 self._full = False
                 log.warning("the event log %s is written again: the disk has room", self._path)
             self._last_micros = now
-            # Before any write of the batch is acknowledged: whoever hears of one reads it in the tail.
+            # Before any write of the batch is acknowledged: whoever hears of one reads its row
+            # in the cache and its records in the tail.
+            self.cache.committed(txn.current[stream] for stream in txn.touched)
             added = self.tail.add(txn.records, txn.weights)
             if txn.job_rows or txn.jobs_changed:
                 self._jobs_changed()
@@ -377,8 +391,11 @@ class Writer:
         error.__cause__ = exc  # raised later, in the caller's task: the driver's error stays chained
         return error
 
-    def _commit(self, batch: list[_Op], now: int) -> _Txn:
-        """One transaction for the whole batch; runs in the writer's thread (one hop per batch)."""
+    def _commit(self, batch: list[_Op], now: int, known: dict[str, Connection]) -> _Txn:
+        """One transaction for the whole batch; runs in the writer's thread (one hop per batch).
+
+        ``known`` holds the committed rows the loop's cache had for the batch's streams; the others are read here.
+        """
         db = self._db
         assert db is not None
         for op in batch:
@@ -386,7 +403,7 @@ class Writer:
         db.execute("BEGIN IMMEDIATE")
         try:
             txn = _Txn(
-                current=self._load_connections(db, {op.stream for op in batch if op.stream}),
+                current=self._load_connections(db, {op.stream for op in batch if op.stream}, known),
                 position=self.tail.head + 1,
                 recorded_at=codec.from_micros(now),
             )
@@ -414,12 +431,6 @@ class Writer:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        # Only the writer changes rows, so after a commit its copies are the truth.
-        for stream in txn.touched:
-            self._rows[stream] = txn.current[stream]
-            self._rows.move_to_end(stream)
-        while len(self._rows) > ROW_CACHE:
-            self._rows.popitem(last=False)
         return txn
 
     def _add_records(
@@ -539,7 +550,7 @@ class Writer:
                 f" AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.stream = c.stream AND j.{LIVE})"
             )
         ]
-        txn.current.update(self._load_connections(db, [s for s in streams if s not in txn.current]))
+        txn.current.update(self._load_connections(db, [s for s in streams if s not in txn.current], {}))
         shredded = 0
         for stream in streams:
             if self._shred(db, txn, ConnectionRef.from_stream(stream), None) is not None:
@@ -586,16 +597,12 @@ class Writer:
                     kept,
                 )
 
-    def _load_connections(self, db: sqlite3.Connection, streams: Iterable[str]) -> dict[str, Connection]:
-        found: dict[str, Connection] = {}
-        wanted = []
-        for stream in streams:
-            cached = self._rows.get(stream)
-            if cached is None:
-                wanted.append(stream)
-            else:
-                found[stream] = cached
-                self._rows.move_to_end(stream)
+    @staticmethod
+    def _load_connections(
+        db: sqlite3.Connection, streams: Collection[str], known: dict[str, Connection]
+    ) -> dict[str, Connection]:
+        found = {stream: known[stream] for stream in streams if stream in known}
+        wanted = [stream for stream in streams if stream not in known]
         for start in range(0, len(wanted), 500):  # stay under SQLite's host-parameter limit
             chunk = wanted[start : start + 500]
             sql = f"SELECT body FROM connections WHERE stream IN ({','.join('?' * len(chunk))})"

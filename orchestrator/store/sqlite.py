@@ -39,6 +39,7 @@ from orchestrator.model import (
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
+from orchestrator.store._cache import ROW_CACHE
 from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
@@ -58,26 +59,43 @@ class SQLiteEventStore:
     """The :class:`~orchestrator.store.EventStore` contract on one SQLite file."""
 
     def __init__(
-        self, path: Path, *, clock: Clock, readonly: bool, init: bool = False, tail: TailBounds = DEFAULT_TAIL
+        self,
+        path: Path,
+        *,
+        clock: Clock,
+        readonly: bool,
+        init: bool = False,
+        tail: TailBounds = DEFAULT_TAIL,
+        cache_rows: int = ROW_CACHE,
     ) -> None:
         self._path = path
         self._clock = clock
         self._reader: aiosqlite.Connection | None = None
-        self._writer = None if readonly else Writer(path, clock, init=init, tail=tail)
+        self._lookup: sqlite3.Connection | None = None
+        """A read-only connection used on the event loop itself, for one-row lookups by key (see get_connection)."""
+        self._writer = None if readonly else Writer(path, clock, init=init, tail=tail, cache_rows=cache_rows)
         self._closed = False
 
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, path: Path, *, clock: Clock, readonly: bool = False, init: bool = False, tail: TailBounds = DEFAULT_TAIL
+        cls,
+        path: Path,
+        *,
+        clock: Clock,
+        readonly: bool = False,
+        init: bool = False,
+        tail: TailBounds = DEFAULT_TAIL,
+        cache_rows: int = ROW_CACHE,
     ) -> AsyncIterator[SQLiteEventStore]:
         """Open (creating and migrating unless ``readonly``) the log at ``path``.
 
         An existing file with no log in it is refused unless ``init`` (see
         :mod:`orchestrator.store._sqlite_file`); a missing one is created. ``tail``
-        bounds the writer's in-memory tail of recent commits (a read-only store has none).
+        bounds the writer's in-memory tail of recent commits and ``cache_rows`` its cache of
+        read-model rows (a read-only store has neither).
         """
-        store = cls(path, clock=clock, readonly=readonly, init=init, tail=tail)
+        store = cls(path, clock=clock, readonly=readonly, init=init, tail=tail, cache_rows=cache_rows)
         try:
             async with store._open():
                 yield store
@@ -106,6 +124,7 @@ class SQLiteEventStore:
             try:
                 await writer.start(status)
                 self._reader = await self._connect_reader()
+                self._lookup = await anyio.to_thread.run_sync(self._connect_lookup)
                 failed: Exception | None = None
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(writer.run)
@@ -123,6 +142,8 @@ class SQLiteEventStore:
                 self._closed = True
                 writer.closed()
                 with anyio.CancelScope(shield=True):  # closed even when the owner is cancelled
+                    if self._lookup is not None:
+                        await anyio.to_thread.run_sync(self._lookup.close)
                     if self._reader is not None:
                         await self._reader.close()
                     await writer.close()
@@ -132,6 +153,17 @@ class SQLiteEventStore:
         try:
             db = await aiosqlite.connect(f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None)
             await db.execute("PRAGMA busy_timeout = 5000")
+            return db
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
+
+    def _connect_lookup(self) -> sqlite3.Connection:
+        """The loop's own read-only connection: it never waits for a lock (busy_timeout 0), see :meth:`_look_up`."""
+        try:
+            db = sqlite3.connect(
+                f"file:{quote(str(self._path))}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA busy_timeout = 0")
             return db
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the event log at {self._path}: {exc}") from exc
@@ -202,14 +234,53 @@ class SQLiteEventStore:
             raise StoreError(f"the event log could not be read: {exc}") from exc
 
     async def get_connection(self, ref: ConnectionRef) -> Connection | None:
-        """See :meth:`EventStore.get_connection`."""
-        rows = await self._fetch("SELECT body FROM connections WHERE stream = ?", (ref.stream,))
+        """See :meth:`EventStore.get_connection`.
+
+        From the writer's cache of committed rows when it has the connection; else one
+        lookup by primary key, made on the event loop itself (see :meth:`_look_up`).
+        """
+        writer = self._writer
+        cached = writer.cache.get(ref.stream) if writer is not None else None
+        if cached is not None:
+            return cached
+        rows = self._look_up(_ONE_CONNECTION, ref.stream)
+        if rows is not None:
+            found = connection_from_body(rows[0][0]) if rows else None
+            if found is not None and writer is not None:
+                # Safe: nothing was awaited since the cache missed, so no commit can have been applied
+                # in between; a commit whose thread finished meanwhile is applied after, over this row.
+                writer.cache.put(found)
+            return found
+        # Read through the reader's thread, and cache nothing: a commit may be applied while it is awaited.
+        rows = await self._fetch(_ONE_CONNECTION, (ref.stream,))
         return connection_from_body(rows[0][0]) if rows else None
 
     async def sealed_credentials(self, ref: ConnectionRef) -> SealedCredentials | None:
-        """See :meth:`EventStore.sealed_credentials`."""
-        rows = await self._fetch(f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream = ?", (ref.stream,))
+        """See :meth:`EventStore.sealed_credentials` (a lookup by primary key, on the loop: see :meth:`_look_up`)."""
+        rows = self._look_up(_ONE_SEALED, ref.stream)
+        if rows is None:
+            rows = await self._fetch(_ONE_SEALED, (ref.stream,))
         return sealed_from_row(rows[0]) if rows else None
+
+    def _look_up(self, sql: str, stream: str) -> list[sqlite3.Row] | None:
+        """The rows of one lookup by primary key, made on the event loop: no thread hop, no lock wait.
+
+        Costs a few microseconds from the page cache (a B-tree descent of a few pages), less than
+        the hand-off to the reader's thread it replaces. ``busy_timeout`` 0 makes SQLite answer
+        SQLITE_BUSY at once rather than block the loop for a lock (a checkpoint resetting the WAL,
+        a recovery): then None, and the caller reads through the reader's thread. The statement
+        is stepped to its end (``fetchall``) so that it holds no read snapshot afterwards.
+        """
+        db = self._lookup
+        if db is None or self._closed:
+            return None
+        try:
+            rows: list[sqlite3.Row] = db.execute(sql, (stream,)).fetchall()
+        except sqlite3.OperationalError:
+            return None
+        except sqlite3.Error as exc:
+            raise StoreError(f"the event log could not be read: {exc}") from exc
+        return rows
 
     async def sealed_keys(self) -> dict[str, int]:
         """See :meth:`EventStore.sealed_keys`."""
@@ -333,6 +404,10 @@ class SQLiteEventStore:
         if self._writer is None:
             raise Unavailable("the event store is read-only: it is told of no commits")
         await self._writer.tail.wait_for(position, ref)
+
+
+_ONE_CONNECTION = "SELECT body FROM connections WHERE stream = ?"
+_ONE_SEALED = f"SELECT {SEALED_COLUMNS} FROM credentials WHERE stream = ?"
 
 
 @asynccontextmanager

@@ -793,14 +793,18 @@ async def test_get_connection_after_emit_sees_the_emit(stub: Stub, monkeypatch: 
     await emit(stub, CREATE, other)
     # A regression test for stale reads through the SQLite store's shared read connection: a statement
     # left open between execute and fetch (two round trips to the reader's thread) pinned its snapshot
-    # for every other read. Rather than hoping reads overlap, the test holds one open: a GetConnection
-    # of "other" is stopped before any further round trip once its first has run, for as long as the
-    # emits and reads below take. Each of them must see its own emit.
+    # for every other read. Rather than hoping reads overlap, the test holds one open: a read of
+    # "other" through the reader's thread (ListJobs; GetConnection is answered from the store's row
+    # cache or a lookup on the loop) is stopped before any further round trip once its first has run,
+    # for as long as the emits and reads below take. Each of them must see its own emit.
     reader = HeldRead("dev/salesforce/other")
     reader.install(monkeypatch)
 
+    async def list_jobs_of(connection: pb.ConnectionRef) -> None:
+        await stub.ListJobs(pb.ListJobsRequest(connection=connection))
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(get, stub, other)
+        tg.start_soon(list_jobs_of, other)
         try:
             with anyio.fail_after(READ_TIMEOUT):
                 await reader.started.wait()

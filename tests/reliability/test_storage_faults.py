@@ -104,7 +104,7 @@ async def on_writer(writer: Writer, sql: str) -> Any:
         row = writer._db.execute(sql).fetchone()
         return row[0] if row else None
 
-    return await anyio.to_thread.run_sync(execute, limiter=writer._thread)
+    return await writer._thread.call(execute)
 
 
 async def fill_up(writer: Writer) -> None:
