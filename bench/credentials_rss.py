@@ -33,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,17 @@ from bench._harness import (  # noqa: E402 - needs the path set just above
 
 IN_FLIGHT = 64
 CALL_TIMEOUT_S = 30.0
-EMIT_TIMEOUT_S = 900.0
+EMIT_TIMEOUT_S = 1800.0
 STEPS = 10
 """Readings in the curve of ``bench/run.py``'s ``rss`` section, one every ``Settings.rss_step`` connections."""
 
 
-def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
-    """``count`` new connections (ids ``start``...), each with its own credentials, 64 in flight; a child process."""
+def emit_curve(address: str, pid: int, step: int, large: int) -> dict[str, Any]:
+    """New connections (``c0``, ``c1``...), each with its own credentials, 64 in flight, up to ``large``.
+
+    Runs in a child process; reads the RSS of process ``pid`` (the daemon)
+    after every ``step`` connections, between two steps (nothing in flight).
+    """
     import grpc
 
     from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
@@ -66,15 +71,14 @@ def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         errors: list[str] = []
-        next_id = start
-        end = start + count
+        readings: list[dict[str, Any]] = []
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.OrchestratorStub(channel)
 
-            async def worker() -> None:
-                nonlocal next_id
-                while next_id < end and len(errors) < 10:
-                    n, next_id = next_id, next_id + 1
+            async def worker(ids: Iterator[int]) -> None:
+                for n in ids:
+                    if len(errors) >= 10:
+                        return
                     request = pb.EmitLifecycleEventRequest(
                         connection=pb.ConnectionRef(environment="bench", integration="bench", connection_id=f"c{n}"),
                         event=pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION,
@@ -85,10 +89,16 @@ def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
                     except grpc.aio.AioRpcError as exc:
                         errors.append(f"{exc.code().name}: {exc.details()}")
 
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-            seconds = time.perf_counter() - started
-        return {"emitted": count, "seconds": seconds, "rate": count / seconds, "errors": errors}
+            seconds = 0.0
+            for done in range(step, large + 1, step):
+                ids = iter(range(done - step, done))
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(ids) for _ in range(IN_FLIGHT)))
+                took = time.perf_counter() - started
+                seconds += took
+                readings.append({"connections": done, "rss_kib": rss_kib(pid), "rate": step / took})
+                log(f"rss: {done:,} connections ({step / took:,.0f}/s): {readings[-1]['rss_kib'] / 1024:.1f} MiB")
+        return {"readings": readings, "seconds": seconds, "errors": errors}
 
     return run_loop(main())
 
@@ -97,20 +107,12 @@ def curve(step: int, large: int, database: Path) -> dict[str, Any]:
     """RSS after every ``step`` new connections with credentials up to ``large``; ratio last / first reading."""
     argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
     argv += ["--grace-period", "5", "--log-level", "info"]  # the harness waits for the INFO "serving" line
-    readings: list[dict[str, Any]] = []
-    errors: list[str] = []
-    seconds = 0.0
     with Server(argv, name="orchestrator serve", timeout=60) as daemon:
-        pid = daemon.pid
-        at_start = rss_kib(pid)
-        log(f"rss: daemon pid {pid}: {at_start / 1024:.1f} MiB at start")
-        for done in range(step, large + 1, step):
-            emitted = in_child(emit_connections, daemon.address, done - step, step, timeout=EMIT_TIMEOUT_S)
-            errors += emitted["errors"]
-            seconds += emitted["seconds"]
-            readings.append({"connections": done, "rss_kib": rss_kib(pid), "rate": emitted["rate"]})
-            log(f"rss: {done:,} connections ({emitted['rate']:,.0f}/s): {readings[-1]['rss_kib'] / 1024:.1f} MiB")
+        at_start = rss_kib(daemon.pid)
+        log(f"rss: daemon pid {daemon.pid}: {at_start / 1024:.1f} MiB at start")
+        emitted = in_child(emit_curve, daemon.address, daemon.pid, step, large, timeout=EMIT_TIMEOUT_S)
         code = daemon.stop()
+    readings, errors = emitted["readings"], emitted["errors"]
     first, last = readings[0], readings[-1]
     beyond = last["connections"] - first["connections"]
     return {
@@ -120,7 +122,7 @@ def curve(step: int, large: int, database: Path) -> dict[str, Any]:
         "large": last,
         "at_start_rss_kib": at_start,
         "ratio": last["rss_kib"] / first["rss_kib"],
-        "emits_per_s": last["connections"] / seconds,
+        "emits_per_s": last["connections"] / emitted["seconds"],
         "bytes_per_connection_beyond_small": (last["rss_kib"] - first["rss_kib"]) * 1024 / beyond,
         "database_bytes": database.stat().st_size,
         "errors": len(errors),

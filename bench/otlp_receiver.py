@@ -83,7 +83,7 @@ async def serve(listen: str) -> None:
 async def counts(address: str) -> dict[str, float]:
     """The receiver's counts so far (a client of :data:`COUNT`)."""
     async with grpc.aio.insecure_channel(address) as channel:
-        raw = await channel.unary_unary(COUNT)(b"", timeout=10)
+        raw = await channel.unary_unary(COUNT, None, None)(b"", timeout=10)
     answer: dict[str, float] = json.loads(raw)
     return answer
 

@@ -108,7 +108,7 @@ class PeerConnection(Aggregate):
         self.state = "deleted"
 
 
-class Connections(Application):
+class Connections(Application[UUID]):
     """The peer's application: nothing beyond the library's own, with no snapshots."""
 
     is_snapshotting_enabled = False
@@ -201,7 +201,7 @@ def build_log(path: str, records: int) -> dict[str, Any]:
             }
             for step in steps:
                 for i, aggregate in batch.items():
-                    step(aggregate, i)
+                    step(aggregate, i)  # type: ignore[no-untyped-call]  # the lambdas above
                 app.save(*batch.values())
         head = app.recorder.max_notification_id() or 0
     finally:
@@ -213,13 +213,13 @@ def replay(path: str) -> dict[str, Any]:
     """Read every event back in order and rebuild every aggregate from them; runs in a child process."""
     started = time.perf_counter()
     app = open_app(path)
-    aggregates: dict[UUID, Any] = {}
+    aggregates: dict[UUID | str, Any] = {}
     count, position = 0, 1
     try:
         while True:
             notifications = app.recorder.select_notifications(position, _PAGE)
             for notification in notifications:
-                domain_event = app.mapper.to_domain_event(notification)
+                domain_event: Any = app.mapper.to_domain_event(notification)
                 aggregates[notification.originator_id] = domain_event.mutate(aggregates.get(notification.originator_id))
             count += len(notifications)
             if len(notifications) < _PAGE:

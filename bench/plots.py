@@ -9,8 +9,9 @@ section is in the results, and is skipped (with a line on stderr) otherwise:
   next to the bare echo server's, with each ratio and the issue's goals;
 - ``rss.png``: the daemon's RSS after every step of new connections (``rss``);
 - ``replay.png``: records/s against the log's size, the replay and its raw
-  ``sqlite3`` + ``json.loads`` baseline (``replay``), and the peer's replay
-  (``peer``) where measured;
+  ``sqlite3`` + ``json.loads`` baseline (``replay``; the peer's replay is in
+  ``peer.png``, as a ratio to its own baseline run: absolute rates of two
+  sections are not comparable on a shared machine);
 - ``peer.png``: ours and ``eventsourcing``'s appends/s and replay records/s,
   each as a ratio to the same baseline (``append``, ``replay``, ``peer``).
 """
@@ -99,6 +100,13 @@ def replay_points(section: Any) -> list[dict[str, float]]:
     return sorted(points, key=lambda p: p["records"])
 
 
+def matplotlib_ticker() -> Any:
+    """``matplotlib.ticker``, imported once matplotlib is (by :func:`write`)."""
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _usable(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     section = results.get(name)
     return section if isinstance(section, dict) and "error" not in section else None
@@ -163,18 +171,11 @@ def _replay(results: dict[str, Any], plt: Any, path: Path) -> bool:
     figure, axes = plt.subplots(figsize=(8, 4.5))
     axes.plot(x, [p["baseline"] for p in points], marker="s", color="#999999", label="sqlite3 + json.loads (baseline)")
     axes.plot(x, [p["replay"] for p in points], marker="o", color="#3b6ea5", label="orchestrator replay")
-    peer = _usable(results, "peer")
-    if peer is not None and "replay" in peer:
-        axes.plot(
-            [peer["replay"]["records"]],
-            [peer["replay"]["peer"]["rate"]],
-            marker="^",
-            linestyle="none",
-            color="#e67e22",
-            label="eventsourcing (peer)",
-        )
     if len(x) > 1:
         axes.set_xscale("log")
+    else:
+        axes.set_xlim(0, x[0] * 2)
+    axes.yaxis.set_major_formatter(matplotlib_ticker().FuncFormatter(lambda v, _: f"{v:,.0f}"))
     axes.set_xlabel("records in the log")
     axes.set_ylabel("records/s")
     axes.set_ylim(bottom=0)

@@ -39,6 +39,7 @@ import hashlib
 import html
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,12 +62,14 @@ TARGETS = ("emit", *cpu.ROWS, "echo", "replay")
 AREAS = (
     ("the event loop's native code (uvloop, gRPC's Cython)", ("asyncio/runners.py",)),
     ("thread hand-offs (locks, queues, conditions)", ("threading.py", "queue.py", "concurrent/")),
-    ("gRPC", ("grpc/", "grpc_", "_cython/", "cygrpc")),
     ("OpenTelemetry", ("opentelemetry/",)),
+    ("gRPC", ("grpc/", "grpc_", "_cython/", "cygrpc")),
     ("logging", ("logging/", "orchestrator/logs.py")),
     ("SQLite and the store", ("sqlite3/", "aiosqlite/", "orchestrator/store/")),
     ("JSON", ("json/", "orjson", "msgspec", "orchestrator/codec.py")),
     ("protobuf", ("google/protobuf/",)),
+    ("rich (the CLI's tables)", ("rich/",)),
+    ("click (the CLI)", ("click/",)),
     ("the fold and records", ("orchestrator/state.py", "orchestrator/records.py", "orchestrator/model.py")),
     ("asyncio, anyio", ("asyncio/", "anyio/", "selectors.py")),
     ("the orchestrator, other", ("orchestrator/",)),
@@ -80,11 +83,21 @@ _COLOURS = {
     "SQLite and the store": "#6aa84f",
     "JSON": "#f1c232",
     "protobuf": "#c27ba0",
+    "rich (the CLI's tables)": "#93c47d",
+    "click (the CLI)": "#d5a6bd",
     "the fold and records": "#45818e",
     "asyncio, anyio": "#a4c2f4",
     "the orchestrator, other": "#6fa8dc",
     "other": "#cccccc",
 }
+
+
+_PREFIXES = re.compile(r"\((?:.*/site-packages/|.*/lib/python3\.\d+/|" + re.escape(f"{ROOT}/") + ")")
+
+
+def short(frame: str) -> str:
+    """A frame of ``py-spy --full-filenames`` with its path from the package on (``opentelemetry/sdk/...``)."""
+    return _PREFIXES.sub("(", frame, count=1)
 
 
 def area(frame: str) -> str:
@@ -105,30 +118,44 @@ class Node:
     children: dict[str, Node] = field(default_factory=dict)
 
 
-def parse(raw: str) -> tuple[Node, Counter[str], Counter[str], Counter[str], Counter[str]]:
-    """py-spy's collapsed stacks: the tree, and samples per thread, per leaf area, by self and inclusive function."""
+@dataclass
+class Thread:
+    """One thread's samples: per area of the running frame, by running frame (self) and by frame on the stack."""
+
+    label: str
+    tid: int | None
+    samples: int = 0
+    areas: Counter[str] = field(default_factory=Counter)
+    own: Counter[str] = field(default_factory=Counter)
+    inclusive: Counter[str] = field(default_factory=Counter)
+
+
+def parse(raw: str) -> tuple[Node, dict[str, Thread]]:
+    """py-spy's collapsed stacks (``--threads``): the tree, and each thread's samples."""
     root = Node("all")
-    threads: Counter[str] = Counter()
-    areas: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
+    threads: dict[str, Thread] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         samples = int(count)
-        frames = stack.split(";")
-        threads[frames[0]] += samples
-        areas[area(frames[-1])] += samples
-        own[frames[-1]] += samples
+        frames = [short(frame) for frame in stack.split(";")]
+        label = frames[0]
+        if label not in threads:
+            tid = label.partition("(")[2].partition(")")[0]
+            threads[label] = Thread(label, int(tid) if tid.isdigit() else None)
+        thread = threads[label]
+        thread.samples += samples
+        thread.areas[area(frames[-1])] += samples
+        thread.own[frames[-1]] += samples
         for frame in set(frames[1:]):
-            inclusive[frame] += samples
+            thread.inclusive[frame] += samples
         node = root
         node.samples += samples
         for frame in frames:
             node = node.children.setdefault(frame, Node(frame))
             node.samples += samples
-    return root, threads, areas, own, inclusive
+    return root, threads
 
 
 def flamegraph(root: Node, title: str, path: Path, width: int = 1400) -> None:
@@ -297,39 +324,79 @@ def profile_replay(records: int, spy: list[str], workdir: Path, raw: Path) -> di
 
 
 def summary(target: str, figures: dict[str, Any], raw_text: str, rate: int) -> tuple[str, Node]:
-    """The text summary of a profile, and its tree."""
-    root, threads, areas, own, inclusive = parse(raw_text)
-    total = root.samples or 1
+    """The text summary of a profile, and its tree.
+
+    py-spy counts a thread waiting for the GIL (or in a wait it cannot tell
+    from work) as busy, so samples overstate the CPU of threads that mostly
+    wait. Where each thread's CPU is known (``/proc``), each thread's CPU is
+    split over its frames in proportion to their samples: an estimate of the
+    CPU per area and function, per call.
+    """
+    root, threads = parse(raw_text)
+    cpu_of: dict[int | None, float] = {tid: seconds for tid, (_, seconds) in figures["threads"].items()}
+    load = figures.get("load", {})
+    calls = load.get("rate", 0.0) * figures["elapsed"]
+    per_call = calls > 0
+
+    def weight(thread: Thread) -> float:
+        """CPU seconds one sample of ``thread`` stands for."""
+        if thread.tid in cpu_of and thread.samples:
+            return cpu_of[thread.tid] / thread.samples
+        return 0.0 if cpu_of else 1.0 / rate
+
+    unit = "µs per call" if per_call else "s"
+    scale = 1e6 / calls if per_call else 1.0
+
+    def amount(seconds: float) -> str:
+        return f"{seconds * scale:10,.0f} {unit}" if per_call else f"{seconds:8.2f} s"
+
     lines = [f"profile of {target}: {root.samples:,} samples at {rate} Hz over {figures['elapsed']:.1f} s", ""]
-    if figures["threads"]:
-        cpu_total = sum(c for _, c in figures["threads"].values())
-        load = figures["load"]
-        lines.append(f"process CPU over the window (/proc, every thread): {cpu_total:.2f} s")
-        if load.get("ops"):
-            window_calls = load["rate"] * figures["elapsed"]
+    total_cpu = sum(cpu_of.values())
+    if cpu_of:
+        lines.append(f"process CPU over the window (/proc, every thread): {total_cpu:.2f} s")
+        if per_call:
             lines.append(
                 f"calls answered: {load['rate']:,.0f}/s at {cpu.IN_FLIGHT} in flight (p50 {load['p50_ms']:.1f} ms,"
-                f" p99 {load['p99_ms']:.1f} ms): about {cpu_total / window_calls * 1e6:,.0f} µs of CPU per call"
-                " (py-spy's pauses included)"
+                f" p99 {load['p99_ms']:.1f} ms), about {calls:,.0f} in the window:"
+                f" {total_cpu * scale:,.0f} µs of CPU per call (py-spy's sampling included)"
             )
-        lines += ["", "CPU by thread (the name the OS knows; Python's threads are all 'python' or their program's):"]
+        lines += ["", "CPU by thread (the OS's name, Python's name):"]
         for tid, (name, seconds) in sorted(figures["threads"].items(), key=lambda t: -t[1][1]):
             if seconds <= 0:
                 continue
-            spied = next((s for t, s in threads.items() if f"({tid})" in t), 0)
-            python = next((t.split(": ", 1)[1] for t in threads if f"({tid})" in t), "no Python frame")
-            lines.append(
-                f"  {tid:>8} {name:<16} {seconds:6.2f} s  {seconds / cpu_total * 100:5.1f}%"
-                f"   py-spy: {spied:6,} samples ({python})"
-            )
+            python = next((t.label.split(": ", 1)[-1] for t in threads.values() if t.tid == tid), "no Python frame")
+            lines.append(f"  {tid:>8} {name:<16} {amount(seconds)}  {seconds / total_cpu * 100:5.1f}%  ({python})")
     elif figures.get("records"):
         lines.append(f"replay of {figures['records']:,} records: {figures['elapsed']:.2f} s with py-spy attached")
-    lines += ["", "Python samples by area of the frame running (self time):"]
-    lines += [f"  {n / total * 100:5.1f}%  {name}" for name, n in areas.most_common()]
-    lines += ["", "functions with the most inclusive time (share of all samples):"]
-    lines += [f"  {n / total * 100:5.1f}%  {frame}" for frame, n in inclusive.most_common(30)]
-    lines += ["", "functions with the most self time:"]
-    lines += [f"  {n / total * 100:5.1f}%  {frame}" for frame, n in own.most_common(25)]
+        lines.append("(a command that ended: no /proc figures, each sample counts 1 / rate s, waits included)")
+    areas: Counter[str] = Counter()  # CPU seconds (floats) by area
+    for thread in threads.values():
+        for name, n in thread.areas.items():
+            areas[name] += n * weight(thread)  # type: ignore[assignment]  # a Counter of seconds
+    unseen = sum(seconds for tid, seconds in cpu_of.items() if not any(t.tid == tid for t in threads.values()))
+    if unseen:
+        areas["threads with no Python frame (gRPC's C core, ...)"] += unseen  # type: ignore[assignment]
+    whole = sum(areas.values()) or 1.0
+    lines += ["", "CPU by area of the frame running (self time; estimated from the samples, see above):"]
+    lines += [f"  {amount(v)}  {v / whole * 100:5.1f}%  {name}" for name, v in areas.most_common()]
+    for thread in sorted(threads.values(), key=lambda t: -weight(t) * t.samples):
+        spent = weight(thread) * thread.samples
+        if spent / whole < 0.02:
+            continue
+        lines += ["", f"{thread.label}: {amount(spent)}, {thread.samples:,} samples"]
+        lines.append("  by area (self time):")
+        lines += [
+            f"    {amount(n * weight(thread))}  {n / thread.samples * 100:5.1f}%  {name}"
+            for name, n in thread.areas.most_common(6)
+        ]
+        lines.append("  most inclusive time (frames on every sample of the thread left out):")
+        chosen = [(f, n) for f, n in thread.inclusive.most_common() if n < thread.samples][:15]
+        lines += [f"    {amount(n * weight(thread))}  {n / thread.samples * 100:5.1f}%  {f}" for f, n in chosen]
+        lines.append("  most self time:")
+        lines += [
+            f"    {amount(n * weight(thread))}  {n / thread.samples * 100:5.1f}%  {f}"
+            for f, n in thread.own.most_common(10)
+        ]
     return "\n".join(lines) + "\n", root
 
 
@@ -341,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
     parser.add_argument("--records", type=int, default=100_000, help="records in the log, for replay (default 100,000)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="where to write the files")
+    parser.add_argument("--lines", action="store_true", help="a frame per line of code, not per function")
     parser.add_argument("--native", action="store_true", help="also sample native frames (C, Cython): slower")
     parser.add_argument(
         "--keep-raw", action="store_true", help="keep py-spy's collapsed stacks (profile-TARGET.folded)"
@@ -356,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="orchestrator-profile-") as scratch:
         workdir = Path(scratch)
         raw = workdir / "stacks.folded"
-        spy = [_py_spy(), "record", "-r", str(args.rate), "--threads", *(["--native"] if args.native else [])]
+        spy = [_py_spy(), "record", "-r", str(args.rate), "--threads", "--full-filenames"]
+        spy += ["--native"] if args.native else []
+        spy += [] if args.lines else ["--function"]  # one frame per function, not per line, unless --lines
         try:
             if args.target == "replay":
                 figures = profile_replay(args.records, spy, workdir, raw)
