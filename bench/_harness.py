@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -58,10 +58,16 @@ class Settings:
     """Records in the log folded by the replay figure and opened by the startup figure."""
     startup_rounds: int
     """Daemon starts per log (empty, large) for the startup figure."""
+    rss_step: int
+    """New connections between two readings of the daemon's RSS (ten readings)."""
 
 
-QUICK = Settings(rounds=1, warmup_s=0.3, duration_s=1.5, max_ops=100_000, log_records=30_000, startup_rounds=3)
-FULL = Settings(rounds=4, warmup_s=0.5, duration_s=3.0, max_ops=400_000, log_records=100_000, startup_rounds=5)
+QUICK = Settings(
+    rounds=1, warmup_s=0.3, duration_s=1.5, max_ops=100_000, log_records=30_000, startup_rounds=3, rss_step=500
+)
+FULL = Settings(
+    rounds=4, warmup_s=0.5, duration_s=3.0, max_ops=400_000, log_records=100_000, startup_rounds=5, rss_step=10_000
+)
 
 
 # -- load ----------------------------------------------------------------------------
@@ -74,6 +80,10 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
+class Exhausted(Exception):
+    """Raised by a closed loop's call when it has nothing left to do: the window closes there (a shorter one)."""
+
+
 async def closed_loop(
     call: Callable[[int, int], Awaitable[None]],
     *,
@@ -81,19 +91,23 @@ async def closed_loop(
     warmup_s: float,
     duration_s: float,
     max_ops: int,
+    meter: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Keep ``in_flight`` calls going; time the ones that complete inside the window.
 
     ``call(worker, n)`` is one operation: ``worker`` is the caller's index
     (0..in_flight-1, for state owned by one worker), ``n`` the worker's own
-    count. The window opens after ``warmup_s`` and closes after ``duration_s``
-    or once ``max_ops`` calls completed in it. A call that raises is counted
-    as an error, not as an operation.
+    count. The window opens after ``warmup_s`` and closes after ``duration_s``,
+    once ``max_ops`` calls completed in it, or once a call raised
+    :class:`Exhausted`. Any other exception is counted as an error, not as an
+    operation. ``meter`` (a server's CPU seconds, say) is read as the window
+    opens and as it closes; the difference is returned as ``metered``.
     """
     latencies: list[float] = []
     errors: list[str] = []
     window = {"open": False, "closed": False}
     full = asyncio.Event()
+    completed = [0]
 
     async def worker(index: int) -> None:
         n = 0
@@ -101,6 +115,11 @@ async def closed_loop(
             start = time.perf_counter()
             try:
                 await call(index, n)
+            except Exhausted:
+                if not window["open"]:
+                    raise BenchError("the load ran out of work before its timed window opened") from None
+                full.set()
+                return
             except Exception as exc:
                 if window["open"] and not window["closed"]:
                     errors.append(f"{type(exc).__name__}: {exc}"[:300])
@@ -112,6 +131,7 @@ async def closed_loop(
                 continue
             finally:
                 n += 1
+            completed[0] += 1
             if window["open"] and not window["closed"]:
                 latencies.append(time.perf_counter() - start)
                 if len(latencies) >= max_ops:
@@ -124,6 +144,7 @@ async def closed_loop(
             task.result()  # a warm-up failure: raise it
         window["open"] = True
         opened = time.perf_counter()
+        metered = meter() if meter is not None else math.nan
         # Calls already in flight when the window opens are counted if they end
         # inside it: in a closed loop that is the steady state, not a bias.
         try:
@@ -133,6 +154,8 @@ async def closed_loop(
         window["closed"] = True
         elapsed = time.perf_counter() - opened
         count = len(latencies)
+        if meter is not None:
+            metered = meter() - metered
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         window["closed"] = True
@@ -149,6 +172,8 @@ async def closed_loop(
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
         "in_flight": in_flight,
+        "completed": completed[0],
+        "metered": metered,
     }
 
 
@@ -226,8 +251,25 @@ def orchestrator_command() -> list[str]:
 
 
 def clean_env() -> dict[str, str]:
-    """This environment without ``ORCHESTRATOR_*`` settings, so a user's config cannot skew a figure."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    """This environment without ``ORCHESTRATOR_*`` and ``OTEL_*`` settings, so a user's config cannot skew a figure."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATOR_", "OTEL_"))}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``); NaN elsewhere or once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size (``VmRSS``) of process ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
 
 
 class Server:
@@ -237,8 +279,11 @@ class Server:
     the moment that line was read (the startup figure).
     """
 
-    def __init__(self, argv: Sequence[str], *, name: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, argv: Sequence[str], *, name: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
+    ) -> None:
         self._argv = list(argv)
+        self._env = {**clean_env(), **(env or {})}
         self.name = name
         self._timeout = timeout
         self._lines: queue.Queue[tuple[float, str | None]] = queue.Queue()
@@ -274,7 +319,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=clean_env(),
+            env=self._env,
         )
         self._reader = threading.Thread(target=self._read, args=(self._process,), daemon=True)
         self._reader.start()

@@ -1,20 +1,23 @@
-"""Memory: the daemon's RSS after 100,000 new connections with credentials, against its RSS after 10,000.
+"""Memory: the daemon's RSS curve over 100,000 new connections with credentials, read every 10,000.
 
 Credentials are sealed into the log's database and opened per attempt; the
 daemon keeps none in memory (before sealing it kept every connection's in a
-dict that grew for ever, about 0.45 KB each). The figure: ``orchestrator serve``
-(the real CLI, an SQLite log in a temporary directory, no event-function
-plugins for the ``bench`` integration) takes ``post-connection-creation``
-emits, each a new connection with its own credentials, 64 in flight from a
-client process; its RSS (``VmRSS`` of ``/proc/PID/status``) is read after the
-first ``--small`` connections (default 10,000: every bounded cache is full by
-then, the writer's 8,192 read-model rows among them) and again after
-``--large`` (default 100,000). The ratio large / small is the figure: near
-1.0 when memory does not grow with connections. The baseline is the same
-daemon, measured in the same run.
+dict that grew for ever, about 0.45 KB each), and its caches are bounded.
+The figure: ``orchestrator serve`` (the real CLI, an SQLite log in a
+temporary directory, no event-function plugins for the ``bench``
+integration) takes ``post-connection-creation`` emits, each a new connection
+with its own credentials, 64 in flight from a client process; its RSS
+(``VmRSS`` of ``/proc/PID/status``) is read after every ``--small``
+connections (default 10,000: every bounded cache is full by then) up to
+``--large`` (default 100,000). The ratio last / first reading is the figure:
+near 1.0 when memory does not grow with connections. The baseline is the
+same daemon, measured in the same run.
 
-    .venv/bin/python bench/credentials_rss.py                     # 10k vs 100k: about 2 minutes on 2 cores
+    .venv/bin/python bench/credentials_rss.py                     # every 10k up to 100k: about 2 minutes
     .venv/bin/python bench/credentials_rss.py --small 2000 --large 20000   # quick
+
+``bench/run.py --only rss`` runs the same curve as a section of the benchmark
+(every 10,000 up to 100,000; with ``--quick`` every 1,000 up to 10,000).
 
 Prints a Markdown table on stdout, progress on stderr, and writes the figures
 to ``--output`` (default ``bench/credentials_rss.json``). Exit code 1 when an
@@ -30,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +41,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if not __package__:
     sys.path[0] = str(ROOT)  # run as `python bench/credentials_rss.py`: import `bench` from the root
 
-from bench._harness import BenchError, Server, in_child, log, orchestrator_command, run_loop  # noqa: E402
+from bench._harness import (  # noqa: E402 - needs the path set just above
+    Server,
+    Settings,
+    in_child,
+    log,
+    orchestrator_command,
+    rss_kib,
+    run_loop,
+)
 
 IN_FLIGHT = 64
 CALL_TIMEOUT_S = 30.0
-EMIT_TIMEOUT_S = 900.0
+EMIT_TIMEOUT_S = 1800.0
+STEPS = 10
+"""Readings in the curve of ``bench/run.py``'s ``rss`` section, one every ``Settings.rss_step`` connections."""
 
 
-def rss_kib(pid: int) -> int:
-    """The resident set size of process ``pid`` in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for pid {pid}")
+def emit_curve(address: str, pid: int, step: int, large: int) -> dict[str, Any]:
+    """New connections (``c0``, ``c1``...), each with its own credentials, 64 in flight, up to ``large``.
 
-
-def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
-    """``count`` new connections (ids ``start``...), each with its own credentials, 64 in flight; a child process."""
+    Runs in a child process; reads the RSS of process ``pid`` (the daemon)
+    after every ``step`` connections, between two steps (nothing in flight).
+    """
     import grpc
 
     from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
@@ -61,15 +71,14 @@ def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         errors: list[str] = []
-        next_id = start
-        end = start + count
+        readings: list[dict[str, Any]] = []
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.OrchestratorStub(channel)
 
-            async def worker() -> None:
-                nonlocal next_id
-                while next_id < end and len(errors) < 10:
-                    n, next_id = next_id, next_id + 1
+            async def worker(ids: Iterator[int]) -> None:
+                for n in ids:
+                    if len(errors) >= 10:
+                        return
                     request = pb.EmitLifecycleEventRequest(
                         connection=pb.ConnectionRef(environment="bench", integration="bench", connection_id=f"c{n}"),
                         event=pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION,
@@ -80,37 +89,41 @@ def emit_connections(address: str, start: int, count: int) -> dict[str, Any]:
                     except grpc.aio.AioRpcError as exc:
                         errors.append(f"{exc.code().name}: {exc.details()}")
 
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-            seconds = time.perf_counter() - started
-        return {"emitted": count, "seconds": seconds, "rate": count / seconds, "errors": errors}
+            seconds = 0.0
+            for done in range(step, large + 1, step):
+                ids = iter(range(done - step, done))
+                started = time.perf_counter()
+                await asyncio.gather(*(worker(ids) for _ in range(IN_FLIGHT)))
+                took = time.perf_counter() - started
+                seconds += took
+                readings.append({"connections": done, "rss_kib": rss_kib(pid), "rate": step / took})
+                log(f"rss: {done:,} connections ({step / took:,.0f}/s): {readings[-1]['rss_kib'] / 1024:.1f} MiB")
+        return {"readings": readings, "seconds": seconds, "errors": errors}
 
     return run_loop(main())
 
 
-def measure(small: int, large: int, database: Path) -> dict[str, Any]:
-    """RSS after ``small`` and after ``large`` new connections with credentials, and their ratio."""
+def curve(step: int, large: int, database: Path) -> dict[str, Any]:
+    """RSS after every ``step`` new connections with credentials up to ``large``; ratio last / first reading."""
     argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
     argv += ["--grace-period", "5", "--log-level", "info"]  # the harness waits for the INFO "serving" line
     with Server(argv, name="orchestrator serve", timeout=60) as daemon:
-        pid = daemon.pid
-        at_start = rss_kib(pid)
-        log(f"daemon pid {pid}: {at_start / 1024:.1f} MiB at start")
-        first = in_child(emit_connections, daemon.address, 0, small, timeout=EMIT_TIMEOUT_S)
-        at_small = rss_kib(pid)
-        log(f"{small:,} connections in {first['seconds']:.1f} s: {at_small / 1024:.1f} MiB")
-        second = in_child(emit_connections, daemon.address, small, large - small, timeout=EMIT_TIMEOUT_S)
-        at_large = rss_kib(pid)
-        log(f"{large:,} connections ({second['rate']:.0f}/s): {at_large / 1024:.1f} MiB")
+        at_start = rss_kib(daemon.pid)
+        log(f"rss: daemon pid {daemon.pid}: {at_start / 1024:.1f} MiB at start")
+        emitted = in_child(emit_curve, daemon.address, daemon.pid, step, large, timeout=EMIT_TIMEOUT_S)
         code = daemon.stop()
-    errors = first["errors"] + second["errors"]
+    readings, errors = emitted["readings"], emitted["errors"]
+    first, last = readings[0], readings[-1]
+    beyond = last["connections"] - first["connections"]
     return {
-        "small": {"connections": small, "rss_kib": at_small},
-        "large": {"connections": large, "rss_kib": at_large},
+        "step": step,
+        "readings": readings,
+        "small": first,
+        "large": last,
         "at_start_rss_kib": at_start,
-        "ratio": at_large / at_small,
-        "emits_per_s": (large) / (first["seconds"] + second["seconds"]),
-        "bytes_per_connection_beyond_small": (at_large - at_small) * 1024 / (large - small),
+        "ratio": last["rss_kib"] / first["rss_kib"],
+        "emits_per_s": last["connections"] / emitted["seconds"],
+        "bytes_per_connection_beyond_small": (last["rss_kib"] - first["rss_kib"]) * 1024 / beyond,
         "database_bytes": database.stat().st_size,
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
@@ -118,16 +131,21 @@ def measure(small: int, large: int, database: Path) -> dict[str, Any]:
     }
 
 
+def measure(settings: Settings, workdir: Path) -> dict[str, Any]:
+    """``bench/run.py``'s ``rss`` section: :data:`STEPS` readings, one every ``settings.rss_step`` connections."""
+    return curve(settings.rss_step, settings.rss_step * STEPS, workdir / "rss-events.db")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", type=int, default=10_000, help="connections at the first reading")
-    parser.add_argument("--large", type=int, default=100_000, help="connections at the second reading")
+    parser.add_argument("--small", type=int, default=10_000, help="connections at the first reading, and between two")
+    parser.add_argument("--large", type=int, default=100_000, help="connections at the last reading")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "credentials_rss.json")
     ns = parser.parse_args()
-    if not 0 < ns.small < ns.large:
-        parser.error("--small must be more than 0 and less than --large")
+    if not 0 < ns.small < ns.large or ns.large % ns.small:
+        parser.error("--small must be more than 0, less than --large, and divide it")
     with tempfile.TemporaryDirectory(prefix="orchestrator-bench-rss-") as scratch:
-        figures = measure(ns.small, ns.large, Path(scratch) / "events.db")
+        figures = curve(ns.small, ns.large, Path(scratch) / "events.db")
     figures["load_average_at_end"] = list(os.getloadavg())
     ns.output.write_text(json.dumps(figures, indent=2) + "\n")
     print("| Figure | Baseline | Orchestrator | Ratio |")

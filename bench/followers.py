@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
 import resource
 import sys
 import time
@@ -52,6 +51,7 @@ from bench._harness import (
     orchestrator_command,
     paired_ratio,
     percentile,
+    process_cpu_seconds,
     run_loop,
 )
 
@@ -85,15 +85,6 @@ def _position(raw: bytes) -> int:
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux ``/proc``); NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _emit_request(connection_id: str) -> Any:
@@ -150,7 +141,7 @@ def emitter(address: str, daemon_pid: int, rate: float, warmup_s: float, duratio
                 for n in range(total):
                     if n == warmup:
                         marks = {"opened": time.perf_counter(), "cpu": _cpu_seconds()}
-                        marks["daemon_cpu"] = _process_cpu_seconds(daemon_pid)
+                        marks["daemon_cpu"] = process_cpu_seconds(daemon_pid)
                     delay = started + n / rate - time.perf_counter()
                     if delay > 0:
                         await asyncio.sleep(delay)  # pacing: the next emit's time has not come
@@ -166,7 +157,7 @@ def emitter(address: str, daemon_pid: int, rate: float, warmup_s: float, duratio
                 "errors": len(errors),
                 "first_error": errors[0] if errors else "",
                 "emitter_cpu": (_cpu_seconds() - marks["cpu"]) / elapsed,
-                "daemon_cpu": (_process_cpu_seconds(daemon_pid) - marks["daemon_cpu"]) / elapsed,
+                "daemon_cpu": (process_cpu_seconds(daemon_pid) - marks["daemon_cpu"]) / elapsed,
                 "last_position": last[0],
                 "sent_at": sent_at,
             }

@@ -36,6 +36,24 @@ CONNECTION_IDS = 4096
 _CALL_TIMEOUT_S = 30.0
 
 
+def emit_template(integration: str = "bench", event: str = "POST_CONNECTION_CREATION") -> Any:
+    """The ``EmitLifecycleEventRequest`` every benchmark client sends (its connection id left empty).
+
+    A config, a payload and a credential, as a real caller sends them; ``event``
+    names a ``LIFECYCLE_EVENT_*`` value.
+    """
+    from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
+
+    template = pb.EmitLifecycleEventRequest(
+        connection=pb.ConnectionRef(environment="bench", integration=integration),
+        event=pb.LifecycleEvent.Value(f"LIFECYCLE_EVENT_{event}"),
+        credentials={"access_token": "bench-token-0123456789abcdef"},
+    )
+    template.connection_config.update({"instance_url": "acme.my.salesforce.com"})
+    template.payload.update({"source": "bench", "scopes": ["api", "refresh_token"]})
+    return template
+
+
 def client(
     target: str, address: str, in_flight: int, warmup_s: float, duration_s: float, max_ops: int, run: str
 ) -> dict[str, Any]:
@@ -45,13 +63,7 @@ def client(
     from bench.echo_server import METHOD
     from orchestrator._proto.orchestrator.v1 import orchestrator_pb2 as pb
 
-    template = pb.EmitLifecycleEventRequest(
-        connection=pb.ConnectionRef(environment="bench", integration="bench"),
-        event=pb.LIFECYCLE_EVENT_POST_CONNECTION_CREATION,
-        credentials={"access_token": "bench-token-0123456789abcdef"},
-    )
-    template.connection_config.update({"instance_url": "acme.my.salesforce.com"})
-    template.payload.update({"source": "bench", "scopes": ["api", "refresh_token"]})
+    template = emit_template()
     per_worker = max(1, CONNECTION_IDS // in_flight)
 
     def request(worker: int, n: int) -> Any:
