@@ -58,7 +58,7 @@ from orchestrator.store._append import (
     shredding,
 )
 from orchestrator.store._base import Appended
-from orchestrator.store._cache import ROW_CACHE, RowCache
+from orchestrator.store._cache import ROW_CACHE, UNKNOWN, RowCache
 from orchestrator.store._migrations import migrate_sqlite
 from orchestrator.store._sqlite_file import check_is_a_log, check_quickly, refuse_zero_length
 from orchestrator.store._sqlite_rows import (
@@ -150,6 +150,8 @@ class _Txn:
     """Jobs were scheduled, rescheduled, ended or queued again (changes to existing jobs are made at once)."""
     sealed: dict[str, SealedCredentials | None] = field(default_factory=dict)
     """Sealed credentials written (or, None, deleted) by this batch, by stream."""
+    encoded: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Read-model rows encoded on the loop, by stream (dropped when the writer's thread changes the row again)."""
 
 
 class Writer:
@@ -337,13 +339,15 @@ class Writer:
     async def _commit_isolating(self, batch: list[_Op]) -> None:
         now = max(codec.to_micros(self._clock.now()), self._last_micros)
         added = False
-        known = self.cache.known({op.stream for op in batch if op.stream})  # copies for the writer's thread
         try:
-            txn = await self._thread.call(self._commit, batch, now, known)
+            txn, rest = self._stage(batch, now)
+            known = self.cache.known({op.stream for op in rest if op.stream})  # copies for the writer's thread
+            txn = await self._thread.call(self._commit, txn, rest, known)
         except Exception as exc:  # the writer must outlive any one write; its callers get the error
             if len(batch) == 1 or _is_full(exc):
                 # A full disk fails every write alike: retrying them one by one would only fail again.
                 for op in batch:
+                    op.result = None
                     op.error = self._wrap(exc, op)
             else:
                 # One bad write must not fail its neighbours: retry each alone.
@@ -366,6 +370,63 @@ class Writer:
         if added:
             # The followers after the writers: an emit is answered before its record goes out to them all.
             self.tail.wake()
+
+    def _stage(self, batch: list[_Op], now: int) -> tuple[_Txn, list[_Op]]:
+        """On the loop: number, fold and encode the appends that need nothing of the database; return the rest.
+
+        An append is staged here when the cache knows its connection's row (or that it has none),
+        it cancels no job, and the fold does not end the connection (the shredding rule would read
+        the database). Everything else (job outcomes, claims, the sweep, and every later write of a
+        connection one of them touches, so each connection's writes keep their order) is left to the
+        writer's thread, which continues the numbering inside the transaction. A refused append
+        fails alone, before anything of it is staged. So the writer's thread runs SQL and little else.
+        """
+        txn = _Txn(current={}, position=self.tail.head + 1, recorded_at=codec.from_micros(now))
+        rest: list[_Op] = []
+        left: set[str | None] = set()
+        cache = self.cache
+        for op in batch:
+            op.error = op.result = None
+            stream = op.stream
+            if not isinstance(op, _Append) or op.cancel_jobs or stream in left:
+                rest.append(op)
+                left.add(stream)
+                continue
+            current = txn.current[stream] if stream in txn.current else cache.get(op.ref.stream)
+            if current is UNKNOWN:
+                rest.append(op)
+                left.add(stream)
+                continue
+            try:
+                check_seal(op.ref, op.events, op.seal)
+                records, connection = plan_append(
+                    current,
+                    op.ref,
+                    op.expected_version,
+                    op.events,
+                    first_position=txn.position,
+                    recorded_at=txn.recorded_at,
+                )
+                if connection.state in ENDED:
+                    rest.append(op)
+                    left.add(stream)
+                    continue
+                created = codec.to_micros(txn.recorded_at)
+                job_rows = [(*job_to_row(j, op.ref.stream, created), connection.incarnation) for j in op.jobs]
+                rows = [record_to_row(r) for r in records]
+            except OrchestratorError as exc:
+                op.error = exc
+                continue
+            except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
+                op.error = InvalidArgument(f"the record cannot be stored: {exc}")
+                continue
+            self._stage_records(txn, records, connection, rows)
+            txn.job_rows.extend(job_rows)
+            if op.seal is not None:
+                txn.sealed[op.ref.stream] = sealed_version(op.seal, records)
+            op.result = Appended(tuple(records), connection)
+        txn.encoded = {stream: connection_to_row(txn.current[stream]) for stream in txn.touched}
+        return txn, rest
 
     def _wrap(self, exc: Exception, op: _Op) -> OrchestratorError:
         error: OrchestratorError
@@ -391,23 +452,20 @@ class Writer:
         error.__cause__ = exc  # raised later, in the caller's task: the driver's error stays chained
         return error
 
-    def _commit(self, batch: list[_Op], now: int, known: dict[str, Connection]) -> _Txn:
+    def _commit(self, txn: _Txn, rest: list[_Op], known: dict[str, Connection]) -> _Txn:
         """One transaction for the whole batch; runs in the writer's thread (one hop per batch).
 
-        ``known`` holds the committed rows the loop's cache had for the batch's streams; the others are read here.
+        ``txn`` holds what the loop staged (see :meth:`_stage`); ``rest`` are the writes that need
+        the database, applied here in order. ``known`` holds the committed rows the loop's cache
+        had for their connections; the others are read here.
         """
         db = self._db
         assert db is not None
-        for op in batch:
-            op.error = op.result = None
         db.execute("BEGIN IMMEDIATE")
         try:
-            txn = _Txn(
-                current=self._load_connections(db, {op.stream for op in batch if op.stream}, known),
-                position=self.tail.head + 1,
-                recorded_at=codec.from_micros(now),
-            )
-            for op in batch:
+            wanted = {op.stream for op in rest if op.stream and op.stream not in txn.current}
+            txn.current.update(self._load_connections(db, wanted, known))
+            for op in rest:
                 try:
                     if isinstance(op, _Append):
                         op.result = self._apply_append(db, txn, op)
@@ -445,13 +503,18 @@ class Writer:
             recorded_at=txn.recorded_at,
         )
         rows = [record_to_row(r) for r in records]  # may raise: before anything is staged
-        txn.current[ref.stream] = connection
-        txn.touched.add(ref.stream)
+        self._stage_records(txn, records, connection, rows)
+        txn.encoded.pop(ref.stream, None)  # the row changed after the loop encoded it
+        return Appended(tuple(records), connection)
+
+    @staticmethod
+    def _stage_records(txn: _Txn, records: list[Record], connection: Connection, rows: list[tuple[Any, ...]]) -> None:
+        txn.current[connection.ref.stream] = connection
+        txn.touched.add(connection.ref.stream)
         txn.position += len(records)
         txn.event_rows.extend(rows)
         txn.records.extend(records)
         txn.weights.extend(weight(record, row[5]) for record, row in zip(records, rows, strict=True))
-        return Appended(tuple(records), connection)
 
     # Each write below checks everything, then stages its records (``_add_records``, which refuses
     # before staging anything), and only then changes existing job rows, at once: a claim later in
@@ -581,7 +644,7 @@ class Writer:
             db.executemany(
                 "INSERT OR REPLACE INTO connections (stream, environment, integration, connection_id,"
                 " state, version, last_position, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [connection_to_row(txn.current[s]) for s in txn.touched],
+                [txn.encoded.get(s) or connection_to_row(txn.current[s]) for s in txn.touched],
             )
         if txn.job_rows:
             db.executemany(f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({','.join('?' * 16)})", txn.job_rows)

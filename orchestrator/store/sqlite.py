@@ -39,7 +39,7 @@ from orchestrator.model import (
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
 from orchestrator.store._base import Appended, Stats
-from orchestrator.store._cache import ROW_CACHE
+from orchestrator.store._cache import ROW_CACHE, UNKNOWN
 from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
@@ -240,16 +240,17 @@ class SQLiteEventStore:
         lookup by primary key, made on the event loop itself (see :meth:`_look_up`).
         """
         writer = self._writer
-        cached = writer.cache.get(ref.stream) if writer is not None else None
-        if cached is not None:
-            return cached
+        if writer is not None:
+            cached = writer.cache.get(ref.stream)
+            if cached is not UNKNOWN:
+                return cached
         rows = self._look_up(_ONE_CONNECTION, ref.stream)
         if rows is not None:
             found = connection_from_body(rows[0][0]) if rows else None
-            if found is not None and writer is not None:
+            if writer is not None:
                 # Safe: nothing was awaited since the cache missed, so no commit can have been applied
                 # in between; a commit whose thread finished meanwhile is applied after, over this row.
-                writer.cache.put(found)
+                writer.cache.put(ref.stream, found)
             return found
         # Read through the reader's thread, and cache nothing: a commit may be applied while it is awaited.
         rows = await self._fetch(_ONE_CONNECTION, (ref.stream,))

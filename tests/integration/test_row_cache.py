@@ -20,7 +20,7 @@ from orchestrator.errors import StoreError, VersionConflict
 from orchestrator.model import Connection, ConnectionRef
 from orchestrator.records import Record
 from orchestrator.store import Appended, EventStore, open_store
-from orchestrator.store._cache import RowCache
+from orchestrator.store._cache import UNKNOWN, RowCache
 from orchestrator.store.sqlite import SQLiteEventStore
 from tests.contract.test_store_contract import created, validated
 from tests.support.clock import FakeClock
@@ -55,6 +55,17 @@ def database(tmp_path: Path) -> Path:
 def cache_of(store: EventStore) -> RowCache:
     assert isinstance(store, SQLiteEventStore) and store._writer is not None
     return store._writer.cache
+
+
+async def test_a_connection_known_to_be_absent_is_created_by_the_next_append(database: Path) -> None:
+    """A lookup that finds no row is cached as absent; the append that creates the connection replaces it."""
+    async with open_store(f"sqlite://{database}", clock=FakeClock()) as store:
+        assert await store.get_connection(REF) is None
+        assert cache_of(store).get(REF.stream) is None, "known to be absent"
+        appended = await store.append(REF, 0, validated())
+        assert await store.get_connection(REF) == appended.connection
+    async with open_store(f"sqlite://{database}", clock=FakeClock()) as store:  # and so the log says
+        assert await store.get_connection(REF) == appended.connection
 
 
 @pytest.mark.parametrize("cache_rows", [8192, 1], ids=["cached", "evicted"])
@@ -159,15 +170,17 @@ def test_row_cache_evicts_the_least_recently_used() -> None:
     def row(name: str) -> Connection:
         return _connection(ConnectionRef("dev", "salesforce", name))
 
-    cache = RowCache(2)
+    cache = RowCache(3)
     cache.committed([row("a"), row("b")])
+    cache.put("dev/salesforce/gone", None)  # known to have no row
     assert cache.get("dev/salesforce/a") is not None  # a is now the most recent
-    cache.put(row("c"))
-    assert cache.known(["dev/salesforce/a", "dev/salesforce/b", "dev/salesforce/c"]).keys() == {
+    cache.put("dev/salesforce/c", row("c"))  # evicts b, the least recently used
+    assert cache.get("dev/salesforce/b") is UNKNOWN
+    assert cache.get("dev/salesforce/gone") is None
+    assert cache.known(["dev/salesforce/a", "dev/salesforce/gone", "dev/salesforce/c"]).keys() == {
         "dev/salesforce/a",
         "dev/salesforce/c",
     }
-    assert cache.commits == 1
     with pytest.raises(ValueError, match="at least one row"):
         RowCache(0)
 
