@@ -33,7 +33,7 @@ from orchestrator import errors
 from orchestrator.access import Tokens
 from orchestrator.config import is_loopback, split_host_port
 from orchestrator.console import _pages
-from orchestrator.console._session import COOKIE, Sessions
+from orchestrator.console._session import CALLER, COOKIE, SID, Sessions
 from orchestrator.ids import uuid7
 from orchestrator.plugins import Registry
 from orchestrator.service import Service
@@ -201,23 +201,23 @@ def build(pages: _pages.Pages, sessions: Sessions, *, loopback: bool, secure: bo
         fresh = len(sid) != 43 or not sid.replace("-", "").replace("_", "").isalnum()
         if fresh:
             sid = sessions.new_id()
-        request["sid"] = sid
+        request[SID] = sid
         bearer = _bearer(request)
         if bearer is not None and request.method in ("GET", "HEAD"):
-            request["caller"] = sessions.bearer(bearer)
-            if request["caller"] is None:
+            request[CALLER] = sessions.bearer(bearer)
+            if request[CALLER] is None:
                 return web.Response(status=401, text="missing or invalid bearer token")
         else:
-            request["caller"] = sessions.caller(sid)
+            request[CALLER] = sessions.caller(sid)
         try:
             if request.method == "POST" and not pages.form_ok(request, await request.post()):
                 response: web.StreamResponse = pages.refused(request)
-            elif request["caller"] is None and request.path not in PUBLIC and not request.path.startswith("/static/"):
+            elif request[CALLER] is None and request.path not in PUBLIC and not request.path.startswith("/static/"):
                 response = pages.unauthenticated(request)
             else:
                 response = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
+        except web.HTTPException as exc:  # the router's: no such page, or not with this method
+            response = pages.error(request, exc.status, f"{exc.reason}: {request.method} {request.path}")
         except errors.OrchestratorError as exc:
             response = pages.error(request, http_status(exc), str(exc))
         if fresh and not response.prepared:

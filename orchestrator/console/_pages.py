@@ -30,7 +30,7 @@ from orchestrator import codec
 from orchestrator._version import VERSION
 from orchestrator.access import ANYONE, Principal
 from orchestrator.console import _views as views
-from orchestrator.console._session import COOKIE, Sessions
+from orchestrator.console._session import CALLER, COOKIE, SID, Sessions
 from orchestrator.errors import InvalidArgument, Unavailable
 from orchestrator.logs import Throttle
 from orchestrator.model import ConnectionRef, ConnectionState, JobStatus, check_name
@@ -73,6 +73,11 @@ class _Cache:
             self._kept.clear()
         self._kept[key] = (now, value)
         return value
+
+
+def see_other(location: str) -> web.Response:
+    """303 to ``location`` (after a form, or to the login form)."""
+    return web.Response(status=303, headers={"Location": location})
 
 
 def safe_next(value: str | None) -> str:
@@ -135,11 +140,11 @@ class Pages:
 
     def render(self, request: web.Request, template: str, *, status: int = 200, **values: Any) -> web.Response:
         """``template`` with ``values`` and what every page shows (who is looking, the CSRF token, the page)."""
-        caller: Principal | None = request.get("caller")
+        caller: Principal | None = request.get(CALLER)
         html = self._templates.get_template(template).render(
             caller=caller,
             login=self._sessions.required,
-            csrf=self._sessions.csrf(request["sid"]),
+            csrf=self._sessions.csrf(request[SID]),
             here=request.path_qs,
             section=request.path.split("/")[1] or "overview",
             **values,
@@ -165,18 +170,18 @@ class Pages:
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             return False
         sent = form.get("csrf")
-        return isinstance(sent, str) and self._sessions.csrf_ok(request["sid"], sent)
+        return isinstance(sent, str) and self._sessions.csrf_ok(request[SID], sent)
 
     def unauthenticated(self, request: web.Request) -> web.StreamResponse:
         """No session: a page goes to the login form (and back after it); a stream or a form is refused."""
         if request.method == "GET" and request.path != "/events/stream":
-            raise web.HTTPSeeOther(f"/login?{_query(next=request.path_qs)}")
+            return see_other(f"/login?{_query(next=request.path_qs)}")
         return web.Response(status=401, text="log in to the console first")
 
     @staticmethod
     def caller(request: web.Request) -> Principal:
         """The caller of a page (the guard has refused a request without one)."""
-        caller: Principal | None = request["caller"]
+        caller: Principal | None = request[CALLER]
         assert caller is not None
         return caller
 
@@ -365,7 +370,7 @@ class Pages:
         who = self.caller(request)
         form = await request.post()
         await self._service.retry_job(request.match_info["job_id"], by=who.name, check=who.require)
-        raise web.HTTPSeeOther(safe_next(_text(form, "next")))
+        return see_other(safe_next(_text(form, "next")))
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """POST ``/jobs/{id}/cancel``: ``Service.cancel_job`` for the caller, with the form's reason."""
@@ -373,7 +378,7 @@ class Pages:
         form = await request.post()
         reason = _text(form, "reason").strip()
         await self._service.cancel_job(request.match_info["job_id"], reason=reason, by=who.name, check=who.require)
-        raise web.HTTPSeeOther(safe_next(_text(form, "next")))
+        return see_other(safe_next(_text(form, "next")))
 
     # -- the live tail ------------------------------------------------------------------
 
@@ -466,13 +471,13 @@ class Pages:
     async def login_form(self, request: web.Request) -> web.Response:
         """``/login``: the token form (only when the daemon has a token file)."""
         if not self._sessions.required:
-            raise web.HTTPSeeOther("/")
+            return see_other("/")
         return self.render(request, "login.html", next=safe_next(request.query.get("next")), failed=False)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         """POST ``/login``: a token the daemon knows starts a session under a new id."""
         if not self._sessions.required:
-            raise web.HTTPSeeOther("/")
+            return see_other("/")
         form = await request.post()
         target = safe_next(_text(form, "next"))
         started = self._sessions.login(_text(form, "token").strip())
@@ -481,29 +486,29 @@ class Pages:
             self._throttle.log(
                 logging.WARNING, "console login", "a console login from %s failed: unknown token", request.remote
             )
-            request["caller"] = None
+            request[CALLER] = None
             return self.render(request, "login.html", status=401, next=target, failed=True)
         sid, principal = started
         log.info("console login by %s from %s", principal.name, request.remote)
-        response = web.HTTPSeeOther(target)
+        response = see_other(target)
         response.set_cookie(COOKIE, sid, httponly=True, samesite="Strict", secure=self._secure, path="/")
-        raise response
+        return response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         """POST ``/logout``: the session ends, the browser gets a fresh id."""
-        self._sessions.logout(request["sid"])
-        response = web.HTTPSeeOther("/login" if self._sessions.required else "/")
+        self._sessions.logout(request[SID])
+        response = see_other("/login" if self._sessions.required else "/")
         response.set_cookie(
             COOKIE, self._sessions.new_id(), httponly=True, samesite="Strict", secure=self._secure, path="/"
         )
-        raise response
+        return response
 
     async def asset(self, request: web.Request) -> web.Response:
         """``/static/{name}``: the console's own script and style sheet (nothing from a CDN)."""
         name = request.match_info["name"]
         body = self._static.get(name)
         if body is None:
-            raise web.HTTPNotFound()
+            return self.error(request, 404, f"no file {name} here")
         kind = {"css": "text/css", "js": "text/javascript", "svg": "image/svg+xml"}[name.rpartition(".")[2]]
         return web.Response(
             body=body,

@@ -27,9 +27,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from orchestrator.access import ANYONE, Principal, Tokens, digest
 
 COOKIE = "orchestrator_session"
+SID = web.RequestKey("sid", str)
+"""A request's session id (from its cookie, or new)."""
+CALLER = web.RequestKey[Principal | None]("caller")
+"""Who a request comes from (None: nobody logged in, with a token file)."""
 IDLE = 8 * 3600.0
 """Seconds a session lasts without a request."""
 LIMIT = 10_000
