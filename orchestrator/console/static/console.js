@@ -91,28 +91,46 @@
     while (body.rows.length > MAX_ROWS) body.deleteRow(body.rows.length - 1);
   }
 
+  // The stream from ?after= the last record seen: where a stream the browser gave up on starts again.
+  function resumed(url, lastId) {
+    if (lastId === null) return url;
+    const next = new URL(url, location.href);
+    next.searchParams.set("after", lastId);
+    return next.pathname + next.search;
+  }
+
   function live(url, mode) {
     let pending = null;
     let last = 0;
-    const source = new EventSource(url);
-    window.consoleStream = source;
-    source.addEventListener("open", () => setStatus("live", "live"));
-    source.addEventListener("error", () => setStatus("reconnecting…", "down"));
-    source.addEventListener("record", (event) => {
-      setStatus("live", "live");
-      if (mode === "append") {
-        appendRow(JSON.parse(event.data));
-        return;
-      }
-      // A refresh at most once a second, however fast records come.
-      if (pending) return;
-      const wait = Math.max(0, 1000 - (Date.now() - last));
-      pending = setTimeout(() => {
-        pending = null;
-        last = Date.now();
-        refresh();
-      }, wait);
-    });
+    let lastId = null;
+    function open(streamUrl) {
+      const source = new EventSource(streamUrl);
+      window.consoleStream = source;
+      source.addEventListener("open", () => setStatus("live", "live"));
+      source.addEventListener("error", () => {
+        setStatus("reconnecting…", "down");
+        // The browser reconnects by itself (with Last-Event-ID) after a network error; after an
+        // answer that is not a stream (a daemon shutting down says 503) it gives up: start again.
+        if (source.readyState === EventSource.CLOSED) setTimeout(() => open(resumed(url, lastId)), 2000);
+      });
+      source.addEventListener("record", (event) => {
+        lastId = event.lastEventId;
+        setStatus("live", "live");
+        if (mode === "append") {
+          appendRow(JSON.parse(event.data));
+          return;
+        }
+        // A refresh at most once a second, however fast records come.
+        if (pending) return;
+        const wait = Math.max(0, 1000 - (Date.now() - last));
+        pending = setTimeout(() => {
+          pending = null;
+          last = Date.now();
+          refresh();
+        }, wait);
+      });
+    }
+    open(url);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
