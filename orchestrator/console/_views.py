@@ -425,18 +425,33 @@ def job_row(job: Job) -> JobRow:
 # -- the live tail, the overview --------------------------------------------------------
 
 
+_PLAIN = frozenset({*_LIFECYCLE, Fact.CONNECTION_VALIDATED, Fact.CONNECTION_DELETED})
+"""Record types whose line needs nothing of their ``data`` (a lifecycle record's is its idempotency key)."""
+
+
+def stream_href(stream: str) -> str:
+    """The timeline's path of a record's stream (as :func:`connection_href`, without checking the names again)."""
+    environment, integration, connection_id = stream.split("/", 2)
+    return f"/connections/{environment}/{integration}/{quote(connection_id, safe='')}"
+
+
 def tail_item(record: Record) -> dict[str, Any]:
-    """A record as the live tail sends it (JSON) and the events page lists it: no ``data`` beyond a summary."""
-    body = records.parse(record.type, record.data)
+    """A record as the live tail sends it (JSON) and the events page lists it: no ``data`` beyond a summary.
+
+    Made for every record a live tail sends, on the daemon's loop: the record's ``data`` is parsed
+    only for the types whose line says something of it.
+    """
+    plain = record.type in _PLAIN and not record.idempotency_key
+    body = None if plain else records.parse(record.type, record.data)
     return {
         "position": record.position,
         "time": when(record.recorded_at),
         "stream": record.stream,
-        "href": connection_href(ConnectionRef.from_stream(record.stream)),
+        "href": stream_href(record.stream),
         "version": record.version,
         "type": record.type,
         "kind": kind(record.type),
-        "summary": summary(record, body),
+        "summary": "" if plain else summary(record, body),
     }
 
 
