@@ -275,7 +275,16 @@ def client(
 
 def daemon_argv(database: Path) -> list[str]:
     """``orchestrator serve`` on ``database`` at its defaults (INFO logs), on a free port of 127.0.0.1."""
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
+    argv = [
+        *orchestrator_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        "",
+        "--database",
+        f"sqlite://{database}",
+    ]
     return [*argv, "--grace-period", "5", "--log-level", "info"]
 
 

@@ -105,7 +105,16 @@ def emit_curve(address: str, pid: int, step: int, large: int) -> dict[str, Any]:
 
 def curve(step: int, large: int, database: Path) -> dict[str, Any]:
     """RSS after every ``step`` new connections with credentials up to ``large``; ratio last / first reading."""
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
+    argv = [
+        *orchestrator_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        "",
+        "--database",
+        f"sqlite://{database}",
+    ]
     argv += ["--grace-period", "5", "--log-level", "info"]  # the harness waits for the INFO "serving" line
     with Server(argv, name="orchestrator serve", timeout=60) as daemon:
         at_start = rss_kib(daemon.pid)

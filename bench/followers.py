@@ -322,7 +322,7 @@ def _log(name: str, round_: int, result: dict[str, Any]) -> None:
 def measure(settings: Settings, workdir: Path, rate: float = RATE) -> dict[str, Any]:
     """The followers figures: emit latency with none and with :data:`FOLLOWERS`, and their ratio."""
     database = f"sqlite://{workdir / 'followers-events.db'}"
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", database]
+    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--web-listen", "", "--database", database]
     argv += ["--grace-period", "1", "--log-level", "info"]
     runs: dict[str, list[dict[str, Any]]] = {"none": [], "followers": []}
     timeout = settings.warmup_s + settings.duration_s + 120

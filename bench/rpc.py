@@ -104,7 +104,16 @@ def client(
 def measure(settings: Settings, workdir: Path) -> dict[str, Any]:
     """The gRPC figures: per concurrency, echo and emit medians and their ratios."""
     database = f"sqlite://{workdir / 'grpc-events.db'}"
-    daemon_argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", database]
+    daemon_argv = [
+        *orchestrator_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        "",
+        "--database",
+        database,
+    ]
     daemon_argv += ["--grace-period", "1", "--log-level", "info"]
     out: dict[str, Any] = {"connection_ids_per_run": CONNECTION_IDS}
     with (

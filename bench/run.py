@@ -35,6 +35,7 @@ if not __package__:
 from bench import (  # noqa: E402 - needs the path set just above
     _harness,
     append,
+    console,
     cpu,
     credentials_rss,
     fold,
@@ -45,7 +46,7 @@ from bench import (  # noqa: E402 - needs the path set just above
     startup,
 )
 
-SECTIONS = ("grpc", "cpu", "followers", "append", "replay", "startup", "peer", "isolation", "rss")
+SECTIONS = ("grpc", "cpu", "followers", "append", "replay", "startup", "peer", "isolation", "rss", "console")
 GOALS: tuple[tuple[str, str, float], ...] = (
     ("emit server CPU per call / echo's, exporters none", "<=", 2.0),
     ("emit server CPU per call / echo's, every span exported over OTLP", "<=", 3.0),
@@ -189,6 +190,12 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _n(fig["ratio"], 3),
             )
         )
+    if "console" in results and "error" not in results["console"]:
+        fig = results["console"]
+        titles = ("Emit calls/s", "Emit latency p50 / p99 ms", f"{fig['in_flight']} in flight, web console")
+        idle = (fig["idle"], "console idle")
+        busy = (fig["open"], f"{fig['pollers']} pollers and a live tail")
+        rows += _load_rows(titles, idle, busy, fig["ratio"])
     rows.extend(
         (f"{name}: FAILED", "", str(results[name]["error"]).splitlines()[0], "")
         for name in SECTIONS
@@ -458,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                 _section(results, "peer", _peer, settings, workdir, large, built["records"])
         if "isolation" in args.only:
             _section(results, "isolation", isolation.measure, settings, workdir)
+        if "console" in args.only:
+            _section(results, "console", console.measure, settings, workdir)
         if "rss" in args.only:
             _section(results, "rss", credentials_rss.measure, settings, workdir)
     results["elapsed_s"] = time.perf_counter() - started

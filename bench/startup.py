@@ -19,7 +19,16 @@ from bench._harness import Server, Settings, log, median, orchestrator_command, 
 
 
 def _start(database: Path) -> tuple[float, int | None]:
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", f"sqlite://{database}"]
+    argv = [
+        *orchestrator_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        "",
+        "--database",
+        f"sqlite://{database}",
+    ]
     argv += ["--grace-period", "0", "--log-level", "info"]
     with Server(argv, name="orchestrator serve") as daemon:
         ready_after = daemon.ready_after

@@ -61,6 +61,11 @@ ANYONE = Principal("anonymous")
 """The caller when the daemon has no token file: every call is allowed, in every environment."""
 
 
+def digest(token: str) -> bytes:
+    """A token's SHA-256 digest: how tokens are kept (never the token itself)."""
+    return hashlib.sha256(token.encode()).digest()
+
+
 def fingerprint(token: str) -> str:
     """A token's name in spans and logs: ``token:`` and the first 8 hex digits of its SHA-256."""
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:8]
@@ -77,10 +82,13 @@ class Tokens:
 
     def authenticate(self, token: str) -> Principal | None:
         """The caller ``token`` belongs to, or None; every digest is compared, whatever matched before."""
-        digest = hashlib.sha256(token.encode()).digest()
+        return self.authenticate_digest(digest(token))
+
+    def authenticate_digest(self, hashed: bytes) -> Principal | None:
+        """The caller whose token has the SHA-256 digest ``hashed`` (what a console session keeps), or None."""
         found: Principal | None = None
         for known, principal in self._entries:
-            if hmac.compare_digest(digest, known):
+            if hmac.compare_digest(hashed, known):
                 found = principal
         return found
 

@@ -23,6 +23,10 @@ from orchestrator.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_WEB_LISTEN = "127.0.0.1:50080"
+"""Where ``serve`` serves the web console unless told otherwise (an empty address turns it off)."""
+TRACE_ID = "{trace_id}"
+"""The placeholder of ``--trace-url``: a record's trace id (32 hex digits)."""
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_GRACE_PERIOD = 10.0
 DEFAULT_ATTEMPT_TIMEOUT = 60.0
@@ -240,9 +244,24 @@ class ServeConfig:
     """``ORCHESTRATOR_SECRET_KEY``: base64 keys, comma-separated, the first sealing (empty: the key file)."""
     secret_key_file: Path | None = None
     """The key file when ``secret_key`` is empty (None: ``secret.key`` beside the SQLite log)."""
+    web_listen: str = DEFAULT_WEB_LISTEN
+    """``HOST:PORT`` of the web console (port 0 picks a free one; empty: no console)."""
+    trace_url: str = ""
+    """A URL with ``{trace_id}``: the console links each record to its trace there (empty: no links)."""
 
     def __post_init__(self) -> None:
         host, _ = split_host_port(self.listen)
+        if self.web_listen:
+            web_host, _ = split_host_port(self.web_listen)
+            secured = self.tls_cert is not None or self.auth_token_file is not None
+            if not self.insecure and not is_loopback(web_host) and not secured:
+                raise InvalidArgument(
+                    f"refusing to serve the web console on {self.web_listen} without TLS or a token: anyone on the"
+                    " network could retry and cancel jobs; pass --tls-cert and --tls-key, or --auth-token-file, or"
+                    " --web-listen 127.0.0.1:PORT, or --insecure if a proxy in front secures it"
+                )
+        if self.trace_url:
+            check_trace_url(self.trace_url)
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = ("--tls-cert", "--tls-key") if self.tls_cert is not None else ("--tls-key", "--tls-cert")
             raise InvalidArgument(f"{given} needs {missing}: TLS takes a certificate and its key")
@@ -256,6 +275,20 @@ class ServeConfig:
             )
         if self.grace_period < 0:
             raise InvalidArgument(f"grace period must be 0 or more seconds, not {self.grace_period}")
+
+
+def check_trace_url(template: str) -> str:
+    """``template`` if it is an http(s) URL holding ``{trace_id}`` (``--trace-url``), else :class:`InvalidArgument`."""
+    if not template.startswith(("http://", "https://")):
+        raise InvalidArgument(f"--trace-url {template!r} is not an http:// or https:// URL")
+    if TRACE_ID not in template:
+        raise InvalidArgument(
+            f"--trace-url {template!r} has no {TRACE_ID} to put the trace id in"
+            " (e.g. http://jaeger:16686/trace/{trace_id})"
+        )
+    if any(c.isspace() or not c.isprintable() for c in template):
+        raise InvalidArgument("--trace-url holds a space or a control character")
+    return template
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import httpx
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -26,13 +27,14 @@ from orchestrator import plugins, sealing, telemetry
 from orchestrator.access import TokenFile
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.config import Integration, ServeConfig, default_database, is_loopback, split_host_port
+from orchestrator.console import Console, tls_context
 from orchestrator.credentials import Resolver
 from orchestrator.errors import InvalidArgument, OrchestratorError, PluginError
 from orchestrator.isolation import ProcessPool
 from orchestrator.plugins import Registry, discover
 from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
-from orchestrator.service import assemble
+from orchestrator.service import Service, assemble
 from orchestrator.store import EventStore, Location, Stats, inspect, locate, open_store, sqlite_path
 from orchestrator.watchdog import LoopWatchdog
 
@@ -50,10 +52,12 @@ async def serve(
     registry: Registry | None = None,
     clock: Clock | None = None,
     resolver: Resolver | None = None,
+    on_console: Callable[[str], None] | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain within the grace period.
 
-    ``on_ready`` is called with the bound port once the server is SERVING.
+    ``on_ready`` is called with the bound port once the server is SERVING, ``on_console`` before it
+    with the web console's URL (when there is a console).
     Tests may pass the function ``registry`` and the credentials
     ``resolver`` (instead of entry-point discovery) and a ``clock``.
     A start that fails before it serves (a port in use) removes what it made: a
@@ -69,7 +73,7 @@ async def serve(
         # Signal handlers go in first: a SIGTERM during start-up is queued and drains, never kills.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             engine = _Engine(ready.registry, ready.integrations, keyring, ready.resolver)
-            await _serve(config, ready.access, ready.database, engine, signals, on_ready, stop, clock, made)
+            await _serve(config, ready.access, ready.database, engine, signals, on_ready, stop, clock, made, on_console)
     except BaseException:
         if not made.served:
             with anyio.CancelScope(shield=True):
@@ -106,6 +110,8 @@ def prepare(
     if check:
         inspect(location, init=config.init)
     check_listen(config.listen, "listen on")
+    if config.web_listen:
+        check_listen(config.web_listen, "serve the web console on")
     if config.telemetry.metrics_listen:
         check_listen(config.telemetry.metrics_listen, "serve metrics on")
     if not config.secret_key and config.secret_key_file is not None:
@@ -242,6 +248,7 @@ async def _serve(
     stop: anyio.Event | None,
     clock: Clock | None,
     made: _Made,
+    on_console: Callable[[str], None] | None = None,
 ) -> None:
     clock = clock or SystemClock()
     new_log = made.log is not None and not await anyio.Path(made.log).exists()
@@ -284,6 +291,9 @@ async def _serve(
             engine.service, tokens=(lambda: tokens.tokens) if tokens is not None else lambda: None, tls=access.tls
         )
         port = await server.start(config.listen)
+        console = await _start_console(tg, config, access, engine.service, loaded.registry)
+        if console is not None and on_console is not None:
+            on_console(console.url)
         gauges = _Gauges(store, clock)
         await gauges.refresh()
         tg.start_soon(gauges.run)
@@ -303,7 +313,9 @@ async def _serve(
                     if config.on_sighup is not None:
                         config.on_sighup()
                         log.info("received SIGHUP: log file reopened")
-                    await anyio.to_thread.run_sync(access.reload)
+                    if await anyio.to_thread.run_sync(access.reload) and console is not None and access.tls is not None:
+                        files = access.tls.files
+                        await anyio.to_thread.run_sync(console.reload_tls, files.cert, files.key)
                     continue
                 name = signal.Signals(signum).name
                 log.info("received %s: draining (grace period %.1fs)", name, config.grace_period)
@@ -315,6 +327,8 @@ async def _serve(
         with anyio.CancelScope(shield=True):
             await server.draining()
             engine.service.drain()
+            if console is not None:
+                console.stop()  # its live tails have just ended (the service's followers did)
             engine.worker.stop_claiming()
             # New calls are refused with UNAVAILABLE (clients retry elsewhere) while
             # in-flight emits and running function attempts share the grace period;
@@ -327,6 +341,34 @@ async def _serve(
         tg.cancel_scope.cancel()
 
 
+async def _start_console(
+    tg: anyio.abc.TaskGroup, config: ServeConfig, access: Access, service: Service, registry: Registry
+) -> Console | None:
+    """The web console, serving on ``--web-listen`` in this loop (None when it is turned off); logs its URL."""
+    if not config.web_listen:
+        return None
+    tls = None
+    if access.tls is not None:
+        files = access.tls.files
+        tls = await anyio.to_thread.run_sync(tls_context, files.cert, files.key, files.client_ca)
+    tokens = access.tokens
+    console = Console(
+        service,
+        registry,
+        tokens=(lambda: tokens.tokens) if tokens is not None else lambda: None,
+        tls=tls,
+        trace_url=config.trace_url,
+    )
+    await tg.start(partial(console.run, config.web_listen))
+    log.info(
+        "web console on %s%s",
+        console.url,
+        " (log in with a token of the token file)" if tokens is not None else "",
+        extra={"url": console.url},
+    )
+    return console
+
+
 class Access:
     """The token file and the TLS material the daemon serves with (each None when not configured)."""
 
@@ -334,18 +376,23 @@ class Access:
         self.tokens = tokens
         self.tls = tls
 
-    def reload(self) -> None:
-        """SIGHUP: reread the token file and the TLS files; a bad one keeps what is in force and logs why."""
+    def reload(self) -> bool:
+        """SIGHUP: reread the token file and the TLS files; a bad one keeps what is in force and logs why.
+
+        True when new TLS material is in force (the console then rereads it too).
+        """
         if self.tokens is not None:
             self.tokens.reload()
-        if self.tls is not None:
-            try:
-                material = self.tls.reload()
-            except InvalidArgument as exc:
-                log.error("%s; the TLS certificate and key read before stay in force", exc)
-            else:
-                log.info("reread the TLS files: %s", material.summary())
-                rpc_tls.warn_if_expiring(material)
+        if self.tls is None:
+            return False
+        try:
+            material = self.tls.reload()
+        except InvalidArgument as exc:
+            log.error("%s; the TLS certificate and key read before stay in force", exc)
+            return False
+        log.info("reread the TLS files: %s", material.summary())
+        rpc_tls.warn_if_expiring(material)
+        return True
 
 
 def load_access(config: ServeConfig) -> Access:

@@ -64,7 +64,7 @@ from orchestrator.model import (
 from orchestrator.plugins import Registry
 from orchestrator.records import Fact, Record
 from orchestrator.sealing import Keyring
-from orchestrator.store import Appended, EventStore, scan
+from orchestrator.store import Appended, Counts, EventStore, scan
 from orchestrator.watchdog import LoopWatchdog
 from orchestrator.worker import Worker
 
@@ -626,6 +626,22 @@ class Service:
         rows, more = _page(rows, limit, lambda row: limits.page_bytes(row.metadata, row.config))
         token = _encode_token(rows[-1].ref.stream) if more and rows else ""
         return Page(rows, token)
+
+    async def head(self) -> int:
+        """The position of the log's last committed record (0 when it is empty)."""
+        self._open()
+        return await self._store.head()
+
+    async def counts(self, *, environments: frozenset[str] | None = None) -> Counts:
+        """Connections by (environment, state) and jobs by (environment, status), of ``environments`` (None: all)."""
+        self._open()
+        counts = await self._store.counts()
+        if environments is None:
+            return counts
+        return Counts(
+            {key: n for key, n in counts.connections.items() if key[0] in environments},
+            {key: n for key, n in counts.jobs.items() if key[0] in environments},
+        )
 
     async def read_events(
         self, *, from_position: int = 0, ref: ConnectionRef | None = None, follow: bool = False

@@ -23,6 +23,7 @@ NON_BLOCKING = (
     "tests/integration/test_functions_grpc.py",
     "tests/integration/test_wire_input.py",
     "tests/integration/test_access.py",
+    "tests/integration/test_console.py",
     "tests/integration/test_isolation.py",
     "tests/reliability/test_fuzz_grpc.py",
     "tests/observability/test_trace_in_process.py",

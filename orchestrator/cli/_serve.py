@@ -98,6 +98,24 @@ def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]
     default=config.DEFAULT_LISTEN,
     help="HOST:PORT to serve gRPC on (port 0 picks a free one).",
 )
+@click.option(
+    "--web-listen",
+    envvar="ORCHESTRATOR_WEB_LISTEN",
+    metavar="HOST:PORT",
+    show_envvar=True,
+    default=config.DEFAULT_WEB_LISTEN,
+    help="HOST:PORT to serve the web console on (port 0 picks a free one; '' turns it off, as does"
+    " ORCHESTRATOR_WEB_LISTEN=off). A non-loopback address needs TLS or a token file, or --insecure.",
+)
+@click.option(
+    "--trace-url",
+    envvar="ORCHESTRATOR_TRACE_URL",
+    metavar="URL",
+    show_envvar=True,
+    default="",
+    help="Link each record in the web console to its trace: a URL with {trace_id}, e.g."
+    " http://localhost:16686/trace/{trace_id} (Jaeger).",
+)
 @database
 @click.option(
     "--grace-period",
@@ -209,6 +227,8 @@ def serve(
     ctx: click.Context,
     /,
     listen: str,
+    web_listen: str,
+    trace_url: str,
     database: str | None,
     grace_period: float,
     insecure: bool,
@@ -256,8 +276,12 @@ def serve(
             _exit.fail(f"cannot open the log file {log_file}: {exc.strerror or exc}")
     if metrics_listen:
         config.split_host_port(metrics_listen)
+    if web_listen.strip().lower() == "off":  # an environment variable cannot be empty (click reads it as unset)
+        web_listen = ""
     settings = config.ServeConfig(
         listen=listen,
+        web_listen=web_listen.strip(),
+        trace_url=trace_url.strip(),
         database=database or "",
         grace_period=grace_period,
         insecure=insecure,
@@ -344,6 +368,7 @@ def _check(ctx: click.Context, settings: config.ServeConfig) -> dict[str, Any]:
             "prometheus": settings.telemetry.metrics_listen or None,
         },
         "tls": ready.access.tls.material.summary() if ready.access.tls is not None else None,
+        "web_console": _console_url(settings, ready.access.tls is not None),
         "bearer_tokens": {"count": len(tokens.tokens), "file": str(tokens.path)} if tokens else None,
         "credentials": _key_summary(settings, ready.database),
         "warnings": ready.warnings,
@@ -382,9 +407,19 @@ def _print_check(report: dict[str, Any]) -> None:
         + (f", Prometheus on {telemetry['prometheus']}" if telemetry["prometheus"] else "")
     )
     click.echo(f"tls: {report['tls'] or 'off'}")
+    click.echo(f"web console: {report['web_console'] or 'off'}")
     tokens = report["bearer_tokens"]
     click.echo(f"bearer tokens: {tokens['count']} from {tokens['file']}" if tokens else "bearer tokens: none asked")
     click.echo(f"credentials: {report['credentials']}")
+
+
+def _console_url(settings: config.ServeConfig, tls: bool) -> str | None:
+    """Where the web console will be (None when it is turned off)."""
+    if not settings.web_listen:
+        return None
+    host, port = config.split_host_port(settings.web_listen)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}/"
 
 
 def _plain(value: Any) -> Any:

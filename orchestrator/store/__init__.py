@@ -22,13 +22,14 @@ from pathlib import Path
 
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
-from orchestrator.store._base import Appended, EventStore, Stats, scan
+from orchestrator.store._base import Appended, Counts, EventStore, Stats, scan
 from orchestrator.store._cache import ROW_CACHE
 from orchestrator.store._location import Location, inspect, locate
 from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
 __all__ = [
     "Appended",
+    "Counts",
     "EventStore",
     "Location",
     "Stats",

@@ -26,6 +26,16 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
+class Counts:
+    """How many connections are in each state and how many jobs in each status, per environment (the console)."""
+
+    connections: dict[tuple[str, str], int]
+    """(environment, state) -> connections."""
+    jobs: dict[tuple[str, str], int]
+    """(environment, status) -> jobs, ended ones included."""
+
+
+@dataclass(frozen=True, slots=True)
 class Appended:
     """What one committed append produced."""
 
@@ -122,6 +132,10 @@ class EventStore(Protocol):
 
     async def stats(self) -> Stats:
         """Jobs waiting, the oldest one's due time, and connections by state."""
+        ...
+
+    async def counts(self) -> Counts:
+        """Connections by environment and state, jobs by environment and status."""
         ...
 
     def jobs_changed(self) -> anyio.Event:

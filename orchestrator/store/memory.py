@@ -23,7 +23,7 @@ from orchestrator.model import (
     SealedCredentials,
 )
 from orchestrator.records import NewEvent, Record
-from orchestrator.store import Appended, Stats
+from orchestrator.store import Appended, Counts, Stats
 from orchestrator.store._append import (
     FINISHABLE,
     check_retry,
@@ -271,6 +271,18 @@ class MemoryEventStore:
         live = [j for j in self._jobs.values() if j.status in LIVE_JOBS]
         oldest = min((j.run_at for j in live), default=None)
         return Stats(len(live), oldest, by_state)
+
+    async def counts(self) -> Counts:
+        """See :meth:`EventStore.counts`."""
+        connections: dict[tuple[str, str], int] = {}
+        for connection in self._connections.values():
+            key = (connection.ref.environment, connection.state.value)
+            connections[key] = connections.get(key, 0) + 1
+        jobs: dict[tuple[str, str], int] = {}
+        for job in self._jobs.values():
+            key = (job.stream.partition("/")[0], job.status.value)
+            jobs[key] = jobs.get(key, 0) + 1
+        return Counts(connections, jobs)
 
     def jobs_changed(self) -> anyio.Event:
         """See :meth:`EventStore.jobs_changed`."""

@@ -38,7 +38,7 @@ from orchestrator.model import (
 )
 from orchestrator.records import NewEvent, Record
 from orchestrator.store import _sqlite_file
-from orchestrator.store._base import Appended, Stats
+from orchestrator.store._base import Appended, Counts, Stats
 from orchestrator.store._cache import ROW_CACHE, UNKNOWN
 from orchestrator.store._migrations import check_known, migrations
 from orchestrator.store._sqlite_rows import (
@@ -382,6 +382,16 @@ class SQLiteEventStore:
             count,
             codec.from_micros(oldest) if oldest is not None else None,
             {str(s): int(n) for s, n in states} if states else {},
+        )
+
+    async def counts(self) -> Counts:
+        """See :meth:`EventStore.counts`."""
+        states = await self._fetch("SELECT environment, state, COUNT(*) FROM connections GROUP BY 1, 2", ())
+        statuses = await self._fetch(
+            "SELECT substr(stream, 1, instr(stream, '/') - 1), status, COUNT(*) FROM jobs GROUP BY 1, 2", ()
+        )
+        return Counts(
+            {(str(e), str(s)): int(n) for e, s, n in states}, {(str(e), str(s)): int(n) for e, s, n in statuses}
         )
 
     async def next_job_at(self) -> datetime | None:

@@ -46,6 +46,8 @@ class Daemon:
     stub: pb_grpc.OrchestratorStub
     stop: anyio.Event
     """Set it to make the daemon drain and stop; leaving the block sets it anyway."""
+    web: str = ""
+    """The web console's URL (``http://127.0.0.1:PORT/``), when it was asked for (``web_listen=``)."""
 
 
 @asynccontextmanager
@@ -67,9 +69,11 @@ async def run_daemon(
     credentials resolver's; ``integrations``, ``dispatch`` and ``secret_key`` (else the key file
     beside the log) are the daemon's settings, ``clock`` its clock; ``settings`` are more
     :class:`~orchestrator.config.ServeConfig` fields (``tls_cert=``, ``auth_token_file=``, ...).
-    The daemon's channel uses ``credentials`` (TLS) when given, else plaintext.
+    The daemon's channel uses ``credentials`` (TLS) when given, else plaintext. The web console is
+    off unless ``web_listen=`` says where (``"127.0.0.1:0"``): then ``Daemon.web`` is its URL.
     """
     ready = anyio.Event()
+    consoles: list[str] = []
     stop = anyio.Event()
     ports: list[int] = []
     failure: Exception | None = None
@@ -86,12 +90,21 @@ async def run_daemon(
         dispatch=dispatch or DispatchConfig(),
         integrations=dict(integrations or {}),
         secret_key=secret_key,
-        **settings,
+        **{"web_listen": "", **settings},
     )
     async with anyio.create_task_group() as tg:
         # If serve() fails before it is ready, the task group cancels this wait and re-raises.
         tg.start_soon(
-            partial(serve, config, on_ready=on_ready, stop=stop, registry=registry, clock=clock, resolver=resolver)
+            partial(
+                serve,
+                config,
+                on_ready=on_ready,
+                stop=stop,
+                registry=registry,
+                clock=clock,
+                resolver=resolver,
+                on_console=consoles.append,
+            )
         )
         with anyio.fail_after(STARTUP_TIMEOUT):
             await ready.wait()
@@ -103,7 +116,8 @@ async def run_daemon(
                 else grpc.aio.secure_channel(address, credentials)
             )
             async with channel_of as channel:
-                yield Daemon(ports[0], database, channel, pb_grpc.OrchestratorStub(channel), stop)
+                stub = pb_grpc.OrchestratorStub(channel)
+                yield Daemon(ports[0], database, channel, stub, stop, consoles[0] if consoles else "")
         except Exception as exc:
             # Let the daemon drain and close its log before the test's failure propagates: cancelling
             # serve() instead would leave the log open and bury the failure under a ResourceWarning.

@@ -52,8 +52,13 @@ STOP_TIMEOUT = 30.0
 
 
 def environment(**settings: str) -> dict[str, str]:
-    """This process's environment without ``ORCHESTRATOR_*`` or ``PYTHONUNBUFFERED``, plus ``settings``."""
+    """This process's environment without ``ORCHESTRATOR_*`` or ``PYTHONUNBUFFERED``, plus ``settings``.
+
+    A daemon started with it serves no web console (``ORCHESTRATOR_WEB_LISTEN=off``) unless the
+    test says ``--web-listen``: the console's default port is one for the whole machine.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_") and k != "PYTHONUNBUFFERED"}
+    env["ORCHESTRATOR_WEB_LISTEN"] = "off"
     env.update(settings)
     return env
 
@@ -333,7 +338,9 @@ class Daemon(Process):
     ) -> None:
         self.database = database
         self.url = url or sqlite_url(database)
-        argv = ("serve", "--listen", "127.0.0.1:0", "--database", self.url, "--grace-period", "5", *args)
+        # No web console unless asked for (``--web-listen 127.0.0.1:0`` in ``args``): its default port is one.
+        argv = ("serve", "--listen", "127.0.0.1:0", "--web-listen", "", "--database", self.url, "--grace-period", "5")
+        argv += args
         super().__init__(*argv, command=command, env=env, cwd=database.parent)
         try:
             match = self.stderr.wait_for(READY, STARTUP_TIMEOUT)
