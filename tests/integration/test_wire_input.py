@@ -47,8 +47,13 @@ WAIT = 20
 
 @pytest.fixture
 def log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """Every log record of the test, DEBUG and up."""
-    with caplog.at_level(logging.DEBUG):
+    """Every log record of the daemon's own loggers during the test, DEBUG and up.
+
+    Only the orchestrator's loggers: at DEBUG, aiosqlite logs every statement from its thread, and a
+    collection of the garbage there (grpc.aio's finalizers join its poller thread) once deadlocked
+    against pytest's capture handler's lock.
+    """
+    with caplog.at_level(logging.DEBUG, logger="orchestrator"):
         yield caplog
 
 
