@@ -169,7 +169,10 @@ class ThreadSlots:
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """``fn(arg)`` in a worker thread; cancelling the wait abandons the thread, whose slot stays held."""
         borrower = object()
-        await self._slots.acquire_on_behalf_of(borrower)
+        try:  # a free slot is taken without a pass through the event loop
+            self._slots.acquire_on_behalf_of_nowait(borrower)
+        except anyio.WouldBlock:
+            await self._slots.acquire_on_behalf_of(borrower)
         loop = asyncio.get_running_loop()
         lock = threading.Lock()
         state = ["pending"]  # pending -> running -> done, or pending -> dropped (cancelled before it began)

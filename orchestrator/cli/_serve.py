@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -288,7 +289,8 @@ def serve(
         backend_options["use_uvloop"] = True
     except ImportError:
         pass
-    anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
+    serve = partial(daemon.serve, settings, on_ready=daemon.freeze_start_up)
+    anyio.run(serve, backend="asyncio", backend_options=backend_options)
     _leave_hung_threads()
 
 
