@@ -53,15 +53,19 @@ def metrics_on() -> bool:
 
 
 @contextmanager
-def pinned() -> Iterator[None]:
-    """Decide once, for the block, whether traces and metrics are on (as the providers installed now say).
+def pinned(*, traces: bool | None = None, metrics_: bool | None = None) -> Iterator[None]:
+    """Decide once, for the block, whether traces and metrics are on: as given, else as the providers say now.
 
     The daemon holds this for its life once :mod:`orchestrator.telemetry` has installed its providers
-    (which can be installed once per process), so that each check is a variable read.
+    (which can be installed once per process), so that each check is a variable read. Within a block
+    that already decided, the outer decision stands (a test can turn telemetry off around a daemon).
     """
     global _pinned
     saved = _pinned
-    _pinned = (_recorded(trace.get_tracer_provider()), _recorded(metrics.get_meter_provider()))
+    if saved is None:
+        traced = _recorded(trace.get_tracer_provider()) if traces is None else traces
+        metered = _recorded(metrics.get_meter_provider()) if metrics_ is None else metrics_
+        _pinned = (traced, metered)
     try:
         yield
     finally:
