@@ -2,7 +2,7 @@
 
 At INFO and above, one line per thing an operator acts on: a refused emit, a
 connection rejected, a function attempt that failed (WARNING), new
-credentials, a job retried or cancelled by a caller, a job that gave up, the
+credentials, a job retried or cancelled by a caller, a job parked, the
 daemon's start and stop. Each lifecycle event and each successful attempt
 also gets a line at DEBUG (``--log-level debug``): those are built only when
 DEBUG is on (``logger.isEnabledFor``). Never a secret (only names, ids and

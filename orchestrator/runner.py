@@ -25,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import os
+import queue
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +48,7 @@ from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
 from orchestrator.records import FunctionFailed, FunctionSucceeded
 
+T = TypeVar("T")
 TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
 MAX_ERROR = 8192
@@ -147,6 +150,98 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     return True, False
 
 
+_IDLE_THREAD_S = 10.0
+"""Seconds a worker thread waits for another function before it ends."""
+_running_lock = threading.Lock()
+_running = 0
+
+
+def running_threads() -> int:
+    """Plain ``def`` functions running in this process's worker threads now (hung ones included)."""
+    return _running
+
+
+class _Workers:
+    """Worker threads fed from one queue: a thread for each job with none waiting; idle ones end after a while.
+
+    They are daemon threads: a function that never returns cannot keep the process from exiting (``orchestrator
+    serve`` says how many it leaves behind: :func:`running_threads`). Counting: ``_idle`` is the threads waiting
+    for a job that no job has been promised to, so that one ends only when another is left for every job queued.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = not self._idle
+            if not start:
+                self._idle -= 1
+        self._jobs.put(job)
+        if start:
+            threading.Thread(target=self._work, name="orchestrator function", daemon=True).start()
+
+    def _work(self) -> None:
+        global _running
+        while True:
+            try:
+                job = self._jobs.get(timeout=_IDLE_THREAD_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle:
+                        self._idle -= 1
+                        return
+                continue
+            with _running_lock:
+                _running += 1
+            try:
+                job()
+            finally:
+                with _running_lock:
+                    _running -= 1
+                with self._lock:
+                    self._idle += 1
+            del job
+
+
+class LoopCalls:
+    """The calls a plain ``def``'s :class:`SyncContext` makes to the loop, ended with its attempt.
+
+    Each runs as a task on the loop, in the worker thread's context (so a provider call joins the
+    attempt's span). :meth:`close` cancels those still running and refuses later ones, so a function
+    abandoned at its timeout cannot keep calling the provider.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T:
+        """``await fn(*args, **kwargs)`` on the loop; blocks the calling (worker) thread until it is done."""
+
+        async def run() -> T:
+            if self._closed:
+                raise asyncio.CancelledError("the attempt has ended")
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self._tasks.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def close(self) -> None:
+        """The attempt ended (on the loop): cancel the calls in flight, refuse the next ones."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+
+
 class ThreadSlots:
     """Worker threads for plain ``def`` functions: at most ``size`` alive at once, hung ones included.
 
@@ -154,12 +249,14 @@ class ThreadSlots:
     but it keeps its slot until it returns: hung functions can fill the pool
     (new sync attempts then time out waiting for a slot) but never grow it.
     ``orchestrator serve`` exits after its drain even if some are still hung.
+    A call is one hand-off each way: a job on a queue to a waiting thread, the
+    result back with ``call_soon_threadsafe``, in the caller's context.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._slots = anyio.CapacityLimiter(size)
-        self._threads = anyio.CapacityLimiter(size)
+        self._workers = _Workers()
 
     @property
     def busy(self) -> int:
@@ -174,34 +271,46 @@ class ThreadSlots:
         except anyio.WouldBlock:
             await self._slots.acquire_on_behalf_of(borrower)
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        context = contextvars.copy_context()
         lock = threading.Lock()
         state = ["pending"]  # pending -> running -> done, or pending -> dropped (cancelled before it began)
 
-        def release() -> None:
+        def settle(result: Any, exc: BaseException | None) -> None:  # on the loop
             self._slots.release_on_behalf_of(borrower)
+            if future.done():  # the attempt was cancelled: nobody waits for this
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
-        def call(arg: Any) -> Any:
+        def job() -> None:  # in the worker thread
             with lock:
                 if state[0] == "dropped":
-                    return None
+                    return
                 state[0] = "running"
+            result: Any = None
+            error: BaseException | None = None
             try:
-                return fn(arg)
-            finally:
-                with lock:
-                    state[0] = "done"
-                with contextlib.suppress(RuntimeError):  # the loop is gone: there is nothing to release
-                    loop.call_soon_threadsafe(release)
+                result = context.run(fn, arg)
+            except BaseException as exc:  # whatever the function raised is the attempt's to judge
+                error = exc
+            with lock:
+                state[0] = "done"
+            with contextlib.suppress(RuntimeError):  # the loop is gone: there is nothing to release
+                loop.call_soon_threadsafe(settle, result, error)
 
+        self._workers.submit(job)
         try:
-            return await anyio.to_thread.run_sync(call, arg, abandon_on_cancel=True, limiter=self._threads)
+            return await future
         except BaseException:
             with lock:
                 never_began = state[0] == "pending"
                 if never_began:
                     state[0] = "dropped"
             if never_began:
-                release()
+                self._slots.release_on_behalf_of(borrower)
             raise
 
 
@@ -280,10 +389,14 @@ async def invoke(function: Installed, ctx: Context, threads: ThreadSlots | None 
     try:
         if function.function.is_async:
             return Ended.returning(await handler(ctx))
-        sync = SyncContext(ctx, anyio.lowlevel.current_token())
         if threads is None:
+            sync = SyncContext(ctx, anyio.lowlevel.current_token())
             return Ended.returning(await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
-        return Ended.returning(await threads.run(handler, sync))
+        calls = LoopCalls(asyncio.get_running_loop())
+        try:
+            return Ended.returning(await threads.run(handler, SyncContext(ctx, calls=calls)))
+        finally:
+            calls.close()
     except anyio.get_cancelled_exc_class() as exc:
         if _being_cancelled():
             raise  # the attempt's deadline, or the daemon stopping: not the function's doing
