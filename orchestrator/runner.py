@@ -162,26 +162,38 @@ def running_threads() -> int:
 
 
 class _Workers:
-    """Worker threads fed from one queue: a thread for each job with none waiting; idle ones end after a while.
+    """Worker threads of one event loop, fed from one queue: a thread for each job with none waiting.
 
-    They are daemon threads: a function that never returns cannot keep the process from exiting (``orchestrator
-    serve`` says how many it leaves behind: :func:`running_threads`). Counting: ``_idle`` is the threads waiting
-    for a job that no job has been promised to, so that one ends only when another is left for every job queued.
+    Every count is kept on the loop (no lock the loop could wait for behind a worker): ``_idle`` is the
+    threads waiting for a job that no job has been promised to. A worker reports each job done through
+    the loop (:meth:`_finished`), which counts it idle again before it answers the job's caller. A worker
+    idle for :data:`_IDLE_THREAD_S` asks the loop to let one idle thread go (:meth:`_retire`): a ``None``
+    on the queue, which the first waiting thread takes and ends on. They are daemon threads: a function
+    that never returns cannot keep the process from exiting (``orchestrator serve`` says how many it
+    leaves behind: :func:`running_threads`).
     """
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]] | None] = queue.SimpleQueue()
         self._idle = 0
 
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            start = not self._idle
-            if not start:
-                self._idle -= 1
-        self._jobs.put(job)
-        if start:
+    def submit(self, job: Callable[[], Callable[[], None]]) -> None:
+        """Run ``job`` in a worker thread; it returns what the loop then calls (the answer to its caller)."""
+        if self._idle:
+            self._idle -= 1
+        else:
             threading.Thread(target=self._work, name="orchestrator function", daemon=True).start()
+        self._jobs.put(job)
+
+    def _finished(self, answer: Callable[[], None]) -> None:  # on the loop
+        self._idle += 1
+        answer()
+
+    def _retire(self) -> None:  # on the loop
+        if self._idle:
+            self._idle -= 1
+            self._jobs.put(None)
 
     def _work(self) -> None:
         global _running
@@ -189,21 +201,25 @@ class _Workers:
             try:
                 job = self._jobs.get(timeout=_IDLE_THREAD_S)
             except queue.Empty:
-                with self._lock:
-                    if self._idle:
-                        self._idle -= 1
-                        return
+                try:
+                    self.loop.call_soon_threadsafe(self._retire)
+                except RuntimeError:  # the loop is closed: nobody will ask for this thread again
+                    return
                 continue
+            if job is None:
+                return
             with _running_lock:
                 _running += 1
             try:
-                job()
+                answer = job()
             finally:
                 with _running_lock:
                     _running -= 1
-                with self._lock:
-                    self._idle += 1
             del job
+            try:
+                self.loop.call_soon_threadsafe(self._finished, answer)
+            except RuntimeError:  # the loop is closed: nobody waits for the answer
+                return
 
 
 class LoopCalls:
@@ -256,7 +272,7 @@ class ThreadSlots:
     def __init__(self, size: int) -> None:
         self.size = size
         self._slots = anyio.CapacityLimiter(size)
-        self._workers = _Workers()
+        self._workers: _Workers | None = None
 
     @property
     def busy(self) -> int:
@@ -271,24 +287,21 @@ class ThreadSlots:
         except anyio.WouldBlock:
             await self._slots.acquire_on_behalf_of(borrower)
         loop = asyncio.get_running_loop()
+        workers = self._workers
+        if workers is None or workers.loop is not loop:
+            workers = self._workers = _Workers(loop)
         future: asyncio.Future[Any] = loop.create_future()
         context = contextvars.copy_context()
         lock = threading.Lock()
         state = ["pending"]  # pending -> running -> done, or pending -> dropped (cancelled before it began)
 
-        def settle(result: Any, exc: BaseException | None) -> None:  # on the loop
+        def release() -> None:  # on the loop
             self._slots.release_on_behalf_of(borrower)
-            if future.done():  # the attempt was cancelled: nobody waits for this
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
 
-        def job() -> None:  # in the worker thread
+        def job() -> Callable[[], None]:  # in a worker thread; what it returns is called on the loop
             with lock:
                 if state[0] == "dropped":
-                    return
+                    return _nothing
                 state[0] = "running"
             result: Any = None
             error: BaseException | None = None
@@ -298,10 +311,19 @@ class ThreadSlots:
                 error = exc
             with lock:
                 state[0] = "done"
-            with contextlib.suppress(RuntimeError):  # the loop is gone: there is nothing to release
-                loop.call_soon_threadsafe(settle, result, error)
 
-        self._workers.submit(job)
+            def answer() -> None:
+                release()
+                if future.done():  # the attempt was cancelled: nobody waits for this
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            return answer
+
+        workers.submit(job)
         try:
             return await future
         except BaseException:
@@ -310,8 +332,12 @@ class ThreadSlots:
                 if never_began:
                     state[0] = "dropped"
             if never_began:
-                self._slots.release_on_behalf_of(borrower)
+                release()
             raise
+
+
+def _nothing() -> None:
+    """The answer of a job dropped before it began (its slot was released then)."""
 
 
 def _being_cancelled() -> bool:

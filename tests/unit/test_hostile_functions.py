@@ -327,3 +327,30 @@ async def test_a_plain_def_runs_in_its_attempts_context() -> None:
     result = await attempt(reads, threads=ThreadSlots(2))
     assert result.ok
     assert seen == ["the attempt's task"]
+
+
+async def test_plain_defs_reuse_their_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One after the other, attempts share one worker thread; eight at once take eight (no thread per call)."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    threads = ThreadSlots(8)
+    for _ in range(20):
+        assert (await attempt(lambda ctx: None, threads=threads)).ok
+    assert started.count("orchestrator function") == 1
+    gate = threading.Barrier(8, timeout=5)
+    results: list[AttemptResult] = []
+
+    async def one() -> None:
+        results.append(await attempt(lambda ctx: gate.wait(), threads=threads))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(one)
+    assert [r.ok for r in results] == [True] * 8
+    assert started.count("orchestrator function") == 8
