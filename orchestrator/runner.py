@@ -42,6 +42,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+# anyio's record of the loop a worker thread belongs to: ours keep it as anyio's own threads do, so that
+# a plain def calling anyio.from_thread.run() without a token works in both.
+from anyio._core._eventloop import threadlocals as _anyio_thread
+
 from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
 from orchestrator.errors import InvalidArgument, Misconfigured, ProviderError, ResourceExhausted
 from orchestrator.functions import NonRetryable, Rejected
@@ -173,8 +177,9 @@ class _Workers:
     leaves behind: :func:`running_threads`).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, token: anyio.lowlevel.EventLoopToken) -> None:
         self.loop = loop
+        self._token = token
         self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]] | None] = queue.SimpleQueue()
         self._idle = 0
 
@@ -197,6 +202,8 @@ class _Workers:
 
     def _work(self) -> None:
         global _running
+        # What anyio's worker threads have: a function may call anyio.from_thread.run() without a token.
+        _anyio_thread.current_token = self._token
         while True:
             try:
                 job = self._jobs.get(timeout=_IDLE_THREAD_S)
@@ -289,7 +296,7 @@ class ThreadSlots:
         loop = asyncio.get_running_loop()
         workers = self._workers
         if workers is None or workers.loop is not loop:
-            workers = self._workers = _Workers(loop)
+            workers = self._workers = _Workers(loop, anyio.lowlevel.current_token())
         future: asyncio.Future[Any] = loop.create_future()
         context = contextvars.copy_context()
         lock = threading.Lock()

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import pytest
 
@@ -354,3 +355,15 @@ async def test_plain_defs_reuse_their_threads(monkeypatch: pytest.MonkeyPatch) -
             tg.start_soon(one)
     assert [r.ok for r in results] == [True] * 8
     assert started.count("orchestrator function") == 8
+
+
+async def test_a_plain_def_may_call_anyio_from_thread_without_a_token() -> None:
+    """As in anyio's own worker threads, ``anyio.from_thread.run_sync`` finds the loop by itself."""
+    called = anyio.Event()
+
+    def calls_back(ctx: Any) -> None:
+        anyio.from_thread.run_sync(called.set)
+
+    result = await attempt(calls_back, threads=ThreadSlots(1))
+    assert result.ok, result.error
+    assert called.is_set()
