@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import anyio.from_thread
 import anyio.lowlevel
@@ -30,6 +30,7 @@ from orchestrator.errors import InvalidArgument
 from orchestrator.model import ConnectionRef, JSONObject, LifecycleEvent
 from orchestrator.records import MetadataUpdated
 
+T = TypeVar("T")
 MAX_LOG_LINES = 200
 MAX_LOG_LINE = 2000
 
@@ -374,13 +375,24 @@ def backends(ctx: Context) -> Backends:
     return Backends(ctx._provider, ctx._sink, ctx._log)
 
 
+class LoopCalls(Protocol):
+    """How a worker thread has the event loop run a call (the daemon's: :class:`orchestrator.runner.LoopCalls`)."""
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T:
+        """``await fn(*args, **kwargs)`` on the loop, blocking the calling thread until it is done."""
+        ...
+
+
 class SyncContext:
     """The context handed to a plain ``def`` function, which runs in a worker thread.
 
-    Each method blocks the thread, not the event loop, while the call runs on the loop.
+    Each method blocks the thread, not the event loop, while the call runs on the loop
+    (through ``calls``, else anyio's ``from_thread.run`` with ``token``).
     """
 
-    def __init__(self, ctx: Context, token: anyio.lowlevel.EventLoopToken | None = None) -> None:
+    def __init__(
+        self, ctx: Context, token: anyio.lowlevel.EventLoopToken | None = None, *, calls: LoopCalls | None = None
+    ) -> None:
         self.connection = ctx.connection
         self.event = ctx.event
         self.integration = ctx.integration
@@ -391,8 +403,12 @@ class SyncContext:
         """See :attr:`Context.credentials`."""
         self._ctx = ctx
         self._token = token
+        self._calls = calls
 
     def _run(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any, **kwargs: Any) -> Any:
+        if self._calls is not None:
+            return self._calls.call(fn, *args, **kwargs)
+
         async def call() -> Any:
             return await fn(*args, **kwargs)
 

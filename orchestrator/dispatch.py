@@ -15,11 +15,12 @@ results into records.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import anyio
 import httpx
@@ -36,11 +37,12 @@ from orchestrator.context import (
     EventInfo,
     IntegrationInfo,
     MetadataSink,
+    Scrub,
     backends,
     cut,
 )
 from orchestrator.isolation import ProcessPool
-from orchestrator.model import JSONObject
+from orchestrator.model import JSONObject, LifecycleEvent
 from orchestrator.plugins import Installed
 from orchestrator.provider import Provider, Secrets, redact_excerpt
 from orchestrator.records import MetadataUpdated
@@ -53,6 +55,43 @@ tracer = trace.get_tracer(__name__)
 meter = metrics.get_meter(__name__)
 ATTEMPTS = meter.create_counter("orchestrator.function.attempts", description="Function attempts by outcome")
 ATTEMPT_MS = meter.create_histogram("orchestrator.function.duration", unit="ms", description="Function attempt time")
+
+
+def _outcome(result: AttemptResult) -> str:
+    return "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
+
+
+@functools.cache
+def _attempt_labels(function: str, outcome: str) -> Mapping[str, str]:
+    """The attributes of one attempt's metrics, made once per (function, outcome): installed functions only."""
+    return MappingProxyType({"function": function, "outcome": outcome})
+
+
+def _log_attempt(function: Installed, info: ConnectionInfo, event: EventInfo, result: AttemptResult) -> None:
+    """A failure is a WARNING line; a success, or a validation's rejection (the emit's INFO line says it), DEBUG."""
+    verdict = result.rejected and event.type is LifecycleEvent.VALIDATE_CONNECTION
+    level = logging.DEBUG if result.ok or verdict else logging.WARNING
+    if not log.isEnabledFor(level):
+        return
+    outcome = _outcome(result)
+    log.log(
+        level,
+        "function %s attempt %d on %s: %s%s",
+        function.name,
+        event.attempt,
+        info.ref,
+        outcome,
+        f" ({result.error_type}: {result.error})" if not result.ok else "",
+        extra={
+            "function": function.name,
+            "attempt": event.attempt,
+            "connection": info.ref.stream,
+            "event": event.type.value,
+            "outcome": outcome,
+            "duration_ms": result.duration_ms,
+            "error": result.error,
+        },
+    )
 
 
 @dataclass(slots=True)
@@ -174,7 +213,6 @@ class Dispatcher:
         """
         secrets = secrets if secrets is not None else Secrets()
         limit = min(time_limit, self.timeout(function)) if time_limit is not None else self.timeout(function)
-        parent = tracing.context_from(traceparent) if traceparent is not None else None
 
         made: list[Context] = []
 
@@ -182,16 +220,6 @@ class Dispatcher:
             made.append(self._context(function, info, event, sink, log, secrets, calls))
             return made[0]
 
-        ref = info.ref
-        attributes = {
-            "orchestrator.environment": ref.environment,
-            "orchestrator.integration": ref.integration,
-            "orchestrator.connection_id": ref.connection_id,
-            "orchestrator.event": event.type.value,
-            "orchestrator.function": function.name,
-            "orchestrator.attempt": event.attempt,
-            "orchestrator.plugin": f"{function.distribution} {function.version}",
-        }
         # Whatever a function raises or logs, the connection's secrets never reach the log: redacted, then cut.
         # Every set the attempt had counts (``seen`` grows when a 401 brings fresh ones).
         seen = secrets.seen
@@ -199,50 +227,69 @@ class Dispatcher:
         def scrub(text: str, limit: int) -> str:
             return cut(redact_excerpt(text, seen, limit + 1), limit)
 
-        with tracer.start_as_current_span(f"function {function.name}", context=parent, attributes=attributes) as span:
-            pool = self._pool
-            # In a worker process the function cannot hold this loop: nothing for the watchdog to name.
-            watched = self._watchdog.watching(function) if self._watchdog and not pool else contextlib.nullcontext()
-            async with self._limiter:
-                with watched:
-                    result = await run_attempt(
-                        function,
-                        make,
-                        attempt=event.attempt,
-                        time_limit=limit,
-                        threads=self.threads,
-                        invoke_with=pool.invoke if pool is not None else None,
-                        scrub=scrub,
-                    )
+        if not tracing.traces_on():
+            result = await self._run(function, make, event, limit, scrub)
             result = _misconfigured(result, made[0] if made else None, scrub)
-            outcome = "succeeded" if result.ok else ("rejected" if result.rejected else "failed")
-            span.set_attribute("orchestrator.outcome", outcome)
-            if not result.ok:
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{result.error_type}: {result.error}"[:500]))
-                span.add_event("exception", {"exception.type": result.error_type, "exception.message": result.error})
-            labels = {"function": function.name, "outcome": outcome}
-            log.log(
-                logging.INFO if result.ok else logging.WARNING,
-                "function %s attempt %d on %s: %s%s",
-                function.name,
-                event.attempt,
-                ref,
-                outcome,
-                f" ({result.error_type}: {result.error})" if not result.ok else "",
-                extra={
-                    "function": function.name,
-                    "attempt": event.attempt,
-                    "connection": ref.stream,
-                    "event": event.type.value,
-                    "outcome": outcome,
-                    "duration_ms": result.duration_ms,
-                    "error": result.error,
-                },
-            )
-
-        ATTEMPTS.add(1, labels)
-        ATTEMPT_MS.record(result.duration_ms, labels)
+            _log_attempt(function, info, event, result)
+        else:
+            parent = tracing.context_from(traceparent) if traceparent is not None else None
+            ref = info.ref
+            attributes = {
+                "orchestrator.environment": ref.environment,
+                "orchestrator.integration": ref.integration,
+                "orchestrator.connection_id": ref.connection_id,
+                "orchestrator.event": event.type.value,
+                "orchestrator.function": function.name,
+                "orchestrator.attempt": event.attempt,
+                "orchestrator.plugin": f"{function.distribution} {function.version}",
+            }
+            name = f"function {function.name}"
+            with tracer.start_as_current_span(name, context=parent, attributes=attributes) as span:
+                result = await self._run(function, make, event, limit, scrub)
+                result = _misconfigured(result, made[0] if made else None, scrub)
+                span.set_attribute("orchestrator.outcome", _outcome(result))
+                if not result.ok:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, f"{result.error_type}: {result.error}"[:500]))
+                    span.add_event(
+                        "exception", {"exception.type": result.error_type, "exception.message": result.error}
+                    )
+                _log_attempt(function, info, event, result)  # in the span: the line names its trace
+        if tracing.metrics_on():
+            labels = _attempt_labels(function.name, _outcome(result))
+            ATTEMPTS.add(1, labels)
+            ATTEMPT_MS.record(result.duration_ms, labels)
         return result
+
+    async def _run(
+        self, function: Installed, make: Callable[[AttemptLog], Context], event: EventInfo, limit: float, scrub: Scrub
+    ) -> AttemptResult:
+        """The attempt itself, within the daemon's function concurrency (in the daemon or a worker process)."""
+        pool = self._pool
+        limiter = self._limiter
+        # A free slot is taken at once, without a pass through the event loop; otherwise wait for one.
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
+            # An async function in the daemon could hold the loop: the watchdog names it. A plain def runs
+            # in a thread and one in a worker process cannot: nothing to watch.
+            if self._watchdog is not None and pool is None and function.function.is_async:
+                with self._watchdog.watching(function):
+                    return await run_attempt(
+                        function, make, attempt=event.attempt, time_limit=limit, threads=self.threads, scrub=scrub
+                    )
+            return await run_attempt(
+                function,
+                make,
+                attempt=event.attempt,
+                time_limit=limit,
+                threads=self.threads,
+                invoke_with=pool.invoke if pool is not None else None,
+                scrub=scrub,
+            )
+        finally:
+            limiter.release()
 
     async def run_sync(
         self,
@@ -263,6 +310,15 @@ class Dispatcher:
         """
         out = SyncRun()
         buffer = Buffered(metadata)
+        if len(functions) == 1:
+            # One function (the usual validation): nothing to run beside it or to stop, so no task group;
+            # the attempt's own deadline is the run's.
+            [function] = functions
+            sink = buffer.for_function(function.name)
+            limit = max(deadline, 0.001)
+            out.results.append(await self.attempt(function, info, event, sink, time_limit=limit, secrets=secrets))
+            out.metadata_updates = buffer.updates
+            return out
         done: set[str] = set()
         started = self.clock.now()
 

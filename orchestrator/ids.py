@@ -14,6 +14,32 @@ import uuid
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
+_POOL_BYTES = 4096
+_pool = b""
+_taken = 0
+
+
+def _forget_pool() -> None:
+    """A forked child draws its own random bytes, never the parent's (its ids would repeat them)."""
+    global _pool, _taken
+    _pool, _taken = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _random(size: int) -> int:
+    """``size`` random bytes as an integer, from a pool of ``os.urandom``'s refilled 4 KiB at a time (hold _lock).
+
+    ``os.urandom`` lets go of the GIL for its system call; called per id on the event loop, each call
+    could wait for the GIL behind the daemon's other threads. Drawn from a pool, one call serves 400 ids.
+    """
+    global _pool, _taken
+    if _taken + size > len(_pool):
+        _pool, _taken = os.urandom(_POOL_BYTES), 0
+    start = _taken
+    _taken += size
+    return int.from_bytes(_pool[start : start + size], "big")
 
 
 def uuid7() -> uuid.UUID:
@@ -28,7 +54,7 @@ def uuid7() -> uuid.UUID:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
-            _counter = int.from_bytes(os.urandom(2), "big") & 0x7FF  # leave headroom for increments
+            _counter = _random(2) & 0x7FF  # leave headroom for increments
         else:
             _counter += 1
             if _counter > 0xFFF:  # counter overflow: borrow the next millisecond
@@ -36,7 +62,7 @@ def uuid7() -> uuid.UUID:
                 _counter = 0
             ms = _last_ms
         counter = _counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        rand_b = _random(8) & ((1 << 62) - 1)
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= counter << 64

@@ -1,7 +1,12 @@
 """Logging for the daemon: JSON lines when not on a terminal, with trace and span ids.
 
-One line per lifecycle event and per function attempt (see ``service`` and
-``dispatch``), never a secret (only names, ids and outcomes are logged).
+At INFO and above, one line per thing an operator acts on: a refused emit, a
+connection rejected, a function attempt that failed (WARNING), new
+credentials, a job retried or cancelled by a caller, a job parked, the
+daemon's start and stop. Each lifecycle event and each successful attempt
+also gets a line at DEBUG (``--log-level debug``): those are built only when
+DEBUG is on (``logger.isEnabledFor``). Never a secret (only names, ids and
+outcomes are logged); docs/operations.md lists the lines.
 ``--log-file`` writes to a file that SIGHUP reopens (for logrotate). What a
 caller can repeat at will (a request that does not decode) is logged through a
 :class:`Throttle`, so that a flood of bad requests cannot flood the log.
@@ -22,6 +27,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from orchestrator import tracing
+
 # Attributes every LogRecord has; anything else passed with ``extra=`` is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 
@@ -36,10 +43,11 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        span = trace.get_current_span().get_span_context()
-        if span.is_valid:
-            out["trace_id"] = format(span.trace_id, "032x")
-            out["span_id"] = format(span.span_id, "016x")
+        if tracing.traces_on():
+            span = trace.get_current_span().get_span_context()
+            if span.is_valid:
+                out["trace_id"] = format(span.trace_id, "032x")
+                out["span_id"] = format(span.span_id, "016x")
         out.update((k, v) for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_"))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)

@@ -623,6 +623,8 @@ class Provider:
         merged_headers = {**(headers or {}), **auth_headers}
         merged_params = {**(params or {}), **auth_params}
         shown = f"{method} {url}"
+        if not tracing.traces_on():  # no span to make, and no traceparent for the provider
+            return await self._send(method, url, shown, credentials, merged_params, merged_headers, auth, json, data)
         with tracer.start_as_current_span(
             f"HTTP {method}",
             kind=trace.SpanKind.CLIENT,

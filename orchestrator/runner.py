@@ -25,20 +25,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import os
+import queue
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+
+# anyio's record of the loop a worker thread belongs to: ours keep it as anyio's own threads do, so that
+# a plain def calling anyio.from_thread.run() without a token works in both.
+from anyio._core._eventloop import threadlocals as _anyio_thread
 
 from orchestrator.context import AttemptLog, Context, Scrub, SyncContext, cut
 from orchestrator.errors import InvalidArgument, Misconfigured, ProviderError, ResourceExhausted
@@ -46,6 +52,7 @@ from orchestrator.functions import NonRetryable, Rejected
 from orchestrator.plugins import Installed
 from orchestrator.records import FunctionFailed, FunctionSucceeded
 
+T = TypeVar("T")
 TIMEOUT = "Timeout"
 """The ``error_type`` of an attempt that ran out of time."""
 MAX_ERROR = 8192
@@ -147,6 +154,117 @@ def _classify(exc: BaseException) -> tuple[bool, bool]:
     return True, False
 
 
+_IDLE_THREAD_S = 10.0
+"""Seconds a worker thread waits for another function before it ends."""
+_running_lock = threading.Lock()
+_running = 0
+
+
+def running_threads() -> int:
+    """Plain ``def`` functions running in this process's worker threads now (hung ones included)."""
+    return _running
+
+
+class _Workers:
+    """Worker threads of one event loop, fed from one queue: a thread for each job with none waiting.
+
+    Every count is kept on the loop (no lock the loop could wait for behind a worker): ``_idle`` is the
+    threads waiting for a job that no job has been promised to. A worker reports each job done through
+    the loop (:meth:`_finished`), which counts it idle again before it answers the job's caller. A worker
+    idle for :data:`_IDLE_THREAD_S` asks the loop to let one idle thread go (:meth:`_retire`): a ``None``
+    on the queue, which the first waiting thread takes and ends on. They are daemon threads: a function
+    that never returns cannot keep the process from exiting (``orchestrator serve`` says how many it
+    leaves behind: :func:`running_threads`).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, token: anyio.lowlevel.EventLoopToken) -> None:
+        self.loop = loop
+        self._token = token
+        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]] | None] = queue.SimpleQueue()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], Callable[[], None]]) -> None:
+        """Run ``job`` in a worker thread; it returns what the loop then calls (the answer to its caller)."""
+        if self._idle:
+            self._idle -= 1
+        else:
+            threading.Thread(target=self._work, name="orchestrator function", daemon=True).start()
+        self._jobs.put(job)
+
+    def _finished(self, answer: Callable[[], None]) -> None:  # on the loop
+        self._idle += 1
+        answer()
+
+    def _retire(self) -> None:  # on the loop
+        if self._idle:
+            self._idle -= 1
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        global _running
+        # What anyio's worker threads have: a function may call anyio.from_thread.run() without a token.
+        _anyio_thread.current_token = self._token
+        while True:
+            try:
+                job = self._jobs.get(timeout=_IDLE_THREAD_S)
+            except queue.Empty:
+                try:
+                    self.loop.call_soon_threadsafe(self._retire)
+                except RuntimeError:  # the loop is closed: nobody will ask for this thread again
+                    return
+                continue
+            if job is None:
+                return
+            with _running_lock:
+                _running += 1
+            try:
+                answer = job()
+            finally:
+                with _running_lock:
+                    _running -= 1
+            del job
+            try:
+                self.loop.call_soon_threadsafe(self._finished, answer)
+            except RuntimeError:  # the loop is closed: nobody waits for the answer
+                return
+
+
+class LoopCalls:
+    """The calls a plain ``def``'s :class:`SyncContext` makes to the loop, ended with its attempt.
+
+    Each runs as a task on the loop, in the worker thread's context (so a provider call joins the
+    attempt's span). :meth:`close` cancels those still running and refuses later ones, so a function
+    abandoned at its timeout cannot keep calling the provider.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], /, *args: Any, **kwargs: Any) -> T:
+        """``await fn(*args, **kwargs)`` on the loop; blocks the calling (worker) thread until it is done."""
+
+        async def run() -> T:
+            if self._closed:
+                raise asyncio.CancelledError("the attempt has ended")
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self._tasks.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def close(self) -> None:
+        """The attempt ended (on the loop): cancel the calls in flight, refuse the next ones."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+
+
 class ThreadSlots:
     """Worker threads for plain ``def`` functions: at most ``size`` alive at once, hung ones included.
 
@@ -154,12 +272,14 @@ class ThreadSlots:
     but it keeps its slot until it returns: hung functions can fill the pool
     (new sync attempts then time out waiting for a slot) but never grow it.
     ``orchestrator serve`` exits after its drain even if some are still hung.
+    A call is one hand-off each way: a job on a queue to a waiting thread, the
+    result back with ``call_soon_threadsafe``, in the caller's context.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._slots = anyio.CapacityLimiter(size)
-        self._threads = anyio.CapacityLimiter(size)
+        self._workers: _Workers | None = None
 
     @property
     def busy(self) -> int:
@@ -169,29 +289,50 @@ class ThreadSlots:
     async def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """``fn(arg)`` in a worker thread; cancelling the wait abandons the thread, whose slot stays held."""
         borrower = object()
-        await self._slots.acquire_on_behalf_of(borrower)
+        try:  # a free slot is taken without a pass through the event loop
+            self._slots.acquire_on_behalf_of_nowait(borrower)
+        except anyio.WouldBlock:
+            await self._slots.acquire_on_behalf_of(borrower)
         loop = asyncio.get_running_loop()
+        workers = self._workers
+        if workers is None or workers.loop is not loop:
+            workers = self._workers = _Workers(loop, anyio.lowlevel.current_token())
+        future: asyncio.Future[Any] = loop.create_future()
+        context = contextvars.copy_context()
         lock = threading.Lock()
         state = ["pending"]  # pending -> running -> done, or pending -> dropped (cancelled before it began)
 
-        def release() -> None:
+        def release() -> None:  # on the loop
             self._slots.release_on_behalf_of(borrower)
 
-        def call(arg: Any) -> Any:
+        def job() -> Callable[[], None]:  # in a worker thread; what it returns is called on the loop
             with lock:
                 if state[0] == "dropped":
-                    return None
+                    return _nothing
                 state[0] = "running"
+            result: Any = None
+            error: BaseException | None = None
             try:
-                return fn(arg)
-            finally:
-                with lock:
-                    state[0] = "done"
-                with contextlib.suppress(RuntimeError):  # the loop is gone: there is nothing to release
-                    loop.call_soon_threadsafe(release)
+                result = context.run(fn, arg)
+            except BaseException as exc:  # whatever the function raised is the attempt's to judge
+                error = exc
+            with lock:
+                state[0] = "done"
 
+            def answer() -> None:
+                release()
+                if future.done():  # the attempt was cancelled: nobody waits for this
+                    return
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            return answer
+
+        workers.submit(job)
         try:
-            return await anyio.to_thread.run_sync(call, arg, abandon_on_cancel=True, limiter=self._threads)
+            return await future
         except BaseException:
             with lock:
                 never_began = state[0] == "pending"
@@ -200,6 +341,10 @@ class ThreadSlots:
             if never_began:
                 release()
             raise
+
+
+def _nothing() -> None:
+    """The answer of a job dropped before it began (its slot was released then)."""
 
 
 def _being_cancelled() -> bool:
@@ -277,10 +422,14 @@ async def invoke(function: Installed, ctx: Context, threads: ThreadSlots | None 
     try:
         if function.function.is_async:
             return Ended.returning(await handler(ctx))
-        sync = SyncContext(ctx, anyio.lowlevel.current_token())
         if threads is None:
+            sync = SyncContext(ctx, anyio.lowlevel.current_token())
             return Ended.returning(await anyio.to_thread.run_sync(handler, sync, abandon_on_cancel=True))
-        return Ended.returning(await threads.run(handler, sync))
+        calls = LoopCalls(asyncio.get_running_loop())
+        try:
+            return Ended.returning(await threads.run(handler, SyncContext(ctx, calls=calls)))
+        finally:
+            calls.close()
     except anyio.get_cancelled_exc_class() as exc:
         if _being_cancelled():
             raise  # the attempt's deadline, or the daemon stopping: not the function's doing

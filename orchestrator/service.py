@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TypeVar
 
 import anyio
 import httpx
 from opentelemetry import metrics, trace
+from opentelemetry.util.types import AttributeValue
 
 from orchestrator import limits, records, state, tracing
 from orchestrator.clock import Clock
@@ -84,6 +87,26 @@ APPEND_MS = meter.create_histogram(
     "orchestrator.append.duration", unit="ms", description="Time to make an emit's records durable"
 )
 _VERDICTS = frozenset({Fact.CONNECTION_VALIDATED, Fact.CONNECTION_REJECTED, Fact.CONNECTION_DELETED})
+
+
+def _span_attributes(request: EmitRequest) -> dict[str, AttributeValue]:
+    """What the RPC span says of an emit (only built when traces are on)."""
+    ref = request.ref
+    return {
+        "orchestrator.environment": ref.environment,
+        "orchestrator.integration": ref.integration,
+        "orchestrator.connection_id": ref.connection_id,
+        "orchestrator.event": request.event.value,
+    }
+
+
+@functools.cache
+def _emit_labels(event: LifecycleEvent, outcome: str) -> Mapping[str, str]:
+    """The attributes of one ``orchestrator.emits`` count, made once per (event, outcome): a few dozen at most.
+
+    ``outcome`` is ``ok``, ``deduplicated`` or the name of an error class of ours.
+    """
+    return MappingProxyType({"event": event.value, "outcome": outcome})
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,20 +205,14 @@ class Service:
         """Append one lifecycle event and apply its delivery contract."""
         limits.check_emit(request)
         ref = request.ref
-        span = trace.get_current_span()
-        span.set_attributes(
-            {
-                "orchestrator.environment": ref.environment,
-                "orchestrator.integration": ref.integration,
-                "orchestrator.connection_id": ref.connection_id,
-                "orchestrator.event": request.event.value,
-            }
-        )
         # Records carry the RPC span's context, so that later attempts (even after a
         # restart) join this trace; without tracing, the caller's own traceparent.
         # A traceparent that is not a valid W3C one is dropped, never stored (the RPC edge drops it already).
-        traceparent = tracing.current_traceparent() or tracing.valid_traceparent(request.traceparent)
-        request = dataclasses.replace(request, traceparent=traceparent)
+        traceparent = tracing.current_traceparent()
+        if not traceparent and request.traceparent:
+            traceparent = tracing.valid_traceparent(request.traceparent)
+        if traceparent != request.traceparent:
+            request = dataclasses.replace(request, traceparent=traceparent)
         try:
             self._open()
             self._inflight += 1
@@ -207,7 +224,11 @@ class Service:
                 if not self._inflight:
                     self._idle.set()
         except OrchestratorError as exc:
-            EMITS.add(1, {"event": request.event.value, "outcome": type(exc).__name__})
+            if tracing.metrics_on():
+                EMITS.add(1, _emit_labels(request.event, type(exc).__name__))
+            if tracing.traces_on():
+                trace.get_current_span().set_attributes(_span_attributes(request))
+            # A refused emit is one INFO line: the caller was told why, the operator may need to know.
             log.info(
                 "%s %s refused: %s",
                 request.event.value,
@@ -216,24 +237,35 @@ class Service:
                 extra={"event": request.event.value, "connection": ref.stream, "refused": type(exc).__name__},
             )
             raise
-        EMITS.add(1, {"event": request.event.value, "outcome": "deduplicated" if result.deduplicated else "ok"})
-        log.info(
-            "%s %s: %s",
-            request.event.value,
-            ref,
-            result.state.value,
-            extra={
-                "event": request.event.value,
-                "connection": ref.stream,
-                "state": result.state.value,
-                "position": result.position,
-                "version": result.version,
-                "event_id": result.event_id,
-                "deduplicated": result.deduplicated,
-                "rejection_reason": result.rejection_reason,
-            },
-        )
-        span.set_attributes({"orchestrator.state": result.state.value, "orchestrator.position": result.position})
+        if tracing.metrics_on():
+            EMITS.add(1, _emit_labels(request.event, "deduplicated" if result.deduplicated else "ok"))
+        if tracing.traces_on():
+            attributes = _span_attributes(request)
+            attributes["orchestrator.state"] = result.state.value
+            attributes["orchestrator.position"] = result.position
+            trace.get_current_span().set_attributes(attributes)
+        # Per emit, a DEBUG line; a rejection (the one state change an operator must hear of) at INFO.
+        rejected = result.state is ConnectionState.REJECTED and not result.deduplicated
+        level = logging.INFO if rejected else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "%s %s: %s%s",
+                request.event.value,
+                ref,
+                result.state.value,
+                f" ({result.rejection_reason})" if rejected else "",
+                extra={
+                    "event": request.event.value,
+                    "connection": ref.stream,
+                    "state": result.state.value,
+                    "position": result.position,
+                    "version": result.version,
+                    "event_id": result.event_id,
+                    "deduplicated": result.deduplicated,
+                    "rejection_reason": result.rejection_reason,
+                },
+            )
         return result
 
     async def _emit(self, request: EmitRequest) -> EmitResult:
@@ -290,8 +322,22 @@ class Service:
         )
 
     async def _append(self, request: EmitRequest, plan: Plan) -> Appended:
-        """The emit's one atomic append, traced and timed."""
-        with tracer.start_as_current_span("append", attributes={"orchestrator.records": len(plan.events)}) as span:
+        """The emit's one atomic append, traced and timed (when traces and metrics are on)."""
+        if not tracing.traces_on():
+            started = time.perf_counter() if tracing.metrics_on() else 0.0
+            appended = await self._store.append(
+                request.ref,
+                plan.expected_version,
+                plan.events,
+                jobs=plan.jobs,
+                cancel_jobs=plan.cancel_jobs,
+                seal=plan.seal,
+            )
+            if started:
+                APPEND_MS.record((time.perf_counter() - started) * 1000)
+            return appended
+        attributes = {"orchestrator.records": len(plan.events), "orchestrator.jobs": len(plan.jobs)}
+        with tracer.start_as_current_span("append", attributes=attributes) as span:
             started = time.perf_counter()
             appended = await self._store.append(
                 request.ref,
@@ -301,14 +347,10 @@ class Service:
                 cancel_jobs=plan.cancel_jobs,
                 seal=plan.seal,
             )
-            APPEND_MS.record((time.perf_counter() - started) * 1000)
-            span.set_attributes(
-                {
-                    "orchestrator.position": appended.records[0].position,
-                    "orchestrator.version": appended.records[0].version,
-                    "orchestrator.jobs": len(plan.jobs),
-                }
-            )
+            if tracing.metrics_on():
+                APPEND_MS.record((time.perf_counter() - started) * 1000)
+            first = appended.records[0]
+            span.set_attributes({"orchestrator.position": first.position, "orchestrator.version": first.version})
             return appended
 
     async def _outcomes_of(self, lifecycle: Record) -> tuple[Outcome, ...]:
@@ -382,14 +424,14 @@ class Service:
         if not credentials:
             raise InvalidArgument("credentials is required: at least one NAME=VALUE")
         limits.check_credentials(credentials)
-        span = trace.get_current_span()
-        span.set_attributes(
-            {
-                "orchestrator.environment": ref.environment,
-                "orchestrator.integration": ref.integration,
-                "orchestrator.connection_id": ref.connection_id,
-            }
-        )
+        if tracing.traces_on():
+            trace.get_current_span().set_attributes(
+                {
+                    "orchestrator.environment": ref.environment,
+                    "orchestrator.integration": ref.integration,
+                    "orchestrator.connection_id": ref.connection_id,
+                }
+            )
         traceparent = tracing.current_traceparent() or tracing.valid_traceparent(traceparent)
         async with self._locks.hold(ref.stream):
             connection = await self._store.get_connection(ref)
@@ -406,7 +448,9 @@ class Service:
                 updated = await self._delivery.vault.update(
                     ref, connection.incarnation, credentials, source="update", traceparent=traceparent
                 )
-        log.info(
+        # New credentials are a change an operator may need to trace; the same ones again are not.
+        log.log(
+            logging.INFO if updated.changed else logging.DEBUG,
             "credentials of %s %s: fingerprint %s (key id %s)",
             ref,
             "updated" if updated.changed else "unchanged",

@@ -27,6 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from orchestrator import tracing
 from orchestrator.config import TelemetryConfig, split_host_port
 from orchestrator.errors import InvalidArgument
 
@@ -72,7 +73,8 @@ async def telemetry(config: TelemetryConfig) -> AsyncIterator[None]:
     """Install the tracer and meter providers for the daemon's life; flush them at exit.
 
     With every exporter ``none`` nothing is installed and the API's no-op
-    providers stay in place (no cost beyond a function call per span).
+    providers stay in place; the engine then makes no span and calls no
+    instrument at all (:func:`orchestrator.tracing.pinned`, decided once here).
     """
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
@@ -94,7 +96,8 @@ async def telemetry(config: TelemetryConfig) -> AsyncIterator[None]:
             if config.metrics_listen:
                 await tg.start(_serve_prometheus, config.metrics_listen)
             try:
-                yield
+                with tracing.pinned():
+                    yield
             finally:
                 tg.cancel_scope.cancel()
     finally:

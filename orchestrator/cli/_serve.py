@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -312,7 +313,8 @@ def serve(
         backend_options["use_uvloop"] = True
     except ImportError:
         pass
-    anyio.run(daemon.serve, settings, backend="asyncio", backend_options=backend_options)
+    serve = partial(daemon.serve, settings, on_ready=daemon.freeze_start_up)
+    anyio.run(serve, backend="asyncio", backend_options=backend_options)
     _leave_hung_threads()
 
 
@@ -479,14 +481,17 @@ def _leave_hung_threads() -> None:
     import threading
     import time
 
+    from orchestrator.runner import running_threads
+
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     deadline = time.monotonic() + 1.0  # idle worker threads are told to stop as the loop closes: let them
     for thread in others:
         thread.join(max(deadline - time.monotonic(), 0))
-    hung = [t for t in others if t.is_alive()]
+    # Function threads are daemon threads (see orchestrator.runner.ThreadSlots): counted, never joined.
+    hung = len([t for t in others if t.is_alive()]) + running_threads()
     if hung:
         logging.getLogger("orchestrator.daemon").warning(
-            "exiting with %d function thread(s) still running past their timeout; they are abandoned", len(hung)
+            "exiting with %d function thread(s) still running past their timeout; they are abandoned", hung
         )
         logging.shutdown()
         sys.stdout.flush()

@@ -90,21 +90,28 @@ Self = TypeVar("Self", bound="OrchestratorServicer")
 Ctx = grpc.aio.ServicerContext[object, object]
 
 
-def _metadata(context: Ctx) -> dict[str, str]:
-    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+def _sent_traceparent(context: Ctx) -> str:
+    """The ``traceparent`` metadata as the caller sent it (the last one, if several; ``""`` when none)."""
+    sent = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent" and isinstance(value, str):
+            sent = value
+    return sent
 
 
 def _traceparent(context: Ctx) -> str:
     """The caller's ``traceparent``; ``""`` when absent or not a valid W3C traceparent (then never stored or used)."""
-    return tracing.valid_traceparent(_metadata(context).get("traceparent", ""))
+    sent = _sent_traceparent(context)
+    return tracing.valid_traceparent(sent) if sent else ""
 
 
-@contextmanager
-def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.Span]:
-    """The RPC's span, continuing the caller's ``traceparent``; failures set its status."""
-    sent = _metadata(context).get("traceparent", "")
+def _checked_traceparent(name: str, context: Ctx, throttle: Throttle) -> str:
+    """:func:`_traceparent`, saying (throttled) when the caller sent one that is not valid."""
+    sent = _sent_traceparent(context)
+    if not sent:
+        return ""
     traceparent = tracing.valid_traceparent(sent)
-    if sent and not traceparent:
+    if not traceparent:
         # Its value is not logged: it can be anything, of any length.
         throttle.log(
             logging.WARNING,
@@ -114,28 +121,52 @@ def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.
             context.peer(),
             len(sent),
         )
-    parent = tracing.context_from(traceparent)
+    return traceparent
+
+
+def _went_away(name: str, context: Ctx) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s from %s ended: the caller cancelled or went away", name, context.peer())
+
+
+@contextmanager
+def _server_span(name: str, context: Ctx, throttle: Throttle) -> Iterator[trace.Span]:
+    """The RPC's span, continuing the caller's ``traceparent``; failures set its status.
+
+    With traces off there is no span: the block gets the API's invalid span, which records nothing.
+    """
+    traceparent = _checked_traceparent(name, context, throttle)
+    if not tracing.traces_on():
+        try:
+            yield trace.INVALID_SPAN
+        except asyncio.CancelledError:
+            _went_away(name, context)
+            raise
+        return
+    attributes = {"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": name}
+    who = caller()
+    if who is not ANYONE:
+        attributes["enduser.id"] = who.name  # the token's fingerprint, never the token
     with tracer.start_as_current_span(
         f"{SERVICE_NAME}/{name}",
-        context=parent,
+        context=tracing.context_from(traceparent),
         kind=trace.SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": SERVICE_NAME, "rpc.method": name},
+        attributes=attributes,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
-        who = caller()
-        if who is not ANYONE:
-            span.set_attribute("enduser.id", who.name)  # the token's fingerprint, never the token
         try:
             yield span
         except asyncio.CancelledError:
             # The caller cancelled or went away (grpc cancels the call's task): nothing failed here.
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.CANCELLED.value[0])
-            log.debug("%s from %s ended: the caller cancelled or went away", name, context.peer())
+            _went_away(name, context)
             raise
 
 
 def _failed(span: trace.Span, exc: Exception) -> None:
+    if not span.is_recording():
+        return
     code = status_code(exc) if isinstance(exc, errors.OrchestratorError) else grpc.StatusCode.INTERNAL
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     # A refused request is the caller's error; only our own failures are recorded with a traceback.
@@ -145,9 +176,24 @@ def _failed(span: trace.Span, exc: Exception) -> None:
 def _unary(
     method: Callable[[Self, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[Self, Req, Ctx], Awaitable[Resp]]:
+    name = method.__name__
+
     @wraps(method)
     async def wrapper(self: Self, request: Req, context: Ctx) -> Resp:
-        with _server_span(method.__name__, context, self.throttle) as span:
+        if not tracing.traces_on():
+            # No span to open or close: only the mapping of errors, and the invalid traceparent said.
+            _checked_traceparent(name, context, self.throttle)
+            try:
+                return await method(self, request, context)
+            except asyncio.CancelledError:
+                _went_away(name, context)
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc)
+                raise AssertionError("unreachable: abort raises") from exc
+        with _server_span(name, context, self.throttle) as span:
             try:
                 response = await method(self, request, context)
             except Exception as exc:
@@ -305,7 +351,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                         await _abort(context, exc)
                     # Outside the mapping above: a write to a caller that went away is grpc's to handle.
                     await context.write(message)
-            span.set_attribute("rpc.grpc.status_code", 0)
+            if span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", 0)
 
 
 MethodHandler = Any  # grpc.RpcMethodHandler, generic in grpc-stubs only

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -92,17 +93,30 @@ class _Lines(logging.Handler):
         self.lines.append(self.format(record))
 
 
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """Every log line an in-process daemon writes during the test, as the daemon's JSON formatter renders it."""
+@contextmanager
+def _captured(level: str) -> Iterator[list[str]]:
     handler = _Lines()
     root = logging.getLogger()
     saved = {name: logging.getLogger(name).level for name in ("", "httpx", "httpcore")}
     root.addHandler(handler)
-    logs.set_levels("info")  # as ``orchestrator serve`` sets them by default (--log-level info)
+    logs.set_levels(level)
     try:
         yield handler.lines
     finally:
         root.removeHandler(handler)
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
+        for name, logged in saved.items():
+            logging.getLogger(name).setLevel(logged)
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every log line an in-process daemon writes during the test at ``--log-level info`` (the default), as JSON."""
+    with _captured("info") as lines:
+        yield lines
+
+
+@pytest.fixture
+def debug_log_lines() -> Iterator[list[str]]:
+    """Every log line an in-process daemon writes during the test at ``--log-level debug``, as JSON."""
+    with _captured("debug") as lines:
+        yield lines

@@ -236,7 +236,8 @@ async def test_sighup_reopens_the_log_file(tmp_path: Path) -> None:
     rotated = tmp_path / "orchestrator.log.1"
     database = sqlite_url(tmp_path / "events.db")
     args = ("serve", "--listen", "127.0.0.1:0", "--database", database, "--log-file", str(log_file))
-    async with start(*args, cwd=tmp_path) as daemon:
+    # Each emit's line is at DEBUG: the test's landmarks.
+    async with start(*args, "--log-level", "debug", cwd=tmp_path) as daemon:
         ready = await wait_for_line(log_file, READY.pattern)
         match = READY.search(str(ready["message"]))
         assert match is not None

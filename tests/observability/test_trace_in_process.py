@@ -258,9 +258,10 @@ async def test_other_rpcs_get_server_spans_in_the_callers_trace(tmp_path: Path, 
 
 
 async def test_log_lines_of_an_emit_carry_its_trace(
-    tmp_path: Path, provider: ProviderServer, exporter: Spans, log_lines: list[str]
+    tmp_path: Path, provider: ProviderServer, exporter: Spans, debug_log_lines: list[str]
 ) -> None:
-    """The lifecycle event's log line names the RPC span; the validate attempt's line names the caller's trace."""
+    """The lifecycle event's (DEBUG) log line names the RPC span; the validate attempt's line the caller's trace."""
+    log_lines = debug_log_lines
     traceparent, trace_id, _ = new_traceparent()
 
     async def quick(ctx: Context) -> None:
@@ -279,11 +280,11 @@ async def test_log_lines_of_an_emit_carry_its_trace(
 
 
 async def test_a_job_attempts_log_line_carries_the_emits_trace(
-    tmp_path: Path, provider: ProviderServer, exporter: Spans, log_lines: list[str]
+    tmp_path: Path, provider: ProviderServer, exporter: Spans, debug_log_lines: list[str]
 ) -> None:
     """The log line of an asynchronous attempt has the trace id of the emit that caused it (and a span id)."""
     trace_id, _ = await register_in_a_new_trace(tmp_path, provider)
-    [attempt_line] = [json.loads(line) for line in log_lines if '"function": "register"' in line]
+    [attempt_line] = [json.loads(line) for line in debug_log_lines if '"function": "register"' in line]
     assert attempt_line["outcome"] == "succeeded"
     assert attempt_line.get("trace_id") == trace_id, attempt_line
     assert "span_id" in attempt_line

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import pytest
 
@@ -15,7 +17,7 @@ from orchestrator import records
 from orchestrator.config import Integration
 from orchestrator.context import AttemptLog, Buffered, ConnectionInfo, Context, EventInfo
 from orchestrator.functions import on_event
-from orchestrator.model import ConnectionRef, ConnectionState, LifecycleEvent, NewJob
+from orchestrator.model import ConnectionRef, ConnectionState, JSONObject, LifecycleEvent, NewJob
 from orchestrator.plugins import Installed
 from orchestrator.provider import Provider
 from orchestrator.retry import RetryPolicy
@@ -227,3 +229,141 @@ async def test_a_job_that_stopped_the_daemon_every_time_is_parked() -> None:
         assert [(b.reason, b.attempt) for b in parked] == [("parked", 3)]
         assert "never ended" in parked[0].error
         assert ran == [1], "the parked job never ran again; the fresh one ran once"
+
+
+class Stuck:
+    """A metadata sink whose writes wait on the loop until the test opens it, noting the ones that ended."""
+
+    def __init__(self) -> None:
+        self.opened = anyio.Event()
+        self.written: list[JSONObject] = []
+        self.waiting = threading.Event()
+
+    def current(self) -> JSONObject:
+        return {}
+
+    async def write(self, metadata: JSONObject, *, merge: bool) -> None:
+        self.waiting.set()
+        await self.opened.wait()
+        self.written.append(metadata)
+
+
+async def attempt_with(sink: Stuck, handler: Any, *, time_limit: float, threads: ThreadSlots) -> AttemptResult:
+    """One attempt of ``handler`` whose metadata writes go to ``sink``."""
+
+    def make(log: AttemptLog) -> Context:
+        return Context(
+            connection=ConnectionInfo(REF, {}),
+            event=EventInfo(LifecycleEvent.POST_CONNECTION_CREATION, {}, "e1"),
+            provider=Provider(None, Integration("acme"), {}, {}),  # type: ignore[arg-type]  # never called
+            metadata_model=None,
+            sink=sink,
+            log=log,
+        )
+
+    return await run_attempt(installed(handler), make, attempt=1, time_limit=time_limit, threads=threads)
+
+
+async def test_a_plain_defs_loop_call_in_flight_at_its_timeout_is_cancelled() -> None:
+    """The write a plain def waits for when its attempt times out is cancelled on the loop: the thread gets
+    CancelledError and the write never happens."""
+    sink = Stuck()
+    raised: list[str] = []
+    ended = threading.Event()
+
+    def writes(ctx: Any) -> None:
+        try:
+            ctx.set_metadata({"webhook": "wh_1"})
+        except BaseException as exc:
+            raised.append(type(exc).__name__)
+            raise
+        finally:
+            ended.set()
+
+    threads = ThreadSlots(1)
+    result = await attempt_with(sink, writes, time_limit=0.05, threads=threads)
+    assert (result.ok, result.error_type) == (False, TIMEOUT)
+    assert await anyio.to_thread.run_sync(ended.wait, 5), "the thread still waits for its call"
+    sink.opened.set()
+    assert raised == ["CancelledError"]
+    assert sink.written == []
+
+
+async def test_a_call_an_abandoned_plain_def_makes_after_its_attempt_is_refused() -> None:
+    """A plain def that outlives its timeout and then calls the context gets CancelledError: its attempt is over."""
+    sink = Stuck()
+    sink.opened.set()
+    go_on, ended = threading.Event(), threading.Event()
+    raised: list[str] = []
+
+    def late(ctx: Any) -> None:
+        go_on.wait()
+        try:
+            ctx.set_metadata({"too": "late"})
+        except BaseException as exc:
+            raised.append(type(exc).__name__)
+        finally:
+            ended.set()
+
+    threads = ThreadSlots(1)
+    result = await attempt_with(sink, late, time_limit=0.01, threads=threads)
+    assert (result.ok, result.error_type) == (False, TIMEOUT)
+    go_on.set()
+    assert await anyio.to_thread.run_sync(ended.wait, 5), "the late call was not answered"
+    assert raised == ["CancelledError"]
+    assert sink.written == [] and not sink.waiting.is_set()
+
+
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
+
+
+async def test_a_plain_def_runs_in_its_attempts_context() -> None:
+    """A plain def sees the context variables of the task that runs its attempt (the attempt's span, for one)."""
+    seen: list[str] = []
+
+    def reads(ctx: Any) -> None:
+        seen.append(CALLER.get())
+
+    CALLER.set("the attempt's task")
+    result = await attempt(reads, threads=ThreadSlots(2))
+    assert result.ok
+    assert seen == ["the attempt's task"]
+
+
+async def test_plain_defs_reuse_their_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One after the other, attempts share one worker thread; eight at once take eight (no thread per call)."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    threads = ThreadSlots(8)
+    for _ in range(20):
+        assert (await attempt(lambda ctx: None, threads=threads)).ok
+    assert started.count("orchestrator function") == 1
+    gate = threading.Barrier(8, timeout=5)
+    results: list[AttemptResult] = []
+
+    async def one() -> None:
+        results.append(await attempt(lambda ctx: gate.wait(), threads=threads))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(one)
+    assert [r.ok for r in results] == [True] * 8
+    assert started.count("orchestrator function") == 8
+
+
+async def test_a_plain_def_may_call_anyio_from_thread_without_a_token() -> None:
+    """As in anyio's own worker threads, ``anyio.from_thread.run_sync`` finds the loop by itself."""
+    called = anyio.Event()
+
+    def calls_back(ctx: Any) -> None:
+        anyio.from_thread.run_sync(called.set)
+
+    result = await attempt(calls_back, threads=ThreadSlots(1))
+    assert result.ok, result.error
+    assert called.is_set()
