@@ -39,6 +39,7 @@ import asyncpg
 
 from orchestrator import codec
 from orchestrator.clock import Clock
+from orchestrator.config import DEFAULT_DATABASE_POOL_SIZE
 from orchestrator.errors import ResourceExhausted, StoreError, Unavailable
 from orchestrator.model import Connection, ConnectionQuery, ConnectionRef, Job, JobQuery, NewJob, SealedCredentials
 from orchestrator.records import NewEvent, Record
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-POOL_SIZE = 10
+POOL_SIZE = DEFAULT_DATABASE_POOL_SIZE
 """Connections of a store's pool unless told otherwise (``--database-pool-size``)."""
 WAITING = 4096
 """Writes waiting for a connection of the pool at most; more are refused with RESOURCE_EXHAUSTED."""
