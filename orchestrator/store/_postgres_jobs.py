@@ -97,6 +97,7 @@ class Leases:
         self._held: dict[str, _Held] = {}
         self.lost = 0
         """Claims found taken over by a renewal (tests count them)."""
+        self._round = anyio.Event()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -150,10 +151,16 @@ class Leases:
             )
 
     async def run(self, pool: asyncpg.Pool) -> None:
-        """Renew every :data:`RENEW` seconds (of the lease given) until cancelled."""
+        """Renew every :data:`RENEW` seconds (a third of the lease given) until cancelled."""
         while True:
             await anyio.sleep(self.lease / 3)
             try:
                 await self.renew(pool)
             except OrchestratorError as exc:
                 log.warning("could not renew the leases of %d running job(s): %s", len(self._held), exc)
+            done, self._round = self._round, anyio.Event()
+            done.set()
+
+    async def next_round(self) -> None:
+        """Return after the next round of renewals (tests await it rather than sleep)."""
+        await self._round.wait()

@@ -12,9 +12,9 @@ connection's stream (an append, a job's outcome, a retry, a shredding):
    head; a claim skips locked jobs and locks no stream).
 2. The write checks and folds its records with the rules every backend shares
    (:mod:`orchestrator.store._append`), numbered from a guess of the next position.
-3. :meth:`Write.commit` takes the positions: one ``UPDATE`` of the one-row table
+3. :meth:`Write.take_positions` takes them: one ``UPDATE`` of the one-row table
    ``log_head``, whose row lock the transaction then holds until it commits, so
-   the next write takes its positions only once this one is committed. Positions
+   the next write takes its positions only once this one is committed (:meth:`Write.commit`). Positions
    are thus given in commit order, without gaps (a rolled-back write gives its
    positions back): a reader that sees position N sees every position before it.
    If the guess was wrong (another write came first) or another daemon stamped a
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -185,20 +185,24 @@ class Write:
         row = await fetchrow(self.con, "SELECT body FROM connections WHERE stream = $1 FOR UPDATE", self.ref.stream)
         self.start = self.connection = connection_from_body(row[0]) if row is not None else None
 
-    async def commit(self, reserved: Callable[[int, int], None]) -> None:
-        """Take the positions, fold again if they or the time moved, write everything, notify, and commit.
+    async def take_positions(self) -> tuple[int, int] | None:
+        """Take the records' positions (the head's row stays locked until the commit); the first and the last.
 
-        ``reserved(first, last)`` is told the positions as soon as they are taken.
+        The records are folded again if the positions or the time differ from the guess. None: no records.
         """
         count = len(self.records)
-        if count:
-            taken = await fetchrow(self.con, _TAKE_POSITIONS, count, self.at)
-            assert taken is not None  # the one row of log_head
-            last, at = taken
-            reserved(last - count + 1, last)
-            if last - count + 1 != self.first or at != self.at:
-                self.first, self.at = last - count + 1, at
-                self._fold_again()
+        if not count:
+            return None
+        taken = await fetchrow(self.con, _TAKE_POSITIONS, count, self.at)
+        assert taken is not None  # the one row of log_head
+        last, at = taken
+        if last - count + 1 != self.first or at != self.at:
+            self.first, self.at = last - count + 1, at
+            self._fold_again()
+        return self.first, last
+
+    async def commit(self) -> None:
+        """Write everything the write changes (and its notifications) in one statement, and commit."""
         statement, params = self._statement()
         await self.con.execute(statement, *params)
         self.committing = True

@@ -228,6 +228,21 @@ class PostgresEventStore:
             self._caught_up,
         )
 
+    @property
+    def waiting(self) -> int:
+        """Writes waiting for a connection of the pool (at most :data:`WAITING`)."""
+        return self._waiting
+
+    @property
+    def listener(self) -> Listener | None:
+        """The connection listening for other daemons' commits (None: read-only, or not open)."""
+        return self._listener
+
+    @property
+    def feed(self) -> Feed:
+        """What fills the tail (its catch-up reads are counted)."""
+        return self._feed
+
     async def _connect(self) -> asyncpg.Connection:
         """A connection of its own, outside the pool (the listener's)."""
         con: asyncpg.Connection = await asyncpg.connect(
@@ -294,7 +309,10 @@ class PostgresEventStore:
                         raise Unavailable("the event store is closed")
                     await write.begin(schema.lock_key(self._names.schema, ref.stream))
                     await body(write)
-                    await write.commit(lambda first, last: self._feed.reserved(token, first, last))
+                    taken = await write.take_positions()
+                    if taken is not None:
+                        self._feed.reserved(token, *taken)
+                    await write.commit()
                 except BaseException as exc:
                     self._feed.released(token)
                     await write.rollback()
