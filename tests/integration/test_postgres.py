@@ -12,20 +12,25 @@ by daemons starting together.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import asyncpg
+import httpx
 import pytest
 
+from orchestrator.config import DispatchConfig
 from orchestrator.errors import LeaseLost, ResourceExhausted, StoreError, VersionConflict
-from orchestrator.model import ConnectionRef, Job, JobStatus, LifecycleEvent
-from orchestrator.records import Fact, Record
-from orchestrator.store import EventStore, open_store
+from orchestrator.model import ConnectionRef, EmitRequest, Job, JobQuery, JobStatus, LifecycleEvent
+from orchestrator.plugins import Registry
+from orchestrator.records import Fact, NewEvent, Record
+from orchestrator.service import Engine, assemble
+from orchestrator.store import Appended, EventStore, open_store
 from orchestrator.store import postgres as postgres_store
 from orchestrator.store._postgres_write import Write
 from orchestrator.store.postgres import PostgresEventStore
@@ -44,6 +49,8 @@ from tests.contract.test_store_contract import (
     outcome,
 )
 from tests.support.clock import FakeClock
+from tests.support.engine import ACME as ENGINE_ACME
+from tests.support.engine import CREATE, DELETE, Gate, function, no_provider
 from tests.support.postgres import Schemas, terminate
 
 pytestmark = pytest.mark.anyio
@@ -426,3 +433,100 @@ async def test_data_survives_reopening(url: str) -> None:
         assert await store.read(limit=LIMIT_ALL) == before
         appended = await store.append(ACME, 3, created())
         assert [(r.position, r.version) for r in appended.records] == [(4, 4)]
+
+
+# -- the deletion barrier across daemons -----------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """Daemon A, which takes requests (its worker is not running), and daemon B, whose worker runs the jobs."""
+
+    a: Engine
+    b: Engine
+    log: EventStore
+    """A's store."""
+    b_store: PostgresEventStore
+
+
+@asynccontextmanager
+async def two_daemons(url: str, register: Callable[[Any], Awaitable[None]], running_wait: float) -> AsyncIterator[Pair]:
+    """A and B on one log, with one function, ``register``, run on creation."""
+    clock = FakeClock(T0 + timedelta(days=1))
+    registry = Registry.of([function("register", CREATE, register)])
+    config = DispatchConfig(running_wait=running_wait)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(transport=httpx.MockTransport(no_provider)))
+        a, b = await daemons(stack, url, 2, clock=clock)
+        pair = Pair(*(assemble(store, registry, clock, http=http, config=config) for store in (a, b)), a, b)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pair.b.worker.run)
+            yield pair
+            tg.cancel_scope.cancel()
+
+
+def held_at(gate: Gate) -> Callable[[Any], Awaitable[None]]:
+    """A creation function that waits at ``gate``."""
+
+    async def register(ctx: Any) -> None:
+        await gate.enter()
+
+    return register
+
+
+async def delete_while_running(pair: Pair, gate: Gate) -> None:
+    """Create the connection (B runs its function, held at ``gate``), then delete it through A, then open the gate."""
+    await pair.a.service.emit(EmitRequest(ENGINE_ACME, CREATE))
+    await gate.arrivals(1)
+    async with anyio.create_task_group() as tg:
+        deleted = anyio.Event()
+
+        async def delete() -> None:
+            await pair.a.service.emit(EmitRequest(ENGINE_ACME, DELETE))
+            deleted.set()
+
+        tg.start_soon(delete)
+        await anyio.wait_all_tasks_blocked()
+        assert not deleted.is_set(), "A's deletion waits for B's attempt"
+        if pair.a.dispatcher.config.running_wait < WAIT:
+            await deleted.wait()  # the wait ran out first
+        gate.open()
+
+
+async def test_a_deletion_on_one_daemon_waits_for_the_creation_running_on_another(url: str) -> None:
+    """B runs the creation's function when the deletion arrives at A: A's hold waits for it (woken by the
+    notification of B's outcome), so the outcome is recorded before the deletion."""
+    gate = Gate()
+    async with two_daemons(url, held_at(gate), running_wait=WAIT) as pair:
+        with anyio.fail_after(WAIT):
+            await delete_while_running(pair, gate)
+        logged = [r.type for r in await everything(pair.log)]
+    assert logged == [CREATE.value, Fact.FUNCTION_SUCCEEDED, DELETE.value, Fact.CONNECTION_DELETED]
+
+
+async def test_a_creation_still_running_on_another_daemon_is_cancelled_and_its_outcome_refused(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B's attempt outlasts A's wait: A's deletion cancels the job (fenced by its token), and B's outcome, when it
+    comes, is refused (LeaseLost, logged by B's worker): nothing of it follows the deletion."""
+    gate, refused = Gate(), anyio.Event()
+    async with two_daemons(url, held_at(gate), running_wait=0.2) as pair:
+        finish = pair.b_store.finish_job
+
+        async def finish_job(job: Job, events: Sequence[NewEvent], **options: Any) -> Appended | None:
+            try:
+                return await finish(job, events, **options)
+            except LeaseLost:
+                refused.set()
+                raise
+
+        pair.b_store.finish_job = finish_job  # type: ignore[method-assign]  # watched: B's worker calls it
+        with anyio.fail_after(WAIT), caplog.at_level(logging.WARNING, logger="orchestrator.worker"):
+            await delete_while_running(pair, gate)
+            await refused.wait()
+            await anyio.wait_all_tasks_blocked()  # B's worker logs the refusal
+        logged = [r.type for r in await everything(pair.log)]
+        (job,) = await pair.log.list_jobs(JobQuery())
+    assert logged == [CREATE.value, DELETE.value, Fact.FUNCTION_CANCELLED, Fact.CONNECTION_DELETED]
+    assert job.status is JobStatus.CANCELLED
+    assert "was claimed again; outcome dropped" in caplog.text
