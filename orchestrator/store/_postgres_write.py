@@ -83,6 +83,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+BROKEN = (
+    OSError,
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: the server ended the connection, or is restarting
+    asyncpg.InterfaceError,  # the connection is closed
+    asyncpg.exceptions.InternalClientError,  # the driver met a connection the server had ended while it was idle
+)
+"""What a statement raises on a connection that the server ended or lost (the pool replaces it)."""
+
+
+class Stale(Exception):
+    """The connection was found broken before the write did anything on it: the write may be made again."""
+
+
 Row: TypeAlias = Sequence[Any]
 """A row as the row helpers of :mod:`~orchestrator.store._sqlite_rows` read it (``asyncpg.Record`` is one)."""
 
@@ -179,9 +193,15 @@ class Write:
     # -- the transaction -------------------------------------------------------------------
 
     async def begin(self, key: int) -> None:
-        """Begin, lock the stream (``key``: its advisory lock key), then read its read-model row."""
-        # One round trip: ``key`` is an integer, nothing of a caller's text is in the statement.
-        await self.con.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(key)})")
+        """Begin, lock the stream (``key``: its advisory lock key), then read its read-model row.
+
+        Raises :class:`Stale` when the connection is found broken by the first statement: nothing was done.
+        """
+        try:
+            # One round trip: ``key`` is an integer, nothing of a caller's text is in the statement.
+            await self.con.execute(f"BEGIN; SELECT pg_advisory_xact_lock({int(key)})")
+        except BROKEN as exc:
+            raise Stale() from exc
         row = await fetchrow(self.con, "SELECT body FROM connections WHERE stream = $1 FOR UPDATE", self.ref.stream)
         self.start = self.connection = connection_from_body(row[0]) if row is not None else None
 
@@ -210,13 +230,20 @@ class Write:
 
     async def rollback(self) -> None:
         """Roll back if a transaction is open (a lost connection has none left to roll back)."""
-        if self.con.is_closed() or not self.con.is_in_transaction():
-            return
         try:
+            if self.con.is_closed() or not self.con.is_in_transaction():
+                return
             await self.con.execute("ROLLBACK")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (*BROKEN, asyncpg.PostgresError) as exc:
             log.debug("rollback failed (the pool drops the connection): %r", exc)
+            self.discard()
+
+    def discard(self) -> None:
+        """Close the connection at once: the pool makes a new one in its place."""
+        try:
             self.con.terminate()
+        except asyncpg.InterfaceError:  # released already: the pool has dropped it
+            pass
 
     # -- what a write does ------------------------------------------------------------------
 
@@ -416,13 +443,10 @@ def _no_nul(rows: Sequence[tuple[Any, ...]]) -> None:
 # -- errors --------------------------------------------------------------------------------------
 
 _PASSING = (
-    asyncpg.PostgresConnectionError,  # class 08: the connection failed
-    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, terminated, cannot connect now
+    *BROKEN,
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: a full disk, too many connections
     asyncpg.exceptions.TransactionRollbackError,  # class 40: a deadlock or serialisation failure, retried by the caller
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after a failover: writable again once promoted
-    asyncpg.InterfaceError,  # the connection was closed under us
-    OSError,
     TimeoutError,
 )
 

@@ -50,7 +50,7 @@ from orchestrator.store._location import check_url, shown
 from orchestrator.store._migrations import migrations
 from orchestrator.store._postgres_feed import Feed, Listener
 from orchestrator.store._postgres_jobs import Leases, claim
-from orchestrator.store._postgres_write import Names, Row, Write, fetch, fetchrow, wrap
+from orchestrator.store._postgres_write import BROKEN, Names, Row, Stale, Write, fetch, fetchrow, wrap
 from orchestrator.store._sqlite_rows import (
     JOB_COLUMNS,
     LIVE,
@@ -281,6 +281,22 @@ class PostgresEventStore:
             raise Unavailable("the event store is closed")
         if self._waiting >= WAITING:
             raise ResourceExhausted(f"{WAITING} writes are waiting for the database; retry with backoff")
+        self._writing += 1
+        if self._writing == 1:
+            self._idle = anyio.Event()
+        try:
+            try:
+                return await self._write_once(ref, body)
+            except Stale:
+                # The pool's connection was found broken before anything was done on it (the server
+                # restarted, or ended it): the write is made once more, on a new connection.
+                return await self._write_once(ref, body)
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._idle.set()
+
+    async def _write_once(self, ref: ConnectionRef, body: Callable[[Write], Awaitable[None]]) -> Write:
         pool = self._pool
         assert pool is not None
         self._waiting += 1
@@ -290,9 +306,6 @@ class PostgresEventStore:
             raise wrap(exc) from None
         finally:
             self._waiting -= 1
-        self._writing += 1
-        if self._writing == 1:
-            self._idle = anyio.Event()
         token = object()
         try:
             # Once begun, a write ends (commits or rolls back) even if its caller goes away: its outcome is known.
@@ -313,6 +326,9 @@ class PostgresEventStore:
                     if taken is not None:
                         self._feed.reserved(token, *taken)
                     await write.commit()
+                except Stale:
+                    write.discard()
+                    raise
                 except BaseException as exc:
                     self._feed.released(token)
                     await write.rollback()
@@ -324,9 +340,6 @@ class PostgresEventStore:
         finally:
             with anyio.CancelScope(shield=True):
                 await pool.release(con)
-            self._writing -= 1
-            if not self._writing:
-                self._idle.set()
         return write
 
     async def append(
@@ -433,14 +446,26 @@ class PostgresEventStore:
     # -- reads --------------------------------------------------------------------------------
 
     async def _on_pool(self, use: Callable[[Db], Awaitable[T]]) -> T:
+        """``use`` a connection of the pool; once more on a new one if that one was found broken (a read, a claim:
+        either is made whole or not at all)."""
         pool = self._pool
         if pool is None or self._closed:
             raise Unavailable("the event store is closed")
-        try:
-            async with pool.acquire() as con:
-                return await use(con)
-        except Exception as exc:
-            raise wrap(exc) from None
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire() as con:
+                    try:
+                        return await use(con)
+                    except BROKEN:
+                        con.terminate()  # the pool makes a new one in its place
+                        raise
+            except BROKEN as exc:
+                if attempt == 1:
+                    continue
+                raise wrap(exc) from None
+            except Exception as exc:
+                raise wrap(exc) from None
+        raise AssertionError("unreachable")
 
     async def _fetch(self, sql: str, *params: Any) -> list[Row]:
         return await self._on_pool(lambda con: fetch(con, sql, *params))

@@ -352,6 +352,23 @@ async def test_a_lost_listening_connection_is_made_again_and_nothing_is_missed(u
         assert received == await everything(b)
 
 
+async def test_writes_go_on_once_the_pools_connections_are_ended(url: str) -> None:
+    """Every connection of A's pool ended by the server (a restart): A's next appends are made on new ones."""
+    async with AsyncExitStack() as stack:
+        (a,) = await daemons(stack, url, 1)
+        await a.append(ACME, 0, created())
+        ended = await sql(
+            url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'orchestrator'",
+        )
+        assert ended and all(row[0] for row in ended)
+        with anyio.fail_after(WAIT):
+            await a.append(GLOBEX, 0, created())
+            await a.append(ACME, 1, activity(1))
+        assert [r.stream for r in await everything(a)] == [ACME.stream, GLOBEX.stream, ACME.stream, ACME.stream]
+
+
 # -- schema, bounds ------------------------------------------------------------------------------
 
 
