@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 BACKEND = "postgres"
 """The folder of the migrations, ``store/sql/postgres/``."""
+MIGRATION_TIMEOUT = 3600.0
+"""Seconds a migration (or the wait for another daemon's) may take: far beyond a statement's usual bound."""
 CREATE_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
     " applied_at BIGINT NOT NULL)"
@@ -64,7 +66,7 @@ async def migrate(con: Db, schema: str, where: str, clock: Clock, *, init: bool)
     made beside them). ``migrations(BACKEND)`` must have been read already (off the event loop).
     """
     key = lock_key(schema, "migrations")
-    await con.execute("SELECT pg_advisory_lock($1)", key)
+    await con.execute("SELECT pg_advisory_lock($1)", key, timeout=MIGRATION_TIMEOUT)
     try:
         await _check_is_a_log(con, schema, where, init=init)
         await con.execute(CREATE_TABLE)
@@ -75,7 +77,7 @@ async def migrate(con: Db, schema: str, where: str, clock: Clock, *, init: bool)
                 continue
             log.info("applying migration %s to %s", migration.name, where)
             async with con.transaction():
-                await con.execute(migration.sql)
+                await con.execute(migration.sql, timeout=MIGRATION_TIMEOUT)
                 await con.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                     migration.number,
