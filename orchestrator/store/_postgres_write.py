@@ -427,7 +427,6 @@ class Write:
             parts.append(f"s AS ({_UPSERT_SEALED.format(values)})")
         elif self.shred:
             parts.append(f"s AS (DELETE FROM credentials WHERE stream = {bind(stream)})")
-        _no_nul(self.rows)
         head = f"WITH {', '.join(parts)} " if parts else ""
         return f"{head}SELECT {', '.join(notify) or '1'}", params
 
