@@ -1,4 +1,4 @@
-"""The EventStore contract, written once and run against every backend (memory, SQLite)."""
+"""The EventStore contract, written once and run against every backend (PostgreSQL: test_postgres_contract.py)."""
 
 from __future__ import annotations
 
