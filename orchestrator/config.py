@@ -29,6 +29,8 @@ TRACE_ID = "{trace_id}"
 """The placeholder of ``--trace-url``: a record's trace id (32 hex digits)."""
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_GRACE_PERIOD = 10.0
+DEFAULT_DATABASE_POOL_SIZE = 10
+"""Connections a daemon keeps to a PostgreSQL log at most (and one more that listens for the others' commits)."""
 DEFAULT_ATTEMPT_TIMEOUT = 60.0
 """Seconds one attempt of an asynchronous function may take (a function may declare its own)."""
 AUTH_SCHEMES = ("none", "bearer", "basic", "header:<Name>", "query:<name>")
@@ -227,7 +229,10 @@ class ServeConfig:
     uvloop: bool = True
     skip_broken_plugins: bool = False
     init: bool = False
-    """Start a new log in an existing file that holds none (0 bytes, or an SQLite database with no tables)."""
+    """Start a new log in an existing file that holds none (0 bytes, or an SQLite database with no tables), or in a
+    PostgreSQL schema that holds other tables."""
+    database_pool_size: int = DEFAULT_DATABASE_POOL_SIZE
+    """Connections to a PostgreSQL log at most (SQLite: unused)."""
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     integrations: Mapping[str, Integration] = field(default_factory=dict)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

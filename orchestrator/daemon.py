@@ -36,7 +36,7 @@ from orchestrator.plugins import Registry, discover
 from orchestrator.rpc import tls as rpc_tls
 from orchestrator.rpc.server import SERVICE_NAME, GrpcServer
 from orchestrator.service import Service, assemble
-from orchestrator.store import EventStore, Location, Stats, inspect, locate, open_store, sqlite_path
+from orchestrator.store import EventStore, Location, Stats, inspect, is_postgres, locate, open_store, shown, sqlite_path
 from orchestrator.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,11 @@ def keyring_for(config: ServeConfig, database: str, *, create: bool = True) -> s
         source = "ORCHESTRATOR_SECRET_KEY"
     else:
         path = key_file_for(config, database)
+        if path is None and is_postgres(database):
+            raise InvalidArgument(
+                "a PostgreSQL log needs a key that outlives the daemon and is the same in every daemon that"
+                " shares it: set ORCHESTRATOR_SECRET_KEY (orchestrator keygen makes one), or --secret-key-file"
+            )
         if path is None:
             log.warning("no secret key configured and no SQLite log: credentials are sealed under an ephemeral key")
             return sealing.Keyring.ephemeral()
@@ -281,7 +286,7 @@ async def _serve(
     new_log = made.log is not None and not await anyio.Path(made.log).exists()
     async with (
         telemetry.telemetry(config.telemetry),
-        open_store(database, clock=clock, init=config.init) as store,
+        open_store(database, clock=clock, init=config.init, pool_size=config.database_pool_size) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):
@@ -328,7 +333,7 @@ async def _serve(
         await server.serving()
         made.served = True
         host = config.listen.rpartition(":")[0]
-        log.info("serving %s on %s:%d, log %s", SERVICE_NAME, host, port, database)
+        log.info("serving %s on %s:%d, log %s", SERVICE_NAME, host, port, shown(database))
         if on_ready is not None:
             on_ready(port)
 

@@ -159,15 +159,31 @@ class Worker:
         attempts still running then are stopped, and returned in the
         :class:`Hold` for the holder to cancel. Other attempts (a cleanup of
         an earlier incarnation) are not stopped.
+
+        Creation jobs of ``ref`` claimed elsewhere (another daemon on the same
+        PostgreSQL log) are awaited within the same ``running_wait``, woken by
+        the store's :meth:`~orchestrator.store.EventStore.jobs_changed`; those
+        still claimed then are returned in the :class:`Hold` too: the holder's
+        cancellation ends them (fenced by their token), so their attempts'
+        outcomes are refused when they come.
         """
         self._held[ref.stream] = self._held.get(ref.stream, 0) + 1
         hold = Hold()
         try:
             await self._claimed.wait()
             running = list(self._running.get(ref.stream, {}).values())
-            with anyio.move_on_after(self._config.running_wait):
+            elsewhere: list[Job] = []
+            with anyio.move_on_after(self._config.running_wait) as waited:
                 for attempt in running:
                     await attempt.done.wait()
+                while True:
+                    changed = self._store.jobs_changed()  # before the read: no change is missed
+                    elsewhere = await self._claimed_elsewhere(ref)
+                    if not elsewhere:
+                        break
+                    await changed.wait()
+            if waited.cancelled_caught:
+                elsewhere = await self._claimed_elsewhere(ref)
             stopping = [
                 a for a in running if not a.done.is_set() and a.job.event is LifecycleEvent.POST_CONNECTION_CREATION
             ]
@@ -176,13 +192,22 @@ class Worker:
             with anyio.CancelScope(shield=True):  # a stopped attempt ends at its next checkpoint
                 for attempt in stopping:
                     await attempt.done.wait()
-            hold.stopped = [a.job for a in stopping if not a.recorded]
+            hold.stopped = [a.job for a in stopping if not a.recorded] + elsewhere
             yield hold
         finally:
             self._held[ref.stream] -= 1
             if not self._held[ref.stream]:
                 del self._held[ref.stream]
             self.wake()
+
+    async def _claimed_elsewhere(self, ref: ConnectionRef) -> list[Job]:
+        """Creation jobs of ``ref`` claimed and not running here: by another daemon sharing the log."""
+        here = self._running.get(ref.stream, {})
+        return [
+            job
+            for job in await self._store.jobs(ref)
+            if job.leased and job.event is LifecycleEvent.POST_CONNECTION_CREATION and job.job_id not in here
+        ]
 
     async def settled(self, cause: str, ref: ConnectionRef) -> None:
         """Return once no job caused by ``cause`` remains (``wait=true``)."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from blockbuster import blockbuster_ctx
+
+from tests.support.postgres import Schemas, session_database
 
 
 @pytest.fixture
@@ -47,6 +49,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A PostgreSQL database of this session's own (its URL), dropped at its end; see tests/support/postgres.py.
+
+    The tests that use it skip, saying why, where no PostgreSQL answers (and fail under ``CI=true``).
+    """
+    with session_database() as url:
+        yield url
+
+
+@pytest.fixture
+async def postgres_schemas(postgres_database: str) -> AsyncIterator[Schemas]:
+    """Makes logs in new schemas of the session's database (``await schemas.new()``), dropped after the test."""
+    schemas = Schemas(postgres_database)
+    try:
+        yield schemas
+    finally:
+        await schemas.drop()
+
+
 @pytest.fixture(autouse=True)
 def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fail a test of NON_BLOCKING whose code makes a blocking call on the event loop (blockbuster)."""
@@ -63,4 +85,8 @@ def no_blocking_calls(request: pytest.FixtureRequest) -> Iterator[None]:
         # key, with busy_timeout 0 (it never waits for a lock; see SQLiteEventStore._look_up).
         for name in ("sqlite3.Connection.execute", "sqlite3.Cursor.fetchall"):
             blockbuster.functions[name].can_block_in("orchestrator/store/sqlite.py", {"_look_up"})
+        # asyncpg reads ~/.pgpass and ~/.postgresql/ (stat and open of small local files) as it makes a
+        # connection, on the loop: at connect time only (the pool's connections, the listener's reconnects).
+        for name in blockbuster.functions:
+            blockbuster.functions[name].can_block_in("asyncpg/connect_utils.py", {"_parse_connect_dsn_and_args"})
         yield

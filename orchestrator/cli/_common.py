@@ -231,7 +231,8 @@ database = click.option(
     default=None,
     metavar="URL",
     help="The event log: sqlite:///absolute/path.db, sqlite:relative/path.db or a path, in a directory that"
-    " exists (default: ./.orchestrator/events.db, the one directory made when missing).",
+    " exists (default: ./.orchestrator/events.db, the one directory made when missing); or a PostgreSQL"
+    " database, postgresql://user@host:port/database, which several daemons may share.",
 )
 
 

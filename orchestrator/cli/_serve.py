@@ -119,6 +119,15 @@ def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]
 )
 @database
 @click.option(
+    "--database-pool-size",
+    envvar="ORCHESTRATOR_DATABASE_POOL_SIZE",
+    metavar="N",
+    show_envvar=True,
+    type=click.IntRange(min=1),
+    default=config.DEFAULT_DATABASE_POOL_SIZE,
+    help="Connections to a PostgreSQL log at most (one more listens for other daemons' commits); SQLite: unused.",
+)
+@click.option(
     "--grace-period",
     envvar="ORCHESTRATOR_GRACE_PERIOD",
     metavar="SECONDS",
@@ -188,7 +197,8 @@ def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]
     show_envvar=True,
     is_flag=True,
     help="Start a new event log in an existing file that holds none (0 bytes, or an SQLite database with no"
-    " tables); without it such a file is refused. A missing file is created without it.",
+    " tables), or in a PostgreSQL schema that holds other tables; without it either is refused. A missing file is"
+    " created without it.",
 )
 @click.option(
     "--log-format",
@@ -231,6 +241,7 @@ def serve(
     web_listen: str,
     trace_url: str,
     database: str | None,
+    database_pool_size: int,
     grace_period: float,
     insecure: bool,
     tls_cert: Path | None,
@@ -284,6 +295,7 @@ def serve(
         web_listen=web_listen.strip(),
         trace_url=trace_url.strip(),
         database=database or "",
+        database_pool_size=database_pool_size,
         grace_period=grace_period,
         insecure=insecure,
         skip_broken_plugins=skip_broken_plugins,
@@ -320,11 +332,11 @@ def serve(
 
 def _check(ctx: click.Context, settings: config.ServeConfig) -> dict[str, Any]:
     """``--check``: every check ``serve`` makes before it starts, making and changing nothing; what it found."""
-    from orchestrator import daemon
+    from orchestrator import daemon, store
 
     ready = daemon.prepare(settings, check=True)
     values = dict(ctx.params)
-    values["database"] = ready.database
+    values["database"] = store.shown(ready.database)  # a password in the URL is not printed
     key_file = daemon.key_file_for(settings, ready.database)
     values["secret_key_file"] = str(key_file) if key_file is not None and not settings.secret_key else None
     found = sources(ctx)
@@ -336,7 +348,7 @@ def _check(ctx: click.Context, settings: config.ServeConfig) -> dict[str, Any]:
         "config_file": str(path) if path is not None else None,
         "settings": {key: {"value": _plain(values.get(key)), "from": source} for key, source in found.items()},
         "log": {
-            "url": ready.database,
+            "url": store.shown(ready.database),
             "path": str(ready.location.path) if ready.location.path is not None else None,
             "exists": ready.location.exists,
             "in_use_by": ready.location.holder or None,

@@ -4,6 +4,10 @@
 - :mod:`orchestrator.store.memory`: in-process, for tests;
 - :mod:`orchestrator.store.sqlite`: the embedded default (its group-committing writer in
   :mod:`orchestrator.store._sqlite_writer`, row mapping in :mod:`orchestrator.store._sqlite_rows`);
+- :mod:`orchestrator.store.postgres`: several daemons on one PostgreSQL database (its writes in
+  :mod:`orchestrator.store._postgres_write`, jobs in :mod:`orchestrator.store._postgres_jobs`, the
+  tail's feed and the notifications in :mod:`orchestrator.store._postgres_feed`, the schema in
+  :mod:`orchestrator.store._postgres_schema`; its tables have the SQLite log's columns and rows);
 - :mod:`orchestrator.store._cache`: the read model's last committed rows, owned by the event loop;
 - :mod:`orchestrator.store._tail`: the last committed records in memory, which every backend fills
   at commit time and serves caught-up followers from (:meth:`EventStore.read_tail`);
@@ -24,7 +28,7 @@ from orchestrator.clock import Clock, SystemClock
 from orchestrator.errors import InvalidArgument
 from orchestrator.store._base import Appended, Counts, EventStore, Stats, scan
 from orchestrator.store._cache import ROW_CACHE
-from orchestrator.store._location import Location, inspect, locate
+from orchestrator.store._location import SUPPORTED, Location, inspect, is_postgres, locate, shown
 from orchestrator.store._tail import DEFAULT_TAIL, TailBounds, TailPage
 
 __all__ = [
@@ -36,9 +40,11 @@ __all__ = [
     "TailBounds",
     "TailPage",
     "inspect",
+    "is_postgres",
     "locate",
     "open_store",
     "scan",
+    "shown",
     "sqlite_path",
 ]
 
@@ -75,13 +81,15 @@ async def open_store(
     init: bool = False,
     tail: TailBounds = DEFAULT_TAIL,
     cache_rows: int = ROW_CACHE,
+    pool_size: int | None = None,
 ) -> AsyncIterator[EventStore]:
     """Open the store that ``url`` names for the duration of the ``async with`` block.
 
-    ``init`` lets a new log start in an existing file that holds none (``serve --init``);
-    a missing file is created without it. ``tail`` bounds the in-memory tail of recent
-    commits that caught-up followers are served from; ``cache_rows`` the read-model rows an
-    SQLite store keeps in memory (see :mod:`orchestrator.store._cache`).
+    ``init`` lets a new log start in an existing file that holds none (``serve --init``),
+    or in a PostgreSQL schema that holds other tables; a missing file is created without it.
+    ``tail`` bounds the in-memory tail of recent commits that caught-up followers are served
+    from; ``cache_rows`` the read-model rows an SQLite store keeps in memory (see
+    :mod:`orchestrator.store._cache`); ``pool_size`` the connections of a PostgreSQL store's pool.
     """
     clock = clock or SystemClock()
     path = sqlite_path(url)
@@ -93,6 +101,14 @@ async def open_store(
         ) as store:
             yield store
         return
+    if is_postgres(url):
+        from orchestrator.store.postgres import POOL_SIZE, PostgresEventStore
+
+        async with PostgresEventStore.open(
+            url, readonly=readonly, clock=clock, init=init, tail=tail, pool_size=pool_size or POOL_SIZE
+        ) as postgres:
+            yield postgres
+        return
     if url.startswith("memory:"):
         from orchestrator.store.memory import MemoryEventStore
 
@@ -102,6 +118,4 @@ async def open_store(
         finally:
             memory.close()
         return
-    raise InvalidArgument(
-        f"database URL {url!r} is not supported: use sqlite:///path/to/events.db (or memory: for tests)"
-    )
+    raise InvalidArgument(f"database URL {url!r} is not supported: {SUPPORTED}")

@@ -17,12 +17,13 @@ import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from orchestrator.errors import InvalidArgument, StoreError
 from orchestrator.store import _sqlite_file
 
-UNSUPPORTED = "is not supported: use sqlite:///path/to/events.db (or memory: for tests)"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+SUPPORTED = "use sqlite:///path/to/events.db, postgresql://user@host:port/database (or memory: for tests)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,7 @@ class Location:
 
     url: str
     path: Path | None
-    """The SQLite file (None for ``memory:``)."""
+    """The SQLite file (None for ``memory:`` and PostgreSQL)."""
     exists: bool = False
     size: int = 0
     directories: tuple[Path, ...] = ()
@@ -42,6 +43,8 @@ class Location:
     def describe(self) -> str:
         """One line on what opening it will do."""
         if self.path is None:
+            if is_postgres(self.url):
+                return f"the PostgreSQL database {shown(self.url)} (checked once the daemon connects)"
             return "in memory (gone when the daemon stops)"
         if self.exists:
             owner = f"; in use by pid {self.holder}" if self.holder else ""
@@ -62,7 +65,10 @@ def locate(url: str, *, create_directory: bool = False, write: bool = True) -> L
     if path is None:
         if url.startswith("memory:"):
             return Location(url, None)
-        raise InvalidArgument(f"database URL {url!r} {UNSUPPORTED}")
+        if is_postgres(url):
+            check_url(url)
+            return Location(url, None)
+        raise InvalidArgument(f"database URL {url!r} is not supported: {SUPPORTED}")
     try:
         real = path.resolve()
     except (OSError, RuntimeError) as exc:  # a symlink loop
@@ -125,3 +131,34 @@ def inspect(location: Location, *, init: bool) -> None:
         raise _sqlite_file.damaged(path, str(exc)) from exc
     finally:
         db.close()
+
+
+def is_postgres(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (``postgresql://`` or ``postgres://``)."""
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def check_url(url: str) -> None:
+    """Refuse a PostgreSQL URL that names no database (:class:`InvalidArgument`)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # parsed for its check: a port that is not a number raises ValueError
+    except ValueError as exc:
+        raise InvalidArgument(f"database URL {shown(url)!r} is malformed: {exc}") from None
+    if not parts.path.strip("/"):
+        raise InvalidArgument(
+            f"database URL {shown(url)!r} names no database: use postgresql://user@host:port/database"
+        )
+
+
+def shown(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: fit for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("@", 1)[-1] if "@" in url else url
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

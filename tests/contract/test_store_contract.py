@@ -1,4 +1,4 @@
-"""The EventStore contract, written once and run against every backend (memory, SQLite)."""
+"""The EventStore contract, written once and run against every backend (PostgreSQL: test_postgres_contract.py)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from orchestrator.records import Fact, NewEvent, Record
 from orchestrator.replay import verify as replay_verify
 from orchestrator.store import Appended, EventStore, TailBounds, open_store
 from orchestrator.store._append import plan_append
+from orchestrator.store._base import Counts
 from orchestrator.store._migrations import CREATE_TABLE, migrations
 from orchestrator.store._sqlite_rows import RECORD_COLUMNS, connection_to_row, record_to_row
 from tests.support.clock import FakeClock
@@ -673,6 +674,19 @@ class StoreContract:
         assert times[-1] == t + timedelta(seconds=20)
 
     # Run in a child process: if the writer task dies, the caller's shielded wait can never be cancelled.
+
+    async def test_counts_are_per_environment_state_and_status(self, store: EventStore) -> None:
+        """counts() (the console's overview): connections by (environment, state), jobs by (environment, status)."""
+        assert await store.counts() == Counts({}, {})
+        await store.append(ACME, 0, validated())
+        await store.append(GLOBEX, 0, rejected())
+        created = lifecycle(LifecycleEvent.POST_CONNECTION_CREATION)
+        await store.append(UMBRELLA, 0, [created], jobs=[job(created), job(created, "notify")])
+        (claimed, _) = await store.claim_jobs(limit=2, lease=60)
+        await store.finish_job(claimed, [fact(Fact.FUNCTION_SUCCEEDED, created, {"function": claimed.function})])
+        counts = await store.counts()
+        assert counts.connections == {("dev", "pending"): 1, ("dev", "rejected"): 1, ("prod", "active"): 1}
+        assert counts.jobs == {("prod", "succeeded"): 1, ("prod", "running"): 1}
 
     async def test_cancelling_a_job_as_listed_ends_it_with_the_append(self, store: EventStore) -> None:
         """A job cancelled with the token it was listed with ends (cancelled) in the same transaction as the records."""

@@ -80,11 +80,12 @@ def a_stopped_log(folder: Path) -> Path:
             "sqlite://db.internal/events.db",
             "database URL 'sqlite://db.internal/events.db': use sqlite:///absolute/path",
         ),
-        ("postgres://db.internal/orchestrator", "database URL 'postgres://db.internal/orchestrator' is not supported"),
+        ("postgres://db.internal", "database URL 'postgres://db.internal' names no database"),
+        ("mysql://db.internal/orchestrator", "database URL 'mysql://db.internal/orchestrator' is not supported"),
         ("{tmp}/typo/events.db", "the directory of the event log {tmp}/typo/events.db does not exist ({tmp}/typo)"),
         ("sqlite://{tmp}", "the event log {tmp} is a directory: --database names the log's file"),
     ],
-    ids=["host", "postgres", "missing-directory", "directory"],
+    ids=["host", "postgres-without-database", "unsupported", "missing-directory", "directory"],
 )
 def test_check_refuses_the_database_serve_refuses_with_the_same_line(url: str, says: str, tmp_path: Path) -> None:
     """A URL or path that ``serve`` refuses is not "valid" to ``serve --check``: the same line, exit 1, nothing made."""
