@@ -1,0 +1,173 @@
+"""Replay's reads of an SQLite log: one streaming cursor over the columns the fold reads, no async hops.
+
+``orchestrator replay`` folds a whole log, often a large one, once: paging it
+through the store's reader (an async generator per page, a thread hop per
+query, every column made into a :class:`~orchestrator.records.Record`) costs
+several times the fold itself. This module reads the file directly instead,
+on a plain read-only :mod:`sqlite3` connection in the caller's thread:
+
+- :func:`open_log` opens the file read-only and checks it is a log this release
+  reads (the same refusals as the store's reader);
+- :func:`rows` is one cursor over ``events`` in log order, fetched in pages,
+  each row the tuple :func:`orchestrator.state.fold_rows` takes. The columns the
+  fold does not read are not sent: ``data`` only for the types of
+  :data:`~orchestrator.state.READS_DATA` (NULL for the others), ``event_id`` or
+  ``causation_id`` (in one column) only where the fold reads them (``''``
+  elsewhere); times stay integer microseconds;
+- :func:`bounds` splits the streams into ranges of about equal size (by the read
+  model's rows) for folding in several processes: each range scans the same
+  table but only its streams' rows reach Python;
+- :func:`last_position` turns ``--until`` into one position, and
+  :func:`read_model` reads the rows ``--verify`` compares the fold with.
+
+Every read of one call runs in one read transaction (one snapshot) so that a
+daemon appending meanwhile changes nothing of what is read.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from orchestrator import state
+from orchestrator.errors import StoreError
+from orchestrator.store._migrations import check_known, migrations
+
+PAGE = 4096
+"""Rows fetched at a time: large enough that the per-page cost vanishes, small enough to stay a few MB."""
+
+Bounds = tuple[str | None, str | None]
+"""A range of streams: from the first (inclusive) to the second (exclusive); None is open-ended."""
+
+
+def _listed(types: frozenset[str]) -> str:
+    # Record types are fixed names of [a-z-], never user input: safe to inline as SQL literals.
+    assert all(t.replace("-", "").isalpha() for t in types)
+    return ", ".join(f"'{t}'" for t in sorted(types))
+
+
+_COLUMNS = (
+    "stream, type, position, version,"
+    f" CASE WHEN type IN ({_listed(state.READS_EVENT_ID)}) THEN event_id"
+    f" WHEN type IN ({_listed(state.READS_CAUSATION)}) THEN causation_id ELSE '' END,"
+    " recorded_at,"
+    f" CASE WHEN type IN ({_listed(state.READS_DATA)}) THEN data END"
+)
+"""What :func:`orchestrator.state.fold_rows` takes of each record, and nothing it does not read (every column
+costs about as much to read as the fold of a record costs to run)."""
+
+
+def open_log(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the log at ``path``; :class:`StoreError` when there is none or it is not one.
+
+    Refuses what the store's reader refuses, with the same messages: a missing file, a file that is
+    not a log or is damaged, a log of a newer schema.
+    """
+    if not path.exists():
+        raise StoreError(f"no event log at {path}")
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the event log at {path}: {exc}") from exc
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        applied = {row[0] for row in db.execute("SELECT version FROM schema_migrations")}
+    except sqlite3.DatabaseError as exc:  # no such table, not a database, a damaged file
+        db.close()
+        raise StoreError(f"{path} is not an orchestrator event log, or it is damaged ({exc})") from exc
+    migrations("sqlite")
+    try:
+        check_known("sqlite", applied, path)
+    except StoreError:
+        db.close()
+        raise
+    return db
+
+
+def snapshot(db: sqlite3.Connection) -> None:
+    """Start the read transaction every later read of ``db`` shares (ended by ``db.close()`` or ``COMMIT``)."""
+    db.execute("BEGIN")
+    db.execute("SELECT 1 FROM events LIMIT 1").fetchall()  # a read takes the snapshot; BEGIN alone does not
+
+
+def head(db: sqlite3.Connection) -> int:
+    """The position of the last record (0 for an empty log)."""
+    return int(db.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0])
+
+
+def last_position(db: sqlite3.Connection, *, position: int | None = None, micros: int | None = None) -> int:
+    """The last position folded when stopping after ``position`` and before the first record recorded after
+    ``micros`` (either may be None); 0 when no record is inside."""
+    stop = head(db)
+    if position is not None:
+        stop = min(stop, position)
+    if micros is not None:
+        # Replay stops at the first record recorded after the time (the index on recorded_at finds it).
+        later = db.execute("SELECT MIN(position) FROM events WHERE recorded_at > ?", (micros,)).fetchone()[0]
+        if later is not None:
+            stop = min(stop, later - 1)
+    if stop <= 0:
+        return 0
+    found = db.execute("SELECT MAX(position) FROM events WHERE position <= ?", (stop,)).fetchone()[0]
+    return int(found or 0)
+
+
+def bounds(db: sqlite3.Connection, parts: int) -> list[Bounds]:
+    """``parts`` ranges of streams covering every stream, of about as many connections each (fewer when the read
+    model has fewer rows than ``parts``)."""
+    count = int(db.execute("SELECT COUNT(*) FROM connections").fetchone()[0])
+    cuts: list[str] = []
+    for k in range(1, parts):
+        row = db.execute("SELECT stream FROM connections ORDER BY stream LIMIT 1 OFFSET ?", (count * k // parts,))
+        found = row.fetchone()
+        if found is not None and (not cuts or found[0] > cuts[-1]):
+            cuts.append(found[0])
+    edges: list[str | None] = [None, *cuts, None]
+    return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+def _where(stop: int, part: Bounds) -> tuple[str, list[Any]]:
+    where, params = ["position <= ?"], list[Any]([stop])
+    low, high = part
+    if low is not None:
+        where.append("stream >= ?")
+        params.append(low)
+    if high is not None:
+        where.append("stream < ?")
+        params.append(high)
+    return " AND ".join(where), params
+
+
+def rows(db: sqlite3.Connection, stop: int, part: Bounds = (None, None)) -> Iterator[list[Any]]:
+    """Pages of the rows :func:`orchestrator.state.fold_rows` takes, of the streams in ``part``, up to ``stop``,
+    in log order."""
+    where, params = _where(stop, part)
+    # NOT INDEXED: a scan of the table in rowid (= position) order, never a walk of the (stream, version)
+    # index that a stream range would otherwise pick (a random read per row).
+    cursor = db.execute(f"SELECT {_COLUMNS} FROM events NOT INDEXED WHERE {where} ORDER BY position", params)
+    try:
+        while page := cursor.fetchmany(PAGE):
+            yield page
+    finally:
+        cursor.close()
+
+
+def read_model(db: sqlite3.Connection, part: Bounds = (None, None)) -> Iterator[tuple[str, str]]:
+    """(stream, body) of each read-model row of ``part``, by stream."""
+    low, high = part
+    where, params = ["1"], list[Any]()
+    if low is not None:
+        where.append("stream >= ?")
+        params.append(low)
+    if high is not None:
+        where.append("stream < ?")
+        params.append(high)
+    yield from db.execute(f"SELECT stream, body FROM connections WHERE {' AND '.join(where)} ORDER BY stream", params)
+
+
+def read_model_position(db: sqlite3.Connection) -> int:
+    """The newest position the read model reflects (the largest ``last_position``; 0 when it is empty)."""
+    return int(db.execute("SELECT COALESCE(MAX(last_position), 0) FROM connections").fetchone()[0])
