@@ -121,8 +121,10 @@ def bounds(db: sqlite3.Connection, parts: int) -> list[Bounds]:
     count = int(db.execute("SELECT COUNT(*) FROM connections").fetchone()[0])
     cuts: list[str] = []
     for k in range(1, parts):
-        row = db.execute("SELECT stream FROM connections ORDER BY stream LIMIT 1 OFFSET ?", (count * k // parts,))
-        found = row.fetchone()
+        offset = count * k // parts
+        if offset == 0:  # fewer rows than parts: no range starts at the first stream
+            continue
+        found = db.execute("SELECT stream FROM connections ORDER BY stream LIMIT 1 OFFSET ?", (offset,)).fetchone()
         if found is not None and (not cuts or found[0] > cuts[-1]):
             cuts.append(found[0])
     edges: list[str | None] = [None, *cuts, None]
