@@ -41,7 +41,7 @@ import orjson
 
 from orchestrator import codec, state
 from orchestrator.errors import OrchestratorError, StoreError
-from orchestrator.model import Connection, ConnectionRef
+from orchestrator.model import Connection, ConnectionRef, JSONObject
 from orchestrator.store import _sqlite_scan as scan
 
 CHUNK = 2000
@@ -114,26 +114,43 @@ def fold_part(db: Any, stop: int, part: scan.Bounds, progress: Progress = _nothi
     return out
 
 
-class _Refs:
-    """Refs made from streams the log holds (checked when they were appended), sharing their names."""
+class _Shared:
+    """What the connections of one replay share: the names in their refs, and equal configs.
+
+    Refs are made from streams the log holds (checked when they were appended). Many connections
+    have the same settings: one dict serves all of those (a connection's values are read-only), so
+    that a replay of 100,000 connections holds one config rather than 100,000 copies of it.
+    """
 
     def __init__(self) -> None:
         self._names: dict[str, str] = {}
+        self._configs: dict[bytes, JSONObject] = {}
 
-    def __call__(self, stream: str) -> ConnectionRef:
+    def ref(self, stream: str) -> ConnectionRef:
+        """The ref of ``stream``."""
         environment, integration, connection_id = stream.split("/", 2)
         names = self._names
         return ConnectionRef(
             names.setdefault(environment, environment), names.setdefault(integration, integration), connection_id
         )
 
+    def freeze(self, draft: state.Draft[int]) -> Connection:
+        """``draft`` frozen, with its config shared."""
+        try:
+            key = orjson.dumps(draft.config)
+        except TypeError:  # what orjson cannot write (an integer beyond 64 bits) is kept as it is
+            pass
+        else:
+            draft.config = self._configs.setdefault(key, draft.config)
+        return draft.freeze(codec.from_micros, self.ref)
 
-def _freeze_all(drafts: dict[str, state.Draft[int]], into: dict[str, Connection], refs: _Refs) -> None:
+
+def _freeze_all(drafts: dict[str, state.Draft[int]], into: dict[str, Connection], shared: _Shared) -> None:
     # Drafts are dropped as they are frozen: the two never all live at once.
     with _no_gc():
         while drafts:
             stream, draft = drafts.popitem()
-            into[stream] = draft.freeze(codec.from_micros, refs)
+            into[stream] = shared.freeze(draft)
 
 
 # -- the other processes ---------------------------------------------------------------------
@@ -274,8 +291,8 @@ def replay_file(
 
             own = fold_part(db, stop, parts[0], report)
             connections: dict[str, Connection] = {}
-            refs = _Refs()
-            _freeze_all(own.drafts, connections, refs)
+            shared = _Shared()
+            _freeze_all(own.drafts, connections, shared)
             records, position = own.records, own.position
             for job in others:
                 _, count, last, _ = _until_done(job)
@@ -284,7 +301,7 @@ def replay_file(
                     with _no_gc():
                         for values in message[1]:
                             draft = state.Draft.unpack(values)
-                            connections[draft.stream] = draft.freeze(codec.from_micros, refs)
+                            connections[draft.stream] = shared.freeze(draft)
         finally:
             _stop(others)
     finally:
@@ -295,17 +312,17 @@ def replay_file(
 def _compare(db: Any, folded: Folded, part: scan.Bounds) -> list[Mismatch]:
     """The streams of ``part`` whose read-model row is not what ``folded`` says (a row's body is compared as JSON:
     equal documents mean no difference; the others go to :func:`orchestrator.replay.diff`)."""
-    drafts, refs = folded.drafts, _Refs()
+    drafts, shared = folded.drafts, _Shared()
     out: list[Mismatch] = []
     for stream, body in scan.read_model(db, part):
         draft = drafts.pop(stream, None)
         if draft is None:
             out.append(Mismatch(stream, body, None))
             continue
-        replayed = draft.freeze(codec.from_micros, refs)
+        replayed = shared.freeze(draft)
         if load(body) != codec.connection_to_json(replayed):
             out.append(Mismatch(stream, body, replayed))
-    out.extend(Mismatch(stream, None, draft.freeze(codec.from_micros, refs)) for stream, draft in drafts.items())
+    out.extend(Mismatch(stream, None, shared.freeze(draft)) for stream, draft in drafts.items())
     return sorted(out, key=lambda m: m.stream)
 
 
