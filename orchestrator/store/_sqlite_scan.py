@@ -27,7 +27,7 @@ daemon appending meanwhile changes nothing of what is read.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -115,20 +115,27 @@ def last_position(db: sqlite3.Connection, *, position: int | None = None, micros
     return int(found or 0)
 
 
-def bounds(db: sqlite3.Connection, parts: int) -> list[Bounds]:
-    """``parts`` ranges of streams covering every stream, of about as many connections each (fewer when the read
-    model has fewer rows than ``parts``)."""
-    count = int(db.execute("SELECT COUNT(*) FROM connections").fetchone()[0])
+def bounds(db: sqlite3.Connection, shares: Sequence[float]) -> list[Bounds]:
+    """Ranges of streams covering every stream, one per share, each with about that share of the read model's rows
+    (``shares`` add up to 1; fewer ranges when the read model has fewer rows than ranges)."""
+    count = connections(db)
     cuts: list[str] = []
-    for k in range(1, parts):
-        offset = count * k // parts
-        if offset == 0:  # fewer rows than parts: no range starts at the first stream
+    total = 0.0
+    for share in shares[:-1]:
+        total += share
+        offset = round(count * total)
+        if offset <= 0 or offset >= count:  # no range starts at the first stream, or after the last
             continue
         found = db.execute("SELECT stream FROM connections ORDER BY stream LIMIT 1 OFFSET ?", (offset,)).fetchone()
         if found is not None and (not cuts or found[0] > cuts[-1]):
             cuts.append(found[0])
     edges: list[str | None] = [None, *cuts, None]
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+def connections(db: sqlite3.Connection) -> int:
+    """How many rows the read model has."""
+    return int(db.execute("SELECT COUNT(*) FROM connections").fetchone()[0])
 
 
 def _where(stop: int, part: Bounds) -> tuple[str, list[Any]]:

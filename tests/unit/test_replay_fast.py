@@ -95,7 +95,7 @@ def test_two_jobs_split_the_connections_in_two(golden: Path) -> None:
     """With two jobs, a log of several connections is folded in two ranges that cover every stream once."""
     streams = sorted({r.stream for r in read_records(golden)})
     with closing(scan.open_log(golden)) as db:
-        parts = scan.bounds(db, 2)
+        parts = scan.bounds(db, [0.5, 0.5])
     assert len(parts) == min(2, len(streams))
     covered = [s for s in streams for low, high in parts if (low is None or s >= low) and (high is None or s < high)]
     assert covered == streams
@@ -291,7 +291,7 @@ def test_a_refused_record_in_another_process_fails_the_replay(tmp_path: Path) ->
             (position, last, version),
         )
     with closing(scan.open_log(log)) as db:
-        assert last >= scan.bounds(db, 2)[1][0], "the planted record is in the range another process folds"
+        assert last >= scan.bounds(db, [0.5, 0.5])[1][0], "the planted record is in the range another process folds"
     records = read_records(log)
     assert state.fold_all(records[:-1])[last].state is not ConnectionState.DELETING  # so the planted record is refused
     with pytest.raises(InvalidTransition) as plain:
