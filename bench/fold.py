@@ -19,9 +19,11 @@ Baseline: plain :mod:`sqlite3` reading every column in pages of 5000
 ``orchestrator.replay.replay_file(path, jobs=N)``, what ``orchestrator
 replay`` runs before it prints: every connection folded and frozen, with
 ``N`` the CLI's default (the number of cores) and 1. Each run is a fresh
-``python -c`` process (the imports are not timed, the open is). Peak RSS is
-each process's own high-water mark (``ru_maxrss``): the replaying process's,
-and its largest worker's (``RUSAGE_CHILDREN``).
+``python -c`` process (the imports are not timed, the open is). Beside the
+rate, the CPU seconds of every process of a run (baseline / replay: above 1
+means replay spends less), which neighbours on a shared machine move less than
+the rate; and peak RSS, each process's own high-water mark (``ru_maxrss``):
+the replaying process's, and its largest worker's (``RUSAGE_CHILDREN``).
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ while True:
     position = rows[-1][0] + 1
 db.close()
 elapsed = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"records": count, "seconds": elapsed, "rss_mib": peak / 1024, "workers_rss_mib": 0}))
+own = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"records": count, "seconds": elapsed, "rss_mib": own.ru_maxrss / 1024, "workers_rss_mib": 0,
+                  "cpu_s": own.ru_utime + own.ru_stime}))
 """
 
 _SUBJECT = """
@@ -192,9 +195,10 @@ from orchestrator.replay import replay_file
 started = time.perf_counter()
 replayed = replay_file(Path(sys.argv[1]), jobs=int(sys.argv[2]))
 elapsed = time.perf_counter() - started
-own, workers = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+own, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 print(json.dumps({"records": replayed.records, "connections": len(replayed.connections), "seconds": elapsed,
-                  "rss_mib": own / 1024, "workers_rss_mib": workers / 1024}))
+                  "rss_mib": own.ru_maxrss / 1024, "workers_rss_mib": workers.ru_maxrss / 1024,
+                  "cpu_s": own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime}))
 """
 
 
@@ -229,7 +233,7 @@ def measure_one(settings: Settings, log_path: Path, records: int) -> dict[str, A
                 raise RuntimeError(f"{name} read {result['records']} records, the log has {records}")
             log(
                 f"replay {records:>9,} {name:8} round {round_ + 1}: {result['rate']:,.0f} records/s"
-                f" ({result['seconds']:.2f}s, peak RSS {result['rss_mib']:.0f} MiB"
+                f" ({result['seconds']:.2f}s, CPU {result['cpu_s']:.2f}s, peak RSS {result['rss_mib']:.0f} MiB"
                 f" + workers {result['workers_rss_mib']:.0f} MiB)"
             )
             runs[name].append(result)
@@ -237,6 +241,7 @@ def measure_one(settings: Settings, log_path: Path, records: int) -> dict[str, A
         name: {
             "rate": median([r["rate"] for r in rs]),
             "seconds": median([r["seconds"] for r in rs]),
+            "cpu_s": median([r["cpu_s"] for r in rs]),
             "rss_mib": max(r["rss_mib"] for r in rs),
             "workers_rss_mib": max(r["workers_rss_mib"] for r in rs),
             "rounds": rs,
@@ -247,6 +252,9 @@ def measure_one(settings: Settings, log_path: Path, records: int) -> dict[str, A
     out["jobs"] = jobs
     out["ratio"] = paired_ratio(runs["replay"], runs["baseline"], "rate")
     out["ratio_1"] = paired_ratio(runs["replay_1"], runs["baseline"], "rate")
+    # CPU seconds, every process included: what a loaded machine's neighbours cannot move much.
+    out["cpu_ratio"] = paired_ratio(runs["baseline"], runs["replay"], "cpu_s")
+    out["cpu_ratio_1"] = paired_ratio(runs["baseline"], runs["replay_1"], "cpu_s")
     return out
 
 
@@ -270,27 +278,34 @@ def measure(settings: Settings, workdir: Path, built: dict[int, Path] | None = N
 def rows(fig: dict[str, Any], number: Any) -> list[tuple[str, str, str, str]]:
     """The replay section's rows of the table (``number`` formats a figure)."""
     out: list[tuple[str, str, str, str]] = []
-    largest = None
     for size, one in fig["sizes"].items():
-        largest = (int(size), one)
-        base, ours = one["baseline"], one["replay"]
+        base, ours, single = one["baseline"], one["replay"], one["replay_1"]
         out.append(
             (
                 f"Replay records/s, {int(size):,} records",
                 f"{number(base['rate'])} (sqlite3 + json.loads)",
-                f"{number(ours['rate'])} (replay, {one['jobs']} jobs; 1 job: {number(one['replay_1']['rate'])},"
-                f" ratio {number(one['ratio_1'], 2)}) in {number(ours['seconds'], 2)} s",
+                f"{number(ours['rate'])} ({one['jobs']} jobs, {number(ours['seconds'], 2)} s);"
+                f" {number(single['rate'])} (1 job: ratio {number(one['ratio_1'], 2)})",
                 number(one["ratio"], 2),
             )
         )
-    if largest is not None:
-        size, one = largest
+    if fig["sizes"]:
+        size, one = max(fig["sizes"].items(), key=lambda item: int(item[0]))
         base, ours, single = one["baseline"], one["replay"], one["replay_1"]
         out.append(
             (
-                f"Replay peak RSS MiB, {size:,} records",
+                f"Replay CPU s (every process), {int(size):,} records",
+                f"{number(base['cpu_s'], 2)} (sqlite3 + json.loads)",
+                f"{number(ours['cpu_s'], 2)} ({one['jobs']} jobs); {number(single['cpu_s'], 2)} (1 job: baseline/replay"
+                f" {number(one['cpu_ratio_1'], 2)})",
+                number(one["cpu_ratio"], 2),
+            )
+        )
+        out.append(
+            (
+                f"Replay peak RSS MiB, {int(size):,} records",
                 f"{number(base['rss_mib'])} (sqlite3 + json.loads)",
-                f"{number(ours['rss_mib'])} + worker {number(ours['workers_rss_mib'])} ({one['jobs']} jobs);"
+                f"{number(ours['rss_mib'])}, its worker {number(ours['workers_rss_mib'])} ({one['jobs']} jobs);"
                 f" {number(single['rss_mib'])} (1 job)",
                 number(ours["rss_mib"] / base["rss_mib"], 2),
             )

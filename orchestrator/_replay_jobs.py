@@ -6,10 +6,13 @@ file itself, read-only, and folds one range of streams
 :func:`orchestrator.state.fold_rows`: the same rules as the daemon's
 :func:`~orchestrator.state.apply`, on one mutable draft per stream, with
 integer times. This process folds the first range itself while the others
-fold theirs; a replay then takes their drafts (:meth:`~orchestrator.state.Draft.pack`,
-in chunks) and freezes every draft once into a
-:class:`~orchestrator.model.Connection`; a verify has each process compare
-its own range with the read model, and takes only the streams that differ.
+fold theirs. For a replay, each other process then packs its drafts
+(:meth:`~orchestrator.state.Draft.pack`) and pickles them in chunks at once,
+and this one unpacks them and freezes every draft once into a
+:class:`~orchestrator.model.Connection`; since that last part is this
+process's alone, its range is the smaller (:func:`_shares`). For a verify,
+each process compares its own range with the read model and sends only the
+streams that differ.
 
 Processes are forked when this process runs no other thread (the CLI), and
 spawned otherwise (a fork with threads running is not safe). A process that

@@ -1,7 +1,12 @@
 """Offline replay: rebuild every connection from the log alone with the daemon's own fold.
 
-Used by ``orchestrator replay``; reads through the store interface opened
-read-only, so it works while the daemon runs and on any backend.
+Used by ``orchestrator replay``; it only reads, so it works while the daemon
+runs. An SQLite log is read from its file directly (:func:`replay_file`,
+:func:`verify_file`: one cursor over the columns the fold reads, the
+connections split over processes, see :mod:`orchestrator._replay_jobs`); any
+other backend through the store interface, opened read-only. Both fold with
+:mod:`orchestrator.state`'s rules, into one mutable draft per connection,
+each frozen once at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ class Until:
 
 @dataclass(slots=True)
 class Replayed:
-    """The world as the log says it was at the end of the window."""
+    """The world as the log says it was at the end of the window.
+
+    Its connections are read-only, like every :class:`Connection`: those with equal configs may
+    share one dict.
+    """
 
     connections: dict[str, Connection] = field(default_factory=dict)
     position: int = 0
