@@ -216,6 +216,8 @@ def _child(pipe: Pipe, path: str, stop: int, part: scan.Bounds, verify: bool) ->
                 pipe.send_bytes(data)
         finally:
             db.close()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says it, once
+        return
     except Exception as exc:  # every failure goes to the parent, which raises it
         try:
             pipe.send(("error", exc if isinstance(exc, OrchestratorError) else StoreError(f"replay failed: {exc!r}")))

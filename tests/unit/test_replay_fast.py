@@ -4,6 +4,7 @@ the plain fold gives: ``state.fold_all`` over the records read through the store
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import sqlite3
 import tempfile
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import codec, replay, state
+from orchestrator import _replay_jobs, codec, replay, state
 from orchestrator.cli import main
 from orchestrator.errors import InvalidArgument, InvalidTransition, StoreError
 from orchestrator.ids import uuid7
@@ -89,6 +90,17 @@ def test_golden_logs_replay_until_a_time_as_the_plain_fold(golden: Path, jobs: i
 def test_golden_logs_verify_on_the_fast_path(golden: Path, jobs: int) -> None:
     """The read model stored with each golden log matches the fast fold."""
     assert replay.verify_file(golden, jobs=jobs) == []
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_other_processes_forked_or_spawned_fold_alike(
+    golden: Path, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the other processes are forked (no thread running) or spawned (threads running), the result is the
+    plain fold's, for a replay and for a verify."""
+    monkeypatch.setattr(_replay_jobs, "_context", lambda: multiprocessing.get_context(method))
+    assert_same(replay.replay_file(golden, jobs=3), read_records(golden))
+    assert replay.verify_file(golden, jobs=3) == []
 
 
 def test_two_jobs_split_the_connections_in_two(golden: Path) -> None:
