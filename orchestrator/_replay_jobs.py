@@ -92,8 +92,9 @@ def _nothing(position: int) -> None:
 
 @contextmanager
 def _no_gc() -> Iterator[None]:
-    # The fold makes millions of small objects and no cycle: the collector would walk
-    # every draft again and again (a third of the time on 1M records) for nothing.
+    # A replay makes millions of small objects and no cycle: the collector would walk every
+    # draft again and again (a third of the time on 1M records) for nothing. One span for the
+    # whole replay: each time it is enabled again, it walks everything made meanwhile once.
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -116,16 +117,15 @@ def fold_part(db: Any, stop: int, part: scan.Bounds, progress: Progress = _nothi
 def _fold_part(db: Any, stop: int, part: scan.Bounds, progress: Progress, decode: Callable[[str], Any]) -> Folded:
     out = Folded()
     pages = 0
-    with _no_gc():
-        for page in scan.rows(db, stop, part):
-            state.fold_rows(out.drafts, page, decode)
-            out.records += len(page)
-            pages += 1
-            if pages % PROGRESS_EVERY == 0:
-                progress(page[-1][2])
-            out.position = page[-1][2]
-        for draft in out.drafts.values():
-            draft.settle()  # what is left to decode, decoded here: with the same decoder, under the same guard
+    for page in scan.rows(db, stop, part):
+        state.fold_rows(out.drafts, page, decode)
+        out.records += len(page)
+        pages += 1
+        if pages % PROGRESS_EVERY == 0:
+            progress(page[-1][2])
+        out.position = page[-1][2]
+    for draft in out.drafts.values():
+        draft.settle()  # what is left to decode, decoded here: with the same decoder, under the same guard
     return out
 
 
@@ -166,23 +166,21 @@ class _Shared:
         """Freeze the drafts another process packed (:meth:`~orchestrator.state.Draft.pack`) into ``into``."""
         # Equal configs arrive as one object per chunk (they were shared before pickling): compare each once.
         seen: dict[int, JSONObject] = {}
-        with _no_gc():
-            for values in chunk:
-                draft = state.Draft.unpack(values)
-                config = draft.config
-                shared = seen.get(id(config))
-                if shared is None:
-                    shared = seen[id(config)] = self.config(config)
-                draft.config = shared
-                into[draft.stream] = draft.freeze(codec.from_micros, self.ref)
+        for values in chunk:
+            draft = state.Draft.unpack(values)
+            config = draft.config
+            shared = seen.get(id(config))
+            if shared is None:
+                shared = seen[id(config)] = self.config(config)
+            draft.config = shared
+            into[draft.stream] = draft.freeze(codec.from_micros, self.ref)
 
 
 def _freeze_all(drafts: dict[str, state.Draft[int]], into: dict[str, Connection], shared: _Shared) -> None:
     # Drafts are dropped as they are frozen: the two never all live at once.
-    with _no_gc():
-        while drafts:
-            stream, draft = drafts.popitem()
-            into[stream] = shared.freeze(draft)
+    while drafts:
+        stream, draft = drafts.popitem()
+        into[stream] = shared.freeze(draft)
 
 
 # -- the other processes ---------------------------------------------------------------------
@@ -190,6 +188,11 @@ def _freeze_all(drafts: dict[str, state.Draft[int]], into: dict[str, Connection]
 
 def _child(pipe: Pipe, path: str, stop: int, part: scan.Bounds, verify: bool) -> None:
     """A process's whole life: fold ``part``, send the result (or the error), end."""
+    with _no_gc():
+        _child_life(pipe, path, stop, part, verify)
+
+
+def _child_life(pipe: Pipe, path: str, stop: int, part: scan.Bounds, verify: bool) -> None:
     try:
         db = scan.open_log(Path(path))
         try:
@@ -203,14 +206,13 @@ def _child(pipe: Pipe, path: str, stop: int, part: scan.Bounds, verify: bool) ->
             # Packed and pickled at once, while this process still has the core: this one only waits on its
             # reader from here on, rather than taking turns with it through the pipe's 64 KiB.
             chunks, drafts, shared = [], folded.drafts, _Shared()
-            with _no_gc():
-                while drafts:
-                    chunk = []
-                    for _ in range(min(CHUNK, len(drafts))):
-                        draft = drafts.popitem()[1]
-                        draft.config = shared.config(draft.config)  # pickled once per chunk
-                        chunk.append(draft.pack())
-                    chunks.append(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
+            while drafts:
+                chunk = []
+                for _ in range(min(CHUNK, len(drafts))):
+                    draft = drafts.popitem()[1]
+                    draft.config = shared.config(draft.config)  # pickled once per chunk
+                    chunk.append(draft.pack())
+                chunks.append(pickle.dumps(chunk, pickle.HIGHEST_PROTOCOL))
             pipe.send(("done", folded.records, folded.position, len(chunks)))
             for data in chunks:
                 pipe.send_bytes(data)
@@ -347,6 +349,13 @@ def replay_file(
 ) -> Result:
     """Fold the log at ``path`` up to ``until_position`` and before the first record recorded after
     ``until_micros`` (microseconds), in ``jobs`` processes; blocks."""
+    with _no_gc():
+        return _replay_file(path, until_position, until_micros, jobs, progress)
+
+
+def _replay_file(
+    path: Path, until_position: int | None, until_micros: int | None, jobs: int, progress: Progress
+) -> Result:
     db = scan.open_log(path)
     try:
         scan.snapshot(db)
@@ -400,6 +409,11 @@ def verify_file(path: Path, *, jobs: int = 1, progress: Progress = _nothing) -> 
     Each process reads its range's rows and folds its streams in one snapshot, up to the newest position the
     read model reflects (aggregated in SQL), so a daemon appending meanwhile cannot make them disagree.
     """
+    with _no_gc():
+        return _verify_file(path, jobs, progress)
+
+
+def _verify_file(path: Path, jobs: int, progress: Progress) -> tuple[list[Mismatch], int]:
     db = scan.open_log(path)
     try:
         scan.snapshot(db)

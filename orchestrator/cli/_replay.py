@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,8 @@ def replay(
             _differences(differences, as_json)
             return
         result = replay_mod.replay_file(path, until=until, progress=progress.update, jobs=jobs)
+    # Every connection replayed lives until the command ends: the collector need not walk them while it prints.
+    gc.freeze()
     if named is not None:
         anyio.run(_timeline_of, url, result, named, until, as_json)
         return
