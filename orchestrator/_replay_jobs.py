@@ -360,7 +360,7 @@ def _replay_file(
     try:
         scan.snapshot(db)
         stop = scan.last_position(db, position=until_position, micros=until_micros)
-        parts = scan.bounds(db, _shares(jobs, stop / max(1, scan.connections(db))) if jobs > 1 else [1.0])
+        parts = scan.bounds(db, _shares(jobs, stop / max(1, scan.connections(db))) if jobs > 1 else [1.0], stop)
         others = _start(path, stop, parts[1:], verify=False)
         try:
 
@@ -417,8 +417,8 @@ def _verify_file(path: Path, jobs: int, progress: Progress) -> tuple[list[Mismat
     db = scan.open_log(path)
     try:
         scan.snapshot(db)
-        parts = scan.bounds(db, [1 / jobs] * jobs)
         stop = scan.read_model_position(db)
+        parts = scan.bounds(db, [1 / jobs] * jobs, stop)
         others = _start(path, stop, parts[1:], verify=True)
         try:
 

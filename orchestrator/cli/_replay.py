@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from orchestrator.cli._exit import FAILURE
 from orchestrator.cli._settings import config_option
 
 if TYPE_CHECKING:
+    from orchestrator.model import Connection
     from orchestrator.replay import Difference, Replayed, Until
     from orchestrator.store import EventStore
 
@@ -198,7 +200,7 @@ def _connections(result: Replayed, as_json: bool) -> None:
     """Print every connection of ``result``: a table, or one JSON document."""
     rows = sorted(result.connections.values(), key=lambda c: c.ref)
     if as_json:
-        print_json({"position": result.position, "connections": [connection_json(c) for c in rows]})
+        _print_connections_json(rows, result.position)
         return
     print_table(connections_table(rows))
     click.echo(f"\n{len(rows)} connection(s), {result.records} record(s) folded, up to position {result.position}")
@@ -280,3 +282,55 @@ class _Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+_PRINT_EVERY = 1000
+"""Connections written at a time by :func:`_print_connections_json`."""
+
+
+def _print_connections_json(rows: list[Connection], position: int) -> None:
+    """``print_json({"position": position, "connections": [connection_json(c) for c in rows]})``, the same text,
+    written a thousand connections at a time: a log of 100,000 connections is never one document in memory."""
+    if not rows:
+        click.echo(f'{{\n  "connections": [],\n  "position": {position}\n}}')
+        return
+    click.echo('{\n  "connections": [')
+    last = len(rows) - 1
+    for start in range(0, len(rows), _PRINT_EVERY):
+        part = rows[start : start + _PRINT_EVERY]
+        texts = [_indented(connection_json(c)) for c in part]
+        click.echo(",\n".join(texts) + ("," if start + len(part) - 1 < last else ""))
+    click.echo(f'  ],\n  "position": {position}\n}}')
+
+
+def _indented(value: dict[str, Any]) -> str:
+    """``value`` as ``json.dumps(indent=2, sort_keys=True, ensure_ascii=False)`` writes it two levels down.
+
+    orjson writes the same text for what it holds here (strings, booleans, None, integers of 64 bits) about ten
+    times faster; a document with a float or a larger integer, which it writes otherwise, goes to :mod:`json`.
+    """
+    import orjson
+
+    if _orjson_writes_it_alike(value):
+        text = orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+    else:
+        text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
+    return "    " + text.replace("\n", "\n    ")
+
+
+def _orjson_writes_it_alike(value: object) -> bool:
+    """Whether ``value`` holds only what orjson and :mod:`json` write alike (no float, no integer beyond 64 bits,
+    no string orjson refuses: a lone surrogate)."""
+    if value is None or value is True or value is False:
+        return True
+    if type(value) is str:
+        return value.isascii() or not any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+    if type(value) is int:
+        return -(2**63) <= value < 2**64
+    if type(value) is dict:
+        return all(
+            type(k) is str and _orjson_writes_it_alike(k) and _orjson_writes_it_alike(v) for k, v in value.items()
+        )
+    if type(value) is list:
+        return all(_orjson_writes_it_alike(v) for v in value)
+    return False

@@ -14,9 +14,9 @@ on a plain read-only :mod:`sqlite3` connection in the caller's thread:
   :data:`~orchestrator.state.READS_DATA` (NULL for the others), ``event_id`` or
   ``causation_id`` (in one column) only where the fold reads them (``''``
   elsewhere); times stay integer microseconds;
-- :func:`bounds` splits the streams into ranges of about equal size (by the read
-  model's rows) for folding in several processes: each range scans the same
-  table but only its streams' rows reach Python;
+- :func:`bounds` splits the streams into ranges of about the shares asked (by a
+  sample of the records) for folding in several processes: each range scans the
+  same table but only its streams' rows reach Python;
 - :func:`last_position` turns ``--until`` into one position, and
   :func:`read_model` reads the rows ``--verify`` compares the fold with.
 
@@ -26,6 +26,7 @@ daemon appending meanwhile changes nothing of what is read.
 
 from __future__ import annotations
 
+import bisect
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -115,20 +116,36 @@ def last_position(db: sqlite3.Connection, *, position: int | None = None, micros
     return int(found or 0)
 
 
-def bounds(db: sqlite3.Connection, shares: Sequence[float]) -> list[Bounds]:
-    """Ranges of streams covering every stream, one per share, each with about that share of the read model's rows
-    (``shares`` add up to 1; fewer ranges when the read model has fewer rows than ranges)."""
-    count = connections(db)
+SAMPLE = 4096
+"""Records :func:`bounds` looks at to split the streams (by position: a lookup each, not a scan)."""
+
+
+def bounds(db: sqlite3.Connection, shares: Sequence[float], stop: int) -> list[Bounds]:
+    """Ranges of streams covering every stream, one per share, each holding about that share of the records up to
+    ``stop`` (``shares`` add up to 1; fewer ranges when there are fewer streams than ranges).
+
+    The streams of :data:`SAMPLE` records spread evenly over the log stand for all of them: the
+    fold's work is per record, and this reads a few pages rather than the read model or an index.
+    """
+    if stop < 1:
+        return [(None, None)]
+    step = max(1, stop // SAMPLE)
+    sampled = db.execute(
+        "WITH RECURSIVE at(p) AS (VALUES(1) UNION ALL SELECT p + ? FROM at WHERE p + ? <= ?)"
+        " SELECT stream FROM events JOIN at ON position = at.p",
+        (step, step, stop),
+    )
+    streams = sorted(row[0] for row in sampled)
     cuts: list[str] = []
     total = 0.0
     for share in shares[:-1]:
         total += share
-        offset = round(count * total)
-        if offset <= 0 or offset >= count:  # no range starts at the first stream, or after the last
-            continue
-        found = db.execute("SELECT stream FROM connections ORDER BY stream LIMIT 1 OFFSET ?", (offset,)).fetchone()
-        if found is not None and (not cuts or found[0] > cuts[-1]):
-            cuts.append(found[0])
+        if not streams:
+            break
+        # A range starts above the first stream and above the last cut: at the next stream sampled, if need be.
+        index = max(round(len(streams) * total), bisect.bisect_right(streams, cuts[-1] if cuts else streams[0]))
+        if index < len(streams):
+            cuts.append(streams[index])
     edges: list[str | None] = [None, *cuts, None]
     return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 

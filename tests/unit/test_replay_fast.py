@@ -3,6 +3,7 @@ the plain fold gives: ``state.fold_all`` over the records read through the store
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import shutil
@@ -107,7 +108,7 @@ def test_two_jobs_split_the_connections_in_two(golden: Path) -> None:
     """With two jobs, a log of several connections is folded in two ranges that cover every stream once."""
     streams = sorted({r.stream for r in read_records(golden)})
     with closing(scan.open_log(golden)) as db:
-        parts = scan.bounds(db, [0.5, 0.5])
+        parts = scan.bounds(db, [0.5, 0.5], scan.head(db))
     assert len(parts) == min(2, len(streams))
     covered = [s for s in streams for low, high in parts if (low is None or s >= low) and (high is None or s < high)]
     assert covered == streams
@@ -303,7 +304,9 @@ def test_a_refused_record_in_another_process_fails_the_replay(tmp_path: Path) ->
             (position, last, version),
         )
     with closing(scan.open_log(log)) as db:
-        assert last >= scan.bounds(db, [0.5, 0.5])[1][0], "the planted record is in the range another process folds"
+        assert last >= scan.bounds(db, [0.5, 0.5], scan.head(db))[1][0], (
+            "the planted record is in the range another process folds"
+        )
     records = read_records(log)
     assert state.fold_all(records[:-1])[last].state is not ConnectionState.DELETING  # so the planted record is refused
     with pytest.raises(InvalidTransition) as plain:
@@ -334,3 +337,42 @@ def test_a_packed_draft_unpacks_to_the_same_connection(golden: Path) -> None:
     for draft in drafts.values():
         again = state.Draft.unpack(draft.pack())
         assert again.freeze(codec.from_micros) == draft.freeze(codec.from_micros)
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+ODD_VALUES: list[Any] = [
+    1.5,
+    1e16,
+    2**70,
+    -(2**63),
+    2**64 - 1,
+    float("nan"),
+    "é✓😀\u2028\x00\x1f\x7f",
+    None,
+    True,
+    [],
+    {},
+    {"nested": [1, {"deep": 0.1}]},
+]
+
+
+@pytest.mark.parametrize("value", ODD_VALUES, ids=[repr(v)[:20] for v in ODD_VALUES])
+def test_replay_json_is_the_same_text_written_a_part_at_a_time(
+    golden: Path, value: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``replay --json`` writes, a thousand connections at a time, the very text one ``print_json`` of the whole
+    document wrote (orjson where it writes alike, json for floats, big integers and lone surrogates)."""
+    from orchestrator.cli import _replay as cli_replay
+    from orchestrator.cli._common import connection_json, print_json
+
+    replayed = replay.replay_file(golden)
+    rows = sorted(replayed.connections.values(), key=lambda c: c.ref)
+    odd = dataclasses.replace(rows[0], metadata={"odd": value, "plain": "x"}, config={"k": [value]})
+    for connections in ([], rows, [odd, *rows], [*rows] * 700):
+        print_json({"position": replayed.position, "connections": [connection_json(c) for c in connections]})
+        whole = capsys.readouterr().out
+        cli_replay._print_connections_json(connections, replayed.position)
+        assert capsys.readouterr().out == whole
+    # A lone surrogate (which neither can print to UTF-8) is never given to orjson, which refuses it outright.
+    assert not cli_replay._orjson_writes_it_alike({"k": "\ud800"})
