@@ -374,5 +374,7 @@ def test_replay_json_is_the_same_text_written_a_part_at_a_time(
         whole = capsys.readouterr().out
         cli_replay._print_connections_json(connections, replayed.position)
         assert capsys.readouterr().out == whole
-    # A lone surrogate (which neither can print to UTF-8) is never given to orjson, which refuses it outright.
-    assert not cli_replay._orjson_writes_it_alike({"k": "\ud800"})
+    # A lone surrogate (which neither can print to UTF-8) goes to json, which writes it: orjson refuses it.
+    lone = connection_json(dataclasses.replace(rows[0], rejection_reason="\ud800"))
+    whole = json.dumps(lone, indent=2, sort_keys=True, ensure_ascii=False)
+    assert cli_replay._indented(lone) == "    " + whole.replace("\n", "\n    ")
