@@ -29,7 +29,6 @@ the replaying process's, and its largest worker's (``RUSAGE_CHILDREN``).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -168,6 +167,7 @@ def create_empty(path: str) -> None:
 _BASELINE = """
 import json, resource, sqlite3, sys, time
 path, page, columns = sys.argv[1], 5000, sys.argv[2]
+before = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
 db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 count, position = 0, 1
@@ -185,20 +185,22 @@ db.close()
 elapsed = time.perf_counter() - started
 own = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"records": count, "seconds": elapsed, "rss_mib": own.ru_maxrss / 1024, "workers_rss_mib": 0,
-                  "cpu_s": own.ru_utime + own.ru_stime}))
+                  "cpu_s": own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime}))
 """
 
 _SUBJECT = """
 import json, resource, sys, time
 from pathlib import Path
 from orchestrator.replay import replay_file
+before = resource.getrusage(resource.RUSAGE_SELF)
 started = time.perf_counter()
 replayed = replay_file(Path(sys.argv[1]), jobs=int(sys.argv[2]))
 elapsed = time.perf_counter() - started
 own, workers = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 print(json.dumps({"records": replayed.records, "connections": len(replayed.connections), "seconds": elapsed,
                   "rss_mib": own.ru_maxrss / 1024, "workers_rss_mib": workers.ru_maxrss / 1024,
-                  "cpu_s": own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime}))
+                  "cpu_s": own.ru_utime + own.ru_stime - before.ru_utime - before.ru_stime + workers.ru_utime
+                           + workers.ru_stime}))
 """
 
 
@@ -213,15 +215,15 @@ def _run(code: str, *args: str) -> dict[str, Any]:
     return result
 
 
-def cores() -> int:
-    """The number of cores this process may run on: ``orchestrator replay``'s default ``--jobs``."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def measure_one(settings: Settings, log_path: Path, records: int) -> dict[str, Any]:
-    """The figures over one log: baseline, replay with the default jobs and with one, paired round by round."""
-    jobs = cores()
+    """The figures over one log: baseline, replay with ``orchestrator replay``'s default jobs and with one, paired
+    round by round (one run of replay when the default is one job)."""
+    from orchestrator.replay import default_jobs
+
+    jobs = default_jobs(records)
     names = {"baseline": (_BASELINE, _COLUMNS), "replay": (_SUBJECT, str(jobs)), "replay_1": (_SUBJECT, "1")}
+    if jobs == 1:
+        del names["replay_1"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     _run(_BASELINE, str(log_path), _COLUMNS)  # untimed: the file into the page cache
     for round_ in range(settings.rounds):
@@ -237,6 +239,7 @@ def measure_one(settings: Settings, log_path: Path, records: int) -> dict[str, A
                 f" + workers {result['workers_rss_mib']:.0f} MiB)"
             )
             runs[name].append(result)
+    runs.setdefault("replay_1", runs["replay"])
     out: dict[str, Any] = {
         name: {
             "rate": median([r["rate"] for r in rs]),
@@ -275,38 +278,43 @@ def measure(settings: Settings, workdir: Path, built: dict[int, Path] | None = N
     return out
 
 
+def _jobs(count: int) -> str:
+    return f"{count} job{'' if count == 1 else 's'}"
+
+
 def rows(fig: dict[str, Any], number: Any) -> list[tuple[str, str, str, str]]:
     """The replay section's rows of the table (``number`` formats a figure)."""
     out: list[tuple[str, str, str, str]] = []
     for size, one in fig["sizes"].items():
         base, ours, single = one["baseline"], one["replay"], one["replay_1"]
+        also = f"; {number(single['rate'])} (1 job: ratio {number(one['ratio_1'], 2)})" if one["jobs"] > 1 else ""
         out.append(
             (
                 f"Replay records/s, {int(size):,} records",
                 f"{number(base['rate'])} (sqlite3 + json.loads)",
-                f"{number(ours['rate'])} ({one['jobs']} jobs, {number(ours['seconds'], 2)} s);"
-                f" {number(single['rate'])} (1 job: ratio {number(one['ratio_1'], 2)})",
+                f"{number(ours['rate'])} ({_jobs(one['jobs'])}, {number(ours['seconds'], 2)} s){also}",
                 number(one["ratio"], 2),
             )
         )
     if fig["sizes"]:
         size, one = max(fig["sizes"].items(), key=lambda item: int(item[0]))
         base, ours, single = one["baseline"], one["replay"], one["replay_1"]
+        also = f"; {number(single['cpu_s'], 2)} (1 job: {number(one['cpu_ratio_1'], 2)})" if one["jobs"] > 1 else ""
         out.append(
             (
-                f"Replay CPU s (every process), {int(size):,} records",
+                f"Replay CPU s, every process, {int(size):,} records (ratio: baseline / replay)",
                 f"{number(base['cpu_s'], 2)} (sqlite3 + json.loads)",
-                f"{number(ours['cpu_s'], 2)} ({one['jobs']} jobs); {number(single['cpu_s'], 2)} (1 job: baseline/replay"
-                f" {number(one['cpu_ratio_1'], 2)})",
+                f"{number(ours['cpu_s'], 2)} ({_jobs(one['jobs'])}){also}",
                 number(one["cpu_ratio"], 2),
             )
         )
+        workers = f", its worker {number(ours['workers_rss_mib'])}" if one["jobs"] > 1 else ""
+        also = f"; {number(single['rss_mib'])} (1 job)" if one["jobs"] > 1 else ""
         out.append(
             (
                 f"Replay peak RSS MiB, {int(size):,} records",
                 f"{number(base['rss_mib'])} (sqlite3 + json.loads)",
-                f"{number(ours['rss_mib'])}, its worker {number(ours['workers_rss_mib'])} ({one['jobs']} jobs);"
-                f" {number(single['rss_mib'])} (1 job)",
+                f"{number(ours['rss_mib'])}{workers} ({_jobs(one['jobs'])}){also}",
                 number(ours["rss_mib"] / base["rss_mib"], 2),
             )
         )

@@ -12,6 +12,7 @@ each frozen once at the end.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -152,6 +153,19 @@ def _sqlite_file(store: EventStore) -> Path | None:
     from orchestrator.store.sqlite import SQLiteEventStore
 
     return store.file if isinstance(store, SQLiteEventStore) else None
+
+
+PARALLEL_FROM = 50_000
+"""The records from which ``orchestrator replay`` folds in several processes by default: below, starting them
+costs more than they save."""
+
+
+def default_jobs(records: int) -> int:
+    """The processes ``orchestrator replay`` folds ``records`` records in when ``--jobs`` is not given: one per
+    core this process may run on, for a log of :data:`PARALLEL_FROM` records or more; else 1."""
+    if records < PARALLEL_FROM:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def log_head(path: Path) -> int:

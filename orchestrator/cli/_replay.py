@@ -123,7 +123,7 @@ def replay(
 
     # Read directly, before any thread is started: the other processes are forked (cheap) rather than spawned.
     head = replay_mod.log_head(path)
-    jobs = jobs or (_cores() if head >= _Progress.THRESHOLD else 1)
+    jobs = jobs or replay_mod.default_jobs(head)
     with _Progress(head) as progress:
         if verify:
             differences = replay_mod.verify_file(path, progress=progress.update, jobs=jobs)
@@ -137,13 +137,6 @@ def replay(
         anyio.run(_timeline_of, url, result, named, until, as_json)
         return
     _connections(result, as_json)
-
-
-def _cores() -> int:
-    """The cores this process may run on."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 async def _replay_store(
