@@ -382,6 +382,7 @@ def _replay_file(
             _stop(others)
     finally:
         db.close()
+    progress(position)
     return Result(connections, records, position)
 
 
@@ -430,6 +431,7 @@ def _verify_file(path: Path, jobs: int, progress: Progress) -> tuple[list[Mismat
             mismatches = _compare(db, own, parts[0])
             for job in others:
                 mismatches.extend(_until_done(job)[3])
+            progress(stop)
         finally:
             _stop(others)
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -378,3 +379,35 @@ def test_replay_json_is_the_same_text_written_a_part_at_a_time(
     lone = connection_json(dataclasses.replace(rows[0], rejection_reason="\ud800"))
     whole = json.dumps(lone, indent=2, sort_keys=True, ensure_ascii=False)
     assert cli_replay._indented(lone) == "    " + whole.replace("\n", "\n    ")
+
+
+def test_fast_constructors_build_what_the_dataclasses_build(golden: Path) -> None:
+    """The fold's constructors of frozen values (slots set directly) make objects equal to the classes' own."""
+    for connection in replay.replay_file(golden).connections.values():
+        fields = [getattr(connection, f.name) for f in dataclasses.fields(Connection)]
+        assert state._connection(*fields) == Connection(*fields)
+        mark = connection.lifecycle
+        assert state._mark(mark.event_id, mark.type, mark.position, mark.version) == mark
+        for outcome in connection.outcomes:
+            made = state._outcome(outcome.name, outcome.status, outcome.attempts, outcome.error, outcome.duration_ms)
+            assert made == outcome
+            assert hash(made) == hash(outcome)
+
+
+def test_default_jobs_are_one_for_a_small_log_and_the_cores_for_a_large_one() -> None:
+    """Below PARALLEL_FROM records, one process; from it on, one per core this process may use."""
+    assert replay.default_jobs(0) == replay.default_jobs(replay.PARALLEL_FROM - 1) == 1
+    assert replay.default_jobs(replay.PARALLEL_FROM) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("jobs", JOBS)
+def test_progress_is_told_positions_up_to_the_last(golden: Path, jobs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pages of a few records, progress is told positions that never go back, up to the last one."""
+    monkeypatch.setattr(scan, "PAGE", 2)
+    monkeypatch.setattr(_replay_jobs, "PROGRESS_EVERY", 1)
+    told: list[int] = []
+    replayed = replay.replay_file(golden, jobs=jobs, progress=told.append)
+    assert told, "progress was never told"
+    assert told == sorted(told)
+    assert told[-1] == replayed.position
+    assert len(told) > 1
