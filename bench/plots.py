@@ -43,7 +43,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
 
 
-_RSS_KEYS = {"peak_rss_mb": 1.0, "peak_rss_mib": 1.048576, "peak_rss_kib": 1.024e-3, "peak_rss_bytes": 1e-6}
+_RSS_KEYS = {
+    "peak_rss_mb": 1.0,
+    "peak_rss_mib": 1.048576,
+    "rss_mib": 1.048576,
+    "peak_rss_kib": 1.024e-3,
+    "peak_rss_bytes": 1e-6,
+}
 """A replay figure's peak RSS, under any of these names, and the factor to MB (10**6 bytes)."""
 
 
