@@ -169,15 +169,7 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 )
             )
     if "replay" in results and "error" not in results["replay"]:
-        fig = results["replay"]
-        rows.append(
-            (
-                f"Replay records/s, {_n(fig['records'])} records",
-                f"{_n(fig['baseline']['rate'])} (sqlite3 + json.loads)",
-                f"{_n(fig['replay']['rate'])} (replay())",
-                _n(fig["ratio"], 2),
-            )
-        )
+        rows += fold.rows(results["replay"], _n)
     if "startup" in results and "error" not in results["startup"]:
         fig = results["startup"]
         rows.append(
@@ -493,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             _harness.log(f"log written: {built['records']:,} records in {built['seconds']:.1f}s")
             results["log"] = built
             if "replay" in args.only:
-                _section(results, "replay", fold.measure, settings, large, built["records"])
+                _section(results, "replay", fold.measure, settings, workdir, {built["records"]: large})
             if "startup" in args.only:
                 _harness.in_child(fold.create_empty, str(empty), timeout=60)
                 _section(results, "startup", startup.measure, settings, empty, large, built["records"])

@@ -7,7 +7,7 @@ in :class:`~orchestrator.model.Connection` needs no schema migration.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestrator.model import Connection, ConnectionRef, ConnectionState, FunctionStatus, JSONObject, Mark, Outcome
@@ -25,9 +25,13 @@ def to_micros(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def from_micros(micros: int) -> datetime:
     """The inverse of :func:`to_micros`, always timezone-aware UTC."""
-    return datetime.fromtimestamp(micros // 1_000_000, tz=UTC).replace(microsecond=micros % 1_000_000)
+    # Twice as fast as fromtimestamp().replace(): replay makes two per connection, the daemon one per record read.
+    return _EPOCH + timedelta(0, 0, micros)
 
 
 def _mark(mark: Mark) -> JSONObject:

@@ -12,7 +12,8 @@
 - :mod:`orchestrator.store._tail`: the last committed records in memory, which every backend fills
   at commit time and serves caught-up followers from (:meth:`EventStore.read_tail`);
 - :mod:`orchestrator.store._migrations`: numbered ``.sql`` migrations under ``sql/<backend>/``;
-- :mod:`orchestrator.store._location`: the checks of a log's path before it is opened (``serve --check``).
+- :mod:`orchestrator.store._location`: the checks of a log's path before it is opened (``serve --check``);
+- :mod:`orchestrator.store._sqlite_scan`: ``orchestrator replay``'s direct, read-only reads of an SQLite log.
 
 Every backend passes ``tests/contract/test_store_contract.py``. Backends are
 chosen by URL with :func:`open_store`. Nothing here imports the RPC layer.

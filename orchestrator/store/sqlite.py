@@ -105,6 +105,11 @@ class SQLiteEventStore:
             if store._writer is not None:
                 store._writer.closed()
 
+    @property
+    def file(self) -> Path:
+        """The database file (``orchestrator replay`` reads it directly, read-only)."""
+        return self._path
+
     @asynccontextmanager
     async def _open(self) -> AsyncIterator[None]:
         writer, path = self._writer, self._path
