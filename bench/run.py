@@ -42,11 +42,24 @@ from bench import (  # noqa: E402 - needs the path set just above
     followers,
     isolation,
     plots,
+    postgres,
     rpc,
     startup,
 )
 
-SECTIONS = ("grpc", "cpu", "followers", "append", "replay", "startup", "peer", "isolation", "rss", "console")
+SECTIONS = (
+    "grpc",
+    "cpu",
+    "followers",
+    "append",
+    "replay",
+    "startup",
+    "peer",
+    "isolation",
+    "rss",
+    "console",
+    "postgres",
+)
 GOALS: tuple[tuple[str, str, float], ...] = (
     ("emit server CPU per call / echo's, exporters none", "<=", 2.0),
     ("emit server CPU per call / echo's, every span exported over OTLP", "<=", 3.0),
@@ -188,11 +201,34 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         idle = (fig["idle"], "console idle")
         busy = (fig["open"], f"{fig['pollers']} pollers and a live tail")
         rows += _load_rows(titles, idle, busy, fig["ratio"])
+    if "postgres" in results and "error" not in results["postgres"]:
+        rows.extend(_postgres_rows(results["postgres"]))
     rows.extend(
         (f"{name}: FAILED", "", str(results[name]["error"]).splitlines()[0], "")
         for name in SECTIONS
         if name in results and "error" in results[name]
     )
+    return rows
+
+
+def _postgres_rows(fig: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Emits at 64 in flight on one SQLite daemon and on 1, 2, 3 daemons sharing a PostgreSQL log, to echo."""
+    load = f"{fig['in_flight']} in flight"
+    rows = _load_rows(
+        ("Emit calls/s", "Emit latency p50 / p99 ms", f"{load}, SQLite"),
+        (fig["echo"], "echo"),
+        (fig["sqlite"], "1 daemon, SQLite"),
+        fig["sqlite"]["ratio"],
+    )
+    for n in fig["daemons"]:
+        ours = fig[f"postgres_{n}"]
+        daemons = f"{n} daemon{'s' if n > 1 else ''}"
+        rows += _load_rows(
+            ("Emit calls/s", "Emit latency p50 / p99 ms", f"{load}, {daemons} on PostgreSQL"),
+            (fig["echo"], "echo"),
+            (ours, f"{daemons}, PostgreSQL; {_n(ours['ratio_to_sqlite']['rate'], 2)} of SQLite's"),
+            ours["ratio"],
+        )
     return rows
 
 
@@ -461,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             _section(results, "console", console.measure, settings, workdir)
         if "rss" in args.only:
             _section(results, "rss", credentials_rss.measure, settings, workdir)
+        if "postgres" in args.only:
+            _section(results, "postgres", postgres.measure, settings, workdir)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["load_average_at_end"] = list(os.getloadavg())
     table = _markdown(results)

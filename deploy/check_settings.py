@@ -138,9 +138,22 @@ def compose_volumes(path: Path, service: str) -> set[str]:
     return folders
 
 
-def kubernetes_volumes(directory: Path) -> set[str]:
+def manifests(directory: Path) -> list[dict[str, Any]]:
+    """The objects of the manifests in ``directory``."""
+    return [d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def rendered(overlay: Path) -> list[dict[str, Any]] | None:
+    """The objects ``kubectl kustomize overlay`` renders (None: no kubectl here; deploy/validate says so)."""
+    try:
+        result = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        return None
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def kubernetes_volumes(documents: list[dict[str, Any]]) -> set[str]:
     """The folders the daemon container mounts a volume other than a ConfigMap or a Secret at (the data)."""
-    documents = [d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     pod = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     return {
@@ -173,10 +186,9 @@ def compose_env(path: Path, service: str) -> tuple[dict[str, str], set[str]]:
     return {name: _INTERPOLATION.sub("placeholder", str(value)) for name, value in environment.items()}, secrets
 
 
-def kubernetes_env(directory: Path) -> tuple[dict[str, str], dict[str, str], set[str]]:
+def kubernetes_env(documents: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, str], set[str]]:
     """The daemon container's environment, the files its ConfigMap volumes provide (by mount path), and the
     folders its Secret volumes are mounted at."""
-    documents = [d for f in sorted(directory.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     config_maps = {d["metadata"]["name"]: d.get("data", {}) for d in documents if d["kind"] == "ConfigMap"}
     deployment = next(d for d in documents if d["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -285,11 +297,13 @@ def check(
 
 
 def main() -> int:
-    """Check the four flavours; print the problems and return 1 if there are any."""
+    """Check every flavour; print the problems and return 1 if there are any."""
     known = known_variables()
     image = dockerfile_env(DEPLOY / "Dockerfile")
-    k8s_env, k8s_files, k8s_secrets = kubernetes_env(DEPLOY / "kubernetes")
+    base = manifests(DEPLOY / "kubernetes")
+    k8s_env, k8s_files, k8s_secrets = kubernetes_env(base)
     compose, compose_secrets = compose_env(DEPLOY / "compose.yaml", "orchestrator")
+    shared, shared_secrets = compose_env(DEPLOY / "compose.postgres.yaml", "orchestrator-a")
     volumes = dockerfile_volumes(DEPLOY / "Dockerfile")
     unit = DEPLOY / "systemd/orchestrator.service"
     flavours: dict[str, tuple[dict[str, str], dict[str, str], set[str], set[str]]] = {
@@ -304,7 +318,13 @@ def main() -> int:
             {**image, **k8s_env},
             k8s_files,
             k8s_secrets,
-            volumes | kubernetes_volumes(DEPLOY / "kubernetes"),
+            volumes | kubernetes_volumes(base),
+        ),
+        "compose on PostgreSQL (deploy/compose.postgres.yaml)": (
+            {**image, **shared},
+            {},
+            shared_secrets,
+            volumes | compose_volumes(DEPLOY / "compose.postgres.yaml", "orchestrator-a"),
         ),
         "systemd (deploy/systemd/orchestrator.service)": (
             systemd_env(unit),
@@ -313,6 +333,17 @@ def main() -> int:
             systemd_state_directories(unit),
         ),
     }
+    overlay = rendered(DEPLOY / "kubernetes-postgres")
+    if overlay is None:
+        print("kubernetes on PostgreSQL (deploy/kubernetes-postgres): skipped, kubectl is not installed here")
+    else:
+        env, files, secrets = kubernetes_env(overlay)
+        flavours["kubernetes on PostgreSQL (deploy/kubernetes-postgres)"] = (
+            {**image, **env},
+            files,
+            secrets,
+            volumes | kubernetes_volumes(overlay),
+        )
     problems = [
         p
         for flavour, (env, files, secrets, data) in flavours.items()

@@ -30,6 +30,8 @@ TRACE_ID = "{trace_id}"
 DEFAULT_DATA_DIR = Path(".orchestrator")
 DEFAULT_GRACE_PERIOD = 10.0
 DEFAULT_DATABASE_POOL_SIZE = 10
+DEFAULT_DATABASE_LEASE = 30.0
+"""Seconds a job's claim holds in a PostgreSQL log before it is renewed, or taken over by another daemon."""
 """Connections a daemon keeps to a PostgreSQL log at most (and one more that listens for the others' commits)."""
 DEFAULT_ATTEMPT_TIMEOUT = 60.0
 """Seconds one attempt of an asynchronous function may take (a function may declare its own)."""
@@ -233,6 +235,9 @@ class ServeConfig:
     PostgreSQL schema that holds other tables."""
     database_pool_size: int = DEFAULT_DATABASE_POOL_SIZE
     """Connections to a PostgreSQL log at most (SQLite: unused)."""
+    database_lease: float = DEFAULT_DATABASE_LEASE
+    """Seconds a claimed job's lease runs in a PostgreSQL log before it is renewed (a third of it between renewals):
+    how soon another daemon takes over the jobs of one that died (SQLite: unused)."""
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)
     integrations: Mapping[str, Integration] = field(default_factory=dict)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

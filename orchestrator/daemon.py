@@ -286,7 +286,13 @@ async def _serve(
     new_log = made.log is not None and not await anyio.Path(made.log).exists()
     async with (
         telemetry.telemetry(config.telemetry),
-        open_store(database, clock=clock, init=config.init, pool_size=config.database_pool_size) as store,
+        open_store(
+            database,
+            clock=clock,
+            init=config.init,
+            pool_size=config.database_pool_size,
+            lease=config.database_lease,
+        ) as store,
         httpx.AsyncClient(follow_redirects=False) as http,
         anyio.create_task_group() as tg,
     ):

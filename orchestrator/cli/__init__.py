@@ -24,6 +24,7 @@ from orchestrator.cli._emit import emit
 from orchestrator.cli._events import events
 from orchestrator.cli._functions import dryrun, functions
 from orchestrator.cli._jobs import jobs
+from orchestrator.cli._migrate import migrate
 from orchestrator.cli._new import new
 from orchestrator.cli._replay import replay
 from orchestrator.cli._serve import serve
@@ -38,6 +39,7 @@ __all__ = [
     "jobs",
     "keygen",
     "main",
+    "migrate",
     "new",
     "replay",
     "rotate_key",
@@ -85,6 +87,6 @@ def main() -> None:
     """
 
 
-for _command in (serve, emit, connections, jobs, events, functions, dryrun, new, replay, keygen, rotate_key):
+for _command in (serve, emit, connections, jobs, events, functions, dryrun, new, replay, migrate, keygen, rotate_key):
     main.add_command(_command)
 main.add_command(credentials_group, "credentials")

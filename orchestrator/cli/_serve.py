@@ -128,6 +128,16 @@ def _dispatch_config(values: dict[str, Any], variables: dict[str, dict[str, str]
     help="Connections to a PostgreSQL log at most (one more listens for other daemons' commits); SQLite: unused.",
 )
 @click.option(
+    "--database-lease",
+    envvar="ORCHESTRATOR_DATABASE_LEASE",
+    metavar="SECONDS",
+    show_envvar=True,
+    type=click.FloatRange(min=0.5),
+    default=config.DEFAULT_DATABASE_LEASE,
+    help="PostgreSQL: seconds a running job's claim holds before it is renewed (every third of it); a dead"
+    " daemon's jobs are taken over by another after at most this long. SQLite: unused.",
+)
+@click.option(
     "--grace-period",
     envvar="ORCHESTRATOR_GRACE_PERIOD",
     metavar="SECONDS",
@@ -242,6 +252,7 @@ def serve(
     trace_url: str,
     database: str | None,
     database_pool_size: int,
+    database_lease: float,
     grace_period: float,
     insecure: bool,
     tls_cert: Path | None,
@@ -296,6 +307,7 @@ def serve(
         trace_url=trace_url.strip(),
         database=database or "",
         database_pool_size=database_pool_size,
+        database_lease=database_lease,
         grace_period=grace_period,
         insecure=insecure,
         skip_broken_plugins=skip_broken_plugins,

@@ -83,6 +83,7 @@ async def open_store(
     tail: TailBounds = DEFAULT_TAIL,
     cache_rows: int = ROW_CACHE,
     pool_size: int | None = None,
+    lease: float | None = None,
 ) -> AsyncIterator[EventStore]:
     """Open the store that ``url`` names for the duration of the ``async with`` block.
 
@@ -90,7 +91,8 @@ async def open_store(
     or in a PostgreSQL schema that holds other tables; a missing file is created without it.
     ``tail`` bounds the in-memory tail of recent commits that caught-up followers are served
     from; ``cache_rows`` the read-model rows an SQLite store keeps in memory (see
-    :mod:`orchestrator.store._cache`); ``pool_size`` the connections of a PostgreSQL store's pool.
+    :mod:`orchestrator.store._cache`); ``pool_size`` the connections of a PostgreSQL store's pool, ``lease``
+    the longest its claims hold before they are renewed (see :mod:`orchestrator.store._postgres_jobs`).
     """
     clock = clock or SystemClock()
     path = sqlite_path(url)
@@ -106,7 +108,7 @@ async def open_store(
         from orchestrator.store.postgres import POOL_SIZE, PostgresEventStore
 
         async with PostgresEventStore.open(
-            url, readonly=readonly, clock=clock, init=init, tail=tail, pool_size=pool_size or POOL_SIZE
+            url, readonly=readonly, clock=clock, init=init, tail=tail, pool_size=pool_size or POOL_SIZE, lease=lease
         ) as postgres:
             yield postgres
         return

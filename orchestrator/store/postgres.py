@@ -62,6 +62,7 @@ from orchestrator.store._sqlite_rows import (
     sealed_from_row,
 )
 from orchestrator.store._tail import DEFAULT_TAIL, Tail, TailBounds, TailPage, weight
+from orchestrator.store._transfer import PostgresImport
 
 if TYPE_CHECKING:
     from orchestrator.store._postgres_write import Db
@@ -370,6 +371,24 @@ class PostgresEventStore:
             self.leases.released(job.job_id)
         assert write.connection is not None
         return Appended(tuple(write.records), write.connection)
+
+    @asynccontextmanager
+    async def importing(self) -> AsyncIterator[PostgresImport]:
+        """A bulk copy of a whole log into this one, which must hold no row (``orchestrator migrate``).
+
+        Rows are copied verbatim (positions, versions, ids, jobs, sealed rows) in one transaction,
+        committed when the block ends (rolled back if it raises): an interrupted copy leaves the
+        log empty. The head's row is locked from the start, so that the appends of a daemon started
+        on this log meanwhile wait and then continue after the copied positions. See
+        :mod:`orchestrator.store._transfer`.
+        """
+        pool = self._pool
+        if self._readonly or pool is None or self._closed:
+            raise Unavailable("the event store is read-only" if self._readonly else "the event store is closed")
+        async with pool.acquire() as con, con.transaction():  # the driver's errors are wrapped by PostgresImport
+            copy = PostgresImport(con, self._names.schema, self._where)
+            await copy.start()
+            yield copy
 
     async def claim_jobs(self, *, limit: int, lease: float, exclude: frozenset[str] = frozenset()) -> list[Job]:
         """See :meth:`EventStore.claim_jobs`: ``FOR UPDATE SKIP LOCKED``, leased as :mod:`_postgres_jobs` says."""

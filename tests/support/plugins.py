@@ -17,7 +17,8 @@ from pathlib import Path
 from orchestrator.plugins import GROUP, Registry, discover
 
 PLUGIN = Path(__file__).resolve().parent / "plugin"
-"""The folder of ``orchestrator_isolated``, the process isolation tests' plugin (integration ``isolated``)."""
+"""The folder of the test plugins: ``orchestrator_isolated``, the process isolation tests' (integration ``isolated``),
+and ``orchestrator_lease``, the lease tests' (integration ``lease``)."""
 ISOLATED = {
     "holds-the-loop": "orchestrator_isolated:holds_the_loop",
     "hangs": "orchestrator_isolated:hangs",
@@ -33,6 +34,8 @@ ISOLATED = {
     "shows-its-context-sync": "orchestrator_isolated:shows_its_context_sync",
 }
 """Its functions' entry points."""
+LEASE = {"registers-slowly": "orchestrator_lease:registers_slowly"}
+"""The lease tests' plugin (integration ``lease``): a creation function the test makes slow at its first attempt."""
 BROKEN_IN_WORKERS = {"dies-in-workers": "orchestrator_isolated_broken:never_runs"}
 """A plugin whose module ends the interpreter of a worker process that imports it (the daemon imports it fine)."""
 
