@@ -132,6 +132,16 @@ class _Retry(_Op):
     run_at: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """An append checked, numbered, folded and encoded, not staged yet (see :meth:`Writer._plan`)."""
+
+    records: list[Record]
+    connection: Connection
+    rows: list[tuple[Any, ...]]
+    job_rows: list[tuple[Any, ...]]
+
+
 @dataclass(eq=False)
 class _Txn:
     """What one batch writes, gathered for ``executemany``."""
@@ -384,49 +394,35 @@ class Writer:
         txn = _Txn(current={}, position=self.tail.head + 1, recorded_at=codec.from_micros(now))
         rest: list[_Op] = []
         left: set[str | None] = set()
-        cache = self.cache
         for op in batch:
             op.error = op.result = None
-            stream = op.stream
-            if not isinstance(op, _Append) or op.cancel_jobs or stream in left:
-                rest.append(op)
-                left.add(stream)
-                continue
-            current = txn.current[stream] if stream in txn.current else cache.get(op.ref.stream)
-            if current is UNKNOWN:
-                rest.append(op)
-                left.add(stream)
-                continue
             try:
-                check_seal(op.ref, op.events, op.seal)
-                records, connection = plan_append(
-                    current,
-                    op.ref,
-                    op.expected_version,
-                    op.events,
-                    first_position=txn.position,
-                    recorded_at=txn.recorded_at,
-                )
-                if connection.state in ENDED:
-                    rest.append(op)
-                    left.add(stream)
-                    continue
-                created = codec.to_micros(txn.recorded_at)
-                job_rows = [(*job_to_row(j, op.ref.stream, created), connection.incarnation) for j in op.jobs]
-                rows = [record_to_row(r) for r in records]
+                planned = self._planned_here(txn, op, left)
             except OrchestratorError as exc:
                 op.error = exc
                 continue
             except (TypeError, ValueError) as exc:  # data that cannot be encoded as JSON
                 op.error = InvalidArgument(f"the record cannot be stored: {exc}")
                 continue
-            self._stage_records(txn, records, connection, rows)
-            txn.job_rows.extend(job_rows)
-            if op.seal is not None:
-                txn.sealed[op.ref.stream] = sealed_version(op.seal, records)
-            op.result = Appended(tuple(records), connection)
+            if planned is None:
+                rest.append(op)
+                left.add(op.stream)
+                continue
+            assert isinstance(op, _Append)  # only appends are planned here
+            op.result = self._take(txn, op, planned)
         txn.encoded = {stream: connection_to_row(txn.current[stream]) for stream in txn.touched}
         return txn, rest
+
+    def _planned_here(self, txn: _Txn, op: _Op, left: set[str | None]) -> _Planned | None:
+        """``op`` planned on the loop, or None when it needs the database (see :meth:`_stage`)."""
+        if not isinstance(op, _Append) or op.cancel_jobs or op.stream in left:
+            return None
+        stream = op.ref.stream
+        current = txn.current[stream] if stream in txn.current else self.cache.get(stream)
+        if current is UNKNOWN:
+            return None
+        planned = self._plan(txn, current, op)
+        return None if planned.connection.state in ENDED else planned
 
     def _wrap(self, exc: Exception, op: _Op) -> OrchestratorError:
         error: OrchestratorError
@@ -504,17 +500,45 @@ class Writer:
         )
         rows = [record_to_row(r) for r in records]  # may raise: before anything is staged
         self._stage_records(txn, records, connection, rows)
-        txn.encoded.pop(ref.stream, None)  # the row changed after the loop encoded it
         return Appended(tuple(records), connection)
 
     @staticmethod
     def _stage_records(txn: _Txn, records: list[Record], connection: Connection, rows: list[tuple[Any, ...]]) -> None:
         txn.current[connection.ref.stream] = connection
         txn.touched.add(connection.ref.stream)
+        txn.encoded.pop(
+            connection.ref.stream, None
+        )  # in the writer's thread: the row changed after the loop encoded it
         txn.position += len(records)
         txn.event_rows.extend(rows)
         txn.records.extend(records)
         txn.weights.extend(weight(record, row[5]) for record, row in zip(records, rows, strict=True))
+
+    @staticmethod
+    def _plan(txn: _Txn, current: Connection | None, op: _Append) -> _Planned:
+        """Check, number, fold and encode ``op`` onto ``current``; raises, having staged nothing, if refused."""
+        check_seal(op.ref, op.events, op.seal)
+        created = codec.to_micros(txn.recorded_at)
+        jobs = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
+        records, connection = plan_append(
+            current,
+            op.ref,
+            op.expected_version,
+            op.events,
+            first_position=txn.position,
+            recorded_at=txn.recorded_at,
+        )
+        rows = [record_to_row(r) for r in records]
+        # The jobs belong to the incarnation the append leaves the connection in.
+        return _Planned(records, connection, rows, [(*row, connection.incarnation) for row in jobs])
+
+    def _take(self, txn: _Txn, op: _Append, planned: _Planned) -> Appended:
+        """Stage a planned append: its records, the connection's row, its jobs and its sealed credentials."""
+        self._stage_records(txn, planned.records, planned.connection, planned.rows)
+        txn.job_rows.extend(planned.job_rows)
+        if op.seal is not None:
+            txn.sealed[op.ref.stream] = sealed_version(op.seal, planned.records)
+        return Appended(tuple(planned.records), planned.connection)
 
     # Each write below checks everything, then stages its records (``_add_records``, which refuses
     # before staging anything), and only then changes existing job rows, at once: a claim later in
@@ -527,20 +551,13 @@ class Writer:
             sql = f"SELECT job_id, lease_token FROM jobs WHERE job_id IN ({marks}) AND {LIVE}"
             if dict(db.execute(sql, list(wanted)).fetchall()) != wanted:
                 raise LeaseLost(f"{op.ref}: a job to cancel was claimed again or ended meanwhile; nothing was written")
-        check_seal(op.ref, op.events, op.seal)
-        created = codec.to_micros(txn.recorded_at)
-        job_rows = [job_to_row(j, op.ref.stream, created) for j in op.jobs]
-        appended = self._add_records(txn, op.ref, op.expected_version, op.events)
+        appended = self._take(txn, op, self._plan(txn, txn.current.get(op.ref.stream), op))
         if op.cancel_jobs:
             db.executemany(
                 "UPDATE jobs SET status = 'cancelled', lease_until = NULL, updated_at = ? WHERE job_id = ?",
-                [(created, j.job_id) for j in op.cancel_jobs],
+                [(codec.to_micros(txn.recorded_at), j.job_id) for j in op.cancel_jobs],
             )
             txn.jobs_changed = True
-        # The jobs belong to the incarnation the append leaves the connection in.
-        txn.job_rows.extend((*row, appended.connection.incarnation) for row in job_rows)
-        if op.seal is not None:
-            txn.sealed[op.ref.stream] = sealed_version(op.seal, appended.records)
         return self._shred(db, txn, op.ref, appended) or appended
 
     def _apply_finish(self, db: sqlite3.Connection, txn: _Txn, op: _Finish) -> Appended | None:
