@@ -253,6 +253,25 @@ def orchestrator_command() -> list[str]:
     return [sys.executable, "-m", "orchestrator"]
 
 
+def serve_command(database: str, *, grace_period: float = 1, web_listen: str = "") -> list[str]:
+    """``orchestrator serve`` on 127.0.0.1:0 with the log at ``database`` (a URL), its web console off unless
+    ``web_listen``, logging at INFO (the harness waits for the INFO "serving" line)."""
+    return [
+        *orchestrator_command(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--web-listen",
+        web_listen,
+        "--database",
+        database,
+        "--grace-period",
+        f"{grace_period:g}",
+        "--log-level",
+        "info",
+    ]
+
+
 def clean_env() -> dict[str, str]:
     """This environment without ``ORCHESTRATOR_*`` and ``OTEL_*`` settings, so a user's config cannot skew a figure."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("ORCHESTRATOR_", "OTEL_"))}

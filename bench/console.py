@@ -30,9 +30,9 @@ from bench._harness import (
     in_child,
     log,
     median,
-    orchestrator_command,
     paired_ratio,
     run_loop,
+    serve_command,
     summarise,
 )
 from bench.rpc import client as emit_client
@@ -104,8 +104,7 @@ def measure(settings: Settings, workdir: Path) -> dict[str, Any]:
     database = f"sqlite://{workdir / 'console-events.db'}"
     web_port = free_port()
     base = f"http://127.0.0.1:{web_port}"
-    daemon_argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--database", database]
-    daemon_argv += ["--web-listen", f"127.0.0.1:{web_port}", "--grace-period", "1", "--log-level", "info"]
+    daemon_argv = serve_command(database, web_listen=f"127.0.0.1:{web_port}")
     runs: dict[str, list[dict[str, Any]]] = {"idle": [], "open": []}
     served: list[dict[str, Any]] = []
     window = settings.warmup_s + settings.duration_s

@@ -55,10 +55,10 @@ from bench._harness import (
     in_child,
     log,
     median,
-    orchestrator_command,
     paired_ratio,
     process_cpu_seconds,
     run_loop,
+    serve_command,
 )
 
 IN_FLIGHT = 64
@@ -275,17 +275,7 @@ def client(
 
 def daemon_argv(database: Path) -> list[str]:
     """``orchestrator serve`` on ``database`` at its defaults (INFO logs), on a free port of 127.0.0.1."""
-    argv = [
-        *orchestrator_command(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "",
-        "--database",
-        f"sqlite://{database}",
-    ]
-    return [*argv, "--grace-period", "5", "--log-level", "info"]
+    return serve_command(f"sqlite://{database}", grace_period=5)
 
 
 def plain_env(site: Path) -> dict[str, str]:

@@ -46,9 +46,9 @@ from bench._harness import (  # noqa: E402 - needs the path set just above
     Settings,
     in_child,
     log,
-    orchestrator_command,
     rss_kib,
     run_loop,
+    serve_command,
 )
 
 IN_FLIGHT = 64
@@ -105,17 +105,7 @@ def emit_curve(address: str, pid: int, step: int, large: int) -> dict[str, Any]:
 
 def curve(step: int, large: int, database: Path) -> dict[str, Any]:
     """RSS after every ``step`` new connections with credentials up to ``large``; ratio last / first reading."""
-    argv = [
-        *orchestrator_command(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "",
-        "--database",
-        f"sqlite://{database}",
-    ]
-    argv += ["--grace-period", "5", "--log-level", "info"]  # the harness waits for the INFO "serving" line
+    argv = serve_command(f"sqlite://{database}", grace_period=5)
     with Server(argv, name="orchestrator serve", timeout=60) as daemon:
         at_start = rss_kib(daemon.pid)
         log(f"rss: daemon pid {daemon.pid}: {at_start / 1024:.1f} MiB at start")

@@ -48,11 +48,11 @@ from bench._harness import (
     in_child,
     log,
     median,
-    orchestrator_command,
     paired_ratio,
     percentile,
     process_cpu_seconds,
     run_loop,
+    serve_command,
 )
 
 FOLLOWERS = 200
@@ -322,8 +322,7 @@ def _log(name: str, round_: int, result: dict[str, Any]) -> None:
 def measure(settings: Settings, workdir: Path, rate: float = RATE) -> dict[str, Any]:
     """The followers figures: emit latency with none and with :data:`FOLLOWERS`, and their ratio."""
     database = f"sqlite://{workdir / 'followers-events.db'}"
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--web-listen", "", "--database", database]
-    argv += ["--grace-period", "1", "--log-level", "info"]
+    argv = serve_command(database)
     runs: dict[str, list[dict[str, Any]]] = {"none": [], "followers": []}
     timeout = settings.warmup_s + settings.duration_s + 120
     with Server(argv, name="orchestrator serve") as daemon:

@@ -30,9 +30,9 @@ from bench._harness import (
     closed_loop,
     in_child,
     log,
-    orchestrator_command,
     paired_ratio,
     run_loop,
+    serve_command,
     summarise,
 )
 from bench.rpc import CONNECTION_IDS, ECHO_SERVER, emit_template
@@ -123,9 +123,7 @@ def _database() -> Any:
 
 
 def _daemon(database: str, name: str, key: str) -> Server:
-    argv = [*orchestrator_command(), "serve", "--listen", "127.0.0.1:0", "--web-listen", "", "--database", database]
-    argv += ["--grace-period", "1", "--log-level", "info"]
-    return Server(argv, name=name, env={"ORCHESTRATOR_SECRET_KEY": key})
+    return Server(serve_command(database), name=name, env={"ORCHESTRATOR_SECRET_KEY": key})
 
 
 def measure(settings: Settings, workdir: Path) -> dict[str, Any]:

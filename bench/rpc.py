@@ -24,9 +24,9 @@ from bench._harness import (
     closed_loop,
     in_child,
     log,
-    orchestrator_command,
     paired_ratio,
     run_loop,
+    serve_command,
     summarise,
 )
 
@@ -104,17 +104,7 @@ def client(
 def measure(settings: Settings, workdir: Path) -> dict[str, Any]:
     """The gRPC figures: per concurrency, echo and emit medians and their ratios."""
     database = f"sqlite://{workdir / 'grpc-events.db'}"
-    daemon_argv = [
-        *orchestrator_command(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "",
-        "--database",
-        database,
-    ]
-    daemon_argv += ["--grace-period", "1", "--log-level", "info"]
+    daemon_argv = serve_command(database)
     out: dict[str, Any] = {"connection_ids_per_run": CONNECTION_IDS}
     with (
         Server([sys.executable, str(ECHO_SERVER), "--listen", "127.0.0.1:0"], name="echo server") as echo,

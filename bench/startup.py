@@ -15,21 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench._harness import Server, Settings, log, median, orchestrator_command, ratio
+from bench._harness import Server, Settings, log, median, ratio, serve_command
 
 
 def _start(database: Path) -> tuple[float, int | None]:
-    argv = [
-        *orchestrator_command(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--web-listen",
-        "",
-        "--database",
-        f"sqlite://{database}",
-    ]
-    argv += ["--grace-period", "0", "--log-level", "info"]
+    argv = serve_command(f"sqlite://{database}", grace_period=0)
     with Server(argv, name="orchestrator serve") as daemon:
         ready_after = daemon.ready_after
         code = daemon.stop()
